@@ -88,14 +88,14 @@ class EagerSession:
         """Run the prompt through the model and return the first generated token."""
         ids = torch.tensor([prompt_ids], device=self.device)
         # logits_to_keep=1: the LM head only at the last position, as generate() does.
-        logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        logits = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits
         return int(logits[0, -1].argmax())  # note: CPU-GPU sync point
 
     @torch.inference_mode()
     def forward(self, window: list[int]) -> list[int]:
         """Feed a window after the cached tokens; return the argmax at every window position."""
         ids = torch.tensor([window], device=self.device)
-        logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+        logits = self.model(input_ids=ids, cache=self.cache, use_cache=True).logits
         if len(window) == 1:
             return [int(logits[0, -1].argmax())]  # note: CPU-GPU sync point
         return logits[0].argmax(-1).tolist()  # note: CPU-GPU sync point

