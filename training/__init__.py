@@ -1,0 +1,1 @@
+"""Consistency distillation: prompts, Jacobi trajectories, training, evaluation (imports decoding, never app)."""
