@@ -131,9 +131,26 @@ def resolve(spec: str, cache: str | None = None) -> tuple[str, bool]:
     )
 
 
+def _check_fits(source: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse early, with a way out, when a local model's weights cannot fit in the GPU's free memory."""
+    if device.type != "cuda" or not Path(source).is_dir():
+        return
+    files = list(Path(source).glob("*.safetensors")) or list(Path(source).glob("*.bin"))
+    on_disk = sum(f.stat().st_size for f in files)
+    # Most checkpoints are stored in 16-bit; scale to the dtype we will hold them in.
+    need = on_disk * (4 if dtype == torch.float32 else 2) / 2
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise ModelLoadError(
+            f"{source} needs about {need / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free: "
+            "use --dtype bfloat16, a larger GPU, or --device cpu"
+        )
+
+
 def _from_pretrained(source: str, remote: bool, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_fits(source, device, dtype)
     kwargs = {"dtype": dtype}
     if remote and device.type == "cuda":
         kwargs["device_map"] = "auto"  # accelerate spreads a 7B model over the GPUs it needs
@@ -147,8 +164,8 @@ def _from_pretrained(source: str, remote: bool, device: torch.device, dtype: tor
     except OSError as exc:
         hint = " (are you offline? hub ids need a network connection)" if remote else " (missing or corrupt files?)"
         raise ModelLoadError(f"could not load {source}{hint}: {exc}") from exc
-    except (ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"could not load {source}: {exc}") from exc
+    except Exception as exc:  # safetensors, tokenizers and config parsers each raise their own types
+        raise ModelLoadError(f"could not load {source} (missing or corrupt files?): {exc}") from exc
     return model, tokenizer
 
 

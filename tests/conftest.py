@@ -33,3 +33,15 @@ def embedded():
     from decoding import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded):
+    """A local HF folder: a tiny random Llama with the embedded model's tokenizer and chat template."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(vocab_size=len(embedded.tokenizer), max_positions=2048)
+    model.config.eos_token_id = embedded.eos_token_ids[0]
+    model.generation_config.eos_token_id = embedded.eos_token_ids[0]
+    model.save_pretrained(out)
+    embedded.tokenizer.save_pretrained(out)
+    return out

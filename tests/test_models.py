@@ -1,0 +1,97 @@
+"""The loader: specs, devices, dtypes, adapters, and errors that name the way out."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding import ModelLoadError, load_model
+from decoding.models import pick_device, pick_dtype
+
+
+def test_embedded_model_loads_fp32_on_cpu(embedded):
+    assert embedded.device.type == "cpu" and embedded.dtype == torch.float32
+    assert embedded.model.config.num_hidden_layers == 30
+    assert embedded.eos_token_ids == (2,)
+    assert (embedded.model.config.get_text_config().vocab_size) == 49152
+
+
+def test_auto_device_and_dtype():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        assert pick_device("auto").type in ("cpu", "mps")
+        with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+            pick_device("cuda")
+
+
+def test_local_folder_loads(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    assert lm.model.config.hidden_size == 32 and lm.source == str(tiny_model_dir)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no-such-model", "unknown model"),
+        ("/nonexistent/model.gguf", "GGUF file not found"),
+        ("someorg/somemodel", "HF_HUB_OFFLINE"),
+    ],
+)
+def test_bad_specs_explain_themselves(spec, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(spec, device="cpu")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_corrupt_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLLM_CACHE_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_model(str(bad), device="cpu")
+
+
+def test_corrupt_weights_in_folder(tiny_model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_model(str(broken), device="cpu")
+
+
+def test_unknown_device_and_dtype():
+    with pytest.raises(ModelLoadError, match="unknown device"):
+        load_model(device="tpu")
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        load_model(dtype="int3")
+
+
+def test_adapter_is_merged_and_mismatch_is_reported(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = load_model(str(tiny_model_dir), device="cpu").model
+    lora = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    merged = load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"), device="cpu")
+    assert "adapter" in merged.name
+    assert not any("lora" in n for n, _ in merged.model.named_parameters())
+    x = torch.tensor([[1, 2, 3]])
+    plain = load_model(str(tiny_model_dir), device="cpu").model
+    assert not torch.allclose(merged.model(x).logits, plain(x).logits)
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=len(merged.tokenizer), hidden_size=48, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "wrong")
+    with pytest.raises(ModelLoadError, match="does not match"):
+        load_model(str(tiny_model_dir), adapter=str(tmp_path / "wrong"), device="cpu")
+    with pytest.raises(ModelLoadError, match="adapter_config.json"):
+        load_model(str(tiny_model_dir), adapter=str(tmp_path), device="cpu")
