@@ -1,0 +1,44 @@
+"""The distillation losses on logits already gathered at the positions that count.
+
+All take float logits [N, V] (N selected positions) and return a scalar; an empty selection gives 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p_teacher || p_student); the teacher is detached.
+
+    Same gradient as the soft cross-entropy of the papers, but 0 at the optimum, so logs read well.
+    """
+    if teacher_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    t = F.log_softmax(teacher_logits.detach().float(), -1)
+    s = F.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def ar_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy on the fixed-point tokens (EOS included: pad == EOS must not be ignored)."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), targets.long(), label_smoothing=label_smoothing)
+
+
+def first_wrong(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Index of the first position where pred != target along the last dim (its size if none). [.., n] -> [..]."""
+    n = pred.shape[-1]
+    wrong = pred != target
+    idx = torch.arange(n, device=pred.device).expand_as(wrong)
+    return torch.where(wrong, idx, n).min(-1).values
+
+
+def jacobi_gain(student_argmax: torch.Tensor, state: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """Tokens one Jacobi pass would fix, per block: (first wrong of the output) - (first wrong of the state).
+
+    student_argmax, state, fixed: [K, n] (blocks whose state is not yet the fixed point). A training-time
+    proxy of the tokens accepted per forward at decode time (which is this gain, at least 1).
+    """
+    return (first_wrong(student_argmax, fixed) - first_wrong(state, fixed)).float()

@@ -1,0 +1,111 @@
+"""Jacobi Forcing packing: one training row holds a prompt, its clean answer and a noisy copy of
+every block, so one forward gives teacher logits (clean) and student logits (noisy) for all blocks.
+
+Row layout (left-padded so that every row of a batch has the same segment boundaries):
+
+    [pad | prompt (p) | clean answer (L) | noisy stream 1 (L) | noisy stream 2 (L, optional)]
+
+Positions: prompt 0..p-1, clean answer token t at p+t. Noisy block j is the decoding window
+``[token before the block] + state[:n-1]`` at positions p-1+jn .. p-1+jn+n-1, so its outputs predict
+answer tokens jn .. jn+n-1, exactly like ``jacobi_decode``'s window. Attention: the prompt and clean
+answer are causal; noisy block j sees the clean tokens before its window (prompt + answer[:jn-1])
+and itself causally, never other noisy blocks (at decode time the prefix is always accepted, clean
+text). Pads see only themselves.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .losses import first_wrong
+
+
+def noise_level(states: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """(n - first wrong position) / n for each state [M, n]: 0 at the fixed point, 1 if the first token is wrong."""
+    n = fixed.shape[-1]
+    return (n - first_wrong(states, fixed.expand_as(states))).float() / n
+
+
+def pick_states(sample: dict, window: int, rng: random.Random, use_extra: bool = True) -> tuple[list, list]:
+    """The noise curriculum: block j takes the state whose noise is nearest ``((j + shift) mod W) / (W - 1)``.
+
+    Returns (chosen state per block, the trajectory's next state per block, for local consistency).
+    """
+    shift = rng.randrange(window) if window > 1 else 0
+    chosen, following = [], []
+    for j, traj in enumerate(sample["states"]):
+        fixed = traj[-1]
+        pool = torch.cat([traj, sample["extra"][j]]) if use_extra and sample.get("extra") else traj
+        target = ((j + shift) % window) / (window - 1) if window > 1 else 1.0
+        dist = (noise_level(pool, fixed) - target).abs()
+        best = (dist == dist.min()).nonzero().flatten().tolist()
+        k = rng.choice(best)
+        chosen.append(pool[k])
+        # The next trajectory state of an augmented state is unknown: use the fixed point.
+        following.append(traj[k + 1] if k + 1 < len(traj) else fixed)
+    return chosen, following
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, 1, S, S] bool, True = may attend
+    keep: torch.Tensor  # [K] indices of the positions whose logits are needed (same for every row)
+    answer: torch.Tensor  # [B, L] fixed-point tokens (targets)
+    ar_mask: torch.Tensor  # [B, L] answer tokens that count (up to and including EOS)
+    states: torch.Tensor  # [streams, B, L] the noisy states fed (as answer-aligned guesses)
+    cons_mask: torch.Tensor  # [streams, B, L] noisy outputs that count: after the state's first wrong token
+    n: int  # block size
+    prompt_end: int  # P: index where the clean answer starts
+
+    def to(self, device) -> "PackedBatch":
+        fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return PackedBatch(**fields)
+
+
+def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, pad_id: int = 0) -> PackedBatch:
+    """Build a batch. streams[s][b][j] is the [n] state of block j of sample b in noisy stream s."""
+    B, S_n = len(samples), len(streams)
+    P = max(len(x["prompt"]) for x in samples)
+    L = max(len(x["states"]) for x in samples) * n
+    S = P + L * (1 + S_n)
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, S), dtype=torch.long)
+    mask = torch.zeros((B, S, S), dtype=torch.bool)
+    answer = torch.full((B, L), pad_id, dtype=torch.long)
+    ar_mask = torch.zeros((B, L), dtype=torch.bool)
+    states = torch.full((S_n, B, L), pad_id, dtype=torch.long)
+    cons = torch.zeros((S_n, B, L), dtype=torch.bool)
+    tril = torch.ones(n, n, dtype=torch.bool).tril()
+    for b, x in enumerate(samples):
+        p, T = len(x["prompt"]), len(x["states"])
+        a = P - p
+        ans = x["answer"][: T * n].long()
+        ids[b, a:P] = torch.tensor(x["prompt"])
+        ids[b, P:P + T * n] = ans
+        pos[b, a:P + L] = torch.arange(P + L - a)
+        answer[b, :T * n] = ans
+        ar_mask[b, : x["valid"]] = True
+        mask[b, a:P + L, a:P + L] = torch.ones(P + L - a, P + L - a, dtype=torch.bool).tril()
+        bridge = torch.cat([ids[b, P - 1:P], ans])  # bridge[jn] is the token before block j
+        for s in range(S_n):
+            base = P + L * (s + 1)
+            for j in range(T):
+                state = streams[s][b][j].long()
+                r = base + j * n
+                ids[b, r] = bridge[j * n]
+                ids[b, r + 1:r + n] = state[: n - 1]
+                pos[b, r:r + n] = torch.arange(p - 1 + j * n, p - 1 + j * n + n)
+                mask[b, r:r + n, a:P + j * n - 1] = True
+                mask[b, r:r + n, r:r + n] = tril
+                states[s, b, j * n:(j + 1) * n] = state
+                f = int(first_wrong(state, ans[j * n:(j + 1) * n]))
+                # Outputs up to the first wrong guess see only right tokens: equal to the teacher's, no signal.
+                cons[s, b, j * n + f + 1:(j + 1) * n] = True
+        cons[:, b, x["valid"]:] = False
+    mask |= torch.eye(S, dtype=torch.bool)  # pads (and every token) see themselves: no empty softmax row
+    keep = torch.cat([torch.arange(P - 1, P - 1 + L)] + [torch.arange(P + L * (s + 1), P + L * (s + 2)) for s in range(S_n)])
+    return PackedBatch(ids, pos, mask[:, None], keep, answer, ar_mask, states, cons, n, P)

@@ -1,0 +1,282 @@
+"""Consistency distillation (Jacobi Forcing packing) with LoRA or full fine-tuning, through accelerate.
+
+    python -m training.train --data data/traj --out runs/cllm                 # CPU or one GPU
+    accelerate launch -m training.train --data data/traj --out runs/cllm      # several GPUs
+    python -m training.train ... --resume true                                # continue from runs/cllm/checkpoint
+
+Loss = ar_weight * AR + consistency_weight * global consistency (+ local_weight * local consistency).
+Global consistency: KL(teacher on the clean block || student on its noisy state), only at outputs
+after the state's first wrong guess. AR: cross-entropy on the fixed-point tokens (``ce``, the
+papers) or KL to the frozen base model on the clean answer (``kl``: keeps the answer distribution,
+hence perplexity). Logs go to out/log.jsonl; the adapter (or full model) to out/adapter.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from decoding import DEFAULT_SPEC, load_model
+
+from .cli import parse, print_table, save_settings
+from .collect import read_shards
+from .losses import ar_cross_entropy, first_wrong, jacobi_gain, soft_kl
+from .packing import PackedBatch, pack, pick_states
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+MIB = 1 << 20
+
+
+@dataclass
+class TrainSettings:
+    """Settings of one training run; saved as out/train_settings.json and inside the adapter folder."""
+
+    model: str = DEFAULT_SPEC  # base model spec (see decoding.models)
+    data: str = str(ROOT / "data" / "traj")  # trajectory folder written by training.collect
+    out: str = str(ROOT / "runs" / "cllm")  # run folder: log, checkpoint, adapter
+    lora_rank: int = 24  # LoRA rank; 0 = full fine-tuning (saves the whole model)
+    lora_alpha: int = 48  # LoRA scaling numerator (scale = alpha / rank)
+    lora_targets: str = ALL_LINEAR  # comma-separated module names that get LoRA
+    save_dtype: str = "bfloat16"  # dtype of the saved adapter (bf16: r=24 on all linear layers is 14 MB)
+    teacher: str = "self"  # consistency target: "self" (own detached clean logits, the papers) or "base" (frozen base)
+    ar_loss: str = "kl"  # "ce" (cross-entropy on fixed points, the papers) or "kl" (KL to the frozen base, clean answer)
+    ar_weight: float = 10.0  # weight of the AR term (papers: 10 : 1)
+    consistency_weight: float = 1.0  # weight of the global consistency term
+    local_weight: float = 0.0  # weight of local consistency (state -> next state); 0 = off (saves a stream)
+    label_smoothing: float = 0.0  # of the "ce" AR loss (released CLLMs: 0.1)
+    noise_window: int = 8  # curriculum window W: block j's noise target is ((j + shift) mod W) / (W - 1)
+    use_extra: bool = True  # let the curriculum pick augmented states too (if collected with --augment)
+    lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup: float = 0.03  # fraction of steps of linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    batch: int = 32  # samples per optimiser step, over all processes
+    epochs: float = 1.0  # passes over the data (used when max_steps is 0 and budget_minutes is 0)
+    max_steps: int = 0  # total optimiser steps (0: from epochs or budget_minutes)
+    budget_minutes: float = 0.0  # total training time over all resumes: sets max_steps from the measured speed
+    max_minutes: float = 0.0  # this invocation stops (after a checkpoint) before this many minutes
+    save_every: int = 200  # checkpoint every K steps (and at the end / time limit)
+    log_every: int = 10  # log every K steps
+    resume: bool = False  # continue from out/checkpoint
+    device: str = "auto"  # auto / cuda / cpu
+    seed: int = 0  # data order, curriculum, init
+
+
+def batch_indices(step: int, batch: int, count: int, seed: int) -> list[int]:
+    """Sample indices of a global step: consecutive slices of per-epoch seeded permutations."""
+    out = []
+    start = step * batch
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), count)
+        order = list(range(count))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        out.extend(order[offset: offset + batch - len(out)])
+    return out
+
+
+def make_batch(samples: list[dict], idx: list[int], s: TrainSettings, step: int, pad_id: int) -> PackedBatch:
+    rng = random.Random(hash((s.seed, step, tuple(idx))))
+    picks = [pick_states(samples[i], s.noise_window, rng, s.use_extra) for i in idx]
+    streams = [[c for c, _ in picks]] + ([[f for _, f in picks]] if s.local_weight > 0 else [])
+    n = samples[idx[0]]["states"][0].shape[1]
+    return pack([samples[i] for i in idx], streams, n, pad_id)
+
+
+def forward_logits(model, b: PackedBatch) -> torch.Tensor:
+    """Logits at b.keep only: [B, (1 + streams) * L, V] (the LM head never runs on prompt tokens)."""
+    return model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                 logits_to_keep=b.keep, use_cache=False).logits
+
+
+def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
+    """All loss terms and the training-time Jacobi gain from one packed forward."""
+    L = b.answer.shape[1]
+    clean = logits[:, :L]
+    teacher = (base_logits[:, :L] if s.teacher == "base" else clean).detach()
+    if s.ar_loss == "kl":
+        ar = soft_kl(base_logits[:, :L][b.ar_mask], clean[b.ar_mask])
+    else:
+        ar = ar_cross_entropy(clean[b.ar_mask], b.answer[b.ar_mask], s.label_smoothing)
+    student = logits[:, L:2 * L]
+    cons = soft_kl(teacher[b.cons_mask[0]], student[b.cons_mask[0]])
+    out = {"ar": ar, "consistency": cons}
+    loss = s.ar_weight * ar + s.consistency_weight * cons
+    if s.local_weight > 0:
+        # Local: the state's outputs matched to the model's own (detached) outputs on the next state.
+        local = soft_kl(logits[:, 2 * L:3 * L].detach()[b.cons_mask[0]], student[b.cons_mask[0]])
+        out["local"] = local
+        loss = loss + s.local_weight * local
+    out["loss"] = loss
+    with torch.no_grad():
+        n = b.n
+        B = b.answer.shape[0]
+        pred, st, fx = (x.reshape(B, -1, n) for x in (student.argmax(-1), b.states[0], b.answer))
+        live = b.cons_mask[0].reshape(B, -1, n).any(-1)
+        out["gain"] = jacobi_gain(pred[live], st[live], fx[live]).mean() if live.any() else torch.zeros(())
+        out["student_acc"] = (student.argmax(-1) == b.answer)[b.cons_mask[0]].float().mean()
+    return out
+
+
+def build_model(s: TrainSettings):
+    """(trainable model, frozen base or None, tokenizer pad id). LoRA via peft unless lora_rank == 0."""
+    lm = load_model(s.model, device="cpu", dtype="float32")
+    model = lm.model
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    needs_base = s.ar_loss == "kl" or s.teacher == "base"
+    if s.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                         target_modules=[t.strip() for t in s.lora_targets.split(",") if t.strip()])
+        model = get_peft_model(model, cfg)
+        base = None  # the base is the same model with its adapter disabled
+    else:
+        model.requires_grad_(True)
+        base = load_model(s.model, device="cpu", dtype="float32").model if needs_base else None
+    model.train()
+    return model, base, pad_id, lm.tokenizer
+
+
+def make_schedule(s: TrainSettings, total: dict):
+    """Linear warm-up then cosine to min_lr_ratio; reads total["steps"], which may be set after a few steps."""
+    def factor(step: int) -> float:
+        steps = max(total["steps"], 1)
+        warm = max(1, int(s.warmup * steps))
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, steps - warm))
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return factor
+
+
+def base_logits_for(accelerator, model, base, b: PackedBatch, s: TrainSettings):
+    if not (s.ar_loss == "kl" or s.teacher == "base"):
+        return None
+    with torch.no_grad():
+        if base is not None:
+            return forward_logits(base, b)
+        unwrapped = accelerator.unwrap_model(model)
+        with unwrapped.disable_adapter():
+            return forward_logits(unwrapped, b)
+
+
+def save_checkpoint(accelerator, out: Path, step: int, total: dict) -> None:
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(out / "checkpoint"))
+    if accelerator.is_main_process:
+        (out / "checkpoint" / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": total["steps"]}))
+
+
+def save_final(accelerator, model, tokenizer, s: TrainSettings, out: Path, summary: dict) -> Path:
+    """The adapter folder (LoRA, in save_dtype) or the full model folder, with the training settings."""
+    unwrapped = accelerator.unwrap_model(model)
+    target = out / ("adapter" if s.lora_rank > 0 else "model")
+    if accelerator.is_main_process:
+        if s.lora_rank > 0:
+            dtype = getattr(torch, s.save_dtype)
+            state = {k: v.detach().to("cpu", dtype) for k, v in unwrapped.state_dict().items() if "lora_" in k}
+            unwrapped.save_pretrained(str(target), state_dict=state)
+        else:
+            unwrapped.save_pretrained(str(target))
+            tokenizer.save_pretrained(str(target))
+        save_settings(s, target / "training_settings.json", **summary)
+        for f in target.iterdir():
+            if f.stat().st_size > 16 * MIB:
+                print(f"warning: {f} is {f.stat().st_size / MIB:.1f} MiB, over the 16 MiB limit of a committed file")
+    return target
+
+
+def log_line(path: Path, row: dict) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def main(argv=None) -> None:
+    s = parse(TrainSettings, argv)
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available() and s.device != "cpu"
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    torch.manual_seed(s.seed)
+    out = Path(s.out)
+    t_start = time.perf_counter()
+    samples = read_shards(s.data)
+    if not samples:
+        raise SystemExit(f"no trajectories in {s.data}: run python -m training.collect first")
+    model, base, pad_id, tokenizer = build_model(s)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr,
+                                  betas=(0.9, 0.95), weight_decay=s.weight_decay)
+    by_epochs = math.ceil(s.epochs * len(samples) / s.batch)
+    total = {"steps": s.max_steps or by_epochs}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_schedule(s, total))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if base is not None:
+        base.to(accelerator.device).eval().requires_grad_(False)
+    step, auto_steps = 0, bool(s.budget_minutes and not s.max_steps)
+    if s.resume and (out / "checkpoint").exists():
+        state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+        step, total["steps"], auto_steps = state["step"], state["max_steps"], False
+        accelerator.load_state(str(out / "checkpoint"))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_settings(s, out / "train_settings.json", samples=len(samples), processes=accelerator.num_processes)
+    summary = train_loop(accelerator, (model, base, optimizer, scheduler), samples, s, out, step, total, auto_steps, pad_id, t_start)
+    if summary["step"] >= total["steps"]:
+        target = save_final(accelerator, model, tokenizer, s, out, summary)
+        summary["saved"] = str(target)
+    if accelerator.is_main_process:
+        print_table("train", list(summary.items()))
+
+
+def train_loop(accelerator, parts, samples, s, out, step, total, auto_steps, pad_id, t_start) -> dict:
+    """Optimiser steps until max_steps or the time limit; checkpoints on the way; returns the last log row."""
+    from tqdm.auto import tqdm
+
+    model, base, optimizer, scheduler = parts
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    log_path, last, t_steps = out / "log.jsonl", {}, time.perf_counter()
+    bar = tqdm(total=total["steps"], initial=step, desc="train", disable=not accelerator.is_main_process)
+    first_step = step
+    while step < total["steps"]:
+        idx = batch_indices(step, s.batch, len(samples), s.seed)[rank::world]
+        b = make_batch(samples, idx, s, step, pad_id).to(accelerator.device)
+        with accelerator.autocast():
+            logits = forward_logits(model, b)
+            losses = compute_losses(logits, base_logits_for(accelerator, model, base, b, s), b, s)
+        accelerator.backward(losses["loss"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if auto_steps and step == first_step + 5:
+            per_step = (time.perf_counter() - t_steps) / 5
+            total["steps"] = max(step + 1, int(s.budget_minutes * 60 / per_step))
+            bar.total = total["steps"]
+            accelerator.print(f"{per_step:.3f} s/step -> max_steps = {total['steps']} for {s.budget_minutes} min")
+        if step % s.log_every == 0 or step == total["steps"]:
+            last = {k: float(v) for k, v in losses.items()}  # note: CPU-GPU sync point
+            last |= {"step": step, "lr": scheduler.get_last_lr()[0], "s_per_step": (time.perf_counter() - t_steps) / max(step - first_step, 1),
+                     "elapsed_min": (time.perf_counter() - t_start) / 60}
+            if accelerator.is_main_process:
+                log_line(log_path, last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", gain=f"{last['gain']:.2f}")
+        out_of_time = s.max_minutes and (time.perf_counter() - t_start) / 60 > s.max_minutes
+        if step % s.save_every == 0 or out_of_time or step == total["steps"]:
+            save_checkpoint(accelerator, out, step, total)
+        if out_of_time:
+            accelerator.print(f"time limit of {s.max_minutes} min reached at step {step}: resume with --resume true")
+            break
+    bar.close()
+    return {"step": step, "max_steps": total["steps"], **{k: v for k, v in last.items() if k != "step"}}
+
+
+if __name__ == "__main__":
+    main()
