@@ -227,9 +227,8 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         save_settings(s, out / "train_settings.json", samples=len(samples), processes=accelerator.num_processes)
     summary = train_loop(accelerator, (model, base, optimizer, scheduler), samples, s, out, step, total, auto_steps, pad_id, t_start)
-    if summary["step"] >= total["steps"]:
-        target = save_final(accelerator, model, tokenizer, s, out, summary)
-        summary["saved"] = str(target)
+    # Saved at a time-limit stop too (marked by step < max_steps), so an interrupted run still yields an adapter.
+    summary["saved"] = str(save_final(accelerator, model, tokenizer, s, out, summary))
     if accelerator.is_main_process:
         print_table("train", list(summary.items()))
 

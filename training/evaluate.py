@@ -1,0 +1,195 @@
+"""Held-out evaluation of a CLLM against its base model, with our own decoders.
+
+    python -m training.evaluate --adapter runs/cllm/adapter --out runs/cllm/eval.json
+
+Metrics (held-out ShareGPT prompts):
+- tokens per forward of ``jacobi_decode`` (CLLM and base; mean over prompts of trace.mean_accepted);
+- exactness: each CLLM Jacobi answer checked against the CLLM's greedy by one teacher-forced
+  forward (every token must be the argmax given its prefix), and against ``ar_decode`` on a few prompts;
+- per-token perplexity of the held-out reference answers under the CLLM and the base;
+- repetition of greedy answers (batched generate, all prompts): seq-rep-4 (share of repeated
+  4-grams) and the share of answers the collection filter would drop.
+The per-prompt Jacobi loop costs one eager forward per pass, so its prompt counts are limited.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from decoding import DEFAULT_SPEC, DecodeConfig, ar_decode, encode, jacobi_decode, load_model, run
+
+from .cli import parse, print_table
+from .collect import greedy_agreement, repeats
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class EvalSettings:
+    """Settings of one evaluation; saved under "settings" in the JSON result."""
+
+    model: str = DEFAULT_SPEC  # base model spec
+    adapter: str = ""  # CLLM: a LoRA adapter folder, or a full model folder (has config.json)
+    heldout: str = str(ROOT / "assets" / "heldout.jsonl")  # prompts with "reference" answers
+    limit: int = 0  # use only the first K held-out prompts for perplexity and repetition (0: all)
+    n: int = 16  # Jacobi window
+    max_new_tokens: int = 256  # answer tokens
+    speed_prompts: int = 40  # prompts for the CLLM's Jacobi tokens per forward (one eager forward per pass)
+    base_speed_prompts: int = 8  # prompts for the base model's Jacobi tokens per forward (~1.1, slow to measure)
+    ar_check_prompts: int = 3  # prompts whose CLLM Jacobi answer is compared with ar_decode token for token
+    batch: int = 50  # sequences per batched forward / generate (perplexity, repetition)
+    device: str = "auto"  # auto / cuda / cpu
+    dtype: str = "float32"  # float32 makes Jacobi == AR exact; bfloat16 is faster
+    engine: str = "eager"  # decoding session for jacobi/ar: eager, or fast (CUDA graphs, if decoding/fast.py exists)
+    out: str = ""  # JSON result path (default: print only)
+
+
+def load_pair(s: EvalSettings):
+    """(base, cllm) LoadedModels; the CLLM merges the adapter, or is a full model folder."""
+    base = load_model(s.model, device=s.device, dtype=s.dtype)
+    if not s.adapter:
+        return base, None
+    if (Path(s.adapter) / "config.json").exists():
+        return base, load_model(s.adapter, device=s.device, dtype=s.dtype)
+    return base, load_model(s.model, adapter=s.adapter, device=s.device, dtype=s.dtype)
+
+
+def jacobi_speed(lm, prompts: list[list[int]], s: EvalSettings, label: str) -> tuple[dict, list[list[int]]]:
+    """Mean tokens per forward of jacobi_decode over prompts; also returns the answers."""
+    cfg = DecodeConfig(max_new_tokens=s.max_new_tokens, n=s.n, eos_token_ids=lm.eos_token_ids)
+    rates, answers, passes, gained, t0 = [], [], 0, 0, time.perf_counter()
+    for ids in tqdm(prompts, desc=f"{label} jacobi", unit="prompt"):
+        trace = run(jacobi_decode, lm.model, ids, cfg, engine=s.engine)
+        rates.append(trace.mean_accepted)
+        answers.append(trace.tokens)
+        passes += len(trace.iterations)
+        gained += sum(it.accepted for it in trace.iterations)
+    return {"prompts": len(prompts), "tokens_per_forward": sum(rates) / max(len(rates), 1),
+            "tokens_per_forward_pooled": gained / max(passes, 1), "min": min(rates, default=0.0),
+            "max": max(rates, default=0.0), "answer_tokens": sum(map(len, answers)),
+            "seconds": time.perf_counter() - t0}, answers
+
+
+def exactness(lm, prompts, answers, s: EvalSettings) -> dict:
+    """Jacobi answers vs greedy: teacher-forced check on all, ar_decode on the first few."""
+    eos = set(lm.eos_token_ids)
+    valid = [next((i + 1 for i, t in enumerate(a) if t in eos), len(a)) for a in answers]
+    agree = greedy_agreement(lm.model, prompts, answers, valid, s.batch)
+    cfg = DecodeConfig(max_new_tokens=s.max_new_tokens, n=1, eos_token_ids=lm.eos_token_ids)
+    ar_same = [run(ar_decode, lm.model, p, cfg, engine=s.engine).tokens == a
+               for p, a in list(zip(prompts, answers))[: s.ar_check_prompts]]
+    return {"teacher_forced_greedy": sum(a >= v for a, v in zip(agree, valid)) / max(len(valid), 1),
+            "ar_decode_equal": f"{sum(ar_same)}/{len(ar_same)}"}
+
+
+@torch.inference_mode()
+def reference_nll(lm, rows: list[dict], batch: int) -> tuple[float, int]:
+    """Total negative log-likelihood of the reference answers (after the chat-templated prompt), and their token count."""
+    tok, device = lm.tokenizer, lm.device
+    total, count = 0.0, 0
+    pairs = [(encode(tok, r["prompt"]), tok(r["reference"], add_special_tokens=False)["input_ids"]) for r in rows]
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        width = max(len(p) + len(a) for p, a in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        target = torch.zeros_like(ids, dtype=torch.bool)
+        for b, (p, a) in enumerate(chunk):
+            ids[b, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[b, : len(p) + len(a)] = 1
+            target[b, len(p): len(p) + len(a)] = True
+        logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        keep = target[:, 1:].to(device)
+        total += float(-logp[keep].sum())
+        count += int(keep.sum())
+    return total, count
+
+
+@torch.inference_mode()
+def greedy_answers(lm, prompts: list[list[int]], s: EvalSettings) -> list[list[int]]:
+    """Batched greedy answers (left-padded generate), cut after EOS."""
+    eos, pad = set(lm.eos_token_ids), (lm.tokenizer.pad_token_id or 0)
+    out = []
+    for start in tqdm(range(0, len(prompts), s.batch), desc="generate", unit="batch"):
+        chunk = prompts[start:start + s.batch]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(chunk):
+            ids[b, width - len(p):] = torch.tensor(p)
+            mask[b, width - len(p):] = 1
+        gen = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), do_sample=False,
+                                max_new_tokens=s.max_new_tokens, pad_token_id=pad, eos_token_id=list(eos))
+        for row in gen[:, width:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            out.append(row[:cut])
+    return out
+
+
+def repetition(answers: list[list[int]]) -> dict:
+    """seq-rep-4: share of 4-grams that already occurred in the same answer (mean over answers)."""
+    reps = []
+    for a in answers:
+        grams = [tuple(a[i:i + 4]) for i in range(len(a) - 3)]
+        if grams:
+            reps.append(1 - len(set(grams)) / len(grams))
+    return {"seq_rep_4": sum(reps) / max(len(reps), 1),
+            "filter_rate": sum(repeats(a, 10, 4) for a in answers) / max(len(answers), 1),
+            "mean_tokens": sum(map(len, answers)) / max(len(answers), 1)}
+
+
+def main(argv=None) -> dict:
+    s = parse(EvalSettings, argv)
+    t0 = time.perf_counter()
+    rows = [json.loads(x) for x in Path(s.heldout).read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = rows[: s.limit] if s.limit else rows
+    base, cllm = load_pair(s)
+    prompts = [encode(base.tokenizer, r["prompt"]) for r in rows]
+    result = {"settings": s.__dict__, "device": str(base.device), "dtype": str(base.dtype),
+              "torch": torch.__version__, "python": platform.python_version(), "heldout_prompts": len(rows)}
+    if torch.cuda.is_available() and base.device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(base.device)
+    nll_base, count = reference_nll(base, rows, s.batch)
+    result["base"] = {"ppl": math.exp(nll_base / max(count, 1)), "reference_tokens": count}
+    result["base"]["jacobi"], _ = jacobi_speed(base, prompts[: s.base_speed_prompts], s, "base")
+    result["base"]["repetition"] = repetition(greedy_answers(base, prompts, s))
+    if cllm is not None:
+        nll, _ = reference_nll(cllm, rows, s.batch)
+        speed, answers = jacobi_speed(cllm, prompts[: s.speed_prompts], s, "cllm")
+        result["cllm"] = {"ppl": math.exp(nll / max(count, 1)), "jacobi": speed,
+                          "exactness": exactness(cllm, prompts[: s.speed_prompts], answers, s),
+                          "repetition": repetition(greedy_answers(cllm, prompts, s))}
+        result["ppl_ratio"] = result["cllm"]["ppl"] / result["base"]["ppl"]
+    result["seconds"] = time.perf_counter() - t0
+    if s.out:
+        Path(s.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(s.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_table("evaluate", summary_rows(result))
+    return result
+
+
+def summary_rows(r: dict) -> list[tuple[str, object]]:
+    rows = [("base tokens/forward", r["base"]["jacobi"]["tokens_per_forward"]), ("base ppl", r["base"]["ppl"]),
+            ("base seq-rep-4", r["base"]["repetition"]["seq_rep_4"])]
+    if "cllm" in r:
+        c = r["cllm"]
+        rows += [("CLLM tokens/forward", c["jacobi"]["tokens_per_forward"]),
+                 ("CLLM tokens/forward (pooled)", c["jacobi"]["tokens_per_forward_pooled"]),
+                 ("CLLM ppl", c["ppl"]), ("ppl ratio (target <= 1.10)", r["ppl_ratio"]),
+                 ("CLLM seq-rep-4", c["repetition"]["seq_rep_4"]),
+                 ("CLLM filter rate / base", f"{c['repetition']['filter_rate']:.3f} / {r['base']['repetition']['filter_rate']:.3f}"),
+                 ("Jacobi == greedy (teacher-forced)", c["exactness"]["teacher_forced_greedy"]),
+                 ("Jacobi == ar_decode", c["exactness"]["ar_decode_equal"])]
+    return rows + [("seconds", r["seconds"])]
+
+
+if __name__ == "__main__":
+    main()
