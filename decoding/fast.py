@@ -1,0 +1,216 @@
+"""The fast engine: a static KV cache, a position pointer, and CUDA graphs of the fixed-shape steps.
+
+A step feeds a window of width w at cache position ``pos``. It is padded to the smallest captured
+width W >= w (powers of two up to 128 by default: W = 1 is the AR step, W = n the Jacobi step) and
+attends to the smallest key bucket L >= pos + W, so that attention reads only the keys in use. Each
+(W, L) pair is captured once at load as a CUDA graph with argmax inside, so one step is one graph
+replay and only W int64s cross to the CPU. Padding outputs are ignored; their KV lands beyond the
+kept tokens, where the causal mask hides it until it is overwritten. Prefill, and any step no
+graph fits, runs the same module uncaptured. On CPU every step runs uncaptured, so CI tests the
+same padding, buckets and position pointer as the GPU.
+
+The engine is built once per model (``prepare``) and shared by its sessions: one decode at a time.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from .llama_static import StaticArgs, StaticLlama, UnsupportedModel
+
+WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)  # captured window widths (1 = AR); others pad to the next one
+MIN_BUCKET = 64  # smallest attended key length; buckets double up to the cache length
+
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # HF model -> FastEngine
+_ENGINES_LOCK = threading.Lock()  # two first requests must not build two engines
+
+
+def supports(model) -> str | None:
+    """None when the fast engine can run ``model``, else the reason it cannot."""
+    try:
+        StaticArgs.from_config(model.config)
+    except UnsupportedModel as exc:
+        return str(exc)
+    if type(model).__name__ != "LlamaForCausalLM":
+        return f"{type(model).__name__} is not a LlamaForCausalLM"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        return "the model is spread over several devices"
+    if not all(p.dtype.is_floating_point for p in model.parameters()):
+        return "the weights are quantised"
+    return None
+
+
+def default_engine(model) -> str:
+    """``fast`` on CUDA for the supported architectures, ``eager`` elsewhere."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return "fast" if on_cuda and supports(model) is None else "eager"
+
+
+def kv_buckets(max_len: int) -> list[int]:
+    """Attended key lengths: MIN_BUCKET, doubling, capped by and ending at max_len."""
+    buckets, L = [], MIN_BUCKET
+    while L < max_len:
+        buckets.append(L)
+        L *= 2
+    return buckets + [max_len]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class FastEngine:
+    """The static model, its cache and its captured steps, for one HF model."""
+
+    def __init__(self, model, max_len: int | None = None, widths=WIDTHS, graphs: bool | None = None):
+        reason = supports(model)
+        if reason:
+            raise UnsupportedModel(f"the fast engine cannot run this model: {reason}; use engine='eager'")
+        args = StaticArgs.from_config(model.config)
+        self.max_len = min(max_len or args.context, args.context)
+        with torch.no_grad():
+            self.model = StaticLlama(model, self.max_len)
+        self.device = self.model.k_cache.device
+        self.widths = tuple(sorted(w for w in set(widths) if 1 <= w <= self.max_len))
+        self.buckets = kv_buckets(self.max_len)
+        self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.graphs: dict[tuple[int, int], tuple] = {}  # (W, L) -> (graph, static [2, W] in, static [W] out)
+        self.lock = threading.Lock()  # one forward at a time
+        self.owner = None  # the session whose sequence the cache holds
+
+    def plan(self, pos: int, width: int) -> tuple[int, int]:
+        """(W, L) for a window of ``width`` at ``pos``: padded width and key bucket, never past the cache."""
+        if pos + width > self.max_len:
+            raise ValueError(
+                f"the fast engine's cache holds {self.max_len} tokens; position {pos} + window {width} "
+                "exceeds it: ask for fewer tokens or use engine='eager'"
+            )
+        W = next((w for w in self.widths if w >= width and pos + w <= self.max_len), width)
+        L = next(b for b in self.buckets if b >= pos + W)
+        return W, L
+
+    @torch.no_grad()
+    def capture(self, progress: Callable[[str], None] | None = _stderr) -> float:
+        """Capture every (width, bucket) step as a CUDA graph; returns the seconds it took."""
+        if not self.use_graphs:
+            return 0.0
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()  # one memory pool: steps never run concurrently
+        pairs = [(W, L) for W in self.widths for L in self.buckets if W <= L]
+        for k, (W, L) in enumerate(pairs):
+            if progress and (k % 8 == 0 or k == len(pairs) - 1):
+                progress(f"fast engine: capturing CUDA graphs {k + 1}/{len(pairs)} (width {W}, keys {L})")
+            self.graphs[(W, L)] = self._capture(W, L, pool)
+        torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        if progress:
+            progress(f"fast engine: {len(pairs)} graphs captured in {seconds:.1f} s")
+        return seconds
+
+    def _capture(self, W: int, L: int, pool) -> tuple:
+        # The warm-up writes junk KV at positions 0..W-1: harmless, no sequence is cached yet.
+        static_in = torch.stack([torch.zeros(W, dtype=torch.long), torch.arange(W)]).to(self.device)  # [2, W]
+        host = torch.empty(2, W, dtype=torch.long, pin_memory=True)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
+            for _ in range(2):
+                self.model(static_in[0], static_in[1], L).argmax(-1)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            static_out = self.model(static_in[0], static_in[1], L).argmax(-1)  # [W]: argmax in the graph
+        return graph, static_in, static_out, host
+
+    @torch.no_grad()
+    def prefill(self, prompt_ids: list[int]) -> int:
+        """Write the prompt's KV at positions 0..P-1 (uncaptured) and return the first token."""
+        P = len(prompt_ids)
+        _, L = self.plan(0, P)
+        tokens = torch.tensor(prompt_ids, device=self.device)
+        logits = self.model(tokens, torch.arange(P, device=self.device), L, last_only=True)
+        return int(logits[0].argmax())  # note: CPU-GPU sync point
+
+    @torch.no_grad()
+    def step(self, window: list[int], pos: int) -> list[int]:
+        """Feed ``window`` at positions pos.. and return the argmax at each of its positions."""
+        w = len(window)
+        W, L = self.plan(pos, w)
+        padded = window + [window[-1]] * (W - w)
+        entry = self.graphs.get((W, L))
+        if entry is None:
+            tokens = torch.tensor(padded, device=self.device)
+            positions = torch.arange(pos, pos + W, device=self.device)
+            return self.model(tokens, positions, L).argmax(-1)[:w].tolist()  # note: CPU-GPU sync point
+        graph, static_in, static_out, host = entry
+        host[0] = torch.tensor(padded)
+        host[1] = torch.arange(pos, pos + W)
+        # pinned + non_blocking: no sync here; safe to refill next step since tolist() below waits
+        static_in.copy_(host, non_blocking=True)
+        graph.replay()
+        return static_out[:w].tolist()  # note: CPU-GPU sync point
+
+
+class FastSession:
+    """One sequence on a model's fast engine: the decoders' session interface over a position pointer."""
+
+    def __init__(self, engine: FastEngine):
+        self.engine = engine
+        self.device = engine.device
+        self.pos = 0  # cache entries 0..pos-1 hold this sequence's kept tokens
+
+    @classmethod
+    def for_model(cls, model) -> "FastSession":
+        """A session on the model's engine, built (and its graphs captured) on first use."""
+        return cls(prepare(model))
+
+    def _check_owner(self) -> None:
+        if self.engine.owner is not self:
+            raise RuntimeError("another decode has taken over this model's fast engine: run decodes one at a time")
+
+    def prefill(self, prompt_ids: list[int]) -> int:
+        with self.engine.lock:
+            self.engine.owner = self
+            first = self.engine.prefill(prompt_ids)
+        self.pos = len(prompt_ids)
+        return first
+
+    def forward(self, window: list[int]) -> list[int]:
+        """Feed ``window`` right after the kept tokens; like the eager cache, it is kept until ``keep``."""
+        with self.engine.lock:
+            self._check_owner()
+            outputs = self.engine.step(list(window), self.pos)
+        self.pos += len(window)
+        return outputs
+
+    def keep(self, accepted: int, width: int) -> None:
+        """Of the last window of ``width`` inputs keep the first ``accepted``: move the pointer back."""
+        self._check_owner()
+        self.pos -= width - accepted
+
+
+def prepare(model, max_len: int | None = None, widths=WIDTHS, graphs: bool | None = None,
+            progress: Callable[[str], None] | None = _stderr) -> FastEngine:
+    """Build the model's fast engine and capture its steps, once; later calls return the same engine.
+
+    Call it at load time so that no request pays for the capture. ``max_len`` defaults to the
+    model's context; ``graphs`` defaults to True on CUDA (CPU runs the same steps uncaptured).
+    """
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(model)
+        if engine is None:
+            engine = FastEngine(model, max_len=max_len, widths=widths, graphs=graphs)
+            engine.capture(progress)
+            _ENGINES[model] = engine
+    return engine
+
+
+def release(model) -> None:
+    """Drop the model's fast engine (its cache and graphs), e.g. before loading another model."""
+    _ENGINES.pop(model, None)

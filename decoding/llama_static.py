@@ -1,0 +1,206 @@
+"""A Llama forward over a preallocated KV cache, for the fast engine (fast.py).
+
+gpt-fast style: a plain ``nn.Module`` that reads the weights of a transformers ``LlamaForCausalLM``
+(the merged CLLM included), a static cache ``[layers, B=1, KV, max_len, D]`` written at
+``input_pos``, and a causal mask built from ``input_pos`` inside the forward: a query sees the keys
+at positions <= its own, so tokens rejected by Jacobi need no cache rollback; the session moves its
+position pointer back and the stale entries are overwritten later.
+
+Every shape in ``forward`` depends only on the window width T and the attended key length L (both
+Python ints), so each (T, L) pair can be captured once as a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROPE_TYPES = ("default", "linear", "llama3")  # position-independent RoPE variants we reproduce exactly
+
+
+class UnsupportedModel(ValueError):
+    """The fast engine cannot run this model; the message says why (use the eager engine)."""
+
+
+@dataclass
+class StaticArgs:
+    """The shape of a Llama model, read from its transformers config."""
+
+    n_layers: int  # decoder blocks
+    dim: int  # hidden size
+    n_heads: int  # query heads H
+    n_kv_heads: int  # key/value heads KV (GQA: H is a multiple of KV)
+    head_dim: int  # D
+    vocab: int  # V
+    eps: float  # RMSNorm epsilon
+    rope: dict  # config.rope_parameters: rope_type, rope_theta, scaling fields
+    context: int  # max_position_embeddings
+
+    @classmethod
+    def from_config(cls, config) -> "StaticArgs":
+        """Read a LlamaConfig; raise UnsupportedModel for anything this forward does not reproduce."""
+        if getattr(config, "model_type", None) != "llama":
+            raise UnsupportedModel(f"model_type {getattr(config, 'model_type', None)!r} is not 'llama'")
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise UnsupportedModel("attention or MLP biases are not supported")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModel(f"activation {config.hidden_act!r} is not silu")
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise UnsupportedModel(f"RoPE type {rope_type!r} is not supported (only {', '.join(ROPE_TYPES)})")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModel("partial rotary embeddings are not supported")
+        n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        if n_heads % n_kv:
+            raise UnsupportedModel(f"{n_heads} query heads are not a multiple of {n_kv} KV heads")
+        return cls(
+            n_layers=config.num_hidden_layers,
+            dim=config.hidden_size,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+            vocab=config.vocab_size,
+            eps=config.rms_norm_eps,
+            rope=rope,
+            context=int(getattr(config, "max_position_embeddings", 2048)),
+        )
+
+
+def rope_inv_freq(args: StaticArgs) -> torch.Tensor:
+    """Inverse frequencies [D/2] in float32, the same formulas as transformers (default, linear, llama3)."""
+    dim = args.head_dim
+    base = args.rope["rope_theta"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    kind = args.rope.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / args.rope["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = args.rope["factor"], args.rope["low_freq_factor"], args.rope["high_freq_factor"]
+        old_context = args.rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / lo, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_context / hi) * ~(wavelen > old_context / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(args: StaticArgs, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos [max_len, D] and signed sin [max_len, D] = [-sin, sin], so that rope(x) = x*cos + roll(x)*sin.
+
+    Computed like transformers (float32 angles on the model's device, then cast) so the rotated
+    queries and keys match the eager model's bit for bit.
+    """
+    inv_freq = rope_inv_freq(args).to(device)
+    pos = torch.arange(max_len, device=device, dtype=torch.int64).float()
+    freqs = pos[:, None] * inv_freq[None, :]  # [max_len, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, D]
+    sin = emb.sin()
+    half = args.head_dim // 2
+    signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return emb.cos().to(dtype), signed_sin.to(dtype)
+
+
+class StaticLlama(nn.Module):
+    """Llama forward over a static KV cache; shares (or fuses copies of) the HF model's weights."""
+
+    def __init__(self, hf_model, max_len: int):
+        super().__init__()
+        args = StaticArgs.from_config(hf_model.config)
+        self.args = args
+        self.max_len = max_len
+        weight = hf_model.model.embed_tokens.weight
+        device, dtype = weight.device, weight.dtype
+        self.embed = weight  # [V, dim]
+        self.lm_head = hf_model.get_output_embeddings().weight  # [V, dim], the same tensor when tied
+        self.final_norm = hf_model.model.norm.weight
+        self.layers = []
+        for layer in hf_model.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            self.layers.append({
+                # one GEMM instead of three (q|k|v) and two (gate|up): fewer kernels per step
+                "wqkv": torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),  # [(H+2KV)*D, dim]
+                "wo": att.o_proj.weight,  # [dim, H*D]
+                "w13": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),  # [2I, dim]
+                "w2": mlp.down_proj.weight,  # [dim, I]
+                "attn_norm": layer.input_layernorm.weight,
+                "mlp_norm": layer.post_attention_layernorm.weight,
+            })
+        cache_shape = (args.n_layers, 1, args.n_kv_heads, max_len, args.head_dim)
+        self.register_buffer("k_cache", torch.zeros(cache_shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(cache_shape, device=device, dtype=dtype), persistent=False)
+        cos, sin = rope_tables(args, max_len, device, dtype)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("key_pos", torch.arange(max_len, device=device), persistent=False)
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one forward reads (the embedding rows it gathers are negligible)."""
+        tensors = [self.lm_head, self.final_norm] + [w for layer in self.layers for w in layer.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def kv_bytes(self, attend_len: int) -> int:
+        """Bytes of K and V one forward reads when it attends to ``attend_len`` keys."""
+        a = self.args
+        return 2 * a.n_layers * a.n_kv_heads * attend_len * a.head_dim * self.k_cache.element_size()
+
+    def mask(self, input_pos: torch.Tensor, attend_len: int) -> torch.Tensor:
+        """Additive mask [1, 1, T*n_rep, L]: key j is visible to the query at position p iff j <= p."""
+        a = self.args
+        n_rep = a.n_heads // a.n_kv_heads
+        T = input_pos.shape[0]
+        visible = self.key_pos[:attend_len][None, :] <= input_pos[:, None]  # [T, L]
+        bias = torch.full((T, attend_len), float("-inf"), device=input_pos.device, dtype=self.cos.dtype)
+        bias = bias.masked_fill(visible, 0.0)
+        # rows in the grouped-query order of attention(): query t, then head r within its KV group
+        return bias[:, None, :].expand(T, n_rep, attend_len).reshape(1, 1, T * n_rep, attend_len)
+
+    def attention(self, i: int, x, cos, sin, input_pos, bias, attend_len: int) -> torch.Tensor:
+        """Attention of block i on x [T, dim] -> [T, H*D]; writes K, V at input_pos."""
+        a, w = self.args, self.layers[i]
+        T, H, KV, D = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
+        qkv = F.linear(x, w["wqkv"])  # [T, (H+2KV)*D]
+        qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
+        # rope on queries and keys at once; roll gives [x2, x1], sin carries the sign of rotate_half
+        qk = qk * cos + torch.roll(qk, D // 2, dims=-1) * sin  # [T, H+KV, D]
+        v = qkv[:, (H + KV) * D :].view(T, KV, D)
+        k_cache, v_cache = self.k_cache[i, 0], self.v_cache[i, 0]  # [KV, max_len, D]
+        k_cache.index_copy_(1, input_pos, qk[:, H:].transpose(0, 1))
+        v_cache.index_copy_(1, input_pos, v.transpose(0, 1))
+        # GQA without copying K/V: the n_rep query heads of a KV group become extra query rows
+        n_rep = H // KV
+        q = qk[:, :H].view(T, KV, n_rep, D).permute(1, 0, 2, 3).reshape(1, KV, T * n_rep, D)
+        k = k_cache[None, :, :attend_len]  # [1, KV, L, D]
+        v = v_cache[None, :, :attend_len]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=D**-0.5)  # [1, KV, T*n_rep, D]
+        return o.view(KV, T, n_rep, D).permute(1, 0, 2, 3).reshape(T, H * D)
+
+    def block(self, i: int, x, cos, sin, input_pos, bias, attend_len: int) -> torch.Tensor:
+        w, eps = self.layers[i], self.args.eps
+        h = F.rms_norm(x, (x.shape[-1],), w["attn_norm"], eps)
+        x = torch.addmm(x, self.attention(i, h, cos, sin, input_pos, bias, attend_len), w["wo"].t())
+        h = F.rms_norm(x, (x.shape[-1],), w["mlp_norm"], eps)
+        gate_up = F.linear(h, w["w13"])  # [T, 2I]
+        inter = gate_up.shape[-1] // 2
+        return torch.addmm(x, F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w["w2"].t())
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, attend_len: int, last_only: bool = False):
+        """tokens, input_pos: [T] int64 -> logits [T, V] (or [1, V] with last_only).
+
+        Attends to the first ``attend_len`` cache entries; the caller keeps input_pos < attend_len <= max_len.
+        """
+        x = F.embedding(tokens, self.embed)  # [T, dim]
+        cos = self.cos[input_pos][:, None, :]  # [T, 1, D]
+        sin = self.sin[input_pos][:, None, :]
+        bias = self.mask(input_pos, attend_len)
+        for i in range(self.args.n_layers):
+            x = self.block(i, x, cos, sin, input_pos, bias, attend_len)
+        if last_only:
+            x = x[-1:]
+        x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.args.eps)
+        return F.linear(x, self.lm_head)

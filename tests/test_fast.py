@@ -1,0 +1,173 @@
+"""The fast engine on the CPU (no graphs): same logits as transformers, same texts as the eager path.
+
+The GPU-only parts (graph capture and replay, bf16 timings) are checked by ``python -m decoding.fastcheck``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from decoding import DecodeConfig, ar_decode, encode, jacobi_decode, run
+from decoding import fast
+from decoding.llama_static import StaticLlama, UnsupportedModel, rope_inv_freq, StaticArgs
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+}
+
+
+def llama(rope="default", tied=True, seed=0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, rope_parameters=ROPES[rope],
+        tie_word_embeddings=tied, eos_token_id=None, bos_token_id=None, pad_token_id=None, **overrides,
+    )
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_llama(seed=3)
+    fast.prepare(model, progress=None)
+    return model
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_match_transformers(rope, tied):
+    model = llama(rope, tied)
+    assert torch.equal(rope_inv_freq(StaticArgs.from_config(model.config)), model.model.rotary_emb.inv_freq)
+    static = StaticLlama(model, max_len=256)
+    ids = torch.randint(0, 101, (150,))
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0]  # [T, V]
+        got = static(ids, torch.arange(150), attend_len=256)
+        # the same sequence fed in two windows through the cache
+        first = static(ids[:100], torch.arange(100), attend_len=128)
+        second = static(ids[100:], torch.arange(100, 150), attend_len=192)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat([first, second]), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_texts_equal_eager_across_rope_types(rope):
+    model = llama(rope, tied=False)
+    prompt = [5, 9, 2, 77, 31, 4, 60]
+    cfg = DecodeConfig(max_new_tokens=120, n=8)
+    ref = run(ar_decode, model, prompt, cfg).tokens
+    fast.prepare(model, progress=None)
+    assert run(ar_decode, model, prompt, cfg, engine="fast").tokens == ref
+    assert run(jacobi_decode, model, prompt, cfg, engine="fast").tokens == ref
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt=st.lists(st.integers(0, 96), min_size=1, max_size=40),
+    n=st.integers(1, 40),
+    max_new=st.integers(1, 64),
+    init=st.sampled_from(["random", "repeat"]),
+)
+def test_fast_jacobi_replays_eager_jacobi(tiny, prompt, n, max_new, init):
+    """Same windows, same outputs, same acceptance at every pass; any width (padded) and near the end."""
+    cfg = DecodeConfig(max_new_tokens=max_new, n=n, init=init)
+    eager = run(jacobi_decode, tiny, prompt, cfg)
+    quick = run(jacobi_decode, tiny, prompt, cfg, engine="fast")
+    assert quick.tokens == eager.tokens == run(ar_decode, tiny, prompt, cfg).tokens
+    assert [(it.window, it.outputs, it.accepted) for it in quick.iterations] == \
+        [(it.window, it.outputs, it.accepted) for it in eager.iterations]
+
+
+def test_fills_the_cache_to_its_end_without_overflow():
+    model = tiny_llama(seed=4, max_positions=100)
+    engine = fast.prepare(model, progress=None)
+    assert engine.max_len == 100
+    prompt = list(range(30))
+    for n in (1, 7, 16, 64):
+        cfg = DecodeConfig(max_new_tokens=70, n=n)  # positions up to 99: the last slot of the cache
+        assert run(jacobi_decode, model, prompt, cfg, engine="fast").tokens == run(ar_decode, model, prompt, cfg).tokens
+    assert engine.plan(90, 10) == (10, 100)  # no captured width fits: exact width, uncaptured
+    assert engine.plan(95, 3) == (4, 100)  # padded, and the padding still ends inside the cache
+    assert engine.plan(97, 3) == (3, 100)
+    with pytest.raises(ValueError, match="cache"):
+        engine.plan(95, 6)
+
+
+def test_plan_pads_to_captured_width_and_bucket(tiny):
+    engine = fast.prepare(tiny)
+    assert engine.plan(0, 1) == (1, 64)
+    assert engine.plan(10, 5) == (8, 64)
+    assert engine.plan(60, 5) == (8, 128)
+    assert engine.plan(200, 16) == (16, 256)
+    assert fast.kv_buckets(512) == [64, 128, 256, 512]
+    assert fast.kv_buckets(300) == [64, 128, 256, 300]
+
+
+def test_second_decode_reuses_the_engine_over_stale_cache(tiny):
+    cfg = DecodeConfig(max_new_tokens=40, n=6)
+    a, b = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [50, 40]
+    refs = [run(ar_decode, tiny, p, cfg).tokens for p in (a, b)]
+    assert [run(jacobi_decode, tiny, p, cfg, engine="fast").tokens for p in (a, b, a)] == refs + refs[:1]
+    assert fast.prepare(tiny) is fast.prepare(tiny)
+
+
+def test_interleaved_decodes_fail_loudly(tiny):
+    cfg = DecodeConfig(max_new_tokens=10, n=4)
+    first = jacobi_decode(tiny, [1, 2, 3], cfg, engine="fast")
+    next(first)
+    second = run(ar_decode, tiny, [4, 5, 6], cfg, engine="fast")
+    assert len(second.tokens) == 10
+    with pytest.raises(RuntimeError, match="one at a time"):
+        next(first)
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    ({"attention_bias": True}, "bias"),
+    ({"hidden_act": "gelu"}, "silu"),
+])
+def test_unsupported_models_are_refused(overrides, reason):
+    model = llama(**overrides)
+    assert reason in fast.supports(model)
+    assert fast.default_engine(model) == "eager"
+    with pytest.raises(UnsupportedModel, match=reason):
+        fast.FastEngine(model)
+
+
+def test_dynamic_rope_is_refused():
+    model = llama()
+    model.config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    assert "dynamic" in fast.supports(model)
+
+
+def test_cpu_defaults_to_eager(tiny):
+    assert fast.supports(tiny) is None
+    assert fast.default_engine(tiny) == "eager"
+
+
+EMBEDDED_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
+
+
+@pytest.fixture(scope="module")
+def embedded_refs(embedded):
+    """Eager AR texts of the real model (the reference), computed once."""
+    fast.prepare(embedded.model, max_len=1024, progress=None)
+    cfg = DecodeConfig(max_new_tokens=24, eos_token_ids=embedded.eos_token_ids)
+    prompts = [encode(embedded.tokenizer, text) for text in EMBEDDED_PROMPTS]
+    return [(ids, run(ar_decode, embedded.model, ids, cfg).tokens) for ids in prompts]
+
+
+@pytest.mark.parametrize("n", [1, 4, 16])
+def test_embedded_model_fast_equals_eager(embedded, embedded_refs, n):
+    """The real SmolLM2-135M in fp32: fast AR and fast Jacobi give the eager AR text token for token."""
+    cfg = DecodeConfig(max_new_tokens=24, n=n, eos_token_ids=embedded.eos_token_ids)
+    for ids, ref in embedded_refs:
+        assert run(jacobi_decode, embedded.model, ids, cfg, engine="fast").tokens == ref
+        if n == 1:
+            assert run(ar_decode, embedded.model, ids, cfg, engine="fast").tokens == ref
