@@ -15,7 +15,7 @@ STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval}
 WORK=${WORK:-/root/work}
 OUT=${OUT:-$WORK/out}
 PY=${PY:-python}
-TRAIN_BUDGET_MIN=${TRAIN_BUDGET_MIN:-14}   # total optimiser time over train + train-resume
+TRAIN_BUDGET_MIN=${TRAIN_BUDGET_MIN:-10}   # total optimiser time over train + train-resume
 TRAIN_ARGS=${TRAIN_ARGS:-}                 # extra flags, e.g. "--lora-rank 16 --ar-loss ce"
 mkdir -p "$WORK" "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

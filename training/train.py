@@ -261,7 +261,7 @@ def train_loop(accelerator, parts, samples, s, out, step, total, auto_steps, pad
             bar.total = total["steps"]
             accelerator.print(f"{per_step:.3f} s/step -> max_steps = {total['steps']} for {s.budget_minutes} min")
         if step % s.log_every == 0 or step == total["steps"]:
-            last = {k: float(v) for k, v in losses.items()}  # note: CPU-GPU sync point
+            last = {k: float(v.detach()) for k, v in losses.items()}  # note: CPU-GPU sync point
             last |= {"step": step, "lr": scheduler.get_last_lr()[0], "s_per_step": (time.perf_counter() - t_steps) / max(step - first_step, 1),
                      "elapsed_min": (time.perf_counter() - t_start) / 60}
             if accelerator.is_main_process:

@@ -1,0 +1,163 @@
+"""Training pipeline on CPU: losses by hand, trajectories, packing, one step, end to end (tiny random Llama)."""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from decoding import DEFAULT_ADAPTER, DecodeConfig, ar_decode, encode, jacobi_decode, run
+from training import collect, evaluate, train
+from training.collect import CollectSettings, augment_states, collect_batch, repeats
+from training.losses import ar_cross_entropy, first_wrong, jacobi_gain, soft_kl
+from training.packing import noise_level, pack, pick_states
+from training.tiny import save_tiny, tiny_model, tiny_tokenizer
+
+PROMPTS = ["hello world", "what is the capital of France?", "abc", "tell me a story about a cat"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(0), tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def samples(tiny):
+    model, tok = tiny
+    ids = [encode(tok, p) for p in PROMPTS]
+    out, counts = collect_batch(model, ids, CollectSettings(n=4, max_new_tokens=20, device="cpu"), (2,), 0)
+    return ids, out, counts
+
+
+def test_losses_by_hand():
+    teacher = torch.tensor([[0.0, 0.0]])  # p = (1/2, 1/2)
+    student = torch.tensor([[0.0, math.log(3.0)]])  # q = (1/4, 3/4)
+    # KL = 1/2 ln(2) + 1/2 ln(2/3) = 1/2 ln(4/3)
+    assert soft_kl(teacher, student).item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    assert soft_kl(student, student).item() == pytest.approx(0.0, abs=1e-7)
+    assert ar_cross_entropy(student, torch.tensor([1])).item() == pytest.approx(-math.log(0.75), abs=1e-6)
+    # label smoothing 0.1 over 2 classes: 0.95 * -ln(3/4) + 0.05 * -ln(1/4)
+    want = 0.95 * -math.log(0.75) + 0.05 * -math.log(0.25)
+    assert ar_cross_entropy(student, torch.tensor([1]), 0.1).item() == pytest.approx(want, abs=1e-6)
+    assert soft_kl(teacher[:0], student[:0]).item() == 0.0
+
+
+def test_first_wrong_gain_noise():
+    fixed = torch.tensor([5, 6, 7, 8])
+    states = torch.tensor([[5, 6, 0, 0], [1, 6, 7, 8], [5, 6, 7, 8]])
+    assert first_wrong(states, fixed.expand(3, 4)).tolist() == [2, 0, 4]
+    assert noise_level(states, fixed).tolist() == [0.5, 1.0, 0.0]
+    pred = torch.tensor([[5, 6, 7, 0]])
+    assert jacobi_gain(pred, states[:1], fixed[None]).tolist() == [1.0]
+
+
+def test_repeats_and_augment():
+    assert repeats([1] * 10, 10)
+    assert not repeats([1] * 9 + [2], 10)
+    assert repeats([3, 4] * 10, 10, max_period=2)
+    assert not repeats([3, 4] * 10, 10, max_period=1)
+    fixed = torch.tensor([1, 2, 3, 4, 5, 6])
+    states = torch.stack([torch.tensor([1, 9, 9, 9, 9, 9]), fixed])
+    aug = augment_states(states, fixed, 5, torch.Generator().manual_seed(0))
+    assert aug.shape == (5, 6)
+    assert (aug[:, :2] == torch.tensor([1, 9])).all()  # the first wrong token stays: same noise level
+
+
+def _jacobi_step(model, prefix, state):
+    window = torch.tensor([prefix + state[:-1]])
+    return model(window).logits[0, -len(state):].argmax(-1).tolist()
+
+
+def test_trajectories_are_complete_jacobi_runs(tiny, samples):
+    model, _ = tiny
+    ids, out, counts = samples
+    assert len(out) == len(ids) and counts["greedy_mismatch"] == 0
+    for prompt, x in zip(ids, out):
+        ar = run(ar_decode, model, prompt, DecodeConfig(max_new_tokens=20, eos_token_ids=(2,))).tokens
+        assert x["answer"].tolist()[: x["valid"]] == ar  # fixed points == greedy AR continuation
+        with torch.no_grad():
+            for j, traj in enumerate(x["states"]):
+                prefix = prompt + x["answer"].tolist()[: 4 * j]
+                rows = traj.tolist()
+                for k in range(len(rows) - 1):  # every state is the Jacobi update of the one before
+                    assert _jacobi_step(model, prefix, rows[k]) == rows[k + 1]
+                    assert rows[k] != rows[k + 1]  # nothing recorded after the fixed point
+                assert _jacobi_step(model, prefix, rows[-1]) == rows[-1]
+                assert rows[-1] == x["answer"].tolist()[4 * j: 4 * j + 4]
+
+
+def test_packed_forward_matches_plain_forwards(tiny, samples):
+    model, _ = tiny
+    _, out, _ = samples
+    rng = random.Random(0)
+    picks = [pick_states(x, 4, rng) for x in out]
+    b = pack(out, [[c for c, _ in picks], [f for _, f in picks]], 4, pad_id=2)
+    with torch.no_grad():
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                       logits_to_keep=b.keep).logits
+        L = b.answer.shape[1]
+        for i, x in enumerate(out):
+            p, A = x["prompt"], x["answer"].tolist()
+            ref = model(torch.tensor([p + A])).logits[0, len(p) - 1: len(p) - 1 + len(A)]
+            torch.testing.assert_close(logits[i, : len(A)], ref, atol=1e-4, rtol=1e-4)
+            for s in range(2):
+                for j, state in enumerate(picks[i][s]):
+                    window = torch.tensor([p + A[: 4 * j] + state.tolist()[:3]])
+                    want = model(window).logits[0, -4:]
+                    got = logits[i, L * (s + 1) + 4 * j: L * (s + 1) + 4 * j + 4]
+                    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_one_training_step_lowers_the_loss(samples):
+    _, out, _ = samples
+    model = tiny_model(0).train()
+    s = train.TrainSettings(ar_loss="ce", batch=len(out), noise_window=4)
+    b = train.make_batch(out, list(range(len(out))), s, 0, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    before = train.compute_losses(train.forward_logits(model, b), None, b, s)["loss"]
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = train.compute_losses(train.forward_logits(model, b), None, b, s)["loss"]
+    assert after.item() < before.item()
+
+
+def test_pipeline_end_to_end(tmp_path):
+    folder = save_tiny(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}: {p}"}) + "\n" for i, p in enumerate(PROMPTS * 2)))
+    held = tmp_path / "heldout.jsonl"
+    held.write_text("".join(json.dumps({"prompt": p, "reference": "an answer of some words"}) + "\n" for p in PROMPTS))
+    traj = tmp_path / "traj"
+    collect.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(traj), "--n", "4",
+                  "--max-new-tokens", "16", "--batch", "5", "--augment", "1", "--device", "cpu"])
+    assert len(list(traj.glob("shard-*.pt"))) == 2 and (traj / "settings.json").exists()
+    run_dir = tmp_path / "run"
+    common = ["--model", str(folder), "--data", str(traj), "--out", str(run_dir), "--lora-rank", "4",
+              "--lora-alpha", "8", "--batch", "4", "--max-steps", "4", "--log-every", "1", "--device", "cpu"]
+    train.main(common + ["--max-minutes", "0.00001"])  # stops after one step, checkpointed
+    assert (run_dir / "checkpoint" / "trainer_state.json").exists()
+    train.main(common + ["--resume", "true"])
+    steps = [json.loads(x)["step"] for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "training_settings.json").exists()
+    result = evaluate.main(["--model", str(folder), "--adapter", str(adapter), "--heldout", str(held),
+                            "--n", "4", "--max-new-tokens", "12", "--speed-prompts", "2", "--base-speed-prompts", "1",
+                            "--ar-check-prompts", "1", "--device", "cpu", "--out", str(tmp_path / "eval.json")])
+    assert result["cllm"]["exactness"]["teacher_forced_greedy"] == 1.0
+    assert result["cllm"]["exactness"]["ar_decode_equal"] == "1/1"
+    assert result["cllm"]["jacobi"]["tokens_per_forward"] >= 1.0 and result["ppl_ratio"] > 0
+
+
+@pytest.mark.skipif(not DEFAULT_ADAPTER.exists(), reason="the shipped CLLM adapter is not in assets/ yet")
+def test_shipped_adapter_gives_a_lossless_cllm_lane():
+    from decoding import load_model
+
+    lm = load_model(adapter=str(DEFAULT_ADAPTER), device="cpu", dtype="float32")
+    cfg = DecodeConfig(max_new_tokens=48, n=16, eos_token_ids=lm.eos_token_ids)
+    for prompt in ["Why do cats purr?", "Give me three tips for learning Python."]:
+        ids = encode(lm.tokenizer, prompt)
+        jac = run(jacobi_decode, lm.model, ids, cfg)
+        assert jac.tokens == run(ar_decode, lm.model, ids, cfg).tokens
+        assert jac.mean_accepted >= 1.0
