@@ -4,16 +4,19 @@ The GPU-only parts (graph capture and replay, bf16 timings) are checked by ``pyt
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from conftest import tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from decoding import DecodeConfig, ar_decode, encode, jacobi_decode, run
 from decoding import fast
-from decoding.llama_static import StaticLlama, UnsupportedModel, rope_inv_freq, StaticArgs
+from decoding.llama_static import StaticArgs, StaticLlama, UnsupportedModel, rope_inv_freq
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -24,20 +27,30 @@ ROPES = {
 
 
 def llama(rope="default", tied=True, seed=0, **overrides) -> LlamaForCausalLM:
+    """A tiny random Llama (6 query / 2 KV heads) whose fp32 argmax has no near-ties."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    settings = dict(
         vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, rope_parameters=ROPES[rope],
-        tie_word_embeddings=tied, eos_token_id=None, bos_token_id=None, pad_token_id=None, **overrides,
+        tie_word_embeddings=tied, eos_token_id=None, bos_token_id=None, pad_token_id=None,
     )
+    cfg = LlamaConfig(**{**settings, **overrides})
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = tiny_llama(seed=3)
+    model = llama(seed=3, max_position_embeddings=512)
     fast.prepare(model, progress=None)
     return model
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct in float32 on the CPU."""
+    from decoding import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("rope", list(ROPES))
@@ -70,7 +83,7 @@ def test_texts_equal_eager_across_rope_types(rope):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    prompt=st.lists(st.integers(0, 96), min_size=1, max_size=40),
+    prompt=st.lists(st.integers(0, 100), min_size=1, max_size=40),
     n=st.integers(1, 40),
     max_new=st.integers(1, 64),
     init=st.sampled_from(["random", "repeat"]),
@@ -86,7 +99,7 @@ def test_fast_jacobi_replays_eager_jacobi(tiny, prompt, n, max_new, init):
 
 
 def test_fills_the_cache_to_its_end_without_overflow():
-    model = tiny_llama(seed=4, max_positions=100)
+    model = llama(seed=4, max_position_embeddings=100)
     engine = fast.prepare(model, progress=None)
     assert engine.max_len == 100
     prompt = list(range(30))

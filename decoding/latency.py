@@ -1,0 +1,144 @@
+"""Per-forward latency of the fast engine by window width, and the memory bandwidth it achieves (CUDA only).
+
+A forward must read every weight once (and the K/V it attends to), so bytes read / time is the
+bandwidth achieved; bytes / the card's peak is the floor no kernel can beat. For a small model the
+gap is launches and small kernels, which ``kernel_breakdown`` splits by kind.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .fast import FastEngine
+
+WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)
+PEAK_BANDWIDTH = {  # bytes/s of HBM, by a substring of torch.cuda.get_device_name()
+    "H200": 4.8e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,  # SXM
+    "A100": 2.0e12,
+}
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+
+
+def _events_ms(fn, iters: int, device) -> float:
+    """Mean GPU milliseconds of ``fn`` over ``iters`` back-to-back calls (warm-up excluded)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)  # note: CPU-GPU sync point
+    return start.elapsed_time(end) / iters
+
+
+def _step_ms(engine: FastEngine, width: int, pos: int, iters: int) -> float:
+    """Mean wall milliseconds of a whole engine step: host copy, replay, argmax back to the CPU."""
+    window = [0] * width
+    for _ in range(3):
+        engine.step(window, pos)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        engine.step(window, pos)
+    return (time.perf_counter() - t0) * 1000 / iters
+
+
+def width_report(engine: FastEngine, widths=WIDTHS, context: int = 256, iters: int = 200) -> list[dict]:
+    """One row per width: graph replay time, whole step time, bytes read and bandwidth achieved.
+
+    All widths attend to the same key bucket (the one holding ``context`` + the widest window), so
+    the rows differ only by width. The engine's cache contents are clobbered: run between decodes.
+    """
+    peak = peak_bandwidth(engine.device)
+    widths = [w for w in widths if w in engine.widths]
+    L = next(b for b in engine.buckets if b >= context + max(widths))
+    rows = []
+    for W in widths:
+        graph = engine.graphs[(W, L)][0]
+        graph_ms = _events_ms(graph.replay, iters, engine.device)
+        weights, kv = engine.model.weight_bytes(), engine.model.kv_bytes(L)
+        bandwidth = (weights + kv) / (graph_ms / 1000)
+        rows.append({
+            "width": W, "keys": L, "graph_ms": graph_ms,
+            "step_ms": _step_ms(engine, W, L - W, iters),
+            "weight_bytes": weights, "kv_bytes": kv, "bandwidth_Bps": bandwidth,
+            "bandwidth_frac": bandwidth / peak if peak else None,
+            "floor_ms": (weights + kv) / peak * 1000 if peak else None,
+        })
+    return rows
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ("fmha", "attention", "flash", "attn")):
+        return "attention"
+    if any(k in low for k in ("gemm", "gemv", "sm90_", "sm80_", "cublas", "cutlass", "splitk")):
+        return "matmul"
+    if "memcpy" in low or "memset" in low:
+        return "copy"
+    return "elementwise"  # norms, rope, mask, silu, index_copy, argmax
+
+
+@torch.no_grad()
+def kernel_breakdown(engine: FastEngine, width: int = 1, attend_len: int = 512, reps: int = 5) -> dict:
+    """GPU kernel time by kind for one uncaptured forward of ``width`` tokens (same kernels as its graph)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = torch.zeros(width, dtype=torch.long, device=engine.device)
+    positions = torch.arange(width, device=engine.device)
+    forward = lambda: engine.model(tokens, positions, attend_len).argmax(-1)  # noqa: E731
+    forward()
+    torch.cuda.synchronize(engine.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            forward()
+        torch.cuda.synchronize(engine.device)
+    by_kind: dict[str, float] = {}
+    count = 0
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        us = event.time_range.end - event.time_range.start
+        by_kind[_kind(event.name)] = by_kind.get(_kind(event.name), 0.0) + us / 1000 / reps
+        count += 1
+    return {"width": width, "keys": attend_len, "kernels": count // reps, "busy_ms": sum(by_kind.values()),
+            "by_kind_ms": by_kind}
+
+
+@torch.no_grad()
+def head_ms(engine: FastEngine, iters: int = 200) -> float:
+    """GPU time of the final norm + LM head + argmax for one token, captured alone."""
+    m = engine.model
+    x = torch.zeros(1, m.args.dim, device=engine.device, dtype=m.lm_head.dtype)
+    head = lambda: F.linear(F.rms_norm(x, (m.args.dim,), m.final_norm, m.args.eps), m.lm_head).argmax(-1)  # noqa: E731
+    stream = torch.cuda.Stream(engine.device)
+    stream.wait_stream(torch.cuda.current_stream(engine.device))
+    with torch.cuda.stream(stream):
+        head()
+    torch.cuda.current_stream(engine.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        head()
+    return _events_ms(graph.replay, iters, engine.device)
+
+
+def format_widths(rows: list[dict]) -> str:
+    lines = ["width  keys  graph ms  step ms  MB read  GB/s    % peak  floor ms"]
+    for r in rows:
+        frac = f"{100 * r['bandwidth_frac']:6.1f}" if r["bandwidth_frac"] is not None else "     -"
+        floor = f"{r['floor_ms']:.3f}" if r["floor_ms"] is not None else "-"
+        lines.append(
+            f"{r['width']:5d} {r['keys']:5d} {r['graph_ms']:9.3f} {r['step_ms']:8.3f} "
+            f"{(r['weight_bytes'] + r['kv_bytes']) / 1e6:8.1f} {r['bandwidth_Bps'] / 1e9:6.0f} {frac}  {floor}"
+        )
+    return "\n".join(lines)
