@@ -15,12 +15,13 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from . import fast
 from .decoders import DecodeConfig, ar_decode, jacobi_decode, run
 from .models import DEFAULT_SPEC, LoadedModel, load_model
 from .prompts import encode, read_prompts
@@ -42,7 +43,7 @@ class BenchConfig:
     init: str = "random"  # initial guesses of the Jacobi window
     device: str = "auto"  # auto / cuda / mps / cpu
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) / float32 / bfloat16 / float16
-    engine: str = "eager"  # decoding session: eager (transformers) or fast (static cache + CUDA graphs)
+    engine: str = "auto"  # eager (transformers), fast (static cache + CUDA graphs), auto: fast on CUDA where supported
     seed: int = 0  # seed of the initial guesses
     out: str | None = None  # where to write the JSON result
 
@@ -127,10 +128,35 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
+def pick_engine(bc: BenchConfig, models: list) -> str:
+    """Resolve ``auto`` and build the fast engines (graph capture) now, before anything is timed."""
+    engine = bc.engine
+    if engine == "auto":
+        engine = "fast" if all(fast.default_engine(m) == "fast" for m in models) else "eager"
+    if engine == "fast":
+        for m in models:
+            fast.prepare(m)
+    return engine
+
+
+def latency_report(lm: LoadedModel, n: int) -> dict:
+    """CUDA only: per-forward latency by window width, bandwidth achieved, and where the AR step goes."""
+    from . import latency
+
+    engine = fast.prepare(lm.model)
+    return {
+        "widths": latency.width_report(engine),
+        "breakdown": [latency.kernel_breakdown(engine, w) for w in sorted({1, n})],
+        "head_ms": latency.head_ms(engine),
+        "peak_bandwidth_Bps": latency.peak_bandwidth(engine.device),
+    }
+
+
 def bench(bc: BenchConfig) -> dict:
     """Run every lane on every prompt; return the result dict (also written to bc.out)."""
     base = load_model(bc.model, device=bc.device, dtype=bc.dtype)
     cllm = load_model(bc.model, adapter=bc.adapter, device=bc.device, dtype=bc.dtype) if bc.adapter else None
+    bc = replace(bc, engine=pick_engine(bc, [lm.model for lm in (base, cllm) if lm is not None]))
     prompts = read_prompts(bc.prompts, bc.limit)
     cfg = DecodeConfig(max_new_tokens=bc.max_new_tokens, n=bc.n, init=bc.init, seed=bc.seed, eos_token_ids=base.eos_token_ids)
     lanes = lane_runners(base, cllm, bc)
@@ -155,6 +181,8 @@ def bench(bc: BenchConfig) -> dict:
         "prompts": per_prompt,
         "summary": summarise(per_prompt, list(lanes)),
     }
+    if bc.engine == "fast" and base.device.type == "cuda":
+        result["latency"] = latency_report(base, bc.n)
     if bc.out:
         Path(bc.out).parent.mkdir(parents=True, exist_ok=True)
         Path(bc.out).write_text(json.dumps(result, indent=1))
@@ -170,6 +198,10 @@ def format_table(result: dict) -> str:
     for lane, r in s["lanes"].items():
         lines.append(f"{lane:<12} {r['tokens']:>7} {r['forwards']:>6} {r['mean_accepted']:>8.3f} {r['tok_s']:>8.1f} {r['speedup']:>7.2f}x")
     lines += [f"exact match {k}: {v:.3f}" for k, v in s["exact_match"].items()]
+    if "latency" in result:
+        from .latency import format_widths
+
+        lines += ["", "fast engine, one forward by window width:", format_widths(result["latency"]["widths"])]
     return "\n".join(lines)
 
 
@@ -186,7 +218,8 @@ def parse_args(argv=None) -> BenchConfig:
     ap.add_argument("--init", choices=("random", "repeat"), default=d.init, help="initial guesses of the window")
     ap.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
     ap.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
-    ap.add_argument("--engine", choices=("eager", "fast"), default=d.engine, help="decoding session")
+    ap.add_argument("--engine", choices=("auto", "eager", "fast"), default=d.engine,
+                    help="decoding session (auto: fast on CUDA for Llama models, else eager)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", default=None, help="write the JSON result here")
     a = ap.parse_args(argv)
