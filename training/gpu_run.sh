@@ -17,6 +17,7 @@ OUT=${OUT:-$WORK/out}
 PY=${PY:-python}
 TRAIN_BUDGET_MIN=${TRAIN_BUDGET_MIN:-10}   # total optimiser time over train + train-resume
 TRAIN_ARGS=${TRAIN_ARGS:-}                 # extra flags, e.g. "--lora-rank 16 --ar-loss ce"
+EVAL_ARGS=${EVAL_ARGS:-"--engine eager --speed-prompts 30 --base-speed-prompts 5"}  # e.g. "--engine fast --speed-prompts 100 --dtype bfloat16"
 mkdir -p "$WORK" "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
@@ -43,7 +44,7 @@ case "$STAGE" in
     train_out ;;
   eval)
     $PY -m training.evaluate --adapter "$WORK/cllm/adapter" --out "$OUT/eval.json" \
-      --speed-prompts 30 --base-speed-prompts 5 --ar-check-prompts 3 --batch 100 --dtype float32
+      --ar-check-prompts 3 --batch 100 --dtype float32 $EVAL_ARGS
     train_out; collect_out ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
