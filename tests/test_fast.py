@@ -184,3 +184,24 @@ def test_embedded_model_fast_equals_eager(embedded, embedded_refs, n):
         assert run(jacobi_decode, embedded.model, ids, cfg, engine="fast").tokens == ref
         if n == 1:
             assert run(ar_decode, embedded.model, ids, cfg, engine="fast").tokens == ref
+
+
+def test_gpu_report_formatting_on_synthetic_numbers():
+    """The CUDA-only report code must not crash at the end of a GPU run: format it from made-up rows."""
+    from decoding.fastcheck import first_difference, verdicts
+    from decoding.latency import _kind, format_widths
+
+    rows = [{"width": w, "keys": 512, "graph_ms": 0.5 + w / 100, "step_ms": 0.6 + w / 100, "weight_bytes": 3e8,
+             "kv_bytes": 2e7, "bandwidth_Bps": 6e11, "bandwidth_frac": 0.18, "floor_ms": 0.1} for w in (1, 16)]
+    assert "16" in format_widths(rows)
+    result = {
+        "summary": {"lanes": {"hf_generate": {"tok_s": 40.0}, "base_ar": {"tok_s": 900.0},
+                              "cllm_jacobi": {"tok_s": 2000.0, "mean_accepted": 2.5}}},
+        "meta": {"decode": {"n": 16}},
+        "latency": {"widths": rows, "head_ms": 0.02, "breakdown": [
+            {"width": 1, "kernels": 500, "busy_ms": 0.4, "by_kind_ms": {"matmul": 0.2, "attention": 0.1}}]},
+    }
+    text = "\n".join(verdicts(result))
+    assert "22.5x model.generate" in text and "window 16" in text and "500 kernels" in text
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None and first_difference([1, 2], [1, 3]) == 1
+    assert _kind("fmha_cutlassF_f32_aligned") == "attention" and _kind("sm90_xmma_gemm_bf16") == "matmul"
