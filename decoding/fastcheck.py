@@ -84,6 +84,9 @@ def verdicts(result: dict) -> list[str]:
             lines.append(f"AR step {one['graph_ms']:.3f} ms (graph) / {one['step_ms']:.3f} ms (step) vs "
                          f"read floor {one['floor_ms']:.3f} ms: {one['graph_ms'] / one['floor_ms']:.1f}x the floor")
         for b in lat["breakdown"]:
+            if "error" in b:
+                lines.append(f"width {b['width']}: no kernel breakdown ({b['error']})")
+                continue
             kinds = ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["by_kind_ms"].items()))
             lines.append(f"width {b['width']}: {b['kernels']} kernels, busy {b['busy_ms']:.3f} ms ({kinds} ms)")
         lines.append(f"LM head + argmax alone: {lat['head_ms']:.3f} ms")
