@@ -1,0 +1,104 @@
+"""The About tab: AR, Jacobi decoding and CLLMs in plain words, the paper's numbers and ours."""
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+
+from decoding import Iteration
+
+from .render import step_html
+
+RESULTS = Path(__file__).resolve().parent.parent / "assets" / "results"
+LANE_ORDER = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
+
+INTRO = """
+### What you are looking at
+
+**Autoregressive (AR) decoding** is how a language model normally writes: one forward pass through the
+network gives one new token, which is appended to the text before the next pass. A 100-token answer costs
+100 passes, one after another, however fast the hardware is.
+
+**Jacobi decoding** guesses a whole block of the next *n* tokens at once and lets the model check all of
+them in a single pass. Each pass outputs, for every position in the block, the token the model would put
+there given the guesses before it. Reading from the left, every guess that matches the model's output is
+confirmed, and the first output after a wrong guess is still right, so at least one token is gained per
+pass, often more. The outputs that were not accepted become the next guesses. The text is exactly what AR
+greedy decoding writes: Jacobi changes the speed, never the answer.
+
+**The catch:** a model trained only for AR almost never guesses right after a wrong token, so plain Jacobi
+gains about 1.05 tokens per pass and pays for the wider pass. **CLLMs** (Consistency Large Language
+Models, Kou et al., ICML 2024) fine-tune the model so that, from any half-wrong block, it jumps towards
+the final answer. Two things then happen, which the convergence map shows: *fast-forwarding* (several
+tokens become right in one pass) and *stationary tokens* (a token is right early and stays right while
+tokens before it are still being fixed).
+
+### One Jacobi step, drawn
+
+The window below is fed in as one pass: the last accepted token and three guesses. Guesses 1 and 2 match
+what the model wrote one slot earlier, so outputs 0, 1 and 2 are accepted together: three tokens for one pass.
+"""
+
+PAPER = """
+### The paper's numbers (A100, batch 1, greedy)
+
+| benchmark | target model | Jacobi on the target | CLLM + Jacobi |
+|---|---|---|---|
+| GSM8K (maths) | Abel-7B | 1.1× | 3.0× (132 tok/s) |
+| Spider (text to SQL) | Deepseek-Coder-7B | 1.0× | 3.4× |
+| HumanEval (code) | Deepseek-Coder-7B | 1.1× | 2.5× |
+| MT-bench (chat) | LLaMA2-7B | 1.1× | 2.4× |
+
+CLLMs gain 2 to 6 tokens per pass. Source: Kou, Hu, He, Deng, Zhang, *CLLMs: Consistency Large Language Models*, arXiv 2403.00835.
+"""
+
+# A hand-made step ("The cat sat on the" → "mat and purred ."), token ids index WORDS.
+WORDS = ["the", " mat", " and", " slept", " purred", "."]
+EXAMPLE_STEP = Iteration(index=1, start=5, window=[0, 1, 2, 3], outputs=[1, 2, 4, 5], accepted=3, t=0.0,
+                         output_correct=[True, True, True, True])
+
+
+def example_figure() -> str:
+    return step_html(EXAMPLE_STEP, 1, lambda tok: WORDS[tok], context="The cat sat on the")
+
+
+def read_results(folder: Path = RESULTS) -> list[dict]:
+    """Benchmark results (``python -m decoding.bench --out``) committed under assets/results, by file name."""
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("summary", {}).get("lanes"), dict):
+            found.append(data | {"_file": path.name})
+    return found
+
+
+def _num(value, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+
+
+def results_markdown(results: list[dict]) -> str:
+    """Our measured numbers as Markdown tables, one per result file."""
+    if not results:
+        return "### Our numbers\n\nNo benchmark results are committed yet (`python -m decoding.bench --out assets/results/NAME.json`)."
+    parts = ["### Our numbers (measured with `python -m decoding.bench`, read from `assets/results/`)"]
+    for res in results:
+        meta = res.get("meta", {})
+        env, decode = meta.get("env", {}), meta.get("decode", {})
+        where = ", ".join(str(x) for x in (env.get("device_name") or env.get("device"), env.get("dtype"),
+                                           f"n = {decode['n']}" if "n" in decode else None,
+                                           f"{decode['max_new_tokens']} new tokens" if "max_new_tokens" in decode else None) if x)
+        exact = res["summary"].get("exact_match", {})
+        rows = ["| lane | tok/s | tokens per forward | speedup vs base AR | same tokens as AR |", "|---|---|---|---|---|"]
+        lanes = res["summary"]["lanes"]
+        for lane in sorted(lanes, key=lambda k: LANE_ORDER.index(k) if k in LANE_ORDER else 99):
+            s = lanes[lane]
+            match = next((v for k, v in exact.items() if k.startswith(f"{lane}_vs_")), None)
+            rows.append(f"| {escape(lane)} | {_num(s.get('tok_s'), '.1f')} | {_num(s.get('mean_accepted'), '.2f')} | "
+                        f"{_num(s.get('speedup'), '.2f')}× | {_num(match, '.0%')} |")
+        head = f"**{escape(res['_file'])}** ({escape(where)})" if where else f"**{escape(res['_file'])}**"
+        cmd = f"\n\n`{meta['command']}`" if isinstance(meta.get("command"), str) and "`" not in meta["command"] else ""
+        parts.append(head + cmd + "\n\n" + "\n".join(rows))
+    return "\n\n".join(parts)

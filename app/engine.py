@@ -1,0 +1,88 @@
+"""The models the app serves: loaded once at start-up, warmed up, and swapped only on request."""
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from decoding import DEFAULT_ADAPTER, DecodeConfig, LoadedModel, ModelLoadError, ar_decode, jacobi_decode, load_model, run
+
+NO_ADAPTER = "none"  # --adapter none: no CLLM lanes even when the shipped adapter exists
+
+
+def default_adapter() -> str | None:
+    """The shipped CLLM adapter when it is there (it comes with the training issue), else none."""
+    return str(DEFAULT_ADAPTER) if (Path(DEFAULT_ADAPTER) / "adapter_config.json").exists() else None
+
+
+def _log(msg: str) -> None:
+    print(f"[jacobi-lens] {msg}", flush=True)
+
+
+class ModelHost:
+    """The base model and, when an adapter or a CLLM checkpoint is given, the CLLM beside it.
+
+    A failed load does not raise: ``error`` holds the message, the page shows it, and the app keeps serving.
+    """
+
+    def __init__(self, model: str, adapter: str | None, device: str = "auto", dtype: str = "auto",
+                 cache_dir: str | None = None, cllm_model: str | None = None):
+        self.device, self.dtype, self.cache_dir = device, dtype, cache_dir
+        self.spec, self.adapter, self.cllm_model = model, adapter, cllm_model
+        self.base: LoadedModel | None = None
+        self.cllm: LoadedModel | None = None
+        self.error: str | None = "not loaded yet"
+
+    def _load_one(self, spec: str, adapter: str | None, what: str) -> LoadedModel:
+        _log(f"loading {what}: {spec}" + (f" + adapter {adapter}" if adapter else "") + f" (device {self.device}, dtype {self.dtype}) ...")
+        t0 = time.perf_counter()
+        loaded = load_model(spec, adapter=adapter, device=self.device, dtype=self.dtype, cache=self.cache_dir)
+        _log(f"loaded {loaded.name} on {loaded.device} in {loaded.dtype} in {time.perf_counter() - t0:.1f} s")
+        return loaded
+
+    def load(self, model: str | None = None, adapter: str | None = None, cllm_model: str | None = None) -> bool:
+        """(Re)load the models; True on success. On failure the old models are dropped and ``error`` says why."""
+        spec = model or self.spec
+        adapter = None if adapter == NO_ADAPTER else adapter
+        self.base = self.cllm = None
+        self.error = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        try:
+            self.base = self._load_one(spec, None, "base model")
+            if cllm_model:
+                self.cllm = self._load_one(cllm_model, None, "CLLM")
+            elif adapter:
+                self.cllm = self._load_one(spec, adapter, "CLLM (base + adapter, merged)")
+            self.warm_up()
+        except ModelLoadError as exc:
+            self.error = str(exc)
+        except torch.OutOfMemoryError:
+            self.error = f"{spec} does not fit in the device's memory: try --dtype bfloat16, a smaller model or --device cpu"
+        except Exception as exc:  # any other failure must leave the app serving, with the reason in the page
+            traceback.print_exc()
+            self.error = f"could not load {spec}: {type(exc).__name__}: {exc}"
+        if self.error:
+            self.base = self.cllm = None
+            _log(f"MODEL NOT LOADED: {self.error}")
+            return False
+        self.spec, self.adapter, self.cllm_model = spec, adapter, cllm_model
+        return True
+
+    def warm_up(self) -> None:
+        """One short AR and Jacobi run per model, so the first race is not timed with cold kernels."""
+        t0 = time.perf_counter()
+        for loaded in filter(None, (self.base, self.cllm)):
+            ids = loaded.tokenizer("Hello")["input_ids"] or [0]
+            for decoder in (ar_decode, jacobi_decode):
+                run(decoder, loaded.model, list(ids), DecodeConfig(max_new_tokens=4, n=16))
+        _log(f"warm-up done in {time.perf_counter() - t0:.1f} s")
+
+    def describe(self) -> str:
+        """One line for the page header (plain text; the caller escapes it)."""
+        if self.error:
+            return f"No model loaded: {self.error}"
+        cllm = f"CLLM: {self.cllm.name}" if self.cllm else "CLLM: none (no adapter found; start with --adapter PATH)"
+        return f"Model: {self.base.name} · {self.base.device} · {str(self.base.dtype).removeprefix('torch.')} · {cllm}"

@@ -1,0 +1,197 @@
+"""Layout and wiring of the Gradio app. Callbacks stay short: the work is in race, render, charts and about."""
+from __future__ import annotations
+
+import math
+from html import escape
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from . import about, charts, render
+from .engine import ModelHost
+from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, new_race, race_json, run_race, stop_race
+
+try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU
+    import spaces
+
+    gpu = spaces.GPU(duration=120)
+except ImportError:
+    def gpu(fn):
+        return fn
+
+CSS = (Path(__file__).resolve().parent / "style.css").read_text(encoding="utf-8")
+MODEL_GROUP = "model"  # concurrency group: one generation (or model load) at a time
+INIT_LABELS = [("random prompt tokens (the paper)", "random"), ("the last token repeated", "repeat")]
+AXIS_LABELS = [("position in the window", "window"), ("position in the answer", "answer")]
+EXAMPLES = [  # (label, prompt): chat, code, maths, writing
+    ("Chat · working from home", "What are three tips for staying focused while working from home?"),
+    ("Chat · weather vs climate", "Explain the difference between weather and climate to a ten-year-old."),
+    ("Code · reverse a string", "Write a Python function that reverses a string, with a docstring."),
+    ("Code · FizzBuzz", "Write FizzBuzz in JavaScript."),
+    ("Maths · train speed", "A train travels 120 km in 1.5 hours. What is its average speed in km/h? Show your steps."),
+    ("Maths · count to ten", "Count from 1 to 10, separated by commas."),
+    ("Writing · haiku", "Write a haiku about the sea."),
+    ("Writing · short story", "Write the opening two sentences of a mystery story set in a lighthouse."),
+]
+
+
+def lane_choices(host: ModelHost) -> list[tuple[str, str]]:
+    return [(lane.label, key) for key, lane in LANES.items() if lane.model == "base" or host.cllm is not None]
+
+
+def header_html(host: ModelHost) -> str:
+    cls = "jl-error" if host.error else "jl-model"
+    return f'<div class="{cls}">{escape(host.describe())}</div>'
+
+
+def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS) -> gr.Blocks:
+    """The whole app. Models are loaded by the caller (once, at start-up), never here."""
+
+    def token_text(tok: int) -> str:
+        return host.base.tokenizer.decode([tok]) if host.base else f"#{tok}"
+
+    @gpu
+    def race_stream(prompt, n, max_new_tokens, init, lanes):
+        try:
+            race = new_race(host, prompt, n, max_new_tokens, init, lanes or [], limit=max_new_tokens_limit)
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Cannot start the race") from None
+        total = len(race.runs)
+        try:
+            for race in run_race(host, race):
+                running = next((i for i, r in enumerate(race.runs) if r.status == "running"), None)
+                status = f"Running lane {running + 1} of {total}: **{race.runs[running].lane.label}** …" if running is not None else ""
+                yield render.board_html(race), status, race
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window, and try again.", title="Out of memory") from None
+        yield render.board_html(race), "Done. Press **Replay** to watch the lanes race side by side, or explore the charts below.", race
+
+    def after_race(race):
+        jacobi = [(r.lane.label, r.lane.key) for r in (race.finished if race else []) if r.lane.method == "jacobi"]
+        pick = jacobi[-1][1] if jacobi else None
+        return (charts.tokens_over_time(race), charts.accepted_per_iteration(race), charts.speed_summary(race),
+                gr.update(choices=jacobi, value=pick))
+
+    def inspect(race, key, axis):
+        run = race.run(key) if race and key else None
+        total = len(run.trace.iterations) if run and run.trace else 0
+        return convergence(race, key, axis), gr.update(maximum=max(total, 2), value=1, interactive=total > 1)
+
+    def convergence(race, key, axis):
+        return charts.convergence_map(race.run(key) if race and key else None, axis, token_text)
+
+    def step(race, key, index):
+        run = race.run(key) if race and key else None
+        its = run.trace.iterations if run and run.trace else []
+        if not its:
+            return render.step_html(None, 0, token_text)
+        it = its[min(max(int(index), 1), len(its)) - 1]
+        return render.step_html(it, len(its), token_text, "".join(run.pieces[: it.start]))
+
+    def replay(race, speed, nonce):
+        return render.replay_html(race, render.SPEEDS.get(speed, 1.0), nonce + 1), nonce + 1
+
+    def on_stop(race):
+        stop_race(race)
+        return render.board_html(race), "Stopped. The app is ready for the next race."
+
+    @gpu
+    def race_api(prompt: str, n: int = 16, max_new_tokens: int = 128) -> dict:
+        """Race AR and Jacobi decoding on one prompt, lanes one after another.
+
+        Args:
+            prompt: the user message (sent through the model's chat template).
+            n: Jacobi window size, 1 to 128.
+            max_new_tokens: tokens to generate at most.
+        Returns:
+            JSON whose "lanes" are "base_ar", "base_jacobi" and, when a CLLM is loaded, "cllm_jacobi";
+            each has "text", "tokens", "forwards", "wall_s", "tok_s", "mean_accepted", "speedup" (over base_ar)
+            and "matches_ar" (its tokens equal those of the AR lane it is compared with).
+        """
+        try:
+            race = new_race(host, prompt, n, max_new_tokens, "random", DEFAULT_LANES, limit=max_new_tokens_limit)
+            for race in run_race(host, race, stream_every=math.inf):
+                pass
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window.") from None
+        return race_json(race)
+
+    def load_models(spec, adapter):
+        if not allow_custom_models:  # the page hides the controls; refuse here too
+            raise gr.Error("Loading other models is off: start the app with --allow-custom-models.")
+        if not spec or not spec.strip():
+            raise gr.Error("Give a model: a preset name, a local folder or .gguf file, or a hub id.")
+        host.load(spec.strip(), adapter.strip() or None if adapter else None)
+        choices = lane_choices(host)
+        return header_html(host), gr.update(choices=choices, value=[k for _, k in choices if k in DEFAULT_LANES])
+
+    with gr.Blocks(title="Jacobi Lens: AR vs Jacobi decoding, live") as demo:
+        race_state = gr.State(None)
+        nonce = gr.State(0)
+        gr.Markdown("# Jacobi Lens\nThe same model answers the same prompt twice: once **autoregressively** (one token per "
+                    "forward pass) and once with **Jacobi decoding** (a window of guesses refined in parallel). "
+                    "Watch which tokens arrive together, how fast each lane goes, and how the guesses converge.")
+        header = gr.HTML(header_html(host), elem_id="jl-header")
+        with gr.Tab("Race"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, placeholder="Ask anything…", elem_id="jl-prompt")
+                    gr.Examples([[p] for _, p in EXAMPLES], inputs=prompt, example_labels=[label for label, _ in EXAMPLES], label="Examples")
+                with gr.Column(scale=2):
+                    n = gr.Slider(1, 128, value=16, step=1, label="Window size n", elem_id="jl-n", info="Jacobi guesses n-1 tokens ahead; n = 1 is AR")
+                    max_new = gr.Slider(1, max_new_tokens_limit, value=min(128, max_new_tokens_limit), step=1, label="Max new tokens", elem_id="jl-max-new")
+                    init = gr.Radio(INIT_LABELS, value="random", label="Initial guesses")
+                    choices = lane_choices(host)
+                    lanes = gr.CheckboxGroup(choices, value=[k for _, k in choices if k in DEFAULT_LANES], label="Lanes (run one after another)", elem_id="jl-lanes")
+                    with gr.Row():
+                        go_btn = gr.Button("Race", variant="primary", elem_id="jl-race")
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="jl-stop")
+            status = gr.Markdown("", elem_id="jl-status")
+            board = gr.HTML(render.board_html(None), elem_id="jl-board")
+            with gr.Row():
+                replay_btn = gr.Button("▶ Replay side by side", elem_id="jl-replay-btn", scale=1)
+                speed = gr.Radio(list(render.SPEEDS), value=render.DEFAULT_SPEED, label="Replay speed", scale=3)
+            replay_view = gr.HTML(render.replay_html(None), elem_id="jl-replay")
+            with gr.Row():
+                time_plot = gr.Plot(charts.tokens_over_time(None), label="Tokens over time", show_label=False, elem_id="jl-time")
+                speed_plot = gr.Plot(charts.speed_summary(None), label="Speed", show_label=False, elem_id="jl-speed")
+            accept_plot = gr.Plot(charts.accepted_per_iteration(None), label="Accepted per forward", show_label=False, elem_id="jl-accept")
+            gr.Markdown("### Inspect a Jacobi lane\nEach row of the map is one forward pass; each cell one output: red where the "
+                        "guess was wrong, yellow where it was already right but stuck behind a wrong one, green when accepted. "
+                        "Hover a cell for its tokens. Below, step through the passes one by one.")
+            with gr.Row():
+                lane_pick = gr.Dropdown([], label="Jacobi lane", scale=1)
+                axis = gr.Radio(AXIS_LABELS, value="window", label="Columns", scale=2)
+            conv_plot = gr.Plot(charts.convergence_map(None), label="Convergence map", show_label=False, elem_id="jl-conv")
+            step_slider = gr.Slider(1, 2, value=1, step=1, label="Iteration", interactive=False, elem_id="jl-step-slider")
+            step_view = gr.HTML(render.step_html(None, 0, token_text), elem_id="jl-step")
+            if allow_custom_models:
+                with gr.Accordion("Model (custom models are enabled)", open=False):
+                    spec = gr.Textbox(label="Model", value=host.spec, info="smollm2-135m, a preset, a local folder or .gguf, or org/name (online)")
+                    adapter = gr.Textbox(label="CLLM adapter folder (optional)", value=host.adapter or "")
+                    load_btn = gr.Button("Load")
+                load_btn.click(load_models, [spec, adapter], [header, lanes], concurrency_id=MODEL_GROUP, api_visibility="private")
+        with gr.Tab("About"):
+            gr.Markdown(about.INTRO)
+            gr.HTML(about.example_figure())
+            gr.Markdown(about.PAPER)
+            gr.Markdown(about.results_markdown(about.read_results()))
+
+        race_event = go_btn.click(
+            race_stream, [prompt, n, max_new, init, lanes], [board, status, race_state],
+            concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private",
+        )
+        race_event.then(after_race, race_state, [time_plot, accept_plot, speed_plot, lane_pick], api_visibility="private")
+        stop_btn.click(on_stop, race_state, [board, status], cancels=[race_event], queue=False, api_visibility="private")
+        lane_pick.change(inspect, [race_state, lane_pick, axis], [conv_plot, step_slider], api_visibility="private").then(
+            step, [race_state, lane_pick, step_slider], step_view, api_visibility="private")
+        axis.change(convergence, [race_state, lane_pick, axis], conv_plot, api_visibility="private")
+        step_slider.change(step, [race_state, lane_pick, step_slider], step_view, api_visibility="private", show_progress="hidden")
+        replay_btn.click(replay, [race_state, speed, nonce], [replay_view, nonce], api_visibility="private", queue=False)
+        gr.api(race_api, api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
+    return demo

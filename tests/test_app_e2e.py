@@ -1,0 +1,64 @@
+"""End to end: the app in its own process, driven through its /race API with gradio_client."""
+import time
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from app_fixtures import shared_app
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Count from 1 to 10, separated by commas."
+
+
+@pytest.fixture(scope="module")
+def client():
+    return Client(shared_app().url, verbose=False)
+
+
+def test_race_api_returns_equal_ar_and_jacobi_text_and_sane_numbers(client):
+    out = client.predict(PROMPT, 8, 32, api_name="/race")
+    assert list(out["lanes"]) == ["base_ar", "base_jacobi", "cllm_jacobi"]
+    ar, jac, cllm = (out["lanes"][k] for k in ("base_ar", "base_jacobi", "cllm_jacobi"))
+    assert ar["text"].strip() and jac["text"] == ar["text"] and jac["matches_ar"] is True
+    assert cllm["text"] == ar["text"]  # the test adapter's LoRA update is zero
+    for lane in (ar, jac, cllm):
+        assert lane["status"] == "done" and 1 <= lane["tokens"] <= 32
+        assert 1 <= lane["forwards"] <= lane["tokens"] and lane["mean_accepted"] >= 1
+        assert lane["tok_s"] > 0 and 0 < lane["wall_s"] < 60 and lane["speedup"] > 0
+    assert ar["forwards"] == ar["tokens"] and ar["speedup"] == pytest.approx(1.0)
+    assert out["settings"]["n"] == 8 and out["device"] == "cpu"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("", 16, 32), "prompt is empty"),
+    ((PROMPT, 0, 32), "between 1 and 128"),
+    ((PROMPT, 16, 100000), "between 1 and 1024"),
+    (("x" * 9000, 16, 32), "too long"),
+])
+def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(client, args, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(*args, api_name="/race")
+    assert client.predict("Hi", 4, 4, api_name="/race")["lanes"]["base_ar"]["tokens"] >= 1
+
+
+def test_requests_queue_one_at_a_time_and_the_queue_is_bounded(client):
+    jobs = [client.submit(PROMPT, 8, 24, api_name="/race") for _ in range(6)]  # the app runs with --max-queue 3
+    ranks, refused, done = set(), 0, 0
+    deadline = time.time() + 240
+    while time.time() < deadline and not all(j.done() for j in jobs):
+        for j in jobs:
+            st = j.status()
+            if st.rank is not None and st.rank > 0:
+                ranks.add(st.rank)
+        time.sleep(0.1)
+    for j in jobs:
+        try:
+            j.result(timeout=5)
+            done += 1
+        except Exception as exc:  # the queue refuses what does not fit
+            assert "queue is full" in str(exc).lower(), exc
+            refused += 1
+    assert ranks, "a waiting request was never shown its place in the queue"
+    assert done >= 1 and refused >= 1 and done + refused == 6

@@ -1,0 +1,166 @@
+"""Races on a tiny random Llama: validation, running order, exactness, timing, stopping, the API's JSON."""
+import time
+
+import pytest
+
+from app.race import LANES, clean_timing, first_difference, new_race, race_json, run_race, stop_race
+from app.text import Detokenizer
+from decoding import DecodeTrace, Iteration
+
+from app_fixtures import TinyHost
+
+PROMPT = "The cat sat on the"
+
+
+@pytest.fixture(scope="module")
+def host():
+    return TinyHost()
+
+
+def finish(host, race):
+    states = []
+    for r in run_race(host, race, stream_every=0):
+        states.append([run.status for run in r.runs])
+    return states
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=""), "prompt is empty"),
+    (dict(prompt="   \n"), "prompt is empty"),
+    (dict(prompt="x" * 9000), "too long"),
+    (dict(n=0), "between 1 and 128"),
+    (dict(n=129), "between 1 and 128"),
+    (dict(n=2.5), "whole number"),
+    (dict(n="16"), "whole number"),
+    (dict(max_new_tokens=0), "between 1 and"),
+    (dict(max_new_tokens=5000), "between 1 and"),
+    (dict(init="zeros"), "initial guesses"),
+    (dict(lanes=["nope"]), "unknown lane"),
+    (dict(lanes=[]), "no lane to run"),
+    (dict(max_new_tokens=600), "context"),  # tiny model: 512 positions
+])
+def test_bad_requests_are_refused_before_any_work(host, kwargs, message):
+    args = dict(prompt=PROMPT, n=8, max_new_tokens=16, init="random", lanes=("base_ar", "base_jacobi"))
+    with pytest.raises(ValueError, match=message):
+        new_race(host, **(args | kwargs))
+
+
+def test_cllm_lanes_need_a_cllm():
+    host = TinyHost(with_cllm=False)
+    with pytest.raises(ValueError, match="CLLM"):
+        new_race(host, PROMPT, 8, 16, lanes=["cllm_jacobi"])
+    race = new_race(host, PROMPT, 8, 16)  # the default lanes quietly leave the CLLM out
+    assert [r.lane.key for r in race.runs] == ["base_ar", "base_jacobi"]
+
+
+def test_a_failed_load_is_reported(host):
+    broken = TinyHost()
+    broken.error = "could not load foo"
+    with pytest.raises(ValueError, match="no model is loaded: could not load foo"):
+        new_race(broken, PROMPT, 8, 16)
+
+
+def test_floats_from_sliders_are_accepted(host):
+    race = new_race(host, PROMPT, 8.0, 16.0)
+    assert race.settings.n == 8 and race.settings.max_new_tokens == 16
+
+
+def test_lanes_run_one_at_a_time_in_order_and_jacobi_is_exact(host):
+    race = new_race(host, PROMPT, 8, 40, lanes=list(LANES))
+    states = finish(host, race)
+    assert all(s.count("running") <= 1 for s in states)
+    order = [s.index("running") for s in states if "running" in s]
+    assert order == sorted(order)
+    assert [r.status for r in race.runs] == ["done"] * 4
+    base_ar, base_jacobi, cllm_ar, cllm_jacobi = race.runs
+    assert base_jacobi.trace.tokens == base_ar.trace.tokens
+    assert cllm_jacobi.trace.tokens == cllm_ar.trace.tokens
+    assert cllm_ar.trace.tokens != base_ar.trace.tokens  # a different model really ran
+    assert "".join(p for p, s in zip(base_ar.pieces, base_ar.special) if not s) == base_ar.text
+
+
+def test_race_json_names_lanes_as_the_benchmark(host):
+    race = new_race(host, PROMPT, 8, 24)
+    finish(host, race)
+    out = race_json(race)
+    assert list(out["lanes"]) == ["base_ar", "base_jacobi", "cllm_jacobi"]
+    ar, jac, cllm = (out["lanes"][k] for k in ("base_ar", "base_jacobi", "cllm_jacobi"))
+    assert jac["text"] == ar["text"] and jac["matches_ar"] is True and jac["compared_with"] == "base_ar"
+    assert ar["speedup"] == pytest.approx(1.0) and jac["speedup"] > 0
+    assert cllm["compared_with"] == "base_ar"
+    for lane in out["lanes"].values():
+        assert lane["tokens"] >= 1 and 1 <= lane["forwards"] <= lane["tokens"] and lane["tok_s"] > 0
+        assert lane["mean_accepted"] >= 1 and lane["wall_s"] > 0 and lane["status"] == "done"
+    assert out["settings"] == {"max_new_tokens": 24, "n": 8, "init": "random", "seed": 0}
+
+
+def test_stopping_mid_lane_leaves_the_host_ready(host):
+    race = new_race(host, PROMPT, 8, 64)
+    stream = run_race(host, race, stream_every=0)
+    for _ in range(4):
+        next(stream)
+    stream.close()
+    stop_race(race)
+    assert "stopped" in [r.status for r in race.runs]
+    again = new_race(host, PROMPT, 8, 16)
+    finish(host, again)
+    assert all(r.status == "done" for r in again.runs)
+
+
+def fake_decoder(steps: int, cost: float):
+    """A decoder-shaped generator whose forwards take ``cost`` seconds each."""
+    trace = DecodeTrace(method="jacobi", n=4, prompt_ids=[1])
+    t0 = time.perf_counter()
+    trace.tokens.append(1)
+    trace.prefill_s = time.perf_counter() - t0
+    yield trace
+    for i in range(steps):
+        time.sleep(cost)
+        trace.iterations.append(Iteration(i + 1, len(trace.tokens), [1], [1], 1, time.perf_counter() - t0))
+        trace.tokens.append(1)
+        yield trace
+    trace.wall_s = time.perf_counter() - t0
+    trace.finalize()
+    yield trace
+
+
+def test_clean_timing_removes_the_consumers_pauses():
+    for trace in clean_timing(fake_decoder(5, 0.02)):
+        if not trace.done:
+            time.sleep(0.1)  # the UI rendering a frame
+    assert 0.1 <= trace.wall_s < 0.3  # 5 x 20 ms of decoding, not 0.6 s of pauses
+    times = [it.t for it in trace.iterations]
+    assert times == sorted(times) and times[-1] <= trace.wall_s
+    assert all(0.015 <= b - a < 0.06 for a, b in zip(times, times[1:]))
+
+
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_detokenizer_pieces_join_to_the_text_whatever_the_chunking(host):
+    tok = host.base.tokenizer
+    text = "héllo wörld, ça va? 中文 🌊 <b>&amp;</b> def reverse(s)"
+    ids = tok(text)["input_ids"]
+    one = Detokenizer(tok)
+    pieces, special = one.update(ids)
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert "\ufffd" not in "".join(pieces) and not any(special)
+    chunked = Detokenizer(tok)
+    for end in range(1, len(ids) + 1, 3):
+        chunked.update(ids[:end])
+    assert chunked.update(ids)[0] == pieces
+    eos = tok.eos_token_id
+    pieces, special = Detokenizer(tok).update(ids[:3] + [eos])
+    assert special == [False, False, False, True] and pieces[-1] == "<eos>"
+    assert Detokenizer(tok).text(ids[:3] + [eos]) == tok.decode(ids[:3])
+
+
+def test_detokenizer_starts_over_when_the_answer_is_trimmed(host):
+    tok = host.base.tokenizer
+    ids = tok("The cat sat on the mat")["input_ids"]
+    d = Detokenizer(tok)
+    d.update(ids)
+    assert "".join(d.update(ids[:3])[0]) == tok.decode(ids[:3])

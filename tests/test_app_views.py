@@ -1,0 +1,191 @@
+"""HTML renderers and plotly chart builders, from traces of the real decoders on a tiny model (no Gradio)."""
+import json
+import re
+from html import unescape
+
+import plotly.graph_objects as go
+import pytest
+
+from app import about, charts, render
+from app.race import LaneRun, Race, LANES, new_race, run_race
+from app.text import Detokenizer
+from decoding import DecodeConfig, DecodeTrace, Iteration
+
+from app_fixtures import TinyHost
+
+XSS = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def host():
+    return TinyHost()
+
+
+@pytest.fixture(scope="module")
+def race(host):
+    """All four lanes; on this prompt the tiny 'CLLM' fast-forwards (a group of 4) and has stationary tokens."""
+    race = new_race(host, "1, 2, 3", 8, 48, lanes=list(LANES))
+    for race in run_race(host, race, stream_every=0):
+        pass
+    jac = race.run("cllm_jacobi").trace
+    assert max(it.accepted for it in jac.iterations) >= 2 and any(it.stationary for it in jac.iterations)
+    return race
+
+
+def spans(html: str) -> list[str]:
+    return re.findall(r'<span class="jl-tok[^"]*"[^>]*>', html)
+
+
+def test_lane_tokens_are_coloured_by_how_they_arrived(race):
+    for run in race.runs:
+        html = render.lane_html(race, run)
+        tags = spans(html)
+        assert len(tags) == len(run.trace.tokens)
+        arrivals = run.trace.token_arrivals()
+        grouped = sum(1 for _, size in arrivals if size >= 2)
+        assert sum(("jl-g2" in t) or ("jl-g4" in t) for t in tags) == grouped
+        assert [int(re.search(r'data-it="(\d+)"', t).group(1)) for t in tags] == [it for it, _ in arrivals]
+        assert "iteration 1 " in html or len(arrivals) == 1
+    assert any("jl-g4" in t for t in spans(render.lane_html(race, race.run("cllm_jacobi"))))
+
+
+def test_lane_numbers_under_each_lane(race):
+    html = render.lane_html(race, race.run("base_jacobi"))
+    assert "tok/s" in html and "forwards" in html and "tokens/forward" in html and "×</b> vs AR" in html
+    assert "same text as base_ar" in html
+    assert "same text as cllm_ar" in render.lane_html(race, race.run("cllm_jacobi"))
+    board = render.board_html(race)
+    assert board.count('class="jl-lane ') == 4 and 'data-status="done"' in board
+
+
+def test_board_before_a_race_and_while_waiting(host):
+    assert "press <b>Race</b>" in render.board_html(None)
+    fresh = new_race(host, "hi", 4, 8)
+    html = render.board_html(fresh)
+    assert html.count("waiting for its turn") == len(fresh.runs)
+
+
+def test_replay_plays_tokens_at_their_true_times(race):
+    html = render.replay_html(race, speed=0.5, nonce=3)
+    assert 'data-nonce="3"' in html
+    for run in race.runs:
+        part = html.split(f'data-lane="{run.lane.key}"')[1].split('data-lane=')[0]
+        delays = [float(d) for d in re.findall(r'animation-delay:([\d.]+)s', part)]
+        finish, *tokens = delays
+        assert tokens == pytest.approx([t / 0.5 for t in run.trace.token_times()], abs=1e-3)
+        assert finish == pytest.approx(run.trace.wall_s / 0.5, abs=1e-3)
+        assert tokens == sorted(tokens) and tokens[-1] <= finish + 1e-3
+        duration = float(re.search(r'animation-duration:([\d.]+)s', part).group(1))
+        assert duration == pytest.approx(run.trace.wall_s / 0.5, abs=1e-3)
+    assert "Finish a race first" in render.replay_html(None)
+
+
+def test_step_view_shows_window_outputs_and_why(race, host):
+    run = race.run("cllm_jacobi")
+    text = lambda tok: host.base.tokenizer.decode([tok])  # noqa: E731
+    big = max(run.trace.iterations, key=lambda it: it.accepted)
+    html = render.step_html(big, len(run.trace.iterations), text, "".join(run.pieces[: big.start]))
+    assert html.count('<td class="jl-in">') == len(big.window)
+    assert html.count('<td class="jl-c-accepted">') == 2 * big.accepted  # output cell + verdict cell
+    assert f"{big.accepted} tokens gained in this forward" in html
+    assert f"Iteration {big.index} of {len(run.trace.iterations)}" in html
+    assert "Run a race with a Jacobi lane" in render.step_html(None, 0, text)
+
+
+def test_example_step_in_the_about_tab():
+    html = about.example_figure()
+    assert "3 tokens gained in this forward" in html and "Guess 3" in html and "acceptance stops" in html
+    assert html.count('<td class="jl-c-accepted">') == 6
+
+
+def test_text_from_users_and_models_is_escaped(host):
+    """A prompt or an answer that contains HTML comes out as text."""
+    tok = host.base.tokenizer
+    ids = tok(XSS)["input_ids"]
+    trace = DecodeTrace("jacobi", 4, [1], tokens=list(ids), prefill_s=0.01, wall_s=0.1)
+    trace.iterations = [Iteration(1, 1, ids[:4], ids[1:5], len(ids) - 1, 0.05)]
+    trace.finalize()
+    run = LaneRun(LANES["base_jacobi"], "done", trace, *Detokenizer(tok).update(ids), text=XSS)
+    race = Race(XSS, DecodeConfig(), "m", "cpu", [run])
+    pages = [render.board_html(race), render.replay_html(race),
+             render.step_html(trace.iterations[0], 1, lambda t: tok.decode([t]), XSS)]
+    for html in pages:
+        assert "<img" not in html  # no element made of it, only text:
+        assert XSS in unescape(re.sub(r"<[^>]+>", "", html))
+    codes, hover, _ = charts.convergence_cells(run, "window", lambda t: tok.decode([t]))
+    assert not any("<img" in h or "<b>" in h for row in hover for h in row)
+
+
+def test_tokens_over_time_chart(race):
+    fig = charts.tokens_over_time(race)
+    assert [t.name for t in fig.data] == [r.lane.label for r in race.runs]
+    for t, run in zip(fig.data, race.runs):
+        assert t.y[-1] == len(run.trace.tokens) and list(t.x) == sorted(t.x) and t.x[-1] <= run.trace.wall_s
+
+
+def test_accepted_per_iteration_chart(race):
+    fig = charts.accepted_per_iteration(race)
+    jacobi = [r for r in race.runs if r.lane.method == "jacobi"]
+    assert [t.name for t in fig.data] == [r.lane.label for r in jacobi]
+    for t, run in zip(fig.data, jacobi):
+        assert list(t.y) == [it.accepted for it in run.trace.iterations]
+        assert sum(t.y) + 1 == len(run.trace.tokens)  # + the prefill's token
+
+
+def test_speed_summary_chart(race):
+    fig = charts.speed_summary(race)
+    bar = fig.data[0]
+    assert list(bar.x) == [r.lane.label for r in race.runs]
+    assert list(bar.y) == pytest.approx([r.trace.tok_s for r in race.runs])
+    assert bar.text[0].startswith("1.00× AR")
+
+
+def test_convergence_map_window_axis(race):
+    run = race.run("cllm_jacobi")
+    codes, hover, width = charts.convergence_cells(run, "window")
+    assert width == max(len(it.window) for it in run.trace.iterations)
+    for row, it in zip(codes, run.trace.iterations):
+        assert row.count(2) == it.accepted
+        assert [j for j, c in enumerate(row) if c == 1] == it.stationary
+        assert all(c is None for c in row[len(it.window):])
+    fig = charts.convergence_map(run, "window")
+    assert isinstance(fig.data[0], go.Heatmap) and len(fig.data[0].z) == len(run.trace.iterations)
+    assert "accepted" in fig.data[0].text[0][0]
+
+
+def test_convergence_map_answer_axis_accepts_every_position_once(race):
+    run = race.run("base_jacobi")
+    codes, _, width = charts.convergence_cells(run, "answer")
+    assert width == len(run.trace.tokens)
+    accepted_at = [sum(row[col] == 2 for row in codes) for col in range(width)]
+    assert accepted_at == [0] + [1] * (width - 1)  # position 0 came from the prefill
+    with pytest.raises(ValueError):
+        charts.convergence_cells(run, "diagonal")
+
+
+def test_charts_before_a_race_say_what_to_do():
+    for fig in (charts.tokens_over_time(None), charts.accepted_per_iteration(None), charts.speed_summary(None),
+                charts.convergence_map(None)):
+        assert "Run a race" in fig.layout.annotations[0].text
+
+
+def test_results_are_read_from_benchmark_json(tmp_path):
+    from decoding.bench import summarise  # the benchmark's own summary, so a schema change shows up here
+
+    def row(tok, fwd, wall, ids):
+        return {"tokens": tok, "forwards": fwd, "wall_s": wall, "ids": ids}
+
+    prompts = [{"lanes": {"base_ar": row(10, 10, 1.0, [1, 2]), "base_jacobi": row(10, 8, 2.0, [1, 2])}}]
+    result = {"meta": {"env": {"device": "cpu", "device_name": "x86_64", "dtype": "float32"},
+                       "decode": {"n": 16, "max_new_tokens": 128}, "command": "python -m decoding.bench --n 16"},
+              "summary": summarise(prompts, ["base_ar", "base_jacobi"])}
+    (tmp_path / "a-cpu.json").write_text(json.dumps(result))
+    (tmp_path / "b-eval.json").write_text(json.dumps({"summary": {"tokens_per_forward": 3.1}}))  # not a bench file
+    (tmp_path / "broken.json").write_text("{not json")
+    results = about.read_results(tmp_path)
+    assert [r["_file"] for r in results] == ["a-cpu.json"]
+    md = about.results_markdown(results)
+    assert "**a-cpu.json** (x86_64, float32, n = 16, 128 new tokens)" in md and "`python -m decoding.bench --n 16`" in md
+    assert "| base_ar | 10.0 | 1.00 | 1.00× | — |" in md
+    assert "| base_jacobi | 5.0 | 1.29 | 0.50× | 100% |" in md
+    assert "No benchmark results are committed yet" in about.results_markdown([])
