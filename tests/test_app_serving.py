@@ -1,0 +1,65 @@
+"""Serving without a browser: model loading at start-up (and its failures), flags, and the page's controls."""
+import pytest
+
+from app.engine import ModelHost
+from app.main import parse_args
+from app.race import new_race
+from app.ui import build_demo, header_html
+
+from app_fixtures import TinyHost
+
+
+def labels(demo) -> set[str]:
+    return {c.get("props", {}).get("label") for c in demo.config["components"]}
+
+
+def test_a_failed_load_is_shown_and_races_are_refused(tmp_path):
+    host = ModelHost(str(tmp_path / "missing"), None, device="cpu")
+    assert host.load() is False and host.base is None
+    assert "unknown model" in host.error
+    assert "No model loaded" in header_html(host) and 'class="jl-error"' in header_html(host)
+    with pytest.raises(ValueError, match="no model is loaded"):
+        new_race(host, "hi", 8, 8)
+    build_demo(host)  # the page still builds and serves
+
+
+def test_a_local_model_loads_once_with_its_cllm_and_warms_up(tiny_model_dir):
+    host = ModelHost(str(tiny_model_dir), None, device="cpu", dtype="float32")
+    assert host.load(cllm_model=str(tiny_model_dir)) is True and host.error is None
+    assert host.base is not None and host.cllm is not None and host.base.model is not host.cllm.model
+    assert "CLLM: " in host.describe() and "cpu" in host.describe()
+
+
+def test_model_errors_are_escaped_in_the_page():
+    host = TinyHost()
+    host.error = "could not load <img src=x onerror=alert(1)>"
+    host.describe = lambda: f"No model loaded: {host.error}"
+    assert "<img" not in header_html(host) and "&lt;img" in header_html(host)
+
+
+def test_custom_models_only_with_the_flag():
+    assert "Model" not in labels(build_demo(TinyHost()))
+    assert "Model" in labels(build_demo(TinyHost(), allow_custom_models=True))
+
+
+def test_race_api_is_the_only_public_endpoint():
+    demo = build_demo(TinyHost())
+    public = [d.api_name for d in demo.fns.values() if d.api_visibility == "public"]
+    assert public == ["race"]
+
+
+def test_flags():
+    cfg = parse_args([])
+    assert (cfg.model, cfg.host, cfg.port, cfg.share, cfg.allow_custom_models) == ("smollm2-135m", None, None, False, False)
+    cfg = parse_args(["--host", "0.0.0.0", "--port", "8000", "--share", "--model", "m", "--adapter", "none",
+                      "--device", "cpu", "--dtype", "float32", "--allow-custom-models"])
+    assert (cfg.host, cfg.port, cfg.share, cfg.model, cfg.adapter, cfg.device, cfg.dtype) == ("0.0.0.0", 8000, True, "m", "none", "cpu", "float32")
+    with pytest.raises(SystemExit):
+        parse_args(["--dtype", "int3"])
+
+
+def test_no_remote_code_anywhere_in_the_app():
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parent.parent / "app").glob("*.py"):
+        assert "trust_remote_code" not in path.read_text()
