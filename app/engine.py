@@ -10,6 +10,7 @@ import torch
 from decoding import DEFAULT_ADAPTER, DecodeConfig, LoadedModel, ModelLoadError, ar_decode, jacobi_decode, load_model, run
 
 NO_ADAPTER = "none"  # --adapter none: no CLLM lanes even when the shipped adapter exists
+ENGINES = ("auto", "eager", "fast")  # auto: the fast engine (static cache, CUDA graphs) on CUDA for Llama models
 
 
 def default_adapter() -> str | None:
@@ -28,8 +29,9 @@ class ModelHost:
     """
 
     def __init__(self, model: str, adapter: str | None, device: str = "auto", dtype: str = "auto",
-                 cache_dir: str | None = None, cllm_model: str | None = None):
-        self.device, self.dtype, self.cache_dir = device, dtype, cache_dir
+                 cache_dir: str | None = None, cllm_model: str | None = None, engine: str = "auto"):
+        self.device, self.dtype, self.cache_dir, self.engine_choice = device, dtype, cache_dir, engine
+        self.engine = "eager"  # what the decoders run on, resolved at load time
         self.spec, self.adapter, self.cllm_model = model, adapter, cllm_model
         self.base: LoadedModel | None = None
         self.cllm: LoadedModel | None = None
@@ -46,7 +48,7 @@ class ModelHost:
         """(Re)load the models; True on success. On failure the old models are dropped and ``error`` says why."""
         spec = model or self.spec
         adapter = None if adapter == NO_ADAPTER else adapter
-        self.base = self.cllm = None
+        self.release()
         self.error = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -56,6 +58,7 @@ class ModelHost:
                 self.cllm = self._load_one(cllm_model, None, "CLLM")
             elif adapter:
                 self.cllm = self._load_one(spec, adapter, "CLLM (base + adapter, merged)")
+            self.engine = self.prepare_engine()
             self.warm_up()
         except ModelLoadError as exc:
             self.error = str(exc)
@@ -65,11 +68,40 @@ class ModelHost:
             traceback.print_exc()
             self.error = f"could not load {spec}: {type(exc).__name__}: {exc}"
         if self.error:
-            self.base = self.cllm = None
+            self.release()
             _log(f"MODEL NOT LOADED: {self.error}")
             return False
         self.spec, self.adapter, self.cllm_model = spec, adapter, cllm_model
         return True
+
+    def models(self) -> list:
+        return [m.model for m in (self.base, self.cllm) if m is not None]
+
+    def prepare_engine(self) -> str:
+        """Resolve --engine and build the fast engine now (graph capture), so no request pays for it."""
+        if self.engine_choice == "eager":
+            return "eager"
+        from decoding import fast
+
+        if self.engine_choice == "auto" and any(fast.default_engine(m) != "fast" for m in self.models()):
+            return "eager"
+        for m in self.models():
+            reason = fast.supports(m)
+            if reason:
+                raise ModelLoadError(f"the fast engine cannot run this model ({reason}): use --engine eager")
+            _log("building the fast engine (static cache, CUDA graphs on a GPU) ...")
+            fast.prepare(m, progress=_log)
+        return "fast"
+
+    def release(self) -> None:
+        """Drop the models (and any fast engine built for them) before loading others."""
+        if self.engine == "fast":
+            from decoding import fast
+
+            for m in self.models():
+                fast.release(m)
+        self.base = self.cllm = None
+        self.engine = "eager"
 
     def warm_up(self) -> None:
         """One short AR and Jacobi run per model, so the first race is not timed with cold kernels."""
@@ -77,7 +109,7 @@ class ModelHost:
         for loaded in filter(None, (self.base, self.cllm)):
             ids = loaded.tokenizer("Hello")["input_ids"] or [0]
             for decoder in (ar_decode, jacobi_decode):
-                run(decoder, loaded.model, list(ids), DecodeConfig(max_new_tokens=4, n=16))
+                run(decoder, loaded.model, list(ids), DecodeConfig(max_new_tokens=4, n=16), engine=self.engine)
         _log(f"warm-up done in {time.perf_counter() - t0:.1f} s")
 
     def describe(self) -> str:
@@ -85,4 +117,5 @@ class ModelHost:
         if self.error:
             return f"No model loaded: {self.error}"
         cllm = f"CLLM: {self.cllm.name}" if self.cllm else "CLLM: none (no adapter found; start with --adapter PATH)"
-        return f"Model: {self.base.name} · {self.base.device} · {str(self.base.dtype).removeprefix('torch.')} · {cllm}"
+        dtype = str(self.base.dtype).removeprefix("torch.")
+        return f"Model: {self.base.name} · {self.base.device} · {dtype} · {self.engine} engine · {cllm}"

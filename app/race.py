@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from decoding import DecodeConfig, DecodeTrace, encode, validate
-from decoding.decoders import INIT_CHOICES, MAX_WINDOW, ar_decode, jacobi_decode
+from decoding.decoders import DECODERS, INIT_CHOICES, MAX_WINDOW
 
 from .text import Detokenizer
 
@@ -128,10 +128,6 @@ def clean_timing(steps: Iterator[DecodeTrace]) -> Iterator[DecodeTrace]:
         paused += time.perf_counter() - t
 
 
-def _decoder(lane: Lane):
-    return ar_decode if lane.method == "ar" else jacobi_decode
-
-
 def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str = "eager") -> Iterator[Race]:
     """Run the lanes one after another (never at once, so each timing is clean), yielding the race as it goes.
 
@@ -145,7 +141,7 @@ def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str
         run.status = "running"
         yield race
         last = time.perf_counter()
-        for trace in clean_timing(_decoder(run.lane)(loaded.model, prompt_ids, race.settings, engine=engine)):
+        for trace in clean_timing(DECODERS[run.lane.method](loaded.model, prompt_ids, race.settings, engine=engine)):
             run.trace = trace
             if trace.done or time.perf_counter() - last >= stream_every:
                 run.pieces, run.special = detok.update(trace.tokens)

@@ -15,6 +15,9 @@ class Detokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self._reset()
+
+    def _reset(self) -> None:
         self.tokens: list[int] = []
         self.pieces: list[str] = []
         self.special: list[bool] = []
@@ -26,7 +29,7 @@ class Detokenizer:
     def update(self, tokens: list[int]) -> tuple[list[str], list[bool]]:
         """Pieces and special flags for ``tokens``, reusing the work done for an earlier prefix."""
         if tokens[: len(self.tokens)] != self.tokens:
-            self.__init__(self.tokenizer)  # the answer was trimmed (EOS, budget): start over
+            self._reset()  # the answer was trimmed (EOS, budget): start over
         self.tokens = list(tokens)
         for i in range(len(self.pieces), len(tokens)):
             tok = tokens[i]

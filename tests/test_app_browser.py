@@ -106,7 +106,7 @@ def test_stop_cancels_and_the_app_is_ready_again(page):
     page.wait_for_selector("#jl-board .jl-lane[data-status=running] .jl-tok", timeout=60_000)
     page.locator("#jl-stop").click()
     page.wait_for_selector("#jl-board .jl-lane[data-status=stopped]", timeout=30_000)
-    assert "Stopped" in page.locator("#jl-status").inner_text()
+    expect(page.locator("#jl-status")).to_contain_text("Stopped", timeout=10_000)
     race(page, "Say hi.", 8)
     assert page.locator("#jl-board .jl-lane[data-status=done]").count() == 3
 

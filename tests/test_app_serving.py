@@ -63,3 +63,19 @@ def test_no_remote_code_anywhere_in_the_app():
 
     for path in (Path(__file__).resolve().parent.parent / "app").glob("*.py"):
         assert "trust_remote_code" not in path.read_text()
+
+
+def test_engines_auto_is_eager_on_cpu_and_fast_gives_the_same_race(tiny_model_dir):
+    from app.race import run_race
+
+    results = {}
+    for choice in ("auto", "fast"):
+        host = ModelHost(str(tiny_model_dir), None, device="cpu", dtype="float32", engine=choice)
+        assert host.load() is True, host.error
+        assert host.engine == {"auto": "eager", "fast": "fast"}[choice]
+        race = new_race(host, "Write a haiku about the sea.", 8, 24)
+        for race in run_race(host, race, engine=host.engine):
+            pass
+        results[choice] = [r.trace.tokens for r in race.runs]
+        host.release()
+    assert results["auto"] == results["fast"] and results["fast"][0] == results["fast"][1]
