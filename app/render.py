@@ -67,6 +67,21 @@ def stats_html(race: Race, run: LaneRun) -> str:
     return '<div class="jl-stats">' + "".join(f"<span>{c}</span>" for c in cells) + "</div>"
 
 
+def verdict(race: Race) -> str:
+    """One line of Markdown after a race: what each Jacobi lane gained, and why plain Jacobi barely helps."""
+    parts = []
+    for run in race.finished:
+        if run.lane.method == "jacobi":
+            num = lane_numbers(race, run)
+            speed = f", {num['speedup']:.2f}× the AR lane's speed" if num["speedup"] else ""
+            parts.append(f"{escape(run.lane.label)}: {num['mean_accepted']:.2f} tokens per forward{speed}")
+    line = "Done. " + ("; ".join(parts) + ". " if parts else "")
+    base = race.run("base_jacobi")
+    if base and base.status == "done" and base.trace.mean_accepted < 1.5:
+        line += "A model trained only for AR rarely guesses right after a wrong token, so plain Jacobi gains little (see About). "
+    return line + "Press **Replay** to watch the lanes side by side."
+
+
 def lane_html(race: Race, run: LaneRun) -> str:
     status = STATUS_TEXT.get(run.status, run.status)
     body = token_spans(run) or '<span class="jl-placeholder">waiting for its turn…</span>'

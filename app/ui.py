@@ -66,7 +66,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window, and try again.", title="Out of memory") from None
-        yield render.board_html(race), "Done. Press **Replay** to watch the lanes race side by side, or explore the charts below.", race
+        yield render.board_html(race), render.verdict(race), race
 
     def after_race(race):
         jacobi = [(r.lane.label, r.lane.key) for r in (race.finished if race else []) if r.lane.method == "jacobi"]

@@ -58,6 +58,13 @@ def test_lane_numbers_under_each_lane(race):
     assert board.count('class="jl-lane ') == 4 and 'data-status="done"' in board
 
 
+def test_verdict_after_a_race(race):
+    line = render.verdict(race)
+    jac = race.run("base_jacobi").trace
+    assert line.startswith("Done. ") and f"Jacobi · base model: {jac.mean_accepted:.2f} tokens per forward" in line
+    assert "Jacobi · CLLM" in line and "AR · base model" not in line and "Replay" in line
+
+
 def test_board_before_a_race_and_while_waiting(host):
     assert "press <b>Race</b>" in render.board_html(None)
     fresh = new_race(host, "hi", 4, 8)
