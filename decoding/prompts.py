@@ -12,7 +12,7 @@ def read_prompts(path: str | Path | None = None, limit: int | None = None) -> li
     """Read a JSON-lines prompt file; each line has "prompt", or "turns" whose first item is used."""
     path = Path(path) if path else DEFAULT_PROMPTS
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

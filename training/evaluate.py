@@ -149,7 +149,7 @@ def repetition(answers: list[list[int]]) -> dict:
 def main(argv=None) -> dict:
     s = parse(EvalSettings, argv)
     t0 = time.perf_counter()
-    rows = [json.loads(x) for x in Path(s.heldout).read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = [json.loads(x) for x in Path(s.heldout).read_text(encoding="utf-8").split("\n") if x.strip()]
     rows = rows[: s.limit] if s.limit else rows
     base, cllm = load_pair(s)
     prompts = [encode(base.tokenizer, r["prompt"]) for r in rows]
