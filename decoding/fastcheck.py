@@ -22,7 +22,7 @@ import torch
 
 from . import bench, fast
 from .decoders import DecodeConfig, ar_decode, jacobi_decode, run
-from .models import DEFAULT_ADAPTER, load_model
+from .models import default_adapter, load_model
 from .prompts import encode, read_prompts
 
 WINDOWS = (1, 4, 16, 64)  # Jacobi window sizes checked for exactness
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-limit", type=int, default=None, help="prompts of the bf16 benchmark (default: all)")
     ap.add_argument("--bench-tokens", type=int, default=256)
     ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--adapter", default=str(DEFAULT_ADAPTER) if (DEFAULT_ADAPTER / "adapter_config.json").exists() else None)
+    ap.add_argument("--adapter", default=default_adapter())
     a = ap.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA GPU visible (use --device cpu for a smoke test)", file=sys.stderr)

@@ -38,6 +38,13 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def default_adapter(spec: str = DEFAULT_SPEC) -> str | None:
+    """Our shipped CLLM adapter when the spec is the embedded model and the adapter is present, else None."""
+    if spec == DEFAULT_SPEC and (DEFAULT_ADAPTER / "adapter_config.json").exists():
+        return str(DEFAULT_ADAPTER)
+    return None
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message names the problem and the way out."""
 
