@@ -187,7 +187,9 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private",
         )
         race_event.then(after_race, race_state, [time_plot, accept_plot, speed_plot, lane_pick], api_visibility="private")
-        stop_btn.click(on_stop, race_state, [board, status], cancels=[race_event], queue=False, api_visibility="private")
+        # The second render lands after any frame the cancelled race had already sent, so "Stopped" stays shown.
+        stop_btn.click(on_stop, race_state, [board, status], cancels=[race_event], queue=False, api_visibility="private").then(
+            on_stop, race_state, [board, status], queue=False, api_visibility="private")
         lane_pick.change(inspect, [race_state, lane_pick, axis], [conv_plot, step_slider], api_visibility="private").then(
             step, [race_state, lane_pick, step_slider], step_view, api_visibility="private")
         axis.change(convergence, [race_state, lane_pick, axis], conv_plot, api_visibility="private")
