@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
-from decoding import DecodeConfig, LoadedModel, ModelLoadError, ar_decode, default_adapter, jacobi_decode, load_model, run
+from decoding import DecodeConfig, LoadedModel, ModelLoadError, ar_decode, jacobi_decode, load_model, run
 
 NO_ADAPTER = "none"  # --adapter none: no CLLM lanes even when the shipped adapter exists
 ENGINES = ("auto", "eager", "fast")  # auto: the fast engine (static cache, CUDA graphs) on CUDA for Llama models

@@ -16,7 +16,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from decoding import DEFAULT_SPEC, load_model
 
 from .cli import parse, print_table, save_settings
 from .collect import read_shards
-from .losses import ar_cross_entropy, first_wrong, jacobi_gain, soft_kl
+from .losses import ar_cross_entropy, jacobi_gain, soft_kl
 from .packing import PackedBatch, pack, pick_states
 
 ROOT = Path(__file__).resolve().parent.parent
