@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
-from decoding import DEFAULT_SPEC
+from decoding import DEFAULT_SPEC, default_adapter
 from decoding.models import DEVICES, DTYPES
 
-from .engine import ENGINES, NO_ADAPTER, ModelHost, default_adapter
+from .engine import ENGINES, NO_ADAPTER, ModelHost
 from .race import MAX_NEW_TOKENS
 
 
