@@ -5,21 +5,17 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from training import tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
 
 def tiny_llama(vocab_size: int = 97, seed: int = 0, max_positions: int = 512) -> LlamaForCausalLM:
-    """A 2-layer random Llama whose logits are peaked enough that fp32 argmax has no near-ties."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-        initializer_range=0.3, eos_token_id=None, bos_token_id=None, pad_token_id=None,
-    )
-    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
-    return model
+    """A 2-layer random Llama whose logits are peaked enough that fp32 argmax has no near-ties (no EOS)."""
+    return tiny.tiny_model(seed, vocab=vocab_size, max_position_embeddings=max_positions, tie_word_embeddings=False,
+                           eos_token_id=None, bos_token_id=None, pad_token_id=None).requires_grad_(False)
 
 
 @pytest.fixture(scope="session")
