@@ -153,6 +153,14 @@ def latency_report(lm: LoadedModel, n: int) -> dict:
     }
 
 
+def command_line() -> str:
+    """The command that is running, as a user would type it (``python -m decoding.bench ...`` or ``...fastcheck``)."""
+    script = Path(sys.argv[0])
+    if script.parent.name == "decoding" and script.suffix == ".py":
+        return " ".join(["python -m decoding." + script.stem, *sys.argv[1:]])
+    return " ".join(sys.argv)
+
+
 def bench(bc: BenchConfig) -> dict:
     """Run every lane on every prompt; return the result dict (also written to bc.out)."""
     base = load_model(bc.model, device=bc.device, dtype=bc.dtype)
@@ -178,7 +186,7 @@ def bench(bc: BenchConfig) -> dict:
         per_prompt.append(row)
     result = {
         "meta": {"config": asdict(bc), "decode": cfg.to_dict(), "env": environment(base.device, base.dtype),
-                 "command": "python -m decoding.bench " + " ".join(sys.argv[1:])},
+                 "command": command_line()},
         "prompts": per_prompt,
         "summary": summarise(per_prompt, list(lanes)),
     }
