@@ -194,5 +194,5 @@ def test_results_are_read_from_benchmark_json(tmp_path):
     md = about.results_markdown(results)
     assert "**a-cpu.json** (x86_64, float32, n = 16, 128 new tokens)" in md and "`python -m decoding.bench --n 16`" in md
     assert "| base_ar | 10.0 | 1.00 | 1.00× | — |" in md
-    assert "| base_jacobi | 5.0 | 1.29 | 0.50× | 100% |" in md
+    assert "| base_jacobi | 5.0 | 1.29 | 0.50× | 100% of prompts vs base_ar |" in md
     assert "No benchmark results are committed yet" in about.results_markdown([])
