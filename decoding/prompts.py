@@ -8,17 +8,27 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "prompts.j
 MAX_PROMPT_CHARS = 8000  # longer prompts are refused before tokenising
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
+    """(line number, value) of every non-blank line of a JSON-lines file.
+
+    Split on "\\n" only: str.splitlines() also breaks on U+2028 and friends, which JSON strings may hold.
+    """
+    rows = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+    return rows
+
+
 def read_prompts(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
     """Read a JSON-lines prompt file; each line has "prompt", or "turns" whose first item is used."""
     path = Path(path) if path else DEFAULT_PROMPTS
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+    for lineno, row in read_jsonl(path):
         text = row.get("prompt") if isinstance(row, dict) else None
         if text is None and isinstance(row, dict) and row.get("turns"):
             text = row["turns"][0]

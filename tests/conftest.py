@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from transformers import LlamaForCausalLM
 
 from training import tiny

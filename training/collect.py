@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from decoding import DEFAULT_SPEC, encode, load_model
+from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table, save_settings
 
@@ -215,7 +216,7 @@ def collect_batch(model, prompts: list[list[int]], s: CollectSettings, eos_ids, 
 
 def load_prompt_ids(tokenizer, path: str, limit: int, max_tokens: int) -> list[list[int]]:
     """Tokenised prompts (chat template), in file order, skipping over-long ones."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+    rows = [row for _, row in read_jsonl(path)]
     rows = rows[:limit] if limit else rows
     ids = [encode(tokenizer, r["prompt"]) for r in rows]
     return [x for x in ids if 2 <= len(x) <= max_tokens]

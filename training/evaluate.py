@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from decoding import DEFAULT_SPEC, DecodeConfig, ar_decode, encode, jacobi_decode, load_model, run
+from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table
 from .collect import greedy_agreement, repeats
@@ -149,7 +150,7 @@ def repetition(answers: list[list[int]]) -> dict:
 def main(argv=None) -> dict:
     s = parse(EvalSettings, argv)
     t0 = time.perf_counter()
-    rows = [json.loads(x) for x in Path(s.heldout).read_text(encoding="utf-8").split("\n") if x.strip()]
+    rows = [row for _, row in read_jsonl(s.heldout)]
     rows = rows[: s.limit] if s.limit else rows
     base, cllm = load_pair(s)
     prompts = [encode(base.tokenizer, r["prompt"]) for r in rows]

