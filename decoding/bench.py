@@ -47,6 +47,7 @@ class BenchConfig:
     engine: str = "auto"  # eager (transformers), fast (static cache + CUDA graphs), auto: fast on CUDA where supported
     seed: int = 0  # seed of the initial guesses
     out: str | None = None  # where to write the JSON result
+    lanes: tuple[str, ...] = LANES  # lanes to run (base_ar is the speed reference)
 
 
 def hf_generate(lm: LoadedModel, ids: list[int], cfg: DecodeConfig) -> dict:
@@ -84,7 +85,7 @@ def lane_runners(base: LoadedModel, cllm: LoadedModel | None, bc: BenchConfig) -
     if cllm is not None:
         lanes["cllm_ar"] = (cllm, lambda ids, cfg: decode_lane(cllm, ar_decode, ids, cfg, bc.engine))
         lanes["cllm_jacobi"] = (cllm, lambda ids, cfg: decode_lane(cllm, jacobi_decode, ids, cfg, bc.engine))
-    return lanes
+    return {name: lane for name, lane in lanes.items() if name in bc.lanes}
 
 
 def summarise(per_prompt: list[dict], lanes: list[str]) -> dict:
@@ -228,12 +229,20 @@ def parse_args(argv=None) -> BenchConfig:
                     help="decoding session (auto: fast on CUDA for Llama models, else eager)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("--lanes", default=",".join(LANES),
+                    help="comma-separated lanes to run; base_ar is always run (the speed reference). "
+                         "Leaving out hf_generate saves most of the time on a GPU")
     a = ap.parse_args(argv)
     if a.limit is not None and a.limit < 1:
         ap.error("--limit must be at least 1")
+    lanes = {x.strip() for x in a.lanes.split(",") if x.strip()}
+    if lanes - set(LANES):
+        ap.error(f"unknown lane(s) {', '.join(sorted(lanes - set(LANES)))}; choose from {', '.join(LANES)}")
     adapter = {"auto": default_adapter(a.model), "none": None}.get(a.adapter, a.adapter)
+    if adapter is None and lanes & {"cllm_ar", "cllm_jacobi"} and a.lanes != ",".join(LANES):
+        ap.error("the cllm lanes need an adapter (--adapter auto or a folder)")
     return BenchConfig(a.model, adapter, a.prompts, a.raw, a.limit, a.n, a.max_new_tokens, a.init,
-                       a.device, a.dtype, a.engine, a.seed, a.out)
+                       a.device, a.dtype, a.engine, a.seed, a.out, tuple(x for x in LANES if x in lanes | {"base_ar"}))
 
 
 def main(argv=None) -> int:

@@ -30,3 +30,21 @@ def test_bench_writes_lanes_and_summary(tiny_model_dir, tmp_path, capsys):
 def test_bench_rejects_bad_settings(tiny_model_dir, capsys):
     assert bench.main(["--model", str(tiny_model_dir), "--n", "500", "--limit", "1", "--device", "cpu"]) == 2
     assert "n must be between" in capsys.readouterr().err
+
+
+def test_bench_lanes_flag_runs_only_the_lanes_asked_for(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n')
+    out = tmp_path / "r.json"
+    code = bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "8",
+                       "--device", "cpu", "--lanes", "base_jacobi", "--out", str(out)])
+    assert code == 0
+    lanes = json.loads(out.read_text())["summary"]["lanes"]
+    assert list(lanes) == ["base_ar", "base_jacobi"]  # base_ar always runs: it is the speed reference
+
+
+def test_bench_lanes_flag_rejects_unknown_lanes(tiny_model_dir):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tiny_model_dir), "--lanes", "base_ar,warp_drive", "--device", "cpu"])

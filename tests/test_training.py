@@ -129,12 +129,20 @@ def test_pipeline_end_to_end(tmp_path):
     held = tmp_path / "heldout.jsonl"
     held.write_text("".join(json.dumps({"prompt": p, "reference": "an answer of some words"}) + "\n" for p in PROMPTS))
     traj = tmp_path / "traj"
-    collect.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(traj), "--n", "4",
-                  "--max-new-tokens", "16", "--batch", "5", "--augment", "1", "--device", "cpu"])
+    collecting = ["--model", str(folder), "--prompts", str(prompts), "--out", str(traj), "--n", "4",
+                  "--max-new-tokens", "16", "--batch", "5", "--augment", "1", "--device", "cpu"]
+    for part in ("0", "1"):  # two processes (one per GPU on a real run), one shard each
+        collect.main(collecting + ["--parts", "2", "--part", part])
     assert len(list(traj.glob("shard-*.pt"))) == 2 and (traj / "settings.json").exists()
+    assert not (traj / "summary.json").exists()
+    collect.main(collecting)  # nothing left to collect: writes the summary over both shards
+    summary = json.loads((traj / "summary.json").read_text())
+    tokenised = json.loads((traj / "settings.json").read_text())["prompts"]
+    assert summary["shards"] == 2 and summary["prompts"] == tokenised and summary["samples kept"] >= 1
     run_dir = tmp_path / "run"
     common = ["--model", str(folder), "--data", str(traj), "--out", str(run_dir), "--lora-rank", "4",
-              "--lora-alpha", "8", "--batch", "4", "--max-steps", "4", "--log-every", "1", "--device", "cpu"]
+              "--lora-alpha", "8", "--batch", "4", "--max-steps", "4", "--log-every", "1", "--device", "cpu",
+              "--save-every", "2", "--keep-adapters", "true"]
     train.main(common + ["--max-minutes", "0.00001"])  # stops after one step, checkpointed
     assert (run_dir / "checkpoint" / "trainer_state.json").exists()
     train.main(common + ["--resume", "true"])
@@ -142,6 +150,12 @@ def test_pipeline_end_to_end(tmp_path):
     assert steps == [1, 2, 3, 4]
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_config.json").exists() and (adapter / "training_settings.json").exists()
+    assert (run_dir / "adapter-step1" / "adapter_model.safetensors").exists()  # the time-limit stop
+    assert (run_dir / "adapter-step2" / "adapter_model.safetensors").exists()  # save_every
+    # A second phase starts from the first one's adapter (its rank wins over --lora-rank).
+    train.main(["--model", str(folder), "--data", str(traj), "--out", str(tmp_path / "phase2"), "--init-adapter",
+                str(adapter), "--lora-rank", "16", "--batch", "4", "--max-steps", "1", "--device", "cpu"])
+    assert json.loads((tmp_path / "phase2" / "adapter" / "adapter_config.json").read_text())["r"] == 4
     result = evaluate.main(["--model", str(folder), "--adapter", str(adapter), "--heldout", str(held),
                             "--n", "4", "--max-new-tokens", "12", "--speed-prompts", "2", "--base-speed-prompts", "1",
                             "--ar-check-prompts", "1", "--device", "cpu", "--out", str(tmp_path / "eval.json")])
@@ -161,3 +175,19 @@ def test_shipped_adapter_gives_a_lossless_cllm_lane():
         jac = run(jacobi_decode, lm.model, ids, cfg)
         assert jac.tokens == run(ar_decode, lm.model, ids, cfg).tokens
         assert jac.mean_accepted >= 1.0
+
+
+def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys):
+    from training import compare
+
+    def write(name, tpf, ppl_ratio, rep):
+        r = {"ppl_ratio": ppl_ratio, "base": {"repetition": {"seq_rep_4": 0.4}},
+             "cllm": {"jacobi": {"tokens_per_forward": tpf, "tokens_per_forward_pooled": tpf},
+                      "repetition": {"seq_rep_4": rep}, "exactness": {"teacher_forced_greedy": 1.0}}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        return tmp_path / f"{name}.json"
+
+    paths = [write("fast_but_worse", 3.2, 1.3, 0.5), write("good", 2.0, 1.05, 0.39), write("better", 2.5, 1.1, 0.4)]
+    assert [r["name"] for r in compare.ranked(paths)] == ["better", "good", "fast_but_worse"]
+    assert compare.main([str(p) for p in paths]) == 0
+    assert "fast_but_worse" in capsys.readouterr().out

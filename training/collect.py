@@ -51,6 +51,8 @@ class CollectSettings:
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) / float32 / bfloat16
     seed: int = 0  # seed of initial guesses and augmentation
     max_minutes: float = 0.0  # stop cleanly between shards after this many minutes (0: no limit)
+    part: int = 0  # this process does the shards k with k % parts == part (one process per GPU)
+    parts: int = 1  # number of processes sharing the output folder
 
 
 def repeats(tokens: list[int], limit: int, max_period: int = 1) -> bool:
@@ -232,18 +234,23 @@ def read_shards(folder: str | Path) -> list[dict]:
 
 def main(argv=None) -> None:
     s = parse(CollectSettings, argv)
+    if not 0 <= s.part < s.parts:
+        raise SystemExit(f"--part must be in 0..{s.parts - 1}")
     t_start = time.perf_counter()
+    if s.dtype == "float32":  # the greedy check compares exact argmaxes: no TF32 shortcuts
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     lm = load_model(s.model, adapter=s.adapter or None, device=s.device, dtype=s.dtype)
     prompts = load_prompt_ids(lm.tokenizer, s.prompts, s.limit, s.max_prompt_tokens)
     prompts.sort(key=len)  # similar lengths share a batch: little padding
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_settings(s, out / "settings.json", prompts=len(prompts), eos_token_ids=list(lm.eos_token_ids),
-                  device=str(lm.device), dtype=str(lm.dtype))
-    totals: dict[str, int] = {}
-    shards = range((len(prompts) + s.batch - 1) // s.batch)
+    if s.part == 0:
+        save_settings(s, out / "settings.json", prompts=len(prompts), eos_token_ids=list(lm.eos_token_ids),
+                      device=str(lm.device), dtype=str(lm.dtype))
+    shards = range(s.part, (len(prompts) + s.batch - 1) // s.batch, s.parts)
     slowest = 0.0
-    for k in tqdm(shards, desc="collect", unit="shard"):
+    for k in tqdm(shards, desc=f"collect {s.part + 1}/{s.parts}" if s.parts > 1 else "collect", unit="shard"):
         path = out / f"shard-{k:05d}.pt"
         if path.exists():
             continue  # resumed: this shard is already on disk
@@ -257,19 +264,24 @@ def main(argv=None) -> None:
         torch.save({"samples": samples, "counts": counts}, tmp)
         tmp.rename(path)  # atomic: a killed run never leaves half a shard
         slowest = max(slowest, (time.perf_counter() - t0) / 60)
-        for key, v in counts.items():
-            totals[key] = totals.get(key, 0) + v
-    summarise(out, totals, time.perf_counter() - t_start)
+    if s.parts == 1:  # with several parts, a last run with --parts 1 (nothing left to do) writes the summary
+        summarise(out, time.perf_counter() - t_start)
 
 
-def summarise(out: Path, new_counts: dict, seconds: float) -> None:
-    samples = read_shards(out)
+def summarise(out: Path, seconds: float) -> None:
+    """summary.json: totals over every shard in the folder (kept samples and the drop counters)."""
+    samples, counts = [], {}
+    for path in sorted(out.glob("shard-*.pt")):
+        shard = torch.load(path, weights_only=True)
+        samples.extend(shard["samples"])
+        for key, v in shard.get("counts", {}).items():
+            counts[key] = counts.get(key, 0) + v
     blocks = sum(len(x["states"]) for x in samples)
     states = sum(int(t.shape[0]) for x in samples for t in x["states"])
     rows = [("shards", len(list(out.glob("shard-*.pt")))), ("samples kept", len(samples)), ("blocks", blocks),
             ("states", states), ("states per block", states / max(blocks, 1)),
             ("answer tokens", sum(x["valid"] for x in samples)), ("seconds (this run)", seconds)]
-    rows += [(f"{k} (this run)", v) for k, v in new_counts.items()]
+    rows += list(counts.items())
     (out / "summary.json").write_text(json.dumps(dict(rows), indent=2) + "\n")
     print_table("collect", rows)
 

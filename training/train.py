@@ -43,6 +43,7 @@ class TrainSettings:
     lora_rank: int = 24  # LoRA rank; 0 = full fine-tuning (saves the whole model)
     lora_alpha: int = 48  # LoRA scaling numerator (scale = alpha / rank)
     lora_targets: str = ALL_LINEAR  # comma-separated module names that get LoRA
+    init_adapter: str = ""  # start from this LoRA adapter folder (its rank and targets win), e.g. a second phase
     save_dtype: str = "bfloat16"  # dtype of the saved adapter (bf16: r=24 on all linear layers is 14 MB)
     teacher: str = "self"  # consistency target: "self" (own detached clean logits, the papers) or "base" (frozen base)
     ar_loss: str = "kl"  # "ce" (cross-entropy on fixed points, the papers) or "kl" (KL to the frozen base, clean answer)
@@ -62,6 +63,7 @@ class TrainSettings:
     budget_minutes: float = 0.0  # total training time over all resumes: sets max_steps from the measured speed
     max_minutes: float = 0.0  # this invocation stops (after a checkpoint) before this many minutes
     save_every: int = 200  # checkpoint every K steps (and at the end / time limit)
+    keep_adapters: bool = False  # also save the adapter at every checkpoint as out/adapter-step<N> (to evaluate the curve)
     log_every: int = 10  # log every K steps
     resume: bool = False  # continue from out/checkpoint
     device: str = "auto"  # auto / cuda / cpu
@@ -129,7 +131,12 @@ def build_model(s: TrainSettings):
     model = lm.model
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     needs_base = s.ar_loss == "kl" or s.teacher == "base"
-    if s.lora_rank > 0:
+    if s.init_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, s.init_adapter, is_trainable=True)
+        base = None
+    elif s.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -173,18 +180,23 @@ def save_checkpoint(accelerator, out: Path, step: int, total: dict) -> None:
         (out / "checkpoint" / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": total["steps"]}))
 
 
-def save_final(accelerator, model, tokenizer, s: TrainSettings, out: Path, summary: dict) -> Path:
+def is_lora(s: TrainSettings) -> bool:
+    return bool(s.init_adapter) or s.lora_rank > 0
+
+
+def save_final(accelerator, model, tokenizer, s: TrainSettings, out: Path, summary: dict, suffix: str = "") -> Path:
     """The adapter folder (LoRA, in save_dtype) or the full model folder, with the training settings."""
     unwrapped = accelerator.unwrap_model(model)
-    target = out / ("adapter" if s.lora_rank > 0 else "model")
+    target = out / (("adapter" if is_lora(s) else "model") + suffix)
     if accelerator.is_main_process:
-        if s.lora_rank > 0:
+        if is_lora(s):
             dtype = getattr(torch, s.save_dtype)
             state = {k: v.detach().to("cpu", dtype) for k, v in unwrapped.state_dict().items() if "lora_" in k}
             unwrapped.save_pretrained(str(target), state_dict=state)
         else:
             unwrapped.save_pretrained(str(target))
-            tokenizer.save_pretrained(str(target))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(target))
         save_settings(s, target / "training_settings.json", **summary)
         for f in target.iterdir():
             if f.stat().st_size > 16 * MIB:
@@ -270,6 +282,8 @@ def train_loop(accelerator, parts, samples, s, out, step, total, auto_steps, pad
         out_of_time = s.max_minutes and (time.perf_counter() - t_start) / 60 > s.max_minutes
         if step % s.save_every == 0 or out_of_time or step == total["steps"]:
             save_checkpoint(accelerator, out, step, total)
+            if s.keep_adapters and step < total["steps"]:
+                save_final(accelerator, model, None, s, out, {"step": step, **last}, suffix=f"-step{step}")
         if out_of_time:
             accelerator.print(f"time limit of {s.max_minutes} min reached at step {step}: resume with --resume true")
             break

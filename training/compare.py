@@ -1,0 +1,52 @@
+"""One table from several evaluation JSONs (training.evaluate --out), best recipe first.
+
+    python -m training.compare runs/*/eval.json
+
+A run meets the quality targets when its reference perplexity is at most 1.10x the base model's
+and its greedy answers are no more repetitive (seq-rep-4) than the base model's. Rows are sorted:
+runs that meet them first, then by the CLLM's Jacobi tokens per forward.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+PPL_LIMIT = 1.10
+
+
+def row(path: Path) -> dict:
+    r = json.loads(path.read_text())
+    c = r["cllm"]
+    rep, base_rep = c["repetition"]["seq_rep_4"], r["base"]["repetition"]["seq_rep_4"]
+    return {"name": path.stem, "tokens_per_forward": c["jacobi"]["tokens_per_forward"],
+            "pooled": c["jacobi"]["tokens_per_forward_pooled"], "ppl_ratio": r["ppl_ratio"],
+            "seq_rep_4": rep, "base_seq_rep_4": base_rep, "exact": c["exactness"]["teacher_forced_greedy"],
+            "meets_quality": r["ppl_ratio"] <= PPL_LIMIT and rep <= base_rep}
+
+
+def ranked(paths: list[Path]) -> list[dict]:
+    return sorted(map(row, paths), key=lambda x: (not x["meets_quality"], -x["tokens_per_forward"]))
+
+
+def format_rows(rows: list[dict]) -> str:
+    width = max([len(r["name"]) for r in rows] + [4])
+    lines = [f"{'run':<{width}} {'tok/fwd':>8} {'pooled':>7} {'ppl x':>6} {'rep-4':>6} {'base':>6} {'exact':>6}  quality"]
+    for r in rows:
+        lines.append(f"{r['name']:<{width}} {r['tokens_per_forward']:>8.3f} {r['pooled']:>7.3f} {r['ppl_ratio']:>6.3f} "
+                     f"{r['seq_rep_4']:>6.3f} {r['base_seq_rep_4']:>6.3f} {r['exact']:>6.2f}  "
+                     f"{'ok' if r['meets_quality'] else '-'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
+    if not paths:
+        print("usage: python -m training.compare EVAL.json [EVAL.json ...]", file=sys.stderr)
+        return 2
+    print(format_rows(ranked(paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
