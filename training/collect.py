@@ -260,6 +260,7 @@ def main(argv=None) -> None:
             break
         t0 = time.perf_counter()
         samples, counts = collect_batch(lm.model, prompts[k * s.batch:(k + 1) * s.batch], s, lm.eos_token_ids, s.seed + k)
+        counts["seconds"] = round(time.perf_counter() - t0, 2)  # summed over shards: collection time of all processes
         tmp = path.with_suffix(".tmp")
         torch.save({"samples": samples, "counts": counts}, tmp)
         tmp.rename(path)  # atomic: a killed run never leaves half a shard
