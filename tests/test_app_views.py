@@ -196,3 +196,16 @@ def test_results_are_read_from_benchmark_json(tmp_path):
     assert "| base_ar | 10.0 | 1.00 | 1.00× | — |" in md
     assert "| base_jacobi | 5.0 | 1.29 | 0.50× | 100% of prompts vs base_ar |" in md
     assert "No benchmark results are committed yet" in about.results_markdown([])
+
+
+def test_about_tab_shows_the_shipped_cllm_with_its_cost(tmp_path):
+    md = about.cllm_markdown()  # the committed eval.json of the shipped adapter
+    assert "Our CLLM" in md and "tokens per forward" in md and "perplexity" in md
+    broken = tmp_path / "eval.json"
+    broken.write_text("{not json")
+    assert about.cllm_markdown(broken) == "" and about.cllm_markdown(tmp_path / "missing.json") == ""
+    r = {"heldout_prompts": 3, "ppl_ratio": 1.5, "base": {"ppl": 2.0, "repetition": {"seq_rep_4": 0.1}},
+         "cllm": {"ppl": 3.0, "jacobi": {"tokens_per_forward": 2.5, "prompts": 2}, "repetition": {"seq_rep_4": 0.2}}}
+    broken.write_text(json.dumps(r))
+    md = about.cllm_markdown(broken)
+    assert "| Jacobi tokens per forward | — | 2.50 |" in md and "1.50x" in md

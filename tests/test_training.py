@@ -111,7 +111,7 @@ def test_packed_forward_matches_plain_forwards(tiny, samples):
 def test_one_training_step_lowers_the_loss(samples):
     _, out, _ = samples
     model = tiny_model(0).train()
-    s = train.TrainSettings(ar_loss="ce", batch=len(out), noise_window=4)
+    s = train.TrainSettings(ar_loss="ce", teacher="self", batch=len(out), noise_window=4)
     b = train.make_batch(out, list(range(len(out))), s, 0, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     before = train.compute_losses(train.forward_logits(model, b), None, b, s)["loss"]

@@ -48,7 +48,7 @@ class CollectSettings:
     repeat_period: int = 4  # longest pattern (in tokens) the repetition filter looks for
     augment: int = 0  # extra states per block: intermediate states with some wrong tokens set to the fixed point
     device: str = "auto"  # auto / cuda / cpu
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) / float32 / bfloat16
+    dtype: str = "float32"  # float32 (fixed points pass the greedy check) / bfloat16 (faster; near-ties cut answers) / auto
     seed: int = 0  # seed of initial guesses and augmentation
     max_minutes: float = 0.0  # stop cleanly between shards after this many minutes (0: no limit)
     part: int = 0  # this process does the shards k with k % parts == part (one process per GPU)

@@ -45,9 +45,9 @@ class TrainSettings:
     lora_targets: str = ALL_LINEAR  # comma-separated module names that get LoRA
     init_adapter: str = ""  # start from this LoRA adapter folder (its rank and targets win), e.g. a second phase
     save_dtype: str = "bfloat16"  # dtype of the saved adapter (bf16: r=24 on all linear layers is 14 MB)
-    teacher: str = "self"  # consistency target: "self" (own detached clean logits, the papers) or "base" (frozen base)
+    teacher: str = "base"  # consistency target: "base" (frozen base model on the clean block; ours) or "self" (own detached clean logits, the papers)
     ar_loss: str = "kl"  # "ce" (cross-entropy on fixed points, the papers) or "kl" (KL to the frozen base, clean answer)
-    ar_weight: float = 10.0  # weight of the AR term (papers: 10 : 1)
+    ar_weight: float = 1.0  # weight of the AR term (papers: 10 : 1; the shipped CLLM: 1; higher keeps quality, lowers speed)
     consistency_weight: float = 1.0  # weight of the global consistency term
     local_weight: float = 0.0  # weight of local consistency (state -> next state); 0 = off (saves a stream)
     label_smoothing: float = 0.0  # of the "ce" AR loss (released CLLMs: 0.1)
