@@ -191,3 +191,12 @@ def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys
     assert [r["name"] for r in compare.ranked(paths)] == ["better", "good", "fast_but_worse"]
     assert compare.main([str(p) for p in paths]) == 0
     assert "fast_but_worse" in capsys.readouterr().out
+
+
+def test_repeated_tokens_splits_fast_forwarded_tokens_into_copies_and_new_text():
+    from types import SimpleNamespace as NS
+
+    # prompt 1 2 3 4, answer 1 2 3 4 5 6: only answer token 3 (the "4") ends a 4-gram seen before.
+    trace = NS(tokens=[1, 2, 3, 4, 5, 6], iterations=[NS(start=1, accepted=3), NS(start=4, accepted=2)])
+    # Fast-forwarded: answer positions 2, 3 (second and third of pass 1) and 5 (second of pass 2).
+    assert evaluate.repeated_tokens([1, 2, 3, 4], trace) == (3, 1, 6, 1)

@@ -62,19 +62,43 @@ def load_pair(s: EvalSettings):
     return base, load_model(s.model, adapter=s.adapter, device=s.device, dtype=s.dtype)
 
 
+def repeated_tokens(prompt: list[int], trace) -> tuple[int, int, int, int]:
+    """Where a Jacobi decode's extra tokens come from: (fast-forwarded tokens, those that repeat text,
+    answer tokens, those that repeat text). A token repeats text when the 4-gram it ends already occurred
+    in the prompt or earlier in the answer; fast-forwarded tokens are those after the first of their pass."""
+    answer, seen = trace.tokens, set()
+    text = list(prompt)
+    for i in range(3, len(text)):
+        seen.add(tuple(text[i - 3:i + 1]))
+    repeat = []
+    for tok in answer:
+        text.append(tok)
+        gram = tuple(text[-4:])
+        repeat.append(len(text) >= 4 and gram in seen)
+        seen.add(gram)
+    ff = [it.start + j for it in trace.iterations for j in range(1, it.accepted) if it.start + j < len(answer)]
+    return len(ff), sum(repeat[p] for p in ff), len(answer), sum(repeat)
+
+
 def jacobi_speed(lm, prompts: list[list[int]], s: EvalSettings, label: str) -> tuple[dict, list[list[int]]]:
     """Mean tokens per forward of jacobi_decode over prompts; also returns the answers."""
     cfg = DecodeConfig(max_new_tokens=s.max_new_tokens, n=s.n, eos_token_ids=lm.eos_token_ids)
     rates, answers, passes, gained, t0 = [], [], 0, 0, time.perf_counter()
+    counts = [0, 0, 0, 0]
     for ids in tqdm(prompts, desc=f"{label} jacobi", unit="prompt"):
         trace = run(jacobi_decode, lm.model, ids, cfg, engine=s.engine)
         rates.append(trace.mean_accepted)
         answers.append(trace.tokens)
         passes += len(trace.iterations)
         gained += sum(it.accepted for it in trace.iterations)
+        counts = [a + b for a, b in zip(counts, repeated_tokens(ids, trace))]
+    ff, ff_rep, tokens, tok_rep = counts
     return {"prompts": len(prompts), "tokens_per_forward": sum(rates) / max(len(rates), 1),
             "tokens_per_forward_pooled": gained / max(passes, 1), "min": min(rates, default=0.0),
             "max": max(rates, default=0.0), "answer_tokens": sum(map(len, answers)),
+            # Is the speed-up made of copies? Share of repeating tokens among the fast-forwarded ones and among all.
+            "fast_forwarded_tokens": ff, "fast_forwarded_repeating": ff_rep / max(ff, 1),
+            "answer_tokens_repeating": tok_rep / max(tokens, 1),
             "seconds": time.perf_counter() - t0}, answers
 
 
@@ -184,6 +208,8 @@ def summary_rows(r: dict) -> list[tuple[str, object]]:
         c = r["cllm"]
         rows += [("CLLM tokens/forward", c["jacobi"]["tokens_per_forward"]),
                  ("CLLM tokens/forward (pooled)", c["jacobi"]["tokens_per_forward_pooled"]),
+                 ("fast-forwarded tokens that repeat a 4-gram", c["jacobi"]["fast_forwarded_repeating"]),
+                 ("answer tokens that repeat a 4-gram", c["jacobi"]["answer_tokens_repeating"]),
                  ("CLLM ppl", c["ppl"]), ("ppl ratio (target <= 1.10)", r["ppl_ratio"]),
                  ("CLLM seq-rep-4", c["repetition"]["seq_rep_4"]),
                  ("CLLM filter rate / base", f"{c['repetition']['filter_rate']:.3f} / {r['base']['repetition']['filter_rate']:.3f}"),
