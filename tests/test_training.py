@@ -152,6 +152,8 @@ def test_pipeline_end_to_end(tmp_path):
     assert (adapter / "adapter_config.json").exists() and (adapter / "training_settings.json").exists()
     assert (run_dir / "adapter-step1" / "adapter_model.safetensors").exists()  # the time-limit stop
     assert (run_dir / "adapter-step2" / "adapter_model.safetensors").exists()  # save_every
+    with pytest.raises(SystemExit, match="drops all"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
     # A second phase starts from the first one's adapter (its rank wins over --lora-rank).
     train.main(["--model", str(folder), "--data", str(traj), "--out", str(tmp_path / "phase2"), "--init-adapter",
                 str(adapter), "--lora-rank", "16", "--batch", "4", "--max-steps", "1", "--device", "cpu"])
@@ -200,3 +202,10 @@ def test_repeated_tokens_splits_fast_forwarded_tokens_into_copies_and_new_text()
     trace = NS(tokens=[1, 2, 3, 4, 5, 6], iterations=[NS(start=1, accepted=3), NS(start=4, accepted=2)])
     # Fast-forwarded: answer positions 2, 3 (second and third of pass 1) and 5 (second of pass 2).
     assert evaluate.repeated_tokens([1, 2, 3, 4], trace) == (3, 1, 6, 1)
+
+
+def test_seq_rep_counts_repeated_four_grams():
+    from training.collect import seq_rep
+
+    assert seq_rep([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)  # 5 four-grams, (1, 2, 3, 4) twice
+    assert seq_rep([5, 5, 5, 5, 5]) == pytest.approx(1 / 2) and seq_rep([1, 2, 3]) == 0.0

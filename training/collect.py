@@ -66,6 +66,12 @@ def repeats(tokens: list[int], limit: int, max_period: int = 1) -> bool:
     return False
 
 
+def seq_rep(tokens: list[int], k: int = 4) -> float:
+    """Share of the k-grams of a sequence that already occurred earlier in it (seq-rep-k; 0 if it has none)."""
+    grams = [tuple(tokens[i:i + k]) for i in range(len(tokens) - k + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def augment_states(states: torch.Tensor, fixed: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
     """``count`` noisier-than-trajectory variants per intermediate state: each wrong token after the
     first wrong one is set to its fixed-point token with probability 1/2 (the CLLM paper's augmentation).

@@ -27,7 +27,7 @@ from decoding import DEFAULT_SPEC, DecodeConfig, ar_decode, encode, jacobi_decod
 from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table
-from .collect import greedy_agreement, repeats
+from .collect import greedy_agreement, repeats, seq_rep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,11 +161,7 @@ def greedy_answers(lm, prompts: list[list[int]], s: EvalSettings) -> list[list[i
 
 def repetition(answers: list[list[int]]) -> dict:
     """seq-rep-4: share of 4-grams that already occurred in the same answer (mean over answers)."""
-    reps = []
-    for a in answers:
-        grams = [tuple(a[i:i + 4]) for i in range(len(a) - 3)]
-        if grams:
-            reps.append(1 - len(set(grams)) / len(grams))
+    reps = [seq_rep(a) for a in answers if len(a) >= 4]
     return {"seq_rep_4": sum(reps) / max(len(reps), 1),
             "filter_rate": sum(repeats(a, 10, 4) for a in answers) / max(len(answers), 1),
             "mean_tokens": sum(map(len, answers)) / max(len(answers), 1)}

@@ -24,7 +24,7 @@ import torch
 from decoding import DEFAULT_SPEC, load_model
 
 from .cli import parse, print_table, save_settings
-from .collect import read_shards
+from .collect import read_shards, seq_rep
 from .losses import ar_cross_entropy, jacobi_gain, soft_kl
 from .packing import PackedBatch, pack, pick_states
 
@@ -53,6 +53,7 @@ class TrainSettings:
     label_smoothing: float = 0.0  # of the "ce" AR loss (released CLLMs: 0.1)
     noise_window: int = 8  # curriculum window W: block j's noise target is ((j + shift) mod W) / (W - 1)
     use_extra: bool = True  # let the curriculum pick augmented states too (if collected with --augment)
+    max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all)
     lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup: float = 0.03  # fraction of steps of linear warm-up
@@ -219,8 +220,14 @@ def main(argv=None) -> None:
     out = Path(s.out)
     t_start = time.perf_counter()
     samples = read_shards(s.data)
+    collected = len(samples)
     if not samples:
         raise SystemExit(f"no trajectories in {s.data}: run python -m training.collect first")
+    if s.max_rep < 1.0:  # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
+        samples = [x for x in samples if seq_rep(x["answer"][: x["valid"]].tolist()) <= s.max_rep]
+        accelerator.print(f"--max-rep {s.max_rep}: kept {len(samples)} of {collected} samples")
+        if not samples:
+            raise SystemExit(f"--max-rep {s.max_rep} drops all {collected} samples: raise it")
     model, base, pad_id, tokenizer = build_model(s)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr,
                                   betas=(0.9, 0.95), weight_decay=s.weight_decay)
@@ -237,7 +244,8 @@ def main(argv=None) -> None:
         accelerator.load_state(str(out / "checkpoint"))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_settings(s, out / "train_settings.json", samples=len(samples), processes=accelerator.num_processes)
+        save_settings(s, out / "train_settings.json", samples=len(samples), collected=collected,
+                      processes=accelerator.num_processes)
     summary = train_loop(accelerator, (model, base, optimizer, scheduler), samples, s, out, step, total, auto_steps, pad_id, t_start)
     # Saved at a time-limit stop too (marked by step < max_steps), so an interrupted run still yields an adapter.
     summary["saved"] = str(save_final(accelerator, model, tokenizer, s, out, summary))
