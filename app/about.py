@@ -114,12 +114,12 @@ def cllm_markdown(path: Path = CLLM_EVAL) -> str:
         r = json.loads(path.read_text(encoding="utf-8"))
         base, cllm = r["base"], r["cllm"]
         base_tpf = base.get("jacobi", {}).get("tokens_per_forward") if base.get("jacobi", {}).get("prompts") else None
+        rep_base, rep_cllm = base["repetition"]["seq_rep_4"], cllm["repetition"]["seq_rep_4"]
         rows = [("Jacobi tokens per forward", base_tpf, cllm["jacobi"]["tokens_per_forward"], ".2f"),
                 ("perplexity of the held-out reference answers", base["ppl"], cllm["ppl"], ".2f"),
-                ("repeated 4-grams in its greedy answers (seq-rep-4)", base["repetition"]["seq_rep_4"],
-                 cllm["repetition"]["seq_rep_4"], ".3f")]
+                ("repeated 4-grams in its greedy answers (seq-rep-4)", rep_base, rep_cllm, ".3f")]
         prompts, refs = cllm["jacobi"]["prompts"], r["heldout_prompts"]
-        more_repetitive = float(rows[2][2]) > float(rows[2][1])
+        more_repetitive = float(rep_cllm) > float(rep_base)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return ""
     table = ["| on held-out ShareGPT prompts | base model | our CLLM |", "|---|---|---|"]

@@ -229,17 +229,17 @@ def parse_args(argv=None) -> BenchConfig:
                     help="decoding session (auto: fast on CUDA for Llama models, else eager)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", default=None, help="write the JSON result here")
-    ap.add_argument("--lanes", default=",".join(LANES),
-                    help="comma-separated lanes to run; base_ar is always run (the speed reference). "
-                         "Leaving out hf_generate saves most of the time on a GPU")
+    ap.add_argument("--lanes", default=None,
+                    help="comma-separated lanes to run (default: all; the cllm lanes need an adapter); base_ar is "
+                         "always run (the speed reference). Leaving out hf_generate saves most of the time on a GPU")
     a = ap.parse_args(argv)
     if a.limit is not None and a.limit < 1:
         ap.error("--limit must be at least 1")
-    lanes = {x.strip() for x in a.lanes.split(",") if x.strip()}
+    lanes = {x.strip() for x in (a.lanes or ",".join(LANES)).split(",") if x.strip()}
     if lanes - set(LANES):
         ap.error(f"unknown lane(s) {', '.join(sorted(lanes - set(LANES)))}; choose from {', '.join(LANES)}")
     adapter = {"auto": default_adapter(a.model), "none": None}.get(a.adapter, a.adapter)
-    if adapter is None and lanes & {"cllm_ar", "cllm_jacobi"} and a.lanes != ",".join(LANES):
+    if adapter is None and a.lanes is not None and lanes & {"cllm_ar", "cllm_jacobi"}:
         ap.error("the cllm lanes need an adapter (--adapter auto or a folder)")
     return BenchConfig(a.model, adapter, a.prompts, a.raw, a.limit, a.n, a.max_new_tokens, a.init,
                        a.device, a.dtype, a.engine, a.seed, a.out, tuple(x for x in LANES if x in lanes | {"base_ar"}))

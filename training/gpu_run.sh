@@ -31,9 +31,9 @@ mkdir -p "$WORK" "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 gpus() { $PY -c "import torch; print(max(1, torch.cuda.device_count()))"; }
-# One process per GPU: give each its share of the cores. Left at the default, every process starts a thread per
+# One process per GPU: sets G (the GPU count) and gives each process its share of the cores. Left at the default, every process starts a thread per
 # core and they fight over them: 16.8 s per training step instead of 0.5 s (4 processes on 64 cores, H100 x4).
-threads() { export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / $(gpus) > 1 ? $(nproc) / $(gpus) : 1 ))}; }
+per_gpu() { G=$(gpus); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / G > 1 ? $(nproc) / G : 1 ))}; }
 TRAJ=${TRAJ:-$WORK/traj}                  # trajectory folder of collect-gpus and sweep
 # COLLECT_ADAPTER=DIR collects with a CLLM instead of the base model (progressive distillation; use another TRAJ).
 COLLECT_FLAGS="--prompts data/prompts-train.jsonl --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER}"
@@ -99,9 +99,8 @@ print(max(ok, key=lambda v: r[v]['cllm']['jacobi']['tokens_per_forward']))")
       --prompts "${BENCH_PROMPTS:-assets/prompts.jsonl}" --limit "${BENCH_LIMIT:-24}" \
       --lanes "${BENCH_LANES:-base_ar,base_jacobi,cllm_ar,cllm_jacobi}" --out "$OUT/bench_h100_bf16_cllm.json" ;;
   collect-gpus)
-    threads
+    per_gpu
     # float32 (TF32 off): the fixed points pass the greedy check, so no answer is cut at a bf16 near-tie.
-    G=$(gpus)
     for i in $(seq 0 $((G - 1))); do
       CUDA_VISIBLE_DEVICES=$i $PY -m training.collect $COLLECT_FLAGS --dtype float32 --part "$i" --parts "$G" \
         --max-minutes "${COLLECT_MINUTES:-8}" > "$WORK/collect_$i.log" 2>&1 &
@@ -111,10 +110,10 @@ print(max(ok, key=lambda v: r[v]['cllm']['jacobi']['tokens_per_forward']))")
     $PY -m training.collect $COLLECT_FLAGS --dtype float32   # nothing left: writes the summary of all shards
     collect_out ;;
   sweep)
-    threads
+    per_gpu
     # RUNS="name:flags;name:flags;..." -> $WORK/run_<name>, one training per GPU at the same time.
     IFS=';' read -ra runs <<< "${RUNS:?set RUNS, e.g. RUNS='a:--ar-weight 1;b:--ar-weight 3'}"
-    [ "${#runs[@]}" -le "$(gpus)" ] || { echo "${#runs[@]} runs but $(gpus) GPU(s): one run per GPU" >&2; exit 2; }
+    [ "${#runs[@]}" -le "$G" ] || { echo "${#runs[@]} runs but $G GPU(s): one run per GPU" >&2; exit 2; }
     i=0
     for r in "${runs[@]}"; do
       CUDA_VISIBLE_DEVICES=$i $PY -m training.train --data "$TRAJ" --out "$WORK/run_${r%%:*}" --batch 32 \
@@ -124,9 +123,8 @@ print(max(ok, key=lambda v: r[v]['cllm']['jacobi']['tokens_per_forward']))")
     wait
     for r in "${runs[@]}"; do echo "== ${r%%:*}"; tail -c 600 "$WORK/train_${r%%:*}.log"; echo; done ;;
   eval-sweep)
-    threads
+    per_gpu
     # Every adapter of every run (final and adapter-step<N>), round-robin over the GPUs; then one table.
-    G=$(gpus)
     mapfile -t adapters < <(ls -d "$WORK"/run_*/${EVAL_GLOB:-adapter*} 2>/dev/null)   # EVAL_GLOB=adapter: finals only
     mkdir -p "$WORK/evals"
     for i in $(seq 0 $((G - 1))); do

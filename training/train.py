@@ -136,17 +136,16 @@ def build_model(s: TrainSettings):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, s.init_adapter, is_trainable=True)
-        base = None
     elif s.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                          target_modules=[t.strip() for t in s.lora_targets.split(",") if t.strip()])
         model = get_peft_model(model, cfg)
-        base = None  # the base is the same model with its adapter disabled
     else:
         model.requires_grad_(True)
-        base = load_model(s.model, device="cpu", dtype="float32").model if needs_base else None
+    # With LoRA the base is the same model with its adapter disabled; full fine-tuning needs a frozen copy.
+    base = load_model(s.model, device="cpu", dtype="float32").model if needs_base and not is_lora(s) else None
     model.train()
     return model, base, pad_id, lm.tokenizer
 
