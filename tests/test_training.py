@@ -154,10 +154,16 @@ def test_pipeline_end_to_end(tmp_path):
     assert (run_dir / "adapter-step2" / "adapter_model.safetensors").exists()  # save_every
     with pytest.raises(SystemExit, match="drops all"):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
-    # A second phase starts from the first one's adapter (its rank wins over --lora-rank).
-    train.main(["--model", str(folder), "--data", str(traj), "--out", str(tmp_path / "phase2"), "--init-adapter",
-                str(adapter), "--lora-rank", "16", "--batch", "4", "--max-steps", "1", "--device", "cpu"])
+    # A second phase starts from the first one's adapter (its rank wins over --lora-rank), here with the reference term.
+    phase2 = ["--model", str(folder), "--data", str(traj), "--out", str(tmp_path / "phase2"), "--init-adapter",
+              str(adapter), "--lora-rank", "16", "--batch", "4", "--max-steps", "2", "--log-every", "1", "--device", "cpu",
+              "--ref-weight", "1"]
+    with pytest.raises(SystemExit, match="needs --ref-data"):
+        train.main(phase2)
+    train.main(phase2 + ["--ref-data", str(held), "--ref-batch", "2"])
     assert json.loads((tmp_path / "phase2" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    rows = [json.loads(x) for x in (tmp_path / "phase2" / "log.jsonl").read_text().splitlines()]
+    assert all(r["ref"] > 0 and r["loss"] > r["ref"] for r in rows)  # the trained adapter already differs from the base
     result = evaluate.main(["--model", str(folder), "--adapter", str(adapter), "--heldout", str(held),
                             "--n", "4", "--max-new-tokens", "12", "--speed-prompts", "2", "--base-speed-prompts", "1",
                             "--ar-check-prompts", "1", "--device", "cpu", "--out", str(tmp_path / "eval.json")])
@@ -193,6 +199,27 @@ def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys
     assert [r["name"] for r in compare.ranked(paths)] == ["better", "good", "fast_but_worse"]
     assert compare.main([str(p) for p in paths]) == 0
     assert "fast_but_worse" in capsys.readouterr().out
+
+
+def test_reference_term_is_zero_at_the_base_and_positive_once_the_adapter_moves(tiny):
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    _, tok = tiny
+    model = get_peft_model(tiny_model(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    rows = [{"prompt": p, "reference": "a reference answer"} for p in PROMPTS]
+    pairs = train.reference_pairs(tok, rows, max_answer=5)
+    assert all(len(a) == 5 for _, a in pairs)
+    acc = Accelerator(cpu=True)
+    assert train.reference_loss(acc, model, None, pairs, [0, 1, 2], 2).item() == pytest.approx(0.0, abs=1e-7)  # LoRA B = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    loss = train.reference_loss(acc, model, None, pairs, [0, 1, 2], 2)
+    assert loss.item() > 1e-3
+    loss.backward()  # gradients reach the adapter only
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)
 
 
 def test_repeated_tokens_splits_fast_forwarded_tokens_into_copies_and_new_text():

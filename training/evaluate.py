@@ -28,6 +28,7 @@ from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table
 from .collect import greedy_agreement, repeats, seq_rep
+from .packing import reference_pairs, right_pad
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,17 +120,9 @@ def reference_nll(lm, rows: list[dict], batch: int) -> tuple[float, int]:
     """Total negative log-likelihood of the reference answers (after the chat-templated prompt), and their token count."""
     tok, device = lm.tokenizer, lm.device
     total, count = 0.0, 0
-    pairs = [(encode(tok, r["prompt"]), tok(r["reference"], add_special_tokens=False)["input_ids"]) for r in rows]
+    pairs = reference_pairs(tok, rows)
     for start in range(0, len(pairs), batch):
-        chunk = pairs[start:start + batch]
-        width = max(len(p) + len(a) for p, a in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        target = torch.zeros_like(ids, dtype=torch.bool)
-        for b, (p, a) in enumerate(chunk):
-            ids[b, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[b, : len(p) + len(a)] = 1
-            target[b, len(p): len(p) + len(a)] = True
+        ids, mask, target = right_pad(pairs[start:start + batch])
         logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         keep = target[:, 1:].to(device)

