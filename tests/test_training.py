@@ -10,7 +10,7 @@ from decoding import DEFAULT_ADAPTER, DecodeConfig, ar_decode, encode, jacobi_de
 from training import collect, evaluate, train
 from training.collect import CollectSettings, augment_states, collect_batch, repeats
 from training.losses import ar_cross_entropy, first_wrong, jacobi_gain, soft_kl
-from training.packing import noise_level, pack, pick_states
+from training.packing import align_answers, noise_level, pack, pick_states
 from training.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 PROMPTS = ["hello world", "what is the capital of France?", "abc", "tell me a story about a cat"]
@@ -220,6 +220,20 @@ def test_reference_term_is_zero_at_the_base_and_positive_once_the_adapter_moves(
     assert loss.item() > 1e-3
     loss.backward()  # gradients reach the adapter only
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)
+
+
+def test_aligned_answers_give_each_row_its_own_logits(tiny):
+    model, tok = tiny
+    rows = [{"prompt": p, "reference": r} for p, r in zip(PROMPTS, ["one", "a longer reference answer", "x y", "bb"])]
+    pairs = train.reference_pairs(tok, rows)
+    b = align_answers(pairs, 2)
+    assert b.keep.tolist() == list(range(b.input_ids.shape[1] - b.valid.shape[1] - 1, b.input_ids.shape[1] - 1))
+    with torch.no_grad():
+        got = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                    logits_to_keep=b.keep).logits
+        for i, (p, a) in enumerate(pairs):
+            want = model(torch.tensor([p + a])).logits[0, len(p) - 1: len(p) + len(a) - 1]  # alone, unpadded
+            torch.testing.assert_close(got[i][b.valid[i]], want, atol=1e-4, rtol=1e-4)
 
 
 def test_repeated_tokens_splits_fast_forwarded_tokens_into_copies_and_new_text():

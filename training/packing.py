@@ -129,6 +129,41 @@ def right_pad(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> tupl
     return ids, mask, target
 
 
+@dataclass
+class AlignedBatch:
+    """(prompt, answer) rows with every answer starting at column P: ``[pad | prompt | answer | pad]``."""
+
+    input_ids: torch.Tensor  # [B, P + A]
+    position_ids: torch.Tensor  # [B, P + A]
+    attention_mask: torch.Tensor  # [B, 1, S, S] bool: causal over the row's tokens; pads see only themselves
+    keep: torch.Tensor  # [A] positions P-1 .. P+A-2, whose logits predict the answer tokens
+    valid: torch.Tensor  # [B, A] answer tokens that exist (the rest is padding)
+
+    def to(self, device) -> "AlignedBatch":
+        return AlignedBatch(*(v.to(device) for v in self.__dict__.values()))
+
+
+def align_answers(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> AlignedBatch:
+    """Left-pad the prompts and right-pad the answers so one ``logits_to_keep`` range holds every answer:
+    the LM head then runs on answer positions only (the reference term of training)."""
+    B = len(pairs)
+    P = max(len(p) for p, _ in pairs)
+    A = max(len(a) for _, a in pairs)
+    ids = torch.full((B, P + A), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, P + A), dtype=torch.long)
+    real = torch.zeros((B, P + A), dtype=torch.bool)
+    valid = torch.zeros((B, A), dtype=torch.bool)
+    for b, (p, a) in enumerate(pairs):
+        start = P - len(p)
+        ids[b, start:P + len(a)] = torch.tensor(p + a)
+        pos[b, start:] = torch.arange(P + A - start)
+        real[b, start:P + len(a)] = True
+        valid[b, : len(a)] = True
+    causal = torch.ones(P + A, P + A, dtype=torch.bool).tril()
+    mask = (causal & real[:, None, :] & real[:, :, None]) | torch.eye(P + A, dtype=torch.bool)
+    return AlignedBatch(ids, pos, mask[:, None], torch.arange(P - 1, P + A - 1), valid)
+
+
 def reference_pairs(tokenizer, rows: list[dict], max_answer: int = 0, max_prompt: int = 0) -> list[tuple[list[int], list[int]]]:
     """(chat-templated prompt ids, reference answer ids) of rows {prompt, reference}; answers cut to
     max_answer tokens and rows with a prompt over max_prompt tokens skipped (0: no limit)."""

@@ -29,7 +29,7 @@ from decoding.prompts import read_jsonl
 from .cli import parse, print_table, save_settings
 from .collect import read_shards, seq_rep
 from .losses import ar_cross_entropy, jacobi_gain, soft_kl
-from .packing import PackedBatch, pack, pick_states, reference_pairs, right_pad
+from .packing import PackedBatch, align_answers, pack, pick_states, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -188,11 +188,12 @@ def base_logits_for(accelerator, model, base, b: PackedBatch, s: TrainSettings):
 
 
 def reference_loss(accelerator, model, base, pairs, idx: list[int], pad_id: int) -> torch.Tensor:
-    """KL(base || model) at every reference answer token of the rows idx (one forward of each)."""
-    ids, mask, target = (x.to(accelerator.device) for x in right_pad([pairs[i] for i in idx], pad_id))
+    """KL(base || model) at every reference answer token of the rows idx (one forward of each, LM head on answers only)."""
+    b = align_answers([pairs[i] for i in idx], pad_id).to(accelerator.device)
 
     def logits(m):
-        return m(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][target[:, 1:]]
+        return m(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                 logits_to_keep=b.keep, use_cache=False).logits[b.valid]
     return soft_kl(on_base(accelerator, model, base, logits), logits(model))
 
 
