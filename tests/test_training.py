@@ -164,6 +164,13 @@ def test_pipeline_end_to_end(tmp_path):
     assert json.loads((tmp_path / "phase2" / "adapter" / "adapter_config.json").read_text())["r"] == 4
     rows = [json.loads(x) for x in (tmp_path / "phase2" / "log.jsonl").read_text().splitlines()]
     assert all(r["ref"] > 0 and r["loss"] > r["ref"] for r in rows)  # the trained adapter already differs from the base
+    # The on-policy anchor: the adapted model's own greedy answers, regenerated every step here.
+    own = ["--model", str(folder), "--data", str(traj), "--out", str(tmp_path / "own"), "--init-adapter", str(adapter),
+           "--batch", "4", "--max-steps", "2", "--log-every", "1", "--device", "cpu", "--self-weight", "1",
+           "--self-every", "1", "--self-prompts", "3", "--self-batch", "2", "--self-tokens", "6"]
+    train.main(own)
+    rows = [json.loads(x) for x in (tmp_path / "own" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["self"] > 0 for r in rows)
     result = evaluate.main(["--model", str(folder), "--adapter", str(adapter), "--heldout", str(held),
                             "--n", "4", "--max-new-tokens", "12", "--speed-prompts", "2", "--base-speed-prompts", "1",
                             "--ar-check-prompts", "1", "--device", "cpu", "--out", str(tmp_path / "eval.json")])

@@ -132,24 +132,30 @@ def reference_nll(lm, rows: list[dict], batch: int) -> tuple[float, int]:
 
 
 @torch.inference_mode()
-def greedy_answers(lm, prompts: list[list[int]], s: EvalSettings) -> list[list[int]]:
-    """Batched greedy answers (left-padded generate), cut after EOS."""
-    eos, pad = set(lm.eos_token_ids), (lm.tokenizer.pad_token_id or 0)
+def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: set[int], pad: int, batch: int,
+                    device, progress: bool = True) -> list[list[int]]:
+    """Batched greedy answers of ``model`` (left-padded generate), each cut after its first EOS."""
     out = []
-    for start in tqdm(range(0, len(prompts), s.batch), desc="generate", unit="batch"):
-        chunk = prompts[start:start + s.batch]
+    for start in tqdm(range(0, len(prompts), batch), desc="generate", unit="batch", disable=not progress):
+        chunk = prompts[start:start + batch]
         width = max(map(len, chunk))
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, p in enumerate(chunk):
             ids[b, width - len(p):] = torch.tensor(p)
             mask[b, width - len(p):] = 1
-        gen = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), do_sample=False,
-                                max_new_tokens=s.max_new_tokens, pad_token_id=pad, eos_token_id=list(eos))
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos))
         for row in gen[:, width:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             out.append(row[:cut])
     return out
+
+
+def greedy_answers(lm, prompts: list[list[int]], s: EvalSettings) -> list[list[int]]:
+    """Batched greedy answers of a loaded model to the evaluation prompts."""
+    return generate_greedy(lm.model, prompts, s.max_new_tokens, set(lm.eos_token_ids), lm.tokenizer.pad_token_id or 0,
+                           s.batch, lm.device)
 
 
 def repetition(answers: list[list[int]]) -> dict:

@@ -5,12 +5,14 @@
     python -m training.train ... --resume true                                # continue from runs/cllm/checkpoint
 
 Loss = ar_weight * AR + consistency_weight * global consistency (+ local_weight * local consistency)
-(+ ref_weight * reference KL).
+(+ ref_weight * reference KL + self_weight * own-answer KL).
 Global consistency: KL(teacher on the clean block || student on its noisy state), only at outputs
 after the state's first wrong guess. AR: cross-entropy on the fixed-point tokens (``ce``, the
 papers) or KL to the frozen base model on the clean answer (``kl``: keeps the answer distribution,
 hence perplexity). Reference KL (optional): KL to the frozen base on human answers of the
-training prompts (ShareGPT), a second forward and backward each step. Logs go to out/log.jsonl; the adapter (or full model) to out/adapter.
+training prompts (ShareGPT), a second forward and backward each step. Own-answer KL (optional): the same
+KL on the model's own greedy answers to training prompts, regenerated every few steps (on-policy: where the
+adapted model drifts into loops the base model would not enter). Logs go to out/log.jsonl; the adapter (or full model) to out/adapter.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table, save_settings
 from .collect import read_shards, seq_rep
+from .evaluate import generate_greedy
 from .losses import ar_cross_entropy, jacobi_gain, soft_kl
 from .packing import PackedBatch, align_answers, pack, pick_states, reference_pairs
 
@@ -60,6 +63,11 @@ class TrainSettings:
     ref_weight: float = 0.0  # weight of KL(base || model) on human reference answers (0 = off): guards perplexity on text the model did not write
     ref_batch: int = 16  # reference rows per optimiser step, over all processes
     ref_tokens: int = 192  # reference answer tokens per row at most
+    self_weight: float = 0.0  # weight of KL(base || model) on the model's own greedy answers, regenerated as it trains (0 = off): an on-policy anchor where its loops form
+    self_every: int = 100  # regenerate those answers every K steps
+    self_prompts: int = 64  # training prompts answered at each regeneration, over all processes
+    self_batch: int = 8  # own answers in the term per optimiser step, per process
+    self_tokens: int = 128  # tokens per own answer at most
     max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all)
     lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
@@ -134,7 +142,7 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
 
 
 def build_model(s: TrainSettings):
-    """(trainable model, frozen base or None, tokenizer pad id). LoRA via peft unless lora_rank == 0."""
+    """(trainable model, frozen base or None, pad id, tokenizer, EOS ids). LoRA via peft unless lora_rank == 0."""
     lm = load_model(s.model, device="cpu", dtype="float32")
     model = lm.model
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -154,7 +162,7 @@ def build_model(s: TrainSettings):
     # With LoRA the base is the same model with its adapter disabled; full fine-tuning needs a frozen copy.
     base = load_model(s.model, device="cpu", dtype="float32").model if needs_base and not is_lora(s) else None
     model.train()
-    return model, base, pad_id, lm.tokenizer
+    return model, base, pad_id, lm.tokenizer, set(lm.eos_token_ids)
 
 
 def make_schedule(s: TrainSettings, total: dict):
@@ -170,7 +178,7 @@ def make_schedule(s: TrainSettings, total: dict):
 
 
 def uses_base(s: TrainSettings) -> bool:
-    return s.ar_loss == "kl" or s.teacher == "base" or s.ref_weight > 0
+    return s.ar_loss == "kl" or s.teacher == "base" or s.ref_weight > 0 or s.self_weight > 0
 
 
 def on_base(accelerator, model, base, fn):
@@ -195,6 +203,30 @@ def reference_loss(accelerator, model, base, pairs, idx: list[int], pad_id: int)
         return m(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                  logits_to_keep=b.keep, use_cache=False).logits[b.valid]
     return soft_kl(on_base(accelerator, model, base, logits), logits(model))
+
+
+def anchor_step(accelerator, models, pairs, idx, pad_id, weight, losses, name) -> None:
+    """One anchor term (KL to the frozen base on given answers) in its own forward and backward: the gradients
+    add up with the main step's, the peak memory does not."""
+    model, base = models
+    with accelerator.autocast():
+        losses[name] = reference_loss(accelerator, model, base, pairs, idx, pad_id)
+    accelerator.backward(weight * losses[name])
+    losses["loss"] = losses["loss"].detach() + weight * losses[name].detach()
+
+
+def own_answers(accelerator, model, samples, s: TrainSettings, step: int, pad_id: int, eos: set[int]) -> list:
+    """The model's greedy answers now, to this process's share of a few training prompts: (prompt, answer) pairs."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    idx = batch_indices(step // max(s.self_every, 1), max(s.self_prompts, world), len(samples), s.seed + 2)[rank::world]
+    prompts = [[int(t) for t in samples[i]["prompt"]] for i in idx]
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    with accelerator.autocast():
+        answers = generate_greedy(unwrapped, prompts, s.self_tokens, eos, pad_id, len(prompts), accelerator.device,
+                                  progress=False)
+    unwrapped.train()
+    return [(p, a) for p, a in zip(prompts, answers) if a]
 
 
 def load_references(s: TrainSettings, tokenizer) -> list:
@@ -264,7 +296,7 @@ def main(argv=None) -> None:
         accelerator.print(f"--max-rep {s.max_rep}: kept {len(samples)} of {collected} samples")
         if not samples:
             raise SystemExit(f"--max-rep {s.max_rep} drops all {collected} samples: raise it")
-    model, base, pad_id, tokenizer = build_model(s)
+    model, base, pad_id, tokenizer, eos = build_model(s)
     references = load_references(s, tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr,
                                   betas=(0.9, 0.95), weight_decay=s.weight_decay)
@@ -284,19 +316,21 @@ def main(argv=None) -> None:
         save_settings(s, out / "train_settings.json", samples=len(samples), collected=collected,
                       references=len(references), processes=accelerator.num_processes)
     summary = train_loop(accelerator, (model, base, optimizer, scheduler), (samples, references), s, out, step, total,
-                         auto_steps, pad_id, t_start)
+                         auto_steps, (pad_id, eos), t_start)
     # Saved at a time-limit stop too (marked by step < max_steps), so an interrupted run still yields an adapter.
     summary["saved"] = str(save_final(accelerator, model, tokenizer, s, out, summary))
     if accelerator.is_main_process:
         print_table("train", list(summary.items()))
 
 
-def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, pad_id, t_start) -> dict:
+def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens, t_start) -> dict:
     """Optimiser steps until max_steps or the time limit; checkpoints on the way; returns the last log row."""
     from tqdm.auto import tqdm
 
     model, base, optimizer, scheduler = parts
     samples, references = data
+    pad_id, eos = tokens
+    own, own_step = [], -s.self_every  # the model's own answers (this process's share) and the step they were made at
 
     rank, world = accelerator.process_index, accelerator.num_processes
     log_path, last, t_steps = out / "log.jsonl", {}, time.perf_counter()
@@ -309,12 +343,15 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, pad_id
             logits = forward_logits(model, b)
             losses = compute_losses(logits, base_logits_for(accelerator, model, base, b, s), b, s)
         accelerator.backward(losses["loss"])
-        if references:  # its own forward and backward: the gradients add up, the peak memory does not
+        if references:
             ridx = batch_indices(step, max(s.ref_batch, world), len(references), s.seed + 1)[rank::world]
-            with accelerator.autocast():
-                losses["ref"] = reference_loss(accelerator, model, base, references, ridx, pad_id)
-            accelerator.backward(s.ref_weight * losses["ref"])
-            losses["loss"] = losses["loss"].detach() + s.ref_weight * losses["ref"].detach()
+            anchor_step(accelerator, (model, base), references, ridx, pad_id, s.ref_weight, losses, "ref")
+        if s.self_weight > 0:
+            if step - own_step >= s.self_every:
+                own, own_step = own_answers(accelerator, model, samples, s, step, pad_id, eos), step
+            if own:
+                oidx = batch_indices(step, s.self_batch, len(own), s.seed + 2)
+                anchor_step(accelerator, (model, base), own, oidx, pad_id, s.self_weight, losses, "self")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
