@@ -116,7 +116,8 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
 def right_pad(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch of (prompt, answer) token lists, right-padded: (ids, attention mask, answer-token mask), each [B, W].
 
-    Used wherever a model reads a given answer after its prompt (reference perplexity, the reference term of training).
+    For reading given answers after their prompts with the LM head everywhere (evaluation's reference perplexity);
+    training's anchor terms use ``align_answers``, which keeps the LM head on the answers only.
     """
     width = max(len(p) + len(a) for p, a in pairs)
     ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
