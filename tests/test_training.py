@@ -218,12 +218,12 @@ def test_reference_term_is_zero_at_the_base_and_positive_once_the_adapter_moves(
     pairs = train.reference_pairs(tok, rows, max_answer=5)
     assert all(len(a) == 5 for _, a in pairs)
     acc = Accelerator(cpu=True)
-    assert train.reference_loss(acc, model, None, pairs, [0, 1, 2], 2).item() == pytest.approx(0.0, abs=1e-7)  # LoRA B = 0
+    assert train.anchor_kl(acc, model, None, pairs, [0, 1, 2], 2).item() == pytest.approx(0.0, abs=1e-7)  # LoRA B = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    loss = train.reference_loss(acc, model, None, pairs, [0, 1, 2], 2)
+    loss = train.anchor_kl(acc, model, None, pairs, [0, 1, 2], 2)
     assert loss.item() > 1e-3
     loss.backward()  # gradients reach the adapter only
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)

@@ -230,12 +230,14 @@ def load_prompt_ids(tokenizer, path: str, limit: int, max_tokens: int) -> list[l
     return [x for x in ids if 2 <= len(x) <= max_tokens]
 
 
+def load_shards(folder: str | Path) -> list[dict]:
+    """Every shard of a trajectory folder ({"samples", "counts"}), in shard order."""
+    return [torch.load(path, weights_only=True) for path in sorted(Path(folder).glob("shard-*.pt"))]
+
+
 def read_shards(folder: str | Path) -> list[dict]:
     """Every sample of every shard in a trajectory folder, in shard order."""
-    samples = []
-    for path in sorted(Path(folder).glob("shard-*.pt")):
-        samples.extend(torch.load(path, weights_only=True)["samples"])
-    return samples
+    return [x for shard in load_shards(folder) for x in shard["samples"]]
 
 
 def main(argv=None) -> None:
@@ -277,15 +279,14 @@ def main(argv=None) -> None:
 
 def summarise(out: Path, seconds: float) -> None:
     """summary.json: totals over every shard in the folder (kept samples and the drop counters)."""
-    samples, counts = [], {}
-    for path in sorted(out.glob("shard-*.pt")):
-        shard = torch.load(path, weights_only=True)
-        samples.extend(shard["samples"])
+    shards, counts = load_shards(out), {}
+    samples = [x for shard in shards for x in shard["samples"]]
+    for shard in shards:
         for key, v in shard.get("counts", {}).items():
             counts[key] = counts.get(key, 0) + v
     blocks = sum(len(x["states"]) for x in samples)
     states = sum(int(t.shape[0]) for x in samples for t in x["states"])
-    rows = [("shards", len(list(out.glob("shard-*.pt")))), ("samples kept", len(samples)), ("blocks", blocks),
+    rows = [("shards", len(shards)), ("samples kept", len(samples)), ("blocks", blocks),
             ("states", states), ("states per block", states / max(blocks, 1)),
             ("answer tokens", sum(x["valid"] for x in samples)), ("seconds (this run)", seconds)]
     rows += list(counts.items())

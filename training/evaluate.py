@@ -28,7 +28,7 @@ from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table
 from .collect import greedy_agreement, repeats, seq_rep
-from .packing import reference_pairs, right_pad
+from .packing import align_answers, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,12 +122,13 @@ def reference_nll(lm, rows: list[dict], batch: int) -> tuple[float, int]:
     total, count = 0.0, 0
     pairs = reference_pairs(tok, rows)
     for start in range(0, len(pairs), batch):
-        ids, mask, target = right_pad(pairs[start:start + batch])
-        logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-        keep = target[:, 1:].to(device)
-        total += float(-logp[keep].sum())
-        count += int(keep.sum())
+        b = align_answers(pairs[start:start + batch]).to(device)
+        logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                          logits_to_keep=b.keep, use_cache=False).logits.float()
+        answers = b.input_ids[:, -logits.shape[1]:]  # the tokens those logits predict
+        logp = torch.log_softmax(logits, -1).gather(-1, answers[..., None])[..., 0]
+        total += float(-logp[b.valid].sum())
+        count += int(b.valid.sum())
     return total, count
 
 

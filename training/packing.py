@@ -113,23 +113,6 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
     return PackedBatch(ids, pos, mask[:, None], keep, answer, ar_mask, states, cons, n, P)
 
 
-def right_pad(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of (prompt, answer) token lists, right-padded: (ids, attention mask, answer-token mask), each [B, W].
-
-    For reading given answers after their prompts with the LM head everywhere (evaluation's reference perplexity);
-    training's anchor terms use ``align_answers``, which keeps the LM head on the answers only.
-    """
-    width = max(len(p) + len(a) for p, a in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    target = torch.zeros_like(ids, dtype=torch.bool)
-    for b, (p, a) in enumerate(pairs):
-        ids[b, : len(p) + len(a)] = torch.tensor(p + a)
-        mask[b, : len(p) + len(a)] = 1
-        target[b, len(p): len(p) + len(a)] = True
-    return ids, mask, target
-
-
 @dataclass
 class AlignedBatch:
     """(prompt, answer) rows with every answer starting at column P: ``[pad | prompt | answer | pad]``."""
@@ -146,7 +129,7 @@ class AlignedBatch:
 
 def align_answers(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> AlignedBatch:
     """Left-pad the prompts and right-pad the answers so one ``logits_to_keep`` range holds every answer:
-    the LM head then runs on answer positions only (the reference term of training)."""
+    the LM head then runs on answer positions only (reference perplexity, the anchor terms of training)."""
     B = len(pairs)
     P = max(len(p) for p, _ in pairs)
     A = max(len(a) for _, a in pairs)

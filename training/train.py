@@ -195,8 +195,9 @@ def base_logits_for(accelerator, model, base, b: PackedBatch, s: TrainSettings):
     return on_base(accelerator, model, base, lambda m: forward_logits(m, b)) if uses_base(s) else None
 
 
-def reference_loss(accelerator, model, base, pairs, idx: list[int], pad_id: int) -> torch.Tensor:
-    """KL(base || model) at every reference answer token of the rows idx (one forward of each, LM head on answers only)."""
+def anchor_kl(accelerator, model, base, pairs, idx: list[int], pad_id: int) -> torch.Tensor:
+    """KL(base || model) at every answer token of the (prompt, answer) rows idx: reference or own answers
+    (one forward of each, LM head on answers only)."""
     b = align_answers([pairs[i] for i in idx], pad_id).to(accelerator.device)
 
     def logits(m):
@@ -210,7 +211,7 @@ def anchor_step(accelerator, models, pairs, idx, pad_id, weight, losses, name) -
     add up with the main step's, the peak memory does not."""
     model, base = models
     with accelerator.autocast():
-        losses[name] = reference_loss(accelerator, model, base, pairs, idx, pad_id)
+        losses[name] = anchor_kl(accelerator, model, base, pairs, idx, pad_id)
     accelerator.backward(weight * losses[name])
     losses["loss"] = losses["loss"].detach() + weight * losses[name].detach()
 
