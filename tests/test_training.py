@@ -205,7 +205,14 @@ def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys
     paths = [write("fast_but_worse", 3.2, 1.3, 0.5), write("good", 2.0, 1.05, 0.39), write("better", 2.5, 1.1, 0.4)]
     assert [r["name"] for r in compare.ranked(paths)] == ["better", "good", "fast_but_worse"]
     assert compare.main([str(p) for p in paths]) == 0
-    assert "fast_but_worse" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fast_but_worse" in out
+    # seq-rep -0.01, 0, 0.1 above the base's 0.4 against 2.0, 2.5, 3.2 tokens/forward: least squares
+    # 9.324 x + 2.287, r = 0.94
+    rows = compare.ranked(paths)
+    line = compare.tradeoff(rows)
+    assert "over 3 runs: r = 0.94" in line and "repetition at 2.29 tokens/forward" in line and line in out
+    assert compare.tradeoff(rows[:2]) == ""
 
 
 def test_reference_term_is_zero_at_the_base_and_positive_once_the_adapter_moves(tiny):

@@ -4,11 +4,14 @@
 
 A run meets the quality targets when its reference perplexity is at most 1.10x the base model's
 and its greedy answers are no more repetitive (seq-rep-4) than the base model's. Rows are sorted:
-runs that meet them first, then by the CLLM's Jacobi tokens per forward.
+runs that meet them first, then by the CLLM's Jacobi tokens per forward. Under the table, with three runs or
+more: how tokens per forward and repetition move together across the runs (Pearson r and a straight line),
+and where that line reaches the base model's repetition.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -39,12 +42,30 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tradeoff(rows: list[dict]) -> str:
+    """One line: the correlation of tokens per forward with repetition above the base model's (seq-rep-4) over
+    the runs, and where a straight line through them reaches the base model's repetition (an extrapolation:
+    how far the recipes so far are from meeting both targets)."""
+    excess = [r["seq_rep_4"] - r["base_seq_rep_4"] for r in rows]
+    tpf = [r["tokens_per_forward"] for r in rows]
+    if len(rows) < 3 or len(set(excess)) < 2 or len(set(tpf)) < 2:
+        return ""
+    fit = statistics.linear_regression(excess, tpf)
+    return (f"tokens/forward vs seq-rep-4 above the base model's, over {len(rows)} runs: "
+            f"r = {statistics.correlation(excess, tpf):.2f}; a straight line reaches the base model's repetition "
+            f"at {fit.intercept:.2f} tokens/forward")
+
+
 def main(argv=None) -> int:
     paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
     if not paths:
         print("usage: python -m training.compare EVAL.json [EVAL.json ...]", file=sys.stderr)
         return 2
-    print(format_rows(ranked(paths)))
+    rows = ranked(paths)
+    print(format_rows(rows))
+    line = tradeoff(rows)
+    if line:
+        print(line)
     return 0
 
 
