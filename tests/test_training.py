@@ -8,7 +8,7 @@ import torch
 
 from decoding import DEFAULT_ADAPTER, DecodeConfig, ar_decode, encode, jacobi_decode, run
 from training import collect, evaluate, train
-from training.collect import CollectSettings, augment_states, collect_batch, repeats
+from training.collect import CollectSettings, augment_states, collect_batch, repeat_flags, repeats
 from training.losses import ar_cross_entropy, first_wrong, jacobi_gain, soft_kl
 from training.packing import align_answers, noise_level, pack, pick_states
 from training.tiny import save_tiny, tiny_model, tiny_tokenizer
@@ -40,6 +40,19 @@ def test_losses_by_hand():
     want = 0.95 * -math.log(0.75) + 0.05 * -math.log(0.25)
     assert ar_cross_entropy(student, torch.tensor([1]), 0.1).item() == pytest.approx(want, abs=1e-6)
     assert soft_kl(teacher[:0], student[:0]).item() == 0.0
+    # weighted mean: weights (1, 0) keep the first row's KL; (1, 3) give (1 * KL1 + 3 * 0) / 4
+    two_t, two_s = torch.cat([teacher, student]), torch.cat([student, student])
+    assert soft_kl(two_t, two_s, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    assert soft_kl(two_t, two_s, torch.tensor([1.0, 3.0])).item() == pytest.approx(0.125 * math.log(4 / 3), abs=1e-6)
+    assert soft_kl(two_t, two_s, torch.zeros(2)).item() == 0.0
+
+
+def test_repeat_flags():
+    # the 4-gram (1, 2, 3, 4) is in the context: the answer's 4 ends it again; nothing else repeats
+    assert repeat_flags([1, 2, 3, 4], [1, 2, 3, 4, 5]) == [False, False, False, True, False]
+    # no context: the first three tokens end no 4-gram; (7, 7, 7, 7) is new once, then seen
+    assert repeat_flags([], [7] * 6) == [False, False, False, False, True, True]
+    assert repeat_flags([1, 2], []) == []
 
 
 def test_first_wrong_gain_noise():
@@ -122,6 +135,30 @@ def test_one_training_step_lowers_the_loss(samples):
     assert after.item() < before.item()
 
 
+def test_repeat_weight_moves_the_consistency_weight_off_repeated_text(samples):
+    _, out, _ = samples
+    s = train.TrainSettings(batch=len(out), noise_window=4)
+    b = train.make_batch(out, list(range(len(out))), s, 0, 2)
+    for i, x in enumerate(out):  # the packed flags are those of each answer after its prompt
+        valid = x["valid"]
+        assert b.repeats[i, :valid].tolist() == repeat_flags(list(x["prompt"]), x["answer"][:valid].tolist())
+        assert not b.repeats[i, valid:].any()
+    sel = b.cons_mask[0]
+    # The tiny model's answers may not repeat where the loss counts: mark every other answer position instead.
+    b.repeats = torch.zeros_like(b.repeats)
+    b.repeats[:, ::2] = True
+    assert b.repeats[sel].any() and (~b.repeats[sel]).any()
+    g = torch.Generator().manual_seed(0)
+    L = b.answer.shape[1]
+    logits, base = (torch.randn(len(out), 2 * L, 50, generator=g) for _ in range(2))
+    teacher, student = base[:, :L][sel], logits[:, L:][sel]
+    plain = train.compute_losses(logits, base, b, s)["consistency"]
+    assert plain.item() == pytest.approx(soft_kl(teacher, student).item(), rel=1e-6)
+    new_only = train.compute_losses(logits, base, b, train.TrainSettings(repeat_weight=0.0))["consistency"]
+    fresh = ~b.repeats[sel]
+    assert new_only.item() == pytest.approx(soft_kl(teacher[fresh], student[fresh]).item(), rel=1e-6)
+
+
 def test_pipeline_end_to_end(tmp_path):
     folder = save_tiny(tmp_path / "tiny")
     prompts = tmp_path / "prompts.jsonl"
@@ -154,6 +191,8 @@ def test_pipeline_end_to_end(tmp_path):
     assert (run_dir / "adapter-step2" / "adapter_model.safetensors").exists()  # save_every
     with pytest.raises(SystemExit, match="drops all"):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
+    with pytest.raises(SystemExit, match="--repeat-weight must be 0 or more"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--repeat-weight", "-0.5"])
     # A second phase starts from the first one's adapter (its rank wins over --lora-rank), here with the reference term.
     phase2 = ["--model", str(folder), "--data", str(traj), "--out", str(tmp_path / "phase2"), "--init-adapter",
               str(adapter), "--lora-rank", "16", "--batch", "4", "--max-steps", "2", "--log-every", "1", "--device", "cpu",
@@ -167,7 +206,7 @@ def test_pipeline_end_to_end(tmp_path):
     # The on-policy anchor: the adapted model's own greedy answers, regenerated every step here.
     own = ["--model", str(folder), "--data", str(traj), "--out", str(tmp_path / "own"), "--init-adapter", str(adapter),
            "--batch", "4", "--max-steps", "2", "--log-every", "1", "--device", "cpu", "--self-weight", "1",
-           "--self-every", "1", "--self-prompts", "3", "--self-batch", "2", "--self-tokens", "6"]
+           "--self-every", "1", "--self-prompts", "3", "--self-batch", "2", "--self-tokens", "6", "--repeat-weight", "0.25"]
     train.main(own)
     rows = [json.loads(x) for x in (tmp_path / "own" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["self"] > 0 for r in rows)

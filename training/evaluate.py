@@ -27,7 +27,7 @@ from decoding import DEFAULT_SPEC, DecodeConfig, ar_decode, encode, jacobi_decod
 from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table
-from .collect import greedy_agreement, repeats, seq_rep
+from .collect import greedy_agreement, repeat_flags, repeats, seq_rep
 from .packing import align_answers, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,16 +67,8 @@ def repeated_tokens(prompt: list[int], trace) -> tuple[int, int, int, int]:
     """Where a Jacobi decode's extra tokens come from: (fast-forwarded tokens, those that repeat text,
     answer tokens, those that repeat text). A token repeats text when the 4-gram it ends already occurred
     in the prompt or earlier in the answer; fast-forwarded tokens are those after the first of their pass."""
-    answer, seen = trace.tokens, set()
-    text = list(prompt)
-    for i in range(3, len(text)):
-        seen.add(tuple(text[i - 3:i + 1]))
-    repeat = []
-    for tok in answer:
-        text.append(tok)
-        gram = tuple(text[-4:])
-        repeat.append(len(text) >= 4 and gram in seen)
-        seen.add(gram)
+    answer = trace.tokens
+    repeat = repeat_flags(prompt, answer)
     ff = [it.start + j for it in trace.iterations for j in range(1, it.accepted) if it.start + j < len(answer)]
     return len(ff), sum(repeat[p] for p in ff), len(answer), sum(repeat)
 

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p_teacher || p_student); the teacher is detached.
+def soft_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions of KL(p_teacher || p_student); the teacher is detached. With ``weights`` [N],
+    the weighted mean (0 when every weight is 0).
 
     Same gradient as the soft cross-entropy of the papers, but 0 at the optimum, so logs read well.
     """
@@ -17,7 +18,11 @@ def soft_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch
         return student_logits.sum() * 0.0
     t = F.log_softmax(teacher_logits.detach().float(), -1)
     s = F.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    kl = (t.exp() * (t - s)).sum(-1)
+    if weights is None:
+        return kl.mean()
+    weights = weights.to(kl.dtype)
+    return (kl * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
 def ar_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 
 from decoding import encode
 
+from .collect import repeat_flags
 from .losses import first_wrong
 
 
@@ -60,6 +61,7 @@ class PackedBatch:
     ar_mask: torch.Tensor  # [B, L] answer tokens that count (up to and including EOS)
     states: torch.Tensor  # [streams, B, L] the noisy states fed (as answer-aligned guesses)
     cons_mask: torch.Tensor  # [streams, B, L] noisy outputs that count: after the state's first wrong token
+    repeats: torch.Tensor  # [B, L] answer tokens that end a 4-gram already seen in the prompt or earlier in the answer
     n: int  # block size
     prompt_end: int  # P: index where the clean answer starts
 
@@ -81,6 +83,7 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
     ar_mask = torch.zeros((B, L), dtype=torch.bool)
     states = torch.full((S_n, B, L), pad_id, dtype=torch.long)
     cons = torch.zeros((S_n, B, L), dtype=torch.bool)
+    repeat = torch.zeros((B, L), dtype=torch.bool)
     tril = torch.ones(n, n, dtype=torch.bool).tril()
     for b, x in enumerate(samples):
         p, T = len(x["prompt"]), len(x["states"])
@@ -91,6 +94,7 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
         pos[b, a:P + L] = torch.arange(P + L - a)
         answer[b, :T * n] = ans
         ar_mask[b, : x["valid"]] = True
+        repeat[b, : x["valid"]] = torch.tensor(repeat_flags(list(x["prompt"]), ans[: x["valid"]].tolist()), dtype=torch.bool)
         mask[b, a:P + L, a:P + L] = torch.ones(P + L - a, P + L - a, dtype=torch.bool).tril()
         bridge = torch.cat([ids[b, P - 1:P], ans])  # bridge[jn] is the token before block j
         for s in range(S_n):
@@ -110,7 +114,7 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
         cons[:, b, x["valid"]:] = False
     mask |= torch.eye(S, dtype=torch.bool)  # pads (and every token) see themselves: no empty softmax row
     keep = torch.cat([torch.arange(P - 1, P - 1 + L)] + [torch.arange(P + L * (s + 1), P + L * (s + 2)) for s in range(S_n)])
-    return PackedBatch(ids, pos, mask[:, None], keep, answer, ar_mask, states, cons, n, P)
+    return PackedBatch(ids, pos, mask[:, None], keep, answer, ar_mask, states, cons, repeat, n, P)
 
 
 @dataclass

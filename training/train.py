@@ -5,7 +5,8 @@
     python -m training.train ... --resume true                                # continue from runs/cllm/checkpoint
 
 Loss = ar_weight * AR + consistency_weight * global consistency (+ local_weight * local consistency)
-(+ ref_weight * reference KL + self_weight * own-answer KL).
+(+ ref_weight * reference KL + self_weight * own-answer KL). Within the consistency terms, outputs whose target
+repeats a 4-gram seen before count repeat_weight times as much as the others (1 by default).
 Global consistency: KL(teacher on the clean block || student on its noisy state), only at outputs
 after the state's first wrong guess. AR: cross-entropy on the fixed-point tokens (``ce``, the
 papers) or KL to the frozen base model on the clean answer (``kl``: keeps the answer distribution,
@@ -56,6 +57,7 @@ class TrainSettings:
     ar_weight: float = 1.0  # weight of the AR term (papers: 10 : 1; the shipped CLLM: 1; higher keeps quality, lowers speed)
     consistency_weight: float = 1.0  # weight of the global consistency term
     local_weight: float = 0.0  # weight of local consistency (state -> next state); 0 = off (saves a stream)
+    repeat_weight: float = 1.0  # weight, within the consistency terms, of outputs whose target ends a 4-gram seen before (prompt or earlier answer); < 1 puts the weight on new text, where the CLLM gains least
     label_smoothing: float = 0.0  # of the "ce" AR loss (released CLLMs: 0.1)
     noise_window: int = 8  # curriculum window W: block j's noise target is ((j + shift) mod W) / (W - 1)
     use_extra: bool = True  # let the curriculum pick augmented states too (if collected with --augment)
@@ -122,12 +124,14 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
     else:
         ar = ar_cross_entropy(clean[b.ar_mask], b.answer[b.ar_mask], s.label_smoothing)
     student = logits[:, L:2 * L]
-    cons = soft_kl(teacher[b.cons_mask[0]], student[b.cons_mask[0]])
+    sel = b.cons_mask[0]
+    weights = None if s.repeat_weight == 1.0 else torch.where(b.repeats[sel], s.repeat_weight, 1.0)
+    cons = soft_kl(teacher[sel], student[sel], weights)
     out = {"ar": ar, "consistency": cons}
     loss = s.ar_weight * ar + s.consistency_weight * cons
     if s.local_weight > 0:
         # Local: the state's outputs matched to the model's own (detached) outputs on the next state.
-        local = soft_kl(logits[:, 2 * L:3 * L].detach()[b.cons_mask[0]], student[b.cons_mask[0]])
+        local = soft_kl(logits[:, 2 * L:3 * L].detach()[sel], student[sel], weights)
         out["local"] = local
         loss = loss + s.local_weight * local
     out["loss"] = loss
@@ -281,6 +285,9 @@ def log_line(path: Path, row: dict) -> None:
 
 def main(argv=None) -> None:
     s = parse(TrainSettings, argv)
+    for name in ("ar_weight", "consistency_weight", "local_weight", "ref_weight", "self_weight", "repeat_weight"):
+        if getattr(s, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}")
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available() and s.device != "cpu"
