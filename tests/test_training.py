@@ -1,7 +1,11 @@
 """Training pipeline on CPU: losses by hand, trajectories, packing, one step, end to end (tiny random Llama)."""
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,3 +307,32 @@ def test_seq_rep_counts_repeated_four_grams():
 
     assert seq_rep([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)  # 5 four-grams, (1, 2, 3, 4) twice
     assert seq_rep([5, 5, 5, 5, 5]) == pytest.approx(1 / 2) and seq_rep([1, 2, 3]) == 0.0
+
+
+@pytest.mark.slow
+def test_training_on_two_processes(tmp_path):
+    """Two processes (gloo on CPU; one per GPU through accelerate launch on a GPU machine): each takes its share
+    of the batch, the time limit stops both at a checkpoint, and both resume from it to the end."""
+    folder = save_tiny(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}: {p}"}) + "\n" for i, p in enumerate(PROMPTS * 2)))
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text("".join(json.dumps({"prompt": p, "reference": "an answer of some words"}) + "\n" for p in PROMPTS))
+    traj, out = tmp_path / "traj", tmp_path / "run"
+    collect.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(traj), "--n", "4",
+                  "--max-new-tokens", "16", "--batch", "8", "--device", "cpu"])
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training.train",
+            "--model", str(folder), "--data", str(traj), "--out", str(out), "--lora-rank", "4", "--lora-alpha", "8",
+            "--batch", "4", "--max-steps", "3", "--log-every", "1", "--device", "cpu", "--ref-weight", "1",
+            "--ref-data", str(refs), "--ref-batch", "2", "--self-weight", "1", "--self-every", "2", "--self-prompts", "4",
+            "--self-batch", "2", "--self-tokens", "6"]
+    for extra in (["--max-minutes", "0.00001"], ["--resume", "true"]):
+        done = subprocess.run(args + extra, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((out / "train_settings.json").read_text())["processes"] == 2
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one log line a step: only the main process writes
+    assert all(math.isfinite(r["loss"]) and r["ref"] >= 0 and r["self"] >= 0 for r in rows)
+    assert (out / "adapter" / "adapter_model.safetensors").exists()

@@ -13,6 +13,8 @@
 #   COLLECT_AUGMENT=1 bash training/gpu_run.sh collect-gpus   # plus the paper's augmented states (train --use-extra)
 #   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # one recipe per GPU
 #   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* evaluated, spread over the GPUs
+#   TRAIN_ARGS="--max-steps 700 ..." bash training/gpu_run.sh train-gpus   # ONE run over every GPU (accelerate launch, DDP over NCCL)
+#   bash training/gpu_run.sh bench-sweep    # decoding.bench (bf16, 40 held-out prompts) of every $WORK/run_*/adapter, one per GPU
 #
 # Needs data/prompts-train.jsonl (python -m training.prompts; carry it, it is git-ignored; for train --ref-weight
 # also data/references-train.jsonl) and the
@@ -20,7 +22,7 @@
 # Intermediate files live in $WORK (kept between back-to-back commands); results go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep}
+STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep|train-gpus|bench-sweep}
 WORK=${WORK:-/root/work}
 OUT=${OUT:-$WORK/out}
 PY=${PY:-python}
@@ -111,6 +113,32 @@ case "$STAGE" in
     $PY -m training.compare "$WORK"/evals/*.json | tee "$WORK/evals/table.txt"
     for d in "$WORK"/run_*; do cp "$d/log.jsonl" "$WORK/evals/train_log_$(basename "$d").jsonl" 2>/dev/null || true; done
     tar czf "$OUT/sweep.tgz" -C "$WORK" evals ;;
+  train-gpus)
+    # One run on all GPUs: one process per GPU, gradients averaged over NCCL (NVLink multicast stays off: it can take
+    # a shared host's GPUs out of service). --batch is global: the default gives each GPU the batch of a one-GPU run.
+    # Add --resume true to TRAIN_ARGS to continue after the time limit.
+    per_gpu
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 $PY -m accelerate.commands.launch --multi_gpu \
+      --num_processes "$G" --num_machines 1 --mixed_precision bf16 --dynamo_backend no -m training.train \
+      --data "$TRAJ" --out "$WORK/cllm" --batch "${TRAIN_BATCH:-$((32 * G))}" --max-minutes "${TRAIN_MINUTES:-8.3}" \
+      --save-every 300 $TRAIN_ARGS
+    train_out ;;
+  bench-sweep)
+    per_gpu
+    # The wall-clock bench of every run's final adapter, one bench per GPU at once (each against its own base AR lane).
+    mapfile -t adapters < <(ls -d "$WORK"/run_*/adapter 2>/dev/null)
+    [ "${#adapters[@]}" -le "$G" ] || { echo "${#adapters[@]} adapters but $G GPU(s): one bench per GPU" >&2; exit 2; }
+    for k in "${!adapters[@]}"; do
+      name=$(basename "$(dirname "${adapters[$k]}")")
+      CUDA_VISIBLE_DEVICES=$k $PY -m decoding.bench --engine fast --adapter "${adapters[$k]}" --dtype bfloat16 \
+        --prompts assets/heldout.jsonl --limit "${BENCH_LIMIT:-40}" --n 16 --max-new-tokens 256 \
+        --lanes base_ar,cllm_ar,cllm_jacobi --out "$OUT/bench_$name.json" > "$WORK/bench_$name.log" 2>&1 &
+    done
+    wait
+    for f in "$OUT"/bench_run_*.json; do
+      $PY -c "import json, sys; s = json.load(open(sys.argv[1]))['summary']['lanes']['cllm_jacobi']
+print(sys.argv[1], 'CLLM Jacobi %.2fx base AR, %.2f tokens/forward' % (s['speedup'], s['mean_accepted']))" "$f"
+    done ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

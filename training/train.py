@@ -304,6 +304,8 @@ def main(argv=None) -> None:
         accelerator.print(f"--max-rep {s.max_rep}: kept {len(samples)} of {collected} samples")
         if not samples:
             raise SystemExit(f"--max-rep {s.max_rep} drops all {collected} samples: raise it")
+    if s.batch < accelerator.num_processes:
+        raise SystemExit(f"--batch {s.batch} is smaller than the {accelerator.num_processes} processes: each needs a row")
     model, base, pad_id, tokenizer, eos = build_model(s)
     references = load_references(s, tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr,
@@ -338,7 +340,7 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
     model, base, optimizer, scheduler = parts
     samples, references = data
     pad_id, eos = tokens
-    own, own_step = [], -s.self_every  # the model's own answers (this process's share) and the step they were made at
+    own, own_step, own_ok = [], -s.self_every, False  # the model's own answers (this process's share), the step they were made at, whether every process has some
 
     rank, world = accelerator.process_index, accelerator.num_processes
     log_path, last, t_steps = out / "log.jsonl", {}, time.perf_counter()
@@ -357,7 +359,9 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
         if s.self_weight > 0:
             if step - own_step >= s.self_every:
                 own, own_step = own_answers(accelerator, model, samples, s, step, pad_id, eos), step
-            if own:
+                # Every process runs the term's backward or none does (a lone backward would wait forever for the others).
+                own_ok = bool(accelerator.gather(torch.tensor([float(bool(own))], device=accelerator.device)).min() > 0)
+            if own_ok:
                 oidx = batch_indices(step, s.self_batch, len(own), s.seed + 2)
                 anchor_step(accelerator, (model, base), own, oidx, pad_id, s.self_weight, losses, "self")
         optimizer.step()
@@ -371,7 +375,8 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
             bar.total = total["steps"]
             accelerator.print(f"{per_step:.3f} s/step -> max_steps = {total['steps']} for {s.budget_minutes} min")
         if step % s.log_every == 0 or step == total["steps"]:
-            last = {k: float(v.detach()) for k, v in losses.items()}  # note: CPU-GPU sync point
+            # means over the processes (each saw its share of the batch); note: CPU-GPU sync point
+            last = {k: float(accelerator.reduce(v.detach().float(), "mean")) for k, v in losses.items()}
             last |= {"step": step, "lr": scheduler.get_last_lr()[0], "s_per_step": (time.perf_counter() - t_steps) / max(step - first_step, 1),
                      "elapsed_min": (time.perf_counter() - t_start) / 60}
             if accelerator.is_main_process:
