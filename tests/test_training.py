@@ -323,7 +323,17 @@ def test_training_on_two_processes(tmp_path):
                   "--max-new-tokens", "16", "--batch", "8", "--device", "cpu"])
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training.train",
+    # training.train, and at its end each process's sum of its LoRA B weights, gathered: DDP keeps them equal
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys, torch\nfrom training import train\nsave = train.save_final\n"
+        "def check(acc, model, *args, **kw):\n"
+        "    w = sum(p.detach().sum() for n, p in acc.unwrap_model(model).named_parameters() if 'lora_B' in n)\n"
+        "    sums = acc.gather(w.reshape(1)).tolist()\n"
+        "    if acc.is_main_process:\n        print('LORA_B_SUMS', sums, flush=True)\n"
+        "    return save(acc, model, *args, **kw)\n"
+        "train.save_final = check\ntrain.main(sys.argv[1:])\n")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe),
             "--model", str(folder), "--data", str(traj), "--out", str(out), "--lora-rank", "4", "--lora-alpha", "8",
             "--batch", "4", "--max-steps", "3", "--log-every", "1", "--device", "cpu", "--ref-weight", "1",
             "--ref-data", str(refs), "--ref-batch", "2", "--self-weight", "1", "--self-every", "2", "--self-prompts", "4",
@@ -331,6 +341,8 @@ def test_training_on_two_processes(tmp_path):
     for extra in (["--max-minutes", "0.00001"], ["--resume", "true"]):
         done = subprocess.run(args + extra, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        sums = [json.loads(line.split("LORA_B_SUMS", 1)[1]) for line in done.stdout.splitlines() if "LORA_B_SUMS" in line]
+        assert len(sums) == 1 and sums[0][0] == sums[0][1] != 0.0  # each process trained on other rows, same weights
     assert json.loads((out / "train_settings.json").read_text())["processes"] == 2
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # one log line a step: only the main process writes
