@@ -326,13 +326,16 @@ def test_training_on_two_processes(tmp_path):
     # training.train, and at its end each process's sum of its LoRA B weights, gathered: DDP keeps them equal
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import sys, torch\nfrom training import train\nsave = train.save_final\n"
+        "import os, sys, torch\nfrom training import train\nsave = train.save_final\n"
         "def check(acc, model, *args, **kw):\n"
         "    w = sum(p.detach().sum() for n, p in acc.unwrap_model(model).named_parameters() if 'lora_B' in n)\n"
         "    sums = acc.gather(w.reshape(1)).tolist()\n"
         "    if acc.is_main_process:\n        print('LORA_B_SUMS', sums, flush=True)\n"
         "    return save(acc, model, *args, **kw)\n"
-        "train.save_final = check\ntrain.main(sys.argv[1:])\n")
+        "train.save_final = check\n"
+        # with PROBE_LONE_LIMIT, only the second process gets a time limit: all must still stop together
+        "lone = ['--max-minutes', '0.00001'] if os.environ.get('PROBE_LONE_LIMIT') and os.environ['RANK'] == '1' else []\n"
+        "train.main(sys.argv[1:] + lone)\n")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe),
             "--model", str(folder), "--data", str(traj), "--out", str(out), "--lora-rank", "4", "--lora-alpha", "8",
             "--batch", "4", "--max-steps", "3", "--log-every", "1", "--device", "cpu", "--ref-weight", "1",
@@ -348,3 +351,9 @@ def test_training_on_two_processes(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]  # one log line a step: only the main process writes
     assert all(math.isfinite(r["loss"]) and r["ref"] >= 0 and r["self"] >= 0 for r in rows)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    # One process out of time, the other not: both stop at the same step (else one waits for the other forever).
+    lone = tmp_path / "lone"
+    done = subprocess.run([a if a != str(out) else str(lone) for a in args], cwd=root, capture_output=True, text=True,
+                          timeout=120, env=env | {"PROBE_LONE_LIMIT": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((lone / "checkpoint" / "trainer_state.json").read_text())["step"] == 1

@@ -333,6 +333,14 @@ def main(argv=None) -> None:
         print_table("train", list(summary.items()))
 
 
+def agree(accelerator, value: float) -> float:
+    """The largest of the processes' values, on every process: decisions that must not differ between processes
+    (stop now, how many steps) are taken on it, or one process would wait forever for the others."""
+    if accelerator.num_processes == 1:
+        return float(value)
+    return float(accelerator.gather(torch.tensor([float(value)], device=accelerator.device)).max())
+
+
 def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens, t_start) -> dict:
     """Optimiser steps until max_steps or the time limit; checkpoints on the way; returns the last log row."""
     from tqdm.auto import tqdm
@@ -360,7 +368,7 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
             if step - own_step >= s.self_every:
                 own, own_step = own_answers(accelerator, model, samples, s, step, pad_id, eos), step
                 # Every process runs the term's backward or none does (a lone backward would wait forever for the others).
-                own_ok = bool(accelerator.gather(torch.tensor([float(bool(own))], device=accelerator.device)).min() > 0)
+                own_ok = agree(accelerator, float(not own)) == 0
             if own_ok:
                 oidx = batch_indices(step, s.self_batch, len(own), s.seed + 2)
                 anchor_step(accelerator, (model, base), own, oidx, pad_id, s.self_weight, losses, "self")
@@ -370,7 +378,7 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
         step += 1
         bar.update(1)
         if auto_steps and step == first_step + 5:
-            per_step = (time.perf_counter() - t_steps) / 5
+            per_step = agree(accelerator, (time.perf_counter() - t_steps) / 5)
             total["steps"] = max(step + 1, int(s.budget_minutes * 60 / per_step))
             bar.total = total["steps"]
             accelerator.print(f"{per_step:.3f} s/step -> max_steps = {total['steps']} for {s.budget_minutes} min")
@@ -382,7 +390,8 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
             if accelerator.is_main_process:
                 log_line(log_path, last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", gain=f"{last['gain']:.2f}")
-        out_of_time = s.max_minutes and (time.perf_counter() - t_start) / 60 > s.max_minutes
+        # Each process has its own clock: all stop when the first one runs out of time.
+        out_of_time = agree(accelerator, bool(s.max_minutes) and (time.perf_counter() - t_start) / 60 > s.max_minutes) > 0
         if step % s.save_every == 0 or out_of_time or step == total["steps"]:
             save_checkpoint(accelerator, out, step, total)
             if s.keep_adapters and step < total["steps"]:
