@@ -309,6 +309,30 @@ def test_seq_rep_counts_repeated_four_grams():
     assert seq_rep([5, 5, 5, 5, 5]) == pytest.approx(1 / 2) and seq_rep([1, 2, 3]) == 0.0
 
 
+def test_full_fine_tuning_saves_a_model_that_decodes_losslessly(tmp_path):
+    """--lora-rank 0: every weight trains (against a frozen copy of the base for the KL terms), through a
+    time-limit stop and a resume; the saved folder is a whole model with its tokenizer."""
+    folder = save_tiny(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    collect.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "traj"), "--n", "4",
+                  "--max-new-tokens", "16", "--batch", "4", "--device", "cpu"])
+    args = ["--model", str(folder), "--data", str(tmp_path / "traj"), "--out", str(tmp_path / "full"), "--lora-rank", "0",
+            "--lr", "1e-3", "--batch", "4", "--max-steps", "3", "--device", "cpu"]
+    train.main(args + ["--max-minutes", "0.00001"])
+    train.main(args + ["--resume", "true"])
+    saved = tmp_path / "full" / "model"
+    assert (saved / "model.safetensors").exists() and (saved / "tokenizer.json").exists()
+    from decoding import load_model
+
+    before, after = load_model(str(folder), device="cpu", dtype="float32"), load_model(str(saved), device="cpu", dtype="float32")
+    moved = [n for n, w in after.model.named_parameters() if not torch.equal(w, dict(before.model.named_parameters())[n])]
+    assert "model.layers.0.mlp.down_proj.weight" in moved and "model.embed_tokens.weight" in moved
+    ids = encode(after.tokenizer, PROMPTS[1])
+    cfg = DecodeConfig(max_new_tokens=16, n=4, eos_token_ids=after.eos_token_ids)
+    assert run(jacobi_decode, after.model, ids, cfg).tokens == run(ar_decode, after.model, ids, cfg).tokens
+
+
 @pytest.mark.slow
 def test_training_on_two_processes(tmp_path):
     """Two processes (gloo on CPU; one per GPU through accelerate launch on a GPU machine): each takes its share
