@@ -178,6 +178,19 @@ def lane_numbers(race: Race, run: LaneRun) -> dict:
     return out
 
 
+def pass_cost(race: Race) -> float | None:
+    """How many AR passes one Jacobi pass cost in this race: the mean time of a pass after the prefill, Jacobi
+    lanes pooled, over that of the AR lanes. Jacobi outruns AR only above this many tokens per forward."""
+    def per_pass(runs: list[LaneRun]) -> float:
+        passes = sum(len(r.trace.iterations) for r in runs)
+        return sum(r.trace.wall_s - r.trace.prefill_s for r in runs) / passes if passes else 0.0
+
+    ar = [r for r in race.finished if r.lane.method == "ar"]
+    jacobi = [r for r in race.finished if r.lane.method == "jacobi"]
+    ar_pass, jacobi_pass = per_pass(ar), per_pass(jacobi)
+    return jacobi_pass / ar_pass if ar_pass > 0 and jacobi_pass > 0 else None
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     """Index of the first token where two answers differ (None when equal)."""
     for i, (x, y) in enumerate(zip(a, b)):

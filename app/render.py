@@ -5,7 +5,7 @@ from html import escape
 
 from decoding import Iteration
 
-from .race import Race, LaneRun, lane_numbers
+from .race import Race, LaneRun, lane_numbers, pass_cost
 
 SPEEDS = {"¼× slow motion": 0.25, "½×": 0.5, "1× real time": 1.0, "2×": 2.0}  # replay speed choices
 DEFAULT_SPEED = "1× real time"
@@ -76,6 +76,10 @@ def verdict(race: Race) -> str:
             speed = f", {num['speedup']:.2f}× the AR lane's speed" if num["speedup"] else ""
             parts.append(f"{escape(run.lane.label)}: {num['mean_accepted']:.2f} tokens per forward{speed}")
     line = "Done. " + ("; ".join(parts) + ". " if parts else "")
+    cost = pass_cost(race)
+    if cost is not None:
+        line += (f"Here one Jacobi pass (a window of {race.settings.n}) took {cost:.1f}× the time of an AR pass, "
+                 f"so Jacobi outruns AR only above {cost:.1f} tokens per forward. ")
     base = race.run("base_jacobi")
     if base and base.status == "done" and base.trace.mean_accepted < 1.5:
         line += "A model trained only for AR rarely guesses right after a wrong token, so plain Jacobi gains little (see About). "

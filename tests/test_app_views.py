@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 import pytest
 
 from app import about, charts, render
+from app import race as race_mod
 from app.race import LaneRun, Race, LANES, new_race, run_race
 from app.text import Detokenizer
 from decoding import DecodeConfig, DecodeTrace, Iteration
@@ -63,6 +64,14 @@ def test_verdict_after_a_race(race):
     jac = race.run("base_jacobi").trace
     assert line.startswith("Done. ") and f"Jacobi · base model: {jac.mean_accepted:.2f} tokens per forward" in line
     assert "Jacobi · CLLM" in line and "AR · base model" not in line and "Replay" in line
+    # the break-even: a Jacobi pass's time over an AR pass's, from the lanes' own clocks
+    runs = [race.run(k).trace for k in ("base_ar", "cllm_ar", "base_jacobi", "cllm_jacobi")]
+    per = [sum(t.wall_s - t.prefill_s for t in pair) / sum(len(t.iterations) for t in pair) for pair in (runs[:2], runs[2:])]
+    cost = race_mod.pass_cost(race)
+    assert cost == pytest.approx(per[1] / per[0])
+    assert f"took {cost:.1f}× the time of an AR pass, so Jacobi outruns AR only above {cost:.1f} tokens per forward" in line
+    only_jacobi = Race(race.prompt, race.settings, race.model_name, race.device, [race.run("base_jacobi")])
+    assert race_mod.pass_cost(only_jacobi) is None and "outruns" not in render.verdict(only_jacobi)
 
 
 def test_board_before_a_race_and_while_waiting(host):
