@@ -33,6 +33,16 @@ def samples(tiny):
     return ids, out, counts
 
 
+def tiny_inputs(tmp_path):
+    """A saved tiny model, a prompt file and a prompt + reference file, as the pipeline's commands read them."""
+    folder = save_tiny(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}: {p}"}) + "\n" for i, p in enumerate(PROMPTS * 2)))
+    refs = tmp_path / "heldout.jsonl"
+    refs.write_text("".join(json.dumps({"prompt": p, "reference": "an answer of some words"}) + "\n" for p in PROMPTS))
+    return folder, prompts, refs
+
+
 def test_losses_by_hand():
     teacher = torch.tensor([[0.0, 0.0]])  # p = (1/2, 1/2)
     student = torch.tensor([[0.0, math.log(3.0)]])  # q = (1/4, 3/4)
@@ -164,11 +174,7 @@ def test_repeat_weight_moves_the_consistency_weight_off_repeated_text(samples):
 
 
 def test_pipeline_end_to_end(tmp_path):
-    folder = save_tiny(tmp_path / "tiny")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question {i}: {p}"}) + "\n" for i, p in enumerate(PROMPTS * 2)))
-    held = tmp_path / "heldout.jsonl"
-    held.write_text("".join(json.dumps({"prompt": p, "reference": "an answer of some words"}) + "\n" for p in PROMPTS))
+    folder, prompts, held = tiny_inputs(tmp_path)
     traj = tmp_path / "traj"
     collecting = ["--model", str(folder), "--prompts", str(prompts), "--out", str(traj), "--n", "4",
                   "--max-new-tokens", "16", "--batch", "5", "--augment", "1", "--device", "cpu"]
@@ -312,9 +318,7 @@ def test_seq_rep_counts_repeated_four_grams():
 def test_full_fine_tuning_saves_a_model_that_decodes_losslessly(tmp_path):
     """--lora-rank 0: every weight trains (against a frozen copy of the base for the KL terms), through a
     time-limit stop and a resume; the saved folder is a whole model with its tokenizer."""
-    folder = save_tiny(tmp_path / "tiny")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    folder, prompts, _ = tiny_inputs(tmp_path)
     collect.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "traj"), "--n", "4",
                   "--max-new-tokens", "16", "--batch", "4", "--device", "cpu"])
     args = ["--model", str(folder), "--data", str(tmp_path / "traj"), "--out", str(tmp_path / "full"), "--lora-rank", "0",
@@ -337,11 +341,7 @@ def test_full_fine_tuning_saves_a_model_that_decodes_losslessly(tmp_path):
 def test_training_on_two_processes(tmp_path):
     """Two processes (gloo on CPU; one per GPU through accelerate launch on a GPU machine): each takes its share
     of the batch, the time limit stops both at a checkpoint, and both resume from it to the end."""
-    folder = save_tiny(tmp_path / "tiny")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question {i}: {p}"}) + "\n" for i, p in enumerate(PROMPTS * 2)))
-    refs = tmp_path / "refs.jsonl"
-    refs.write_text("".join(json.dumps({"prompt": p, "reference": "an answer of some words"}) + "\n" for p in PROMPTS))
+    folder, prompts, refs = tiny_inputs(tmp_path)
     traj, out = tmp_path / "traj", tmp_path / "run"
     collect.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(traj), "--n", "4",
                   "--max-new-tokens", "16", "--batch", "8", "--device", "cpu"])

@@ -103,9 +103,10 @@ def augment_states(states: torch.Tensor, fixed: torch.Tensor, count: int, gen: t
     return torch.stack(out) if out else states.new_zeros((0, states.shape[1]))
 
 
-def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [B, width] of token lists right-aligned behind ``pad_id``, on ``device``."""
     width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, width - len(p):] = torch.tensor(p)
@@ -158,7 +159,7 @@ def greedy_agreement(model, prompts, answers, valid, batch: int) -> list[int]:
     agree = []
     for start in range(0, len(prompts), batch):
         chunk = range(start, min(start + batch, len(prompts)))
-        ids, mask = _left_pad([prompts[i] + answers[i] for i in chunk], device)
+        ids, mask = left_pad([prompts[i] + answers[i] for i in chunk], device)
         L = max(len(answers[i]) for i in chunk)
         right = max(len(prompts[i]) + len(answers[i]) for i in chunk)
         ids, mask = ids[:, -right:], mask[:, -right:]
@@ -186,7 +187,7 @@ def collect_batch(model, prompts: list[list[int]], s: CollectSettings, eos_ids, 
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     n, blocks = s.n, s.max_new_tokens // s.n
-    ids, mask = _left_pad(prompts, device)
+    ids, mask = left_pad(prompts, device)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     _forward(model, ids[:, :-1], mask[:, :-1], pos[:, :-1], cache, keep=1)

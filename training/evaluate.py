@@ -27,7 +27,7 @@ from decoding import DEFAULT_SPEC, DecodeConfig, ar_decode, encode, jacobi_decod
 from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table
-from .collect import greedy_agreement, repeat_flags, repeats, seq_rep
+from .collect import greedy_agreement, left_pad, repeat_flags, repeats, seq_rep
 from .packing import align_answers, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,16 +130,10 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: s
     """Batched greedy answers of ``model`` (left-padded generate), each cut after its first EOS."""
     out = []
     for start in tqdm(range(0, len(prompts), batch), desc="generate", unit="batch", disable=not progress):
-        chunk = prompts[start:start + batch]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, p in enumerate(chunk):
-            ids[b, width - len(p):] = torch.tensor(p)
-            mask[b, width - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+        ids, mask = left_pad(prompts[start:start + batch], device, pad)
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos))
-        for row in gen[:, width:].tolist():
+        for row in gen[:, ids.shape[1]:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             out.append(row[:cut])
     return out
