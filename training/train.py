@@ -331,6 +331,10 @@ def main(argv=None) -> None:
     summary["saved"] = str(save_final(accelerator, model, tokenizer, s, out, summary))
     if accelerator.is_main_process:
         print_table("train", list(summary.items()))
+    # All processes leave together, through the process group's own teardown: a process that exits while another
+    # still writes can abort in gloo's threads ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def agree(accelerator, value: float) -> float:
