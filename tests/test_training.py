@@ -262,6 +262,19 @@ def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys
     line = compare.tradeoff(rows)
     assert "over 3 runs: r = 0.94" in line and "repetition at 2.29 tokens/forward" in line and line in out
     assert compare.tradeoff(rows[:2]) == ""
+    assert rows[0]["new_ff"] is None and rows[0]["rep_ff"] is None  # evaluations without the fast-forward analysis
+
+
+def test_compare_splits_the_fast_forwarded_tokens_into_new_and_repeated_text():
+    from training import compare
+
+    # 100 answer tokens, 40 of them repeating a 4-gram; 50 fast-forwarded, 30 of those repeating:
+    # new text 20 of 60 fast-forwarded, repeated text 30 of 40
+    jacobi = {"answer_tokens": 100, "fast_forwarded_tokens": 50, "fast_forwarded_repeating": 0.6,
+              "answer_tokens_repeating": 0.4}
+    new, rep = compare.fast_forward_split(jacobi)
+    assert new == pytest.approx(20 / 60) and rep == pytest.approx(30 / 40)
+    assert compare.fast_forward_split({"tokens_per_forward": 2.0}) == (None, None)
 
 
 def test_reference_term_is_zero_at_the_base_and_positive_once_the_adapter_moves(tiny):

@@ -7,6 +7,11 @@ and its greedy answers are no more repetitive (seq-rep-4) than the base model's.
 runs that meet them first, then by the CLLM's Jacobi tokens per forward. Under the table, with three runs or
 more: how tokens per forward and repetition move together across the runs (Pearson r and a straight line),
 and where that line reaches the base model's repetition.
+
+Two more columns split the speed by the kind of text (evaluations that record the fast-forward analysis):
+``new ff`` is the share of answer tokens that do not repeat a 4-gram which Jacobi fast-forwarded (got in a pass
+after the first token of that pass), ``rep ff`` the same share of the tokens that do. The pooled tokens per
+forward is 1 / (1 - the share of all answer tokens fast-forwarded).
 """
 from __future__ import annotations
 
@@ -18,11 +23,23 @@ from pathlib import Path
 PPL_LIMIT = 1.10
 
 
+def fast_forward_split(jacobi: dict) -> tuple[float | None, float | None]:
+    """(share of new-text answer tokens fast-forwarded, share of repeating ones), or Nones if not recorded."""
+    try:
+        tokens, ff = jacobi["answer_tokens"], jacobi["fast_forwarded_tokens"]
+        ff_rep, tok_rep = jacobi["fast_forwarded_repeating"] * ff, jacobi["answer_tokens_repeating"] * tokens
+    except KeyError:
+        return None, None
+    new, rep = tokens - tok_rep, tok_rep
+    return ((ff - ff_rep) / new if new else None), (ff_rep / rep if rep else None)
+
+
 def row(path: Path) -> dict:
     r = json.loads(path.read_text())
     c = r["cllm"]
     rep, base_rep = c["repetition"]["seq_rep_4"], r["base"]["repetition"]["seq_rep_4"]
-    return {"name": path.stem, "tokens_per_forward": c["jacobi"]["tokens_per_forward"],
+    new_ff, rep_ff = fast_forward_split(c["jacobi"])
+    return {"name": path.stem, "new_ff": new_ff, "rep_ff": rep_ff, "tokens_per_forward": c["jacobi"]["tokens_per_forward"],
             "pooled": c["jacobi"]["tokens_per_forward_pooled"], "ppl_ratio": r["ppl_ratio"],
             "seq_rep_4": rep, "base_seq_rep_4": base_rep, "exact": c["exactness"]["teacher_forced_greedy"],
             "meets_quality": r["ppl_ratio"] <= PPL_LIMIT and rep <= base_rep}
@@ -34,11 +51,12 @@ def ranked(paths: list[Path]) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     width = max([len(r["name"]) for r in rows] + [4])
-    lines = [f"{'run':<{width}} {'tok/fwd':>8} {'pooled':>7} {'ppl x':>6} {'rep-4':>6} {'base':>6} {'exact':>6}  quality"]
+    lines = [f"{'run':<{width}} {'tok/fwd':>8} {'pooled':>7} {'ppl x':>6} {'rep-4':>6} {'base':>6} {'exact':>6} {'new ff':>6} {'rep ff':>6}  quality"]
+    share = lambda x: f"{x:>6.3f}" if x is not None else f"{'-':>6}"  # noqa: E731
     for r in rows:
         lines.append(f"{r['name']:<{width}} {r['tokens_per_forward']:>8.3f} {r['pooled']:>7.3f} {r['ppl_ratio']:>6.3f} "
-                     f"{r['seq_rep_4']:>6.3f} {r['base_seq_rep_4']:>6.3f} {r['exact']:>6.2f}  "
-                     f"{'ok' if r['meets_quality'] else '-'}")
+                     f"{r['seq_rep_4']:>6.3f} {r['base_seq_rep_4']:>6.3f} {r['exact']:>6.2f} "
+                     f"{share(r['new_ff'])} {share(r['rep_ff'])}  {'ok' if r['meets_quality'] else '-'}")
     return "\n".join(lines)
 
 
