@@ -19,6 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 ROPE_TYPES = ("default", "linear", "llama3")  # position-independent RoPE variants we reproduce exactly
+# Windows of up to this many tokens attend token by token (no copies; each token reads all its keys), wider ones
+# (and prefill) as one grouped batch (two copies; keys read once). On an H100 (bf16, SmolLM2-135M, 512 keys) the
+# first layout was faster up to 32 tokens (width 16: 1.85 against 2.00 ms a forward) and slower from 64
+# (width 128: 2.46 against 2.15 ms): assets/results/h100_attention_layout_ab.json.
+PER_TOKEN_MAX = 32
 
 
 class UnsupportedModel(ValueError):
@@ -150,11 +155,18 @@ class StaticLlama(nn.Module):
         return 2 * a.n_layers * a.n_kv_heads * attend_len * a.head_dim * self.k_cache.element_size()
 
     def mask(self, input_pos: torch.Tensor, attend_len: int) -> torch.Tensor:
-        """Additive mask [T, 1, 1, L]: key j is visible to the query at position p iff j <= p."""
+        """Additive mask for attention(): key j is visible to the query at position p iff j <= p.
+
+        [T, 1, 1, L] for a window of up to PER_TOKEN_MAX tokens, [1, 1, T*n_rep, L] beyond (the two layouts)."""
         T = input_pos.shape[0]
         visible = self.key_pos[:attend_len][None, :] <= input_pos[:, None]  # [T, L]
         bias = torch.full((T, attend_len), float("-inf"), device=input_pos.device, dtype=self.cos.dtype)
-        return bias.masked_fill(visible, 0.0)[:, None, None, :]
+        bias = bias.masked_fill(visible, 0.0)
+        if T <= PER_TOKEN_MAX:
+            return bias[:, None, None, :]
+        n_rep = self.args.n_heads // self.args.n_kv_heads
+        # rows in the grouped-query order of attention(): query t, then head r within its KV group
+        return bias[:, None, :].expand(T, n_rep, attend_len).reshape(1, 1, T * n_rep, attend_len)
 
     def attention(self, i: int, x, cos, sin, input_pos, bias, attend_len: int) -> torch.Tensor:
         """Attention of block i on x [T, dim] -> [T, H*D]; writes K, V at input_pos."""
@@ -168,15 +180,22 @@ class StaticLlama(nn.Module):
         k_cache, v_cache = self.k_cache[i, 0], self.v_cache[i, 0]  # [KV, max_len, D]
         k_cache.index_copy_(1, input_pos, qk[:, H:].transpose(0, 1))
         v_cache.index_copy_(1, input_pos, v.transpose(0, 1))
-        # Each window token is a batch row and the n_rep query heads of a KV group its query rows: q and the output
-        # are views of the projections (no permute copy at any width), K/V are expanded over the batch (no copy),
-        # and a query's attention does not depend on the window it came in (the same kernel work at every width).
         n_rep = H // KV
-        q = qk[:, :H].view(T, KV, n_rep, D)
-        k = k_cache[None, :, :attend_len].expand(T, KV, attend_len, D)
-        v = v_cache[None, :, :attend_len].expand(T, KV, attend_len, D)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=D**-0.5)  # [T, KV, n_rep, D]
-        return o.reshape(T, H * D)
+        if T <= PER_TOKEN_MAX:
+            # Each token a batch row, the n_rep query heads of its KV group that row's queries: q and the output are
+            # views of the projections (no permute copy) and K/V are expanded over the batch (no copy either).
+            q = qk[:, :H].view(T, KV, n_rep, D)
+            k = k_cache[None, :, :attend_len].expand(T, KV, attend_len, D)
+            v = v_cache[None, :, :attend_len].expand(T, KV, attend_len, D)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=D**-0.5)  # [T, KV, n_rep, D]
+            return o.reshape(T, H * D)
+        # Wide windows and prefill: one batch row, the n_rep query heads of a KV group become extra query rows
+        # (two permute copies, but K/V are read once per KV head instead of once per token).
+        q = qk[:, :H].view(T, KV, n_rep, D).permute(1, 0, 2, 3).reshape(1, KV, T * n_rep, D)
+        k = k_cache[None, :, :attend_len]  # [1, KV, L, D]
+        v = v_cache[None, :, :attend_len]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=D**-0.5)  # [1, KV, T*n_rep, D]
+        return o.view(KV, T, n_rep, D).permute(1, 0, 2, 3).reshape(T, H * D)
 
     def block(self, i: int, x, cos, sin, input_pos, bias, attend_len: int) -> torch.Tensor:
         w, eps = self.layers[i], self.args.eps

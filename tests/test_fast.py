@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from decoding import DecodeConfig, ar_decode, encode, jacobi_decode, run
 from decoding import fast
-from decoding.llama_static import StaticArgs, StaticLlama, UnsupportedModel, rope_inv_freq
+from decoding.llama_static import PER_TOKEN_MAX, StaticArgs, StaticLlama, UnsupportedModel, rope_inv_freq
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
@@ -63,11 +63,13 @@ def test_logits_match_transformers(rope, tied):
     with torch.no_grad():
         ref = model(ids[None]).logits[0]  # [T, V]
         got = static(ids, torch.arange(150), attend_len=256)
-        # the same sequence fed in two windows through the cache
-        first = static(ids[:100], torch.arange(100), attend_len=128)
-        second = static(ids[100:], torch.arange(100, 150), attend_len=192)
+        # the same sequence fed in windows through the cache: wide ones attend as one grouped batch, those of up
+        # to PER_TOKEN_MAX tokens token by token (the two attention layouts)
+        windows = [(0, 100), (100, 130), (130, 131), (131, 150)]
+        parts = [static(ids[a:b], torch.arange(a, b), attend_len=192) for a, b in windows]
+    assert 100 > PER_TOKEN_MAX >= 30
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.cat([first, second]), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(parts), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rope", list(ROPES))
