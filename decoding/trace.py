@@ -4,7 +4,48 @@ The UI, the benchmark and the tests all read this one type.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
+
+
+def repeat_flags(context: list[int], tokens: list[int], k: int = 4) -> list[bool]:
+    """For each of ``tokens`` (following ``context``): does the k-gram it ends already occur earlier in
+    context + tokens? (A token that repeats text; a small CLLM fast-forwards mostly these.)"""
+    text = list(context)
+    seen = {tuple(text[i - k + 1:i + 1]) for i in range(k - 1, len(text))}
+    flags = []
+    for tok in tokens:
+        text.append(tok)
+        gram = tuple(text[-k:])
+        flags.append(len(text) >= k and gram in seen)
+        seen.add(gram)
+    return flags
+
+
+@dataclass
+class FastForwardSplit:
+    """Where a Jacobi decode's extra tokens come from: answer tokens split by whether they repeat text (end a
+    4-gram already in the prompt or earlier in the answer), and how many of each were fast-forwarded (accepted
+    after the first token of their pass)."""
+
+    fast_forwarded: int
+    fast_forwarded_repeating: int
+    tokens: int
+    repeating: int
+
+    def __add__(self, other: "FastForwardSplit") -> "FastForwardSplit":
+        """Counts pooled over decodes."""
+        return FastForwardSplit(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    @property
+    def new_rate(self) -> float | None:
+        """Share of the tokens of new text that were fast-forwarded (None without new text)."""
+        new = self.tokens - self.repeating
+        return (self.fast_forwarded - self.fast_forwarded_repeating) / new if new else None
+
+    @property
+    def repeating_rate(self) -> float | None:
+        """Share of the repeating tokens that were fast-forwarded (None without any)."""
+        return self.fast_forwarded_repeating / self.repeating if self.repeating else None
 
 
 @dataclass
@@ -75,6 +116,12 @@ class DecodeTrace:
         for it in self.iterations:
             times.extend([it.t] * it.accepted)
         return times[: len(self.tokens)]
+
+    def fast_forward_split(self) -> FastForwardSplit:
+        """The answer's tokens by kind (repeating text or new) and how many of each came in fast-forwards."""
+        repeat = repeat_flags(self.prompt_ids, self.tokens)
+        ff = [it.start + j for it in self.iterations for j in range(1, it.accepted) if it.start + j < len(self.tokens)]
+        return FastForwardSplit(len(ff), sum(repeat[p] for p in ff), len(self.tokens), sum(repeat))
 
     def summary(self) -> dict:
         """The numbers a benchmark row or a UI caption needs."""

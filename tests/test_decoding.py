@@ -71,6 +71,23 @@ def test_trace_is_consistent(tiny_model):
     assert trace.mean_accepted == pytest.approx((len(trace.tokens) - 1) / len(trace.iterations), abs=1.0)
 
 
+def test_fast_forward_split_counts_tokens_by_kind():
+    from decoding.trace import DecodeTrace, FastForwardSplit, Iteration, repeat_flags
+
+    assert repeat_flags([1, 2, 3, 4], [1, 2, 3, 4, 5]) == [False, False, False, True, False]
+    assert repeat_flags([], [7] * 6) == [False, False, False, False, True, True]  # a loop repeats itself
+    assert repeat_flags([1, 2], []) == []
+    # prompt 1 2 3 4, answer 1 2 3 4 5 6: only answer token 3 (the "4") ends a 4-gram seen before.
+    trace = DecodeTrace("jacobi", 4, [1, 2, 3, 4], tokens=[1, 2, 3, 4, 5, 6], iterations=[
+        Iteration(1, 1, [1, 9, 9, 9], [2, 3, 4, 9], 3, 0.0), Iteration(2, 4, [4, 9], [5, 6], 2, 0.0)])
+    # Fast-forwarded: answer positions 2, 3 (second and third of pass 1) and 5 (second of pass 2).
+    split = trace.fast_forward_split()
+    assert split == FastForwardSplit(fast_forwarded=3, fast_forwarded_repeating=1, tokens=6, repeating=1)
+    assert split.new_rate == 2 / 5 and split.repeating_rate == 1.0
+    assert split + split == FastForwardSplit(6, 2, 12, 2)
+    assert FastForwardSplit(0, 0, 0, 0).new_rate is None and FastForwardSplit(0, 0, 3, 0).repeating_rate is None
+
+
 def test_streaming_yields_growing_trace(tiny_model):
     seen = [len(t.tokens) for t in jacobi_decode(tiny_model, [1, 2, 3], DecodeConfig(max_new_tokens=20, n=4))]
     assert seen[0] == 1 and seen[-1] == 20 and seen == sorted(seen)

@@ -12,7 +12,8 @@ import torch
 
 from decoding import DEFAULT_ADAPTER, DecodeConfig, ar_decode, encode, jacobi_decode, run
 from training import collect, evaluate, train
-from training.collect import CollectSettings, augment_states, collect_batch, repeat_flags, repeats
+from decoding.trace import repeat_flags
+from training.collect import CollectSettings, augment_states, collect_batch, repeats
 from training.losses import ar_cross_entropy, first_wrong, jacobi_gain, soft_kl
 from training.packing import align_answers, noise_level, pack, pick_states
 from training.tiny import save_tiny, tiny_model, tiny_tokenizer
@@ -59,14 +60,6 @@ def test_losses_by_hand():
     assert soft_kl(two_t, two_s, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
     assert soft_kl(two_t, two_s, torch.tensor([1.0, 3.0])).item() == pytest.approx(0.125 * math.log(4 / 3), abs=1e-6)
     assert soft_kl(two_t, two_s, torch.zeros(2)).item() == 0.0
-
-
-def test_repeat_flags():
-    # the 4-gram (1, 2, 3, 4) is in the context: the answer's 4 ends it again; nothing else repeats
-    assert repeat_flags([1, 2, 3, 4], [1, 2, 3, 4, 5]) == [False, False, False, True, False]
-    # no context: the first three tokens end no 4-gram; (7, 7, 7, 7) is new once, then seen
-    assert repeat_flags([], [7] * 6) == [False, False, False, False, True, True]
-    assert repeat_flags([1, 2], []) == []
 
 
 def test_first_wrong_gain_noise():
@@ -310,15 +303,6 @@ def test_aligned_answers_give_each_row_its_own_logits(tiny):
         for i, (p, a) in enumerate(pairs):
             want = model(torch.tensor([p + a])).logits[0, len(p) - 1: len(p) + len(a) - 1]  # alone, unpadded
             torch.testing.assert_close(got[i][b.valid[i]], want, atol=1e-4, rtol=1e-4)
-
-
-def test_repeated_tokens_splits_fast_forwarded_tokens_into_copies_and_new_text():
-    from types import SimpleNamespace as NS
-
-    # prompt 1 2 3 4, answer 1 2 3 4 5 6: only answer token 3 (the "4") ends a 4-gram seen before.
-    trace = NS(tokens=[1, 2, 3, 4, 5, 6], iterations=[NS(start=1, accepted=3), NS(start=4, accepted=2)])
-    # Fast-forwarded: answer positions 2, 3 (second and third of pass 1) and 5 (second of pass 2).
-    assert evaluate.repeated_tokens([1, 2, 3, 4], trace) == (3, 1, 6, 1)
 
 
 def test_seq_rep_counts_repeated_four_grams():

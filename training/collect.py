@@ -72,20 +72,6 @@ def seq_rep(tokens: list[int], k: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def repeat_flags(context: list[int], tokens: list[int], k: int = 4) -> list[bool]:
-    """For each of ``tokens`` (following ``context``): does the k-gram it ends already occur earlier in
-    context + tokens? (A token that repeats text; the CLLM fast-forwards mostly these.)"""
-    text = list(context)
-    seen = {tuple(text[i - k + 1:i + 1]) for i in range(k - 1, len(text))}
-    flags = []
-    for tok in tokens:
-        text.append(tok)
-        gram = tuple(text[-k:])
-        flags.append(len(text) >= k and gram in seen)
-        seen.add(gram)
-    return flags
-
-
 def augment_states(states: torch.Tensor, fixed: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
     """``count`` noisier-than-trajectory variants per intermediate state: each wrong token after the
     first wrong one is set to its fixed-point token with probability 1/2 (the CLLM paper's augmentation).

@@ -20,18 +20,20 @@ import statistics
 import sys
 from pathlib import Path
 
+from decoding.trace import FastForwardSplit
+
 PPL_LIMIT = 1.10
 
 
 def fast_forward_split(jacobi: dict) -> tuple[float | None, float | None]:
     """(share of new-text answer tokens fast-forwarded, share of repeating ones), or Nones if not recorded."""
     try:
-        tokens, ff = jacobi["answer_tokens"], jacobi["fast_forwarded_tokens"]
-        ff_rep, tok_rep = jacobi["fast_forwarded_repeating"] * ff, jacobi["answer_tokens_repeating"] * tokens
+        ff, tokens = jacobi["fast_forwarded_tokens"], jacobi["answer_tokens"]
+        split = FastForwardSplit(ff, round(jacobi["fast_forwarded_repeating"] * ff), tokens,
+                                 round(jacobi["answer_tokens_repeating"] * tokens))
     except KeyError:
         return None, None
-    new, rep = tokens - tok_rep, tok_rep
-    return ((ff - ff_rep) / new if new else None), (ff_rep / rep if rep else None)
+    return split.new_rate, split.repeating_rate
 
 
 def row(path: Path) -> dict:

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from decoding import DEFAULT_SPEC, DecodeConfig, ar_decode, encode, jacobi_decode, load_model, run
 from decoding.prompts import read_jsonl
+from decoding.trace import FastForwardSplit
 
 from .cli import parse, print_table
-from .collect import greedy_agreement, left_pad, repeat_flags, repeats, seq_rep
+from .collect import greedy_agreement, left_pad, repeats, seq_rep
 from .packing import align_answers, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,35 +64,25 @@ def load_pair(s: EvalSettings):
     return base, load_model(s.model, adapter=s.adapter, device=s.device, dtype=s.dtype)
 
 
-def repeated_tokens(prompt: list[int], trace) -> tuple[int, int, int, int]:
-    """Where a Jacobi decode's extra tokens come from: (fast-forwarded tokens, those that repeat text,
-    answer tokens, those that repeat text). A token repeats text when the 4-gram it ends already occurred
-    in the prompt or earlier in the answer; fast-forwarded tokens are those after the first of their pass."""
-    answer = trace.tokens
-    repeat = repeat_flags(prompt, answer)
-    ff = [it.start + j for it in trace.iterations for j in range(1, it.accepted) if it.start + j < len(answer)]
-    return len(ff), sum(repeat[p] for p in ff), len(answer), sum(repeat)
-
-
 def jacobi_speed(lm, prompts: list[list[int]], s: EvalSettings, label: str) -> tuple[dict, list[list[int]]]:
     """Mean tokens per forward of jacobi_decode over prompts; also returns the answers."""
     cfg = DecodeConfig(max_new_tokens=s.max_new_tokens, n=s.n, eos_token_ids=lm.eos_token_ids)
     rates, answers, passes, gained, t0 = [], [], 0, 0, time.perf_counter()
-    counts = [0, 0, 0, 0]
+    split = FastForwardSplit(0, 0, 0, 0)  # pooled over the prompts
     for ids in tqdm(prompts, desc=f"{label} jacobi", unit="prompt"):
         trace = run(jacobi_decode, lm.model, ids, cfg, engine=s.engine)
         rates.append(trace.mean_accepted)
         answers.append(trace.tokens)
         passes += len(trace.iterations)
         gained += sum(it.accepted for it in trace.iterations)
-        counts = [a + b for a, b in zip(counts, repeated_tokens(ids, trace))]
-    ff, ff_rep, tokens, tok_rep = counts
+        split = split + trace.fast_forward_split()
     return {"prompts": len(prompts), "tokens_per_forward": sum(rates) / max(len(rates), 1),
             "tokens_per_forward_pooled": gained / max(passes, 1), "min": min(rates, default=0.0),
             "max": max(rates, default=0.0), "answer_tokens": sum(map(len, answers)),
             # Is the speed-up made of copies? Share of repeating tokens among the fast-forwarded ones and among all.
-            "fast_forwarded_tokens": ff, "fast_forwarded_repeating": ff_rep / max(ff, 1),
-            "answer_tokens_repeating": tok_rep / max(tokens, 1),
+            "fast_forwarded_tokens": split.fast_forwarded,
+            "fast_forwarded_repeating": split.fast_forwarded_repeating / max(split.fast_forwarded, 1),
+            "answer_tokens_repeating": split.repeating / max(split.tokens, 1),
             "seconds": time.perf_counter() - t0}, answers
 
 

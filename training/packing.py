@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from decoding import encode
+from decoding.trace import repeat_flags
 
-from .collect import repeat_flags
 from .losses import first_wrong
 
 
