@@ -137,10 +137,12 @@ def pick_engine(bc: BenchConfig, models: list) -> str:
 
 
 def latency_report(lm: LoadedModel, n: int) -> dict:
-    """CUDA only: per-forward latency by window width, bandwidth achieved, and where the AR step goes."""
+    """Per-forward latency by window width and bandwidth achieved; on CUDA also where the AR step goes."""
     from . import latency
 
     engine = fast.prepare(lm.model)
+    if engine.device.type != "cuda":
+        return {"widths": latency.width_report(engine, iters=10)}
     return {
         "widths": latency.width_report(engine),
         "breakdown": [latency.kernel_breakdown(engine, w) for w in sorted({1, n})],
@@ -186,7 +188,7 @@ def bench(bc: BenchConfig) -> dict:
         "prompts": per_prompt,
         "summary": summarise(per_prompt, list(lanes)),
     }
-    if bc.engine == "fast" and base.device.type == "cuda":
+    if bc.engine == "fast":
         result["latency"] = latency_report(base, bc.n)
     if bc.out:
         Path(bc.out).parent.mkdir(parents=True, exist_ok=True)

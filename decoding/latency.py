@@ -1,4 +1,6 @@
-"""Per-forward latency of the fast engine by window width, and the memory bandwidth it achieves (CUDA only).
+"""Per-forward latency of the fast engine by window width, and the memory bandwidth it achieves.
+
+On CUDA also the graph replay alone and a kernel breakdown; on the CPU the whole step only.
 
 A forward must read every weight once (and the K/V it attends to), so bytes read / time is the
 bandwidth achieved; bytes / the card's peak is the floor no kernel can beat. For a small model the
@@ -23,6 +25,8 @@ PEAK_BANDWIDTH = {  # bytes/s of HBM, by a substring of torch.cuda.get_device_na
 
 
 def peak_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
     name = torch.cuda.get_device_name(device)
     return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
 
@@ -63,13 +67,14 @@ def width_report(engine: FastEngine, widths=WIDTHS, context: int = 256, iters: i
     L = next(b for b in engine.buckets if b >= context + max(widths))
     rows = []
     for W in widths:
-        graph = engine.graphs[(W, L)][0]
-        graph_ms = _events_ms(graph.replay, iters, engine.device)
+        step_ms = _step_ms(engine, W, L - W, iters)
+        # With graphs, the replay alone on the GPU's clock; without (CPU), the whole step is the forward.
+        graph_ms = _events_ms(engine.graphs[(W, L)][0].replay, iters, engine.device) if engine.use_graphs else None
         weights, kv = engine.model.weight_bytes(), engine.model.kv_bytes(L)
-        bandwidth = (weights + kv) / (graph_ms / 1000)
+        bandwidth = (weights + kv) / ((graph_ms or step_ms) / 1000)
         rows.append({
             "width": W, "keys": L, "graph_ms": graph_ms,
-            "step_ms": _step_ms(engine, W, L - W, iters),
+            "step_ms": step_ms,
             "weight_bytes": weights, "kv_bytes": kv, "bandwidth_Bps": bandwidth,
             "bandwidth_frac": bandwidth / peak if peak else None,
             "floor_ms": (weights + kv) / peak * 1000 if peak else None,
@@ -148,8 +153,9 @@ def format_widths(rows: list[dict]) -> str:
     for r in rows:
         frac = f"{100 * r['bandwidth_frac']:6.1f}" if r["bandwidth_frac"] is not None else "     -"
         floor = f"{r['floor_ms']:.3f}" if r["floor_ms"] is not None else "-"
+        graph = f"{r['graph_ms']:9.3f}" if r["graph_ms"] is not None else f"{'-':>9}"
         lines.append(
-            f"{r['width']:5d} {r['keys']:5d} {r['graph_ms']:9.3f} {r['step_ms']:8.3f} "
+            f"{r['width']:5d} {r['keys']:5d} {graph} {r['step_ms']:8.3f} "
             f"{(r['weight_bytes'] + r['kv_bytes']) / 1e6:8.1f} {r['bandwidth_Bps'] / 1e9:6.0f} {frac}  {floor}"
         )
     return "\n".join(lines)

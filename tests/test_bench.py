@@ -48,3 +48,19 @@ def test_bench_lanes_flag_rejects_unknown_lanes(tiny_model_dir):
 
     with pytest.raises(SystemExit):
         bench.main(["--model", str(tiny_model_dir), "--lanes", "base_ar,warp_drive", "--device", "cpu"])
+
+
+def test_bench_on_the_cpu_fast_engine_reports_forward_time_by_width(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n')
+    out = tmp_path / "r.json"
+    code = bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "8",
+                       "--device", "cpu", "--engine", "fast", "--lanes", "base_jacobi", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["config"]["engine"] == "fast"
+    assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
+    rows = result["latency"]["widths"]  # no graphs on the CPU: the whole step is the forward
+    assert [r["width"] for r in rows] == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert all(r["graph_ms"] is None and r["step_ms"] > 0 and r["bandwidth_frac"] is None for r in rows)
+    assert "one forward by window width" in capsys.readouterr().out
