@@ -64,3 +64,25 @@ def test_bench_on_the_cpu_fast_engine_reports_forward_time_by_width(tiny_model_d
     assert [r["width"] for r in rows] == [1, 2, 4, 8, 16, 32, 64, 128]
     assert all(r["graph_ms"] is None and r["step_ms"] > 0 and r["bandwidth_frac"] is None for r in rows)
     assert "one forward by window width" in capsys.readouterr().out
+
+
+def test_bench_in_thread_times_the_lanes_in_a_second_thread(tiny_model_dir, tmp_path, monkeypatch):
+    import threading
+
+    seen = []
+    real = bench.run_timed
+
+    def spy(fn, in_thread):
+        seen.append(in_thread)
+        return real(lambda: (seen.append(threading.current_thread().name), fn()), in_thread)
+
+    monkeypatch.setattr(bench, "run_timed", spy)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n')
+    out = tmp_path / "r.json"
+    assert bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "8",
+                       "--device", "cpu", "--lanes", "base_jacobi", "--in-thread", "--out", str(out)]) == 0
+    assert seen == [True, "bench-lanes"]
+    result = json.loads(out.read_text())
+    assert result["meta"]["config"]["in_thread"] is True and len(result["prompts"]) == 1
+    assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
