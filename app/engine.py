@@ -33,9 +33,13 @@ class TorchThread:
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jacobi-lens-torch")
+        self._ident = self._pool.submit(threading.get_ident).result()
 
     def call(self, fn: Callable, *args):
-        """fn(*args) on the torch thread; returns its result or raises its exception."""
+        """fn(*args) on the torch thread; returns its result or raises its exception. Called from the torch
+        thread itself, it runs at once (waiting for its own queue would never end)."""
+        if threading.get_ident() == self._ident:
+            return fn(*args)
         return self._pool.submit(fn, *args).result()
 
     def stream(self, steps: Iterator) -> Iterator:

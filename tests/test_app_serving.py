@@ -115,6 +115,7 @@ def test_on_a_cpu_machine_loads_and_decodes_run_on_one_torch_thread(tiny_model_d
     stream.close()
     with pytest.raises(ZeroDivisionError):
         host.call(lambda: 1 / 0)
+    assert host.call(lambda: host.call(lambda: threading.current_thread().name)) == names[0]  # nested: no deadlock
     # where a GPU may hold the models (or on ZeroGPU Spaces), everything stays on the caller's thread
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     assert engine.torch_thread() is None
