@@ -212,6 +212,10 @@ def test_results_are_read_from_benchmark_json(tmp_path):
     assert "| base_ar | 10.0 | 1.00 | 1.00× | — |" in md
     assert "| base_jacobi | 5.0 | 1.29 | 0.50× | 100% of prompts vs base_ar |" in md
     assert "No benchmark results are committed yet" in about.results_markdown([])
+    # the engine, and a run timed in a second thread, are named in the header
+    result["meta"]["config"] = {"engine": "fast", "in_thread": True}
+    md = about.results_markdown([result | {"_file": "c.json"}])
+    assert "**c.json** (x86_64, float32, fast engine, timed in a second thread, n = 16, 128 new tokens)" in md
 
 
 def test_about_tab_shows_the_shipped_cllm_with_its_cost(tmp_path):
