@@ -13,7 +13,7 @@ import torch
 from decoding import DecodeConfig, LoadedModel, ModelLoadError, ar_decode, jacobi_decode, load_model, run
 
 NO_ADAPTER = "none"  # --adapter none: no CLLM lanes even when the shipped adapter exists
-ENGINES = ("auto", "eager", "fast")  # auto: the fast engine (static cache, CUDA graphs) on CUDA for Llama models
+ENGINES = ("auto", "eager", "fast")  # auto: the fast engine (static cache; CUDA graphs on a GPU) on CUDA and CPU for Llama models
 
 
 def _log(msg: str) -> None:

@@ -111,8 +111,9 @@ def rope_tables(args: StaticArgs, max_len: int, device, dtype) -> tuple[torch.Te
     return emb.cos().to(dtype), signed_sin.to(dtype)
 
 
-def project(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] -> (residual +) x @ w.T [T, out], w [out, in] as stored by nn.Linear.
+def project(x: torch.Tensor, w, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] -> (residual +) x @ w.T [T, out], w [out, in] as stored by nn.Linear (or, on the CPU, a tuple of
+    such weights whose outputs are concatenated: the unfused q|k|v and gate|up).
 
     On the GPU one F.linear or addmm kernel. On the CPU as w @ x.T, with a lone token doubled: F.linear's GEMV (one
     token) and small-window GEMM were the slow part there. On a 2-core x86 CPU (float32, SmolLM2-135M + our CLLM) the
@@ -121,7 +122,9 @@ def project(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = No
     """
     if x.device.type != "cpu":
         return F.linear(x, w) if residual is None else torch.addmm(residual, x, w.t())
-    out = torch.mm(w, (x.repeat(2, 1) if x.shape[0] == 1 else x).t())[:, : x.shape[0]].t()  # [T, out], a view
+    xt = (x.repeat(2, 1) if x.shape[0] == 1 else x).t()
+    out = torch.cat([torch.mm(wi, xt) for wi in w]) if isinstance(w, tuple) else torch.mm(w, xt)
+    out = out[:, : x.shape[0]].t()  # [T, out], a view
     return out if residual is None else residual + out
 
 
@@ -139,13 +142,15 @@ class StaticLlama(nn.Module):
         self.lm_head = hf_model.get_output_embeddings().weight  # [V, dim], the same tensor when tied
         self.final_norm = hf_model.model.norm.weight
         self.layers = []
+        # On a GPU one GEMM instead of three (q|k|v) and two (gate|up): fewer kernels per step, for a fused copy of
+        # those weights. On the CPU, where launches cost nothing, the model's own weights: no copy.
+        fuse = torch.cat if device.type != "cpu" else tuple
         for layer in hf_model.model.layers:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append({
-                # one GEMM instead of three (q|k|v) and two (gate|up): fewer kernels per step
-                "wqkv": torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),  # [(H+2KV)*D, dim]
+                "wqkv": fuse([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),  # [(H+2KV)*D, dim]
                 "wo": att.o_proj.weight,  # [dim, H*D]
-                "w13": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),  # [2I, dim]
+                "w13": fuse([mlp.gate_proj.weight, mlp.up_proj.weight]),  # [2I, dim]
                 "w2": mlp.down_proj.weight,  # [dim, I]
                 "attn_norm": layer.input_layernorm.weight,
                 "mlp_norm": layer.post_attention_layernorm.weight,
@@ -160,7 +165,8 @@ class StaticLlama(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of weights one forward reads (the embedding rows it gathers are negligible)."""
-        tensors = [self.lm_head, self.final_norm] + [w for layer in self.layers for w in layer.values()]
+        tensors = [self.lm_head, self.final_norm] + [
+            t for layer in self.layers for w in layer.values() for t in (w if isinstance(w, tuple) else (w,))]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def kv_bytes(self, attend_len: int) -> int:

@@ -65,20 +65,21 @@ def test_no_remote_code_anywhere_in_the_app():
         assert "trust_remote_code" not in path.read_text()
 
 
-def test_engines_auto_is_eager_on_cpu_and_fast_gives_the_same_race(tiny_model_dir):
+def test_engines_auto_is_fast_on_cpu_and_eager_gives_the_same_race(tiny_model_dir):
     from app.race import run_race
 
     results = {}
-    for choice in ("auto", "fast"):
+    for choice in ("auto", "eager"):
         host = ModelHost(str(tiny_model_dir), None, device="cpu", dtype="float32", engine=choice)
         assert host.load() is True, host.error
-        assert host.engine == {"auto": "eager", "fast": "fast"}[choice]
+        assert host.engine == {"auto": "fast", "eager": "eager"}[choice]
+        assert f"{host.engine} engine" in host.describe()
         race = new_race(host, "Write a haiku about the sea.", 8, 24)
         for race in run_race(host, race, engine=host.engine):
             pass
         results[choice] = [r.trace.tokens for r in race.runs]
         host.release()
-    assert results["auto"] == results["fast"] and results["fast"][0] == results["fast"][1]
+    assert results["auto"] == results["eager"] and results["auto"][0] == results["auto"][1]
 
 
 def test_on_a_cpu_machine_loads_and_decodes_run_on_one_torch_thread(tiny_model_dir, monkeypatch):
