@@ -26,9 +26,9 @@ class TorchThread:
     Why: torch's CPU threads (OpenMP) serve the first thread that uses them at full speed; another thread that
     uses them later (a web server's handler, after the main thread loaded the models) gets them with slow
     wake-ups, which costs most on the many small matrix products of a 135M model's decode. On this project's
-    2-core CPU (float32, 8 prompts, n = 16, 128 tokens) a second thread ran base AR at 24.4 tok/s against 25.9
-    and CLLM Jacobi at 15.7 against 18.5 on the eager engine, and 29.6 against 49.6 and 17.4 against 24.6 on the
-    fast one (assets/results/cpu_bench_thread_*_fp32_n16_t128_8prompts.json against cpu_bench_{eager,fast}_...).
+    2-core CPU (float32, 8 prompts, n = 16, 128 tokens) a second thread ran CLLM Jacobi at 15.7 tok/s against 18.5
+    on the eager engine, and AR at 29.6 against 49.6 on the fast engine with fused weights
+    (assets/results/cpu_bench_thread_*.json against cpu_bench_eager_... and history/cpu_bench_fast_fused_...).
     """
 
     def __init__(self):

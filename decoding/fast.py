@@ -49,7 +49,7 @@ def supports(model) -> str | None:
 def default_engine(model) -> str:
     """``fast`` on CUDA and on the CPU for the supported architectures, ``eager`` elsewhere (MPS, other models).
 
-    On a 2-core CPU the fast engine ran AR 1.9x and Jacobi 1.3x as fast as eager, with the same tokens
+    On a 2-core CPU the fast engine ran AR 1.7x and Jacobi 1.2x as fast as eager, with the same tokens
     (assets/results/cpu_engine_fast_vs_eager.json); there it holds a cache of the model's whole context."""
     device = next(model.parameters()).device.type
     return "fast" if device in ("cuda", "cpu") and supports(model) is None else "eager"

@@ -117,8 +117,8 @@ def project(x: torch.Tensor, w, residual: torch.Tensor | None = None) -> torch.T
 
     On the GPU one F.linear or addmm kernel. On the CPU as w @ x.T, with a lone token doubled: F.linear's GEMV (one
     token) and small-window GEMM were the slow part there. On a 2-core x86 CPU (float32, SmolLM2-135M + our CLLM) the
-    fast engine with this form ran AR at 20.2 ms a forward against the eager engine's 38.6, and Jacobi (n = 16) at
-    56.2 against 74.7 ms, with the same tokens (assets/results/cpu_engine_fast_vs_eager.json).
+    fast engine with this form ran AR at 23.6 ms a forward against the eager engine's 40.4, and Jacobi (n = 16) at
+    62.5 against 74.5 ms, with the same tokens (assets/results/cpu_engine_fast_vs_eager.json).
     """
     if x.device.type != "cpu":
         return F.linear(x, w) if residual is None else torch.addmm(residual, x, w.t())
