@@ -334,6 +334,68 @@ def test_full_fine_tuning_saves_a_model_that_decodes_losslessly(tmp_path):
     assert run(jacobi_decode, after.model, ids, cfg).tokens == run(ar_decode, after.model, ids, cfg).tokens
 
 
+def test_full_fine_tuning_of_the_targets_extracts_into_an_adapter(tmp_path):
+    """--full-scope targets trains only the LoRA target matrices; training.extract turns the change into a LoRA:
+    at full rank base + adapter is the tuned model, under a size budget it keeps the largest singular values."""
+    from training import extract
+
+    folder, prompts, _ = tiny_inputs(tmp_path)
+    collect.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "traj"), "--n", "4",
+                  "--max-new-tokens", "16", "--batch", "4", "--device", "cpu"])
+    train.main(["--model", str(folder), "--data", str(tmp_path / "traj"), "--out", str(tmp_path / "full"),
+                "--lora-rank", "0", "--full-scope", "targets", "--lr", "1e-2", "--batch", "4", "--max-steps", "2",
+                "--device", "cpu"])
+    from decoding import load_model
+
+    saved = tmp_path / "full" / "model"
+    base, tuned = load_model(str(folder), device="cpu", dtype="float32"), load_model(str(saved), device="cpu", dtype="float32")
+    before = dict(base.model.named_parameters())
+    moved = {n for n, w in tuned.model.named_parameters() if not torch.equal(w, before[n])}
+    assert moved == {f"model.layers.{i}.{m}.weight" for i in range(2) for m in
+                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+    ids = torch.tensor([encode(tuned.tokenizer, PROMPTS[3])])
+    with torch.no_grad():
+        want = tuned.model(ids).logits
+    # Full rank (32 >= every matrix's smaller side), float32 factors: the same model up to rounding.
+    report = extract.main(["--model", str(saved), "--base", str(folder), "--out", str(tmp_path / "exact"), "--rank", "32",
+                           "--save-dtype", "float32", "--device", "cpu"])
+    assert report["kept_energy"] == pytest.approx(1.0) and report["other_changes_norm"] == {}
+    merged = load_model(str(folder), adapter=str(tmp_path / "exact"), device="cpu", dtype="float32")
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(ids).logits, want, atol=1e-4, rtol=1e-4)
+    assert json.loads((tmp_path / "exact" / "training_settings.json").read_text())["settings"]["full_scope"] == "targets"
+
+    # A budget of a quarter of the full-rank parameters: uneven ranks, most of the energy, a smaller file.
+    full_params = sum(r * (p.shape[0] + p.shape[1]) for r, p in
+                      ((min(p.shape), p) for n, p in tuned.model.named_parameters() if n in moved))
+    budget_mib = full_params * 4 / 4 / (1 << 20)
+    small = extract.main(["--model", str(saved), "--base", str(folder), "--out", str(tmp_path / "small"), "--rank", "0",
+                          "--max-mib", str(budget_mib), "--save-dtype", "float32", "--device", "cpu"])
+    assert 0.4 < small["kept_energy"] < 1.0 and small["rank_min"] < small["rank_max"]
+    assert small["file_mib"] < report["file_mib"] / 2
+    lean = load_model(str(folder), adapter=str(tmp_path / "small"), device="cpu", dtype="float32")
+    gen = encode(lean.tokenizer, PROMPTS[1])
+    cfg = DecodeConfig(max_new_tokens=16, n=4, eos_token_ids=lean.eos_token_ids)
+    assert run(jacobi_decode, lean.model, gen, cfg).tokens == run(ar_decode, lean.model, gen, cfg).tokens
+
+
+def test_extract_allocates_ranks_by_singular_value_per_parameter():
+    from training.extract import Delta, allocate
+
+    def delta(name, out, inp, values):
+        k = len(values)
+        return Delta(name, torch.zeros(out, k), torch.tensor(values), torch.zeros(k, inp))
+
+    # costs 10 and 20 a rank; value^2 per parameter: a: 10, 2.5, 0.1; b: 20, 0.05
+    a, b = delta("a", 5, 5, [10.0, 5.0, 1.0]), delta("b", 10, 10, [20.0, 1.0])
+    assert allocate([a, b], 30) == [1, 1]
+    assert allocate([a, b], 40) == [2, 1]
+    assert allocate([a, b], 25) == [0, 1]  # b's first rank pays most; a's no longer fits after it
+    assert allocate([a, b], 1000) == [3, 2]
+
+
 @pytest.mark.slow
 def test_training_on_two_processes(tmp_path):
     """Two processes (gloo on CPU; one per GPU through accelerate launch on a GPU machine): each takes its share

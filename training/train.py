@@ -50,6 +50,7 @@ class TrainSettings:
     lora_rank: int = 24  # LoRA rank; 0 = full fine-tuning (saves the whole model)
     lora_alpha: int = 48  # LoRA scaling numerator (scale = alpha / rank)
     lora_targets: str = ALL_LINEAR  # comma-separated module names that get LoRA
+    full_scope: str = "all"  # with --lora-rank 0: "all" trains every weight; "targets" only the lora_targets matrices (the full-rank update a LoRA approximates: python -m training.extract turns it into an adapter)
     init_adapter: str = ""  # start from this LoRA adapter folder (its rank and targets win), e.g. a second phase
     save_dtype: str = "bfloat16"  # dtype of the saved adapter (bf16: r=24 on all linear layers is 14 MB)
     teacher: str = "base"  # consistency target: "base" (frozen base model on the clean block; ours) or "self" (own detached clean logits, the papers)
@@ -159,14 +160,25 @@ def build_model(s: TrainSettings):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                         target_modules=[t.strip() for t in s.lora_targets.split(",") if t.strip()])
+                         target_modules=sorted(target_names(s.lora_targets)))
         model = get_peft_model(model, cfg)
+    elif s.full_scope == "targets":
+        targets = target_names(s.lora_targets)
+        model.requires_grad_(False)
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in targets:
+                module.weight.requires_grad_(True)
     else:
         model.requires_grad_(True)
     # With LoRA the base is the same model with its adapter disabled; full fine-tuning needs a frozen copy.
     base = load_model(s.model, device="cpu", dtype="float32").model if needs_base and not is_lora(s) else None
     model.train()
     return model, base, pad_id, lm.tokenizer, set(lm.eos_token_ids)
+
+
+def target_names(targets: str) -> set[str]:
+    """The module names of a comma-separated --lora-targets."""
+    return {t.strip() for t in targets.split(",") if t.strip()}
 
 
 def make_schedule(s: TrainSettings, total: dict):
@@ -304,6 +316,8 @@ def main(argv=None) -> None:
         accelerator.print(f"--max-rep {s.max_rep}: kept {len(samples)} of {collected} samples")
         if not samples:
             raise SystemExit(f"--max-rep {s.max_rep} drops all {collected} samples: raise it")
+    if s.full_scope not in ("all", "targets"):
+        raise SystemExit(f"--full-scope must be all or targets, got {s.full_scope!r}")
     if s.batch < accelerator.num_processes:
         raise SystemExit(f"--batch {s.batch} is smaller than the {accelerator.num_processes} processes: each needs a row")
     model, base, pad_id, tokenizer, eos = build_model(s)
