@@ -38,6 +38,7 @@ from .packing import PackedBatch, align_answers, pack, pick_states, reference_pa
 ROOT = Path(__file__).resolve().parent.parent
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 MIB = 1 << 20
+BUDGET_WARMUP, BUDGET_TIMED = 3, 10  # --budget-minutes times steps 4..13 of an invocation (the first ones are slow)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class TrainSettings:
     batch: int = 32  # samples per optimiser step, over all processes
     epochs: float = 1.0  # passes over the data (used when max_steps is 0 and budget_minutes is 0)
     max_steps: int = 0  # total optimiser steps (0: from epochs or budget_minutes)
-    budget_minutes: float = 0.0  # total training time over all resumes: sets max_steps from the measured speed
+    budget_minutes: float = 0.0  # total training time over all resumes: sets max_steps from the speed of steps 4..13
     max_minutes: float = 0.0  # this invocation stops (after a checkpoint) before this many minutes
     save_every: int = 200  # checkpoint every K steps (and at the end / time limit)
     keep_adapters: bool = False  # also save the adapter at every checkpoint as out/adapter-step<N> (to evaluate the curve)
@@ -331,6 +332,8 @@ def main(argv=None) -> None:
     if base is not None:
         base.to(accelerator.device).eval().requires_grad_(False)
     step, auto_steps = 0, bool(s.budget_minutes and not s.max_steps)
+    if auto_steps:  # at least the timed steps (the schedule runs on this provisional total until they are timed)
+        total["steps"] = max(by_epochs, BUDGET_WARMUP + BUDGET_TIMED + 1)
     if s.resume and (out / "checkpoint").exists():
         state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
         step, total["steps"], auto_steps = state["step"], state["max_steps"], False
@@ -371,7 +374,8 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
     rank, world = accelerator.process_index, accelerator.num_processes
     log_path, last, t_steps = out / "log.jsonl", {}, time.perf_counter()
     bar = tqdm(total=total["steps"], initial=step, desc="train", disable=not accelerator.is_main_process)
-    first_step = step
+    first_step = log_step = step
+    t_log = t_warm = t_steps
     while step < total["steps"]:
         idx = batch_indices(step, s.batch, len(samples), s.seed)[rank::world]
         b = make_batch(samples, idx, s, step, pad_id).to(accelerator.device)
@@ -395,16 +399,21 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        if auto_steps and step == first_step + 5:
-            per_step = agree(accelerator, (time.perf_counter() - t_steps) / 5)
-            total["steps"] = max(step + 1, int(s.budget_minutes * 60 / per_step))
+        if auto_steps and step == first_step + BUDGET_WARMUP:
+            t_warm = time.perf_counter()  # the first steps are slow (allocator, kernels' first launches): not timed
+        if auto_steps and step == first_step + BUDGET_WARMUP + BUDGET_TIMED:
+            per_step = agree(accelerator, (time.perf_counter() - t_warm) / BUDGET_TIMED)
+            left = s.budget_minutes * 60 - (time.perf_counter() - t_steps)
+            total["steps"] = max(step + 1, step + int(left / per_step))
             bar.total = total["steps"]
             accelerator.print(f"{per_step:.3f} s/step -> max_steps = {total['steps']} for {s.budget_minutes} min")
         if step % s.log_every == 0 or step == total["steps"]:
             # means over the processes (each saw its share of the batch); note: CPU-GPU sync point
             last = {k: float(accelerator.reduce(v.detach().float(), "mean")) for k, v in losses.items()}
-            last |= {"step": step, "lr": scheduler.get_last_lr()[0], "s_per_step": (time.perf_counter() - t_steps) / max(step - first_step, 1),
-                     "elapsed_min": (time.perf_counter() - t_start) / 60}
+            now = time.perf_counter()
+            last |= {"step": step, "lr": scheduler.get_last_lr()[0], "s_per_step": (now - t_steps) / max(step - first_step, 1),
+                     "s_per_step_recent": (now - t_log) / max(step - log_step, 1), "elapsed_min": (now - t_start) / 60}
+            t_log, log_step = now, step
             if accelerator.is_main_process:
                 log_line(log_path, last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", gain=f"{last['gain']:.2f}")
