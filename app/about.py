@@ -88,7 +88,11 @@ def results_markdown(results: list[dict]) -> str:
     for res in results:
         meta = res.get("meta", {})
         env, decode = meta.get("env", {}), meta.get("decode", {})
+        config = meta.get("config", {})
+        engine = config.get("engine") if config.get("engine") in ("eager", "fast") else None
         where = ", ".join(str(x) for x in (env.get("device_name") or env.get("device"), env.get("dtype"),
+                                           f"{engine} engine" if engine else None,
+                                           "timed in a second thread" if config.get("in_thread") else None,
                                            f"n = {decode['n']}" if "n" in decode else None,
                                            f"{decode['max_new_tokens']} new tokens" if "max_new_tokens" in decode else None) if x)
         exact = res["summary"].get("exact_match", {})

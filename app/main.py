@@ -20,7 +20,7 @@ class AppConfig:
     cllm_model: str | None = None  # a full CLLM checkpoint instead of an adapter (e.g. a published preset)
     device: str = "auto"  # auto picks CUDA, then MPS, then CPU
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
-    engine: str = "auto"  # auto: the fast engine on CUDA for Llama models, else eager
+    engine: str = "auto"  # auto: the fast engine on CUDA and CPU for Llama models, else eager
     cache_dir: str | None = None  # where the embedded model is prepared (default $CLLM_CACHE_DIR or ~/.cache/jacobi-lens)
     host: str | None = None  # None: Gradio's default (127.0.0.1, or $GRADIO_SERVER_NAME)
     port: int | None = None  # None: Gradio's default (7860, or $GRADIO_SERVER_PORT)
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     p.add_argument("--cllm-model", default=None, help="a full CLLM checkpoint to race instead of base + adapter")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES))
-    p.add_argument("--engine", default="auto", choices=ENGINES, help="decoding engine (auto: fast on CUDA for Llama models)")
+    p.add_argument("--engine", default="auto", choices=ENGINES, help="decoding engine (auto: fast on CUDA and CPU for Llama models)")
     p.add_argument("--cache-dir", default=None, help="folder for the prepared embedded model")
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; $GRADIO_SERVER_NAME works too)")
     p.add_argument("--port", type=int, default=None, help="port (default 7860; $GRADIO_SERVER_PORT works too)")

@@ -132,16 +132,21 @@ def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str
     """Run the lanes one after another (never at once, so each timing is clean), yielding the race as it goes.
 
     Yields at most every ``stream_every`` seconds while a lane runs, and once when each lane ends.
-    Closing the generator stops the race (the running lane is left as it was).
+    Closing the generator stops the race (the running lane is left as it was), and so does ``stop_race`` on the
+    same race: the next step sees the mark and ends.
     """
     prompt_ids = encode(host.base.tokenizer, race.prompt)
     for run in race.runs:
+        if any(r.status == "stopped" for r in race.runs):
+            return  # stop_race() was called on this race: no lane starts after it
         loaded = host.base if run.lane.model == "base" else host.cllm
         detok = Detokenizer(loaded.tokenizer)
         run.status = "running"
         yield race
         last = time.perf_counter()
         for trace in clean_timing(DECODERS[run.lane.method](loaded.model, prompt_ids, race.settings, engine=engine)):
+            if run.status == "stopped":  # the Stop button's handler marked it, even if the generator was not closed
+                return
             run.trace = trace
             if trace.done or time.perf_counter() - last >= stream_every:
                 run.pieces, run.special = detok.update(trace.tokens)

@@ -76,6 +76,7 @@ def verdict(race: Race) -> str:
             speed = f", {num['speedup']:.2f}× the AR lane's speed" if num["speedup"] else ""
             parts.append(f"{escape(run.lane.label)}: {num['mean_accepted']:.2f} tokens per forward{speed}")
     line = "Done. " + ("; ".join(parts) + ". " if parts else "")
+    line += fast_forward_note(race)
     cost = pass_cost(race)
     if cost is not None:
         line += (f"Here one Jacobi pass (a window of {race.settings.n}) took {cost:.1f}× the time of an AR pass, "
@@ -84,6 +85,21 @@ def verdict(race: Race) -> str:
     if base and base.status == "done" and base.trace.mean_accepted < 1.5:
         line += "A model trained only for AR rarely guesses right after a wrong token, so plain Jacobi gains little (see About). "
     return line + "Press **Replay** to watch the lanes side by side."
+
+
+def fast_forward_note(race: Race) -> str:
+    """Where the fastest Jacobi lane's extra tokens came from: repeated text or new text (a teaching point:
+    a small CLLM fast-forwards mostly text that repeats what is already there)."""
+    runs = [r for r in race.finished if r.lane.method == "jacobi"]
+    if not runs:
+        return ""
+    run = max(runs, key=lambda r: r.trace.mean_accepted)
+    split = run.trace.fast_forward_split()
+    if not split.fast_forwarded or split.new_rate is None or split.repeating_rate is None:
+        return ""
+    return (f"{escape(run.lane.label)} fast-forwarded (got after the first token of a pass) "
+            f"{split.repeating_rate:.0%} of the answer's tokens that repeat a 4-gram already in the prompt or answer, "
+            f"and {split.new_rate:.0%} of its new text. ")
 
 
 def lane_html(race: Race, run: LaneRun) -> str:

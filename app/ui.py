@@ -59,7 +59,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             raise gr.Error(str(exc), title="Cannot start the race") from None
         total = len(race.runs)
         try:
-            for race in run_race(host, race, engine=host.engine):
+            for race in host.stream(run_race(host, race, engine=host.engine)):
                 running = next((i for i, r in enumerate(race.runs) if r.status == "running"), None)
                 status = f"Running lane {running + 1} of {total}: **{race.runs[running].lane.label}** …" if running is not None else ""
                 yield render.board_html(race), status, race
@@ -112,7 +112,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
         """
         try:
             race = new_race(host, prompt, n, max_new_tokens, "random", DEFAULT_LANES, limit=max_new_tokens_limit)
-            for race in run_race(host, race, stream_every=math.inf, engine=host.engine):
+            for race in host.stream(run_race(host, race, stream_every=math.inf, engine=host.engine)):
                 pass
         except ValueError as exc:
             raise gr.Error(str(exc)) from None

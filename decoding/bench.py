@@ -45,7 +45,7 @@ class BenchConfig:
     init: str = "random"  # initial guesses of the Jacobi window
     device: str = "auto"  # auto / cuda / mps / cpu
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) / float32 / bfloat16 / float16
-    engine: str = "auto"  # eager (transformers), fast (static cache + CUDA graphs), auto: fast on CUDA where supported
+    engine: str = "auto"  # eager (transformers), fast (static cache + CUDA graphs), auto: fast on CUDA and CPU where supported
     seed: int = 0  # seed of the initial guesses
     out: str | None = None  # where to write the JSON result
     lanes: tuple[str, ...] = LANES  # lanes to run (base_ar is the speed reference)
@@ -254,7 +254,7 @@ def parse_args(argv=None) -> BenchConfig:
     ap.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
     ap.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
     ap.add_argument("--engine", choices=("auto", "eager", "fast"), default=d.engine,
-                    help="decoding session (auto: fast on CUDA for Llama models, else eager)")
+                    help="decoding session (auto: fast on CUDA and CPU for Llama models, else eager)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", default=None, help="write the JSON result here")
     ap.add_argument("--in-thread", action="store_true",

@@ -47,10 +47,12 @@ def supports(model) -> str | None:
 
 
 def default_engine(model) -> str:
-    """``fast`` on CUDA for the supported architectures, ``eager`` elsewhere (on the CPU: ``--engine fast`` is faster,
-    assets/results/cpu_engine_fast_vs_eager.json, but holds a cache of the model's whole context)."""
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    return "fast" if on_cuda and supports(model) is None else "eager"
+    """``fast`` on CUDA and on the CPU for the supported architectures, ``eager`` elsewhere (MPS, other models).
+
+    On a 2-core CPU the fast engine ran AR 1.7x and Jacobi 1.2x as fast as eager, with the same tokens
+    (assets/results/cpu_engine_fast_vs_eager.json); there it holds a cache of the model's whole context."""
+    device = next(model.parameters()).device.type
+    return "fast" if device in ("cuda", "cpu") and supports(model) is None else "eager"
 
 
 def kv_buckets(max_len: int) -> list[int]:

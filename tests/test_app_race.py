@@ -107,6 +107,20 @@ def test_stopping_mid_lane_leaves_the_host_ready(host):
     assert all(r.status == "done" for r in again.runs)
 
 
+def test_stop_race_ends_a_race_whose_generator_is_never_closed(host):
+    race = new_race(host, PROMPT, 8, 64)
+    stream = run_race(host, race, stream_every=0)
+    for _ in range(4):
+        next(stream)
+    running = next(r for r in race.runs if r.status == "running")
+    steps = len(running.trace.iterations) if running.trace else 0
+    stop_race(race)  # what the Stop button's handler does; the server may keep iterating the generator
+    assert list(stream) == []  # the next step sees the mark: no more frames, no later lane starts
+    # at most the one forward that was under way when the mark was set
+    assert running.status == "stopped" and (len(running.trace.iterations) if running.trace else 0) <= steps + 1
+    assert all(r.status == "waiting" for r in race.runs[race.runs.index(running) + 1:])
+
+
 def fake_decoder(steps: int, cost: float):
     """A decoder-shaped generator whose forwards take ``cost`` seconds each."""
     trace = DecodeTrace(method="jacobi", n=4, prompt_ids=[1])

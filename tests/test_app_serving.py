@@ -65,17 +65,60 @@ def test_no_remote_code_anywhere_in_the_app():
         assert "trust_remote_code" not in path.read_text()
 
 
-def test_engines_auto_is_eager_on_cpu_and_fast_gives_the_same_race(tiny_model_dir):
+def test_engines_auto_is_fast_on_cpu_and_eager_gives_the_same_race(tiny_model_dir):
     from app.race import run_race
 
     results = {}
-    for choice in ("auto", "fast"):
+    for choice in ("auto", "eager"):
         host = ModelHost(str(tiny_model_dir), None, device="cpu", dtype="float32", engine=choice)
         assert host.load() is True, host.error
-        assert host.engine == {"auto": "eager", "fast": "fast"}[choice]
+        assert host.engine == {"auto": "fast", "eager": "eager"}[choice]
+        assert f"{host.engine} engine" in host.describe()
         race = new_race(host, "Write a haiku about the sea.", 8, 24)
         for race in run_race(host, race, engine=host.engine):
             pass
         results[choice] = [r.trace.tokens for r in race.runs]
         host.release()
-    assert results["auto"] == results["fast"] and results["fast"][0] == results["fast"][1]
+    assert results["auto"] == results["eager"] and results["auto"][0] == results["auto"][1]
+
+
+def test_on_a_cpu_machine_loads_and_decodes_run_on_one_torch_thread(tiny_model_dir, monkeypatch):
+    import threading
+
+    import torch
+
+    from app import engine
+    from app.race import run_race
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    thread = engine.torch_thread()
+    assert thread is not None and engine.torch_thread() is thread  # one per process
+    names = []
+    host = ModelHost(str(tiny_model_dir), None, device="cpu", dtype="float32")
+    real_load = host._load
+    host._load = lambda *a: (names.append(threading.current_thread().name), real_load(*a))[1]
+    assert host.load() is True
+    race = new_race(host, "Write a haiku about the sea.", 8, 12)
+
+    def steps():
+        for r in run_race(host, race, engine=host.engine):
+            names.append(threading.current_thread().name)
+            yield r
+
+    seen = list(host.stream(steps()))
+    assert seen and all(r.status == "done" for r in seen[-1].runs)
+    assert set(names) == {names[0]} and names[0].startswith("jacobi-lens-torch")
+    assert names[0] != threading.current_thread().name
+    # closing the stream early closes the decoder on that thread, and errors come back to the caller
+    stream = host.stream(steps())
+    next(stream)
+    stream.close()
+    with pytest.raises(ZeroDivisionError):
+        host.call(lambda: 1 / 0)
+    assert host.call(lambda: host.call(lambda: threading.current_thread().name)) == names[0]  # nested: no deadlock
+    # where a GPU may hold the models (or on ZeroGPU Spaces), everything stays on the caller's thread
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert engine.torch_thread() is None
+    gen = iter([1, 2])
+    assert host.stream(gen) is gen and host.call(lambda: threading.current_thread().name) == threading.current_thread().name

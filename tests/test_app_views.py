@@ -70,8 +70,15 @@ def test_verdict_after_a_race(race):
     cost = race_mod.pass_cost(race)
     assert cost == pytest.approx(per[1] / per[0])
     assert f"took {cost:.1f}× the time of an AR pass, so Jacobi outruns AR only above {cost:.1f} tokens per forward" in line
+    # where the fastest Jacobi lane's extra tokens came from, by kind of text (here 1 of 25 repeating tokens and
+    # 2 of 23 new ones were fast-forwarded)
+    split = race.run("cllm_jacobi").trace.fast_forward_split()
+    assert split.fast_forwarded == 3 and split.repeating_rate is not None and split.new_rate is not None
+    assert (f"Jacobi · CLLM fast-forwarded (got after the first token of a pass) {split.repeating_rate:.0%} of the "
+            f"answer's tokens that repeat a 4-gram") in line and f"and {split.new_rate:.0%} of its new text" in line
     only_jacobi = Race(race.prompt, race.settings, race.model_name, race.device, [race.run("base_jacobi")])
     assert race_mod.pass_cost(only_jacobi) is None and "outruns" not in render.verdict(only_jacobi)
+    assert "fast-forwarded (got after" not in render.verdict(only_jacobi)  # it fast-forwarded nothing
 
 
 def test_board_before_a_race_and_while_waiting(host):
@@ -205,6 +212,10 @@ def test_results_are_read_from_benchmark_json(tmp_path):
     assert "| base_ar | 10.0 | 1.00 | 1.00× | — |" in md
     assert "| base_jacobi | 5.0 | 1.29 | 0.50× | 100% of prompts vs base_ar |" in md
     assert "No benchmark results are committed yet" in about.results_markdown([])
+    # the engine, and a run timed in a second thread, are named in the header
+    result["meta"]["config"] = {"engine": "fast", "in_thread": True}
+    md = about.results_markdown([result | {"_file": "c.json"}])
+    assert "**c.json** (x86_64, float32, fast engine, timed in a second thread, n = 16, 128 new tokens)" in md
 
 
 def test_about_tab_shows_the_shipped_cllm_with_its_cost(tmp_path):

@@ -161,9 +161,10 @@ def test_dynamic_rope_is_refused():
     assert "dynamic" in fast.supports(model)
 
 
-def test_cpu_defaults_to_eager(tiny):
+def test_cpu_defaults_to_the_fast_engine_for_supported_models(tiny):
     assert fast.supports(tiny) is None
-    assert fast.default_engine(tiny) == "eager"
+    assert fast.default_engine(tiny) == "fast"
+    assert fast.default_engine(llama(hidden_act="gelu")) == "eager"  # what it cannot run stays on eager
     # on the CPU the engine projects with the model's own q|k|v and gate|up weights: no fused copies
     layer = fast.prepare(tiny, progress=None).model.layers[0]
     assert isinstance(layer["wqkv"], tuple) and layer["wqkv"][0] is tiny.model.layers[0].self_attn.q_proj.weight
