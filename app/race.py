@@ -4,8 +4,9 @@ No Gradio here: the UI, the ``/race`` API and the tests all drive ``run_race`` a
 """
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from decoding import DecodeConfig, DecodeTrace, encode, validate
@@ -128,24 +129,31 @@ def clean_timing(steps: Iterator[DecodeTrace]) -> Iterator[DecodeTrace]:
         paused += time.perf_counter() - t
 
 
-def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str = "eager") -> Iterator[Race]:
+def never() -> bool:
+    return False
+
+
+def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str = "eager",
+             stopped: Callable[[], bool] = never) -> Iterator[Race]:
     """Run the lanes one after another (never at once, so each timing is clean), yielding the race as it goes.
 
     Yields at most every ``stream_every`` seconds while a lane runs, and once when each lane ends.
-    Closing the generator stops the race (the running lane is left as it was), and so does ``stop_race`` on the
-    same race: the next step sees the mark and ends.
+    Closing the generator stops the race (the running lane is left as it was). So does ``stopped()`` turning
+    true (the Stop button, see ``StopRequests``), or ``stop_race`` on the same race: the race ends at its next
+    step, marks the running lane stopped and starts no later lane.
     """
     prompt_ids = encode(host.base.tokenizer, race.prompt)
     for run in race.runs:
-        if any(r.status == "stopped" for r in race.runs):
-            return  # stop_race() was called on this race: no lane starts after it
+        if stopped() or any(r.status == "stopped" for r in race.runs):
+            return
         loaded = host.base if run.lane.model == "base" else host.cllm
         detok = Detokenizer(loaded.tokenizer)
         run.status = "running"
         yield race
         last = time.perf_counter()
         for trace in clean_timing(DECODERS[run.lane.method](loaded.model, prompt_ids, race.settings, engine=engine)):
-            if run.status == "stopped":  # the Stop button's handler marked it, even if the generator was not closed
+            if stopped() or run.status == "stopped":
+                run.status = "stopped"
                 return
             run.trace = trace
             if trace.done or time.perf_counter() - last >= stream_every:
@@ -157,8 +165,38 @@ def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str
         yield race
 
 
+class StopRequests:
+    """What the Stop button asked for, per browser session.
+
+    The page numbers its races 1, 2, ... as they are clicked, and Stop sends the number of its latest one: a
+    race of that session whose number is at or below it ends at its next step, or at once when it leaves the
+    queue. The race thus ends by itself and the page sees it end like any race. (Gradio's own cancel, when it
+    met a race that ended by itself at the same moment, could leave the page waiting for an end that never
+    came, and a page that waits ignores the next click on Race.)
+    """
+
+    def __init__(self):
+        self._marks: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def stop(self, session: str, number) -> None:
+        """Stop the session's races numbered up to ``number``."""
+        with self._lock:
+            self._marks[session] = max(self._marks.get(session, 0), int(number or 0))
+
+    def checker(self, session: str, number) -> Callable[[], bool]:
+        """For race ``number`` of the session: a function that says whether Stop has reached it (a race
+        without a number, as from the API, never is)."""
+        number = int(number or 0)
+        return lambda: number >= 1 and self._marks.get(session, 0) >= number
+
+    def forget(self, session: str) -> None:
+        with self._lock:
+            self._marks.pop(session, None)
+
+
 def stop_race(race: Race | None) -> None:
-    """Mark what was running as stopped (the Stop button cancelled the generator)."""
+    """Mark what was running as stopped (what the page shows at once when Stop is clicked)."""
     for run in race.runs if race else []:
         if run.status == "running":
             run.status = "stopped"

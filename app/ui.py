@@ -10,7 +10,7 @@ import torch
 
 from . import about, charts, render
 from .engine import ModelHost
-from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, new_race, race_json, run_race, stop_race
+from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, StopRequests, new_race, race_json, run_race, stop_race
 
 try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU
     import spaces
@@ -22,6 +22,10 @@ except ImportError:
 
 CSS = (Path(__file__).resolve().parent / "style.css").read_text(encoding="utf-8")
 MODEL_GROUP = "model"  # concurrency group: one generation (or model load) at a time
+STOPPED = "Stopped. The app is ready for the next race."
+# The page numbers its races; Stop sends the latest number (see race.StopRequests). The last input is the number.
+NUMBER_RACE_JS = "(...a) => { window.jlRaceNo = (window.jlRaceNo || 0) + 1; a[a.length - 1] = window.jlRaceNo; return a; }"
+LATEST_RACE_JS = "(race, no) => [race, window.jlRaceNo || 0]"
 INIT_LABELS = [("random prompt tokens (the paper)", "random"), ("the last token repeated", "repeat")]
 AXIS_LABELS = [("position in the window", "window"), ("position in the answer", "answer")]
 EXAMPLES = [  # (label, prompt): chat, code, maths, writing
@@ -51,22 +55,25 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
     def token_text(tok: int) -> str:
         return host.base.tokenizer.decode([tok]) if host.base else f"#{tok}"
 
+    stops = StopRequests()
+
     @gpu
-    def race_stream(prompt, n, max_new_tokens, init, lanes):
+    def race_stream(prompt, n, max_new_tokens, init, lanes, number, request: gr.Request):
         try:
             race = new_race(host, prompt, n, max_new_tokens, init, lanes or [], limit=max_new_tokens_limit)
         except ValueError as exc:
             raise gr.Error(str(exc), title="Cannot start the race") from None
         total = len(race.runs)
+        stopped = stops.checker(request.session_hash, number)
         try:
-            for race in host.stream(run_race(host, race, engine=host.engine)):
+            for race in host.stream(run_race(host, race, engine=host.engine, stopped=stopped)):
                 running = next((i for i, r in enumerate(race.runs) if r.status == "running"), None)
                 status = f"Running lane {running + 1} of {total}: **{race.runs[running].lane.label}** …" if running is not None else ""
                 yield render.board_html(race), status, race
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window, and try again.", title="Out of memory") from None
-        yield render.board_html(race), render.verdict(race), race
+        yield render.board_html(race), STOPPED if stopped() else render.verdict(race), race
 
     def after_race(race):
         jacobi = [(r.lane.label, r.lane.key) for r in (race.finished if race else []) if r.lane.method == "jacobi"]
@@ -93,9 +100,13 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
     def replay(race, speed, nonce):
         return render.replay_html(race, render.SPEEDS.get(speed, 1.0), nonce + 1), nonce + 1
 
-    def on_stop(race):
+    def forget_stops(request: gr.Request):
+        stops.forget(request.session_hash)
+
+    def on_stop(race, number, request: gr.Request):
+        stops.stop(request.session_hash, number)
         stop_race(race)
-        return render.board_html(race), "Stopped. The app is ready for the next race."
+        return render.board_html(race), STOPPED
 
     @gpu
     def race_api(prompt: str, n: int = 16, max_new_tokens: int = 128) -> dict:
@@ -132,6 +143,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
 
     with gr.Blocks(title="Jacobi Lens: AR vs Jacobi decoding, live") as demo:
         race_state = gr.State(None)
+        race_number = gr.Number(0, visible=False)  # filled in by the page's script: see NUMBER_RACE_JS
         nonce = gr.State(0)
         gr.Markdown("# Jacobi Lens\nThe same model answers the same prompt twice: once **autoregressively** (one token per "
                     "forward pass) and once with **Jacobi decoding** (a window of guesses refined in parallel). "
@@ -184,13 +196,17 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             gr.Markdown(about.results_markdown(about.read_results()))
 
         race_event = go_btn.click(
-            race_stream, [prompt, n, max_new, init, lanes], [board, status, race_state],
+            race_stream, [prompt, n, max_new, init, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
             concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private",
+            # A click while this tab's race is still running (or ending after Stop) starts the next race when it
+            # has ended, instead of being ignored.
+            trigger_mode="always_last",
         )
         race_event.then(after_race, race_state, [time_plot, accept_plot, speed_plot, lane_pick], api_visibility="private")
-        # The second render lands after any frame the cancelled race had already sent, so "Stopped" stays shown.
-        stop_btn.click(on_stop, race_state, [board, status], cancels=[race_event], queue=False, api_visibility="private").then(
-            on_stop, race_state, [board, status], queue=False, api_visibility="private")
+        # No gradio cancel: the race ends by itself at its next step (race.StopRequests says why).
+        stop_btn.click(on_stop, [race_state, race_number], [board, status], js=LATEST_RACE_JS, queue=False,
+                       api_visibility="private")
+        demo.unload(forget_stops)
         lane_pick.change(inspect, [race_state, lane_pick, axis], [conv_plot, step_slider], api_visibility="private").then(
             step, [race_state, lane_pick, step_slider], step_view, api_visibility="private")
         axis.change(convergence, [race_state, lane_pick, axis], conv_plot, api_visibility="private")

@@ -111,6 +111,36 @@ def test_stop_cancels_and_the_app_is_ready_again(page):
     assert page.locator("#jl-board .jl-lane[data-status=done]").count() == 3
 
 
+def test_stop_while_queued_drops_only_that_tabs_race(page):
+    """Two tabs (two sessions): the second tab's race waits behind the first's; its Stop drops it without touching
+    the first tab's race, which the first tab then stops; both tabs race again."""
+    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    other.goto(shared_app().url, wait_until="domcontentloaded")
+    other.wait_for_selector("#jl-race", timeout=60_000)
+    try:
+        race(page, "Write a long story about a dragon who learns to cook.", 400, wait=False)
+        page.wait_for_selector("#jl-board .jl-lane[data-status=running] .jl-tok", timeout=60_000)
+        race(other, "Say hi.", 8, wait=False)  # queued: one race at a time
+        other.locator("#jl-stop").click()
+        expect(other.locator("#jl-status")).to_contain_text("Stopped", timeout=10_000)
+        page.wait_for_timeout(1500)
+        assert page.locator("#jl-board .jl-lane[data-status=stopped]").count() == 0  # the first tab's race runs on
+        page.locator("#jl-stop").click()
+        page.wait_for_selector("#jl-board .jl-lane[data-status=stopped]", timeout=30_000)
+        # the second tab's race left the queue and ended before its first lane
+        other.wait_for_function(
+            "() => { const e = document.querySelector('#jl-board .jl-prompt-echo');"
+            " const l = document.querySelectorAll('#jl-board .jl-lane');"
+            " return e !== null && e.textContent.includes('Say hi.') && l.length === 3"
+            " && [...l].every(x => x.dataset.status === 'waiting'); }", timeout=30_000)
+        expect(other.locator("#jl-status")).to_contain_text("Stopped")
+        race(other, "Say hello.", 8)
+        race(page, "Say hi.", 8)
+        assert other.locator("#jl-board .jl-lane[data-status=done]").count() == 3
+    finally:
+        other.close()
+
+
 def test_about_tab(page):
     page.get_by_role("tab", name="About").click()
     page.get_by_text("What you are looking at").wait_for(timeout=10_000)

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from app.race import LANES, clean_timing, first_difference, new_race, race_json, run_race, stop_race
+from app.race import LANES, StopRequests, clean_timing, first_difference, new_race, race_json, run_race, stop_race
 from app.text import Detokenizer
 from decoding import DecodeTrace, Iteration
 
@@ -119,6 +119,30 @@ def test_stop_race_ends_a_race_whose_generator_is_never_closed(host):
     # at most the one forward that was under way when the mark was set
     assert running.status == "stopped" and (len(running.trace.iterations) if running.trace else 0) <= steps + 1
     assert all(r.status == "waiting" for r in race.runs[race.runs.index(running) + 1:])
+
+
+def test_stop_requests_end_the_races_they_reach(host):
+    """StopRequests: Stop with race number k ends that session's races 1..k, not k + 1, not another session's, not
+    a race without a number; run_race ends at its next step once its checker says so."""
+    stops = StopRequests()
+    stops.stop("a", 2)
+    assert stops.checker("a", 1)() and stops.checker("a", 2)() and not stops.checker("a", 3)()
+    assert not stops.checker("b", 1)() and not stops.checker("a", 0)() and not stops.checker("a", None)()
+    stops.stop("a", 1)  # an older number never lowers the mark
+    assert stops.checker("a", 2)()
+    race = new_race(host, PROMPT, 8, 64)
+    check = stops.checker("a", 3)
+    stream = run_race(host, race, stream_every=0, stopped=check)
+    for _ in range(4):
+        next(stream)
+    running = next(r for r in race.runs if r.status == "running")
+    stops.stop("a", 3)
+    assert list(stream) == [] and running.status == "stopped"
+    assert all(r.status == "waiting" for r in race.runs[race.runs.index(running) + 1:])
+    queued = new_race(host, PROMPT, 8, 16)  # stopped before it started: no lane runs
+    assert list(run_race(host, queued, stopped=check)) == [] and all(r.status == "waiting" for r in queued.runs)
+    stops.forget("a")
+    assert not check()
 
 
 def fake_decoder(steps: int, cost: float):

@@ -15,7 +15,6 @@ so there are none; the report says how large they were. Writes the adapter folde
 from __future__ import annotations
 
 import heapq
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
