@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from html import escape
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from . import about, charts, render
 from .engine import ModelHost
 from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, StopRequests, new_race, race_json, run_race, stop_race
 
+ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
 try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU
     import spaces
 
@@ -203,9 +205,10 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             trigger_mode="always_last",
         )
         race_event.then(after_race, race_state, [time_plot, accept_plot, speed_plot, lane_pick], api_visibility="private")
-        # No gradio cancel: the race ends by itself at its next step (race.StopRequests says why).
+        # No gradio cancel: the race ends by itself at its next step (race.StopRequests says why). Except on ZeroGPU
+        # Spaces, where a race runs in a forked process that does not see the stop requests.
         stop_btn.click(on_stop, [race_state, race_number], [board, status], js=LATEST_RACE_JS, queue=False,
-                       api_visibility="private")
+                       cancels=[race_event] if ZERO_GPU else None, api_visibility="private")
         demo.unload(forget_stops)
         lane_pick.change(inspect, [race_state, lane_pick, axis], [conv_plot, step_slider], api_visibility="private").then(
             step, [race_state, lane_pick, step_slider], step_view, api_visibility="private")
