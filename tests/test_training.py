@@ -219,6 +219,9 @@ def test_pipeline_end_to_end(tmp_path):
     assert result["cllm"]["exactness"]["teacher_forced_greedy"] == 1.0
     assert result["cllm"]["exactness"]["ar_decode_equal"] == "1/1"
     assert result["cllm"]["jacobi"]["tokens_per_forward"] >= 1.0 and result["ppl_ratio"] > 0
+    jac = result["cllm"]["jacobi"]
+    assert jac["fast_forward_counts"]["fast_forwarded"] == jac["fast_forwarded_tokens"]
+    assert jac["fast_forward_counts"]["tokens"] == jac["answer_tokens"]
 
 
 @pytest.mark.skipif(not DEFAULT_ADAPTER.exists(), reason="the shipped CLLM adapter is not in assets/ yet")
@@ -268,6 +271,10 @@ def test_compare_splits_the_fast_forwarded_tokens_into_new_and_repeated_text():
     new, rep = compare.fast_forward_split(jacobi)
     assert new == pytest.approx(20 / 60) and rep == pytest.approx(30 / 40)
     assert compare.fast_forward_split({"tokens_per_forward": 2.0}) == (None, None)
+    # newer files carry the counts themselves (training.evaluate writes them); they win over the shares
+    counts = {"fast_forwarded": 50, "fast_forwarded_repeating": 29, "tokens": 100, "repeating": 40}
+    new, rep = compare.fast_forward_split(jacobi | {"fast_forward_counts": counts})
+    assert new == pytest.approx(21 / 60) and rep == pytest.approx(29 / 40)
 
 
 def test_reference_term_is_zero_at_the_base_and_positive_once_the_adapter_moves(tiny):

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 from decoding import DEFAULT_SPEC, encode, load_model
 from decoding.prompts import read_jsonl
+from decoding.trace import repeat_flags
 
 from .cli import parse, print_table, save_settings
 
@@ -67,9 +68,10 @@ def repeats(tokens: list[int], limit: int, max_period: int = 1) -> bool:
 
 
 def seq_rep(tokens: list[int], k: int = 4) -> float:
-    """Share of the k-grams of a sequence that already occurred earlier in it (seq-rep-k; 0 if it has none)."""
-    grams = [tuple(tokens[i:i + k]) for i in range(len(tokens) - k + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+    """Share of the k-grams of a sequence that already occurred earlier in it (seq-rep-k; 0 if it has none): the
+    share of its tokens from the k-th on that ``repeat_flags`` marks, so the metric and the analysis agree."""
+    grams = len(tokens) - k + 1
+    return sum(repeat_flags([], tokens, k)) / grams if grams > 0 else 0.0
 
 
 def augment_states(states: torch.Tensor, fixed: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:

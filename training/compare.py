@@ -27,12 +27,15 @@ PPL_LIMIT = 1.10
 
 def fast_forward_split(jacobi: dict) -> tuple[float | None, float | None]:
     """(share of new-text answer tokens fast-forwarded, share of repeating ones), or Nones if not recorded."""
-    try:
-        ff, tokens = jacobi["fast_forwarded_tokens"], jacobi["answer_tokens"]
-        split = FastForwardSplit(ff, round(jacobi["fast_forwarded_repeating"] * ff), tokens,
-                                 round(jacobi["answer_tokens_repeating"] * tokens))
-    except KeyError:
-        return None, None
+    if "fast_forward_counts" in jacobi:
+        split = FastForwardSplit(**jacobi["fast_forward_counts"])
+    else:  # files written before the counts were: rebuilt from the shares
+        try:
+            ff, tokens = jacobi["fast_forwarded_tokens"], jacobi["answer_tokens"]
+            split = FastForwardSplit(ff, round(jacobi["fast_forwarded_repeating"] * ff), tokens,
+                                     round(jacobi["answer_tokens_repeating"] * tokens))
+        except KeyError:
+            return None, None
     return split.new_rate, split.repeating_rate
 
 

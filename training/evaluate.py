@@ -17,7 +17,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -83,6 +83,7 @@ def jacobi_speed(lm, prompts: list[list[int]], s: EvalSettings, label: str) -> t
             "fast_forwarded_tokens": split.fast_forwarded,
             "fast_forwarded_repeating": split.fast_forwarded_repeating / max(split.fast_forwarded, 1),
             "answer_tokens_repeating": split.repeating / max(split.tokens, 1),
+            "fast_forward_counts": asdict(split),  # the counts behind the three numbers above (training.compare)
             "seconds": time.perf_counter() - t0}, answers
 
 
