@@ -402,6 +402,14 @@ def test_budget_minutes_sets_the_step_count_from_timed_steps(tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, state["max_steps"] + 1))
     assert all(r["s_per_step_recent"] > 0 for r in rows)
+    # --max-samples: the first N collected samples only (a data-size run from one collection)
+    few = ["--model", str(folder), "--data", str(tmp_path / "traj"), "--out", str(tmp_path / "few"), "--lora-rank", "2",
+           "--batch", "2", "--max-steps", "1", "--device", "cpu"]
+    train.main(few + ["--max-samples", "3"])
+    saved = json.loads((tmp_path / "few" / "train_settings.json").read_text())
+    assert saved["samples"] == 3 and saved["collected"] > 3
+    with pytest.raises(SystemExit, match="--max-samples must be 0"):
+        train.main(few + ["--max-samples", "-1"])
 
 
 def test_extract_allocates_ranks_by_singular_value_per_parameter():

@@ -72,6 +72,7 @@ class TrainSettings:
     self_prompts: int = 64  # training prompts answered at each regeneration, over all processes
     self_batch: int = 8  # own answers in the term per optimiser step, per process
     self_tokens: int = 128  # tokens per own answer at most
+    max_samples: int = 0  # train on the first N collected samples only (shard order = the prompt file's order; 0 = all): data-size runs from one collection
     max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all)
     lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
@@ -312,6 +313,11 @@ def main(argv=None) -> None:
     collected = len(samples)
     if not samples:
         raise SystemExit(f"no trajectories in {s.data}: run python -m training.collect first")
+    if s.max_samples < 0:
+        raise SystemExit(f"--max-samples must be 0 (all) or more, got {s.max_samples}")
+    if s.max_samples:
+        samples = samples[: s.max_samples]
+        accelerator.print(f"--max-samples {s.max_samples}: training on {len(samples)} of {collected} samples")
     if s.max_rep < 1.0:  # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
         samples = [x for x in samples if seq_rep(x["answer"][: x["valid"]].tolist()) <= s.max_rep]
         accelerator.print(f"--max-rep {s.max_rep}: kept {len(samples)} of {collected} samples")
