@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import fast
-from .decoders import DecodeConfig, ar_decode, jacobi_decode, run, sync_device
+from .decoders import INIT_CHOICES, DecodeConfig, ar_decode, jacobi_decode, run, sync_device
 from .models import DEFAULT_SPEC, LoadedModel, default_adapter, load_model
 from .prompts import encode, read_prompts
 
@@ -250,7 +250,7 @@ def parse_args(argv=None) -> BenchConfig:
     ap.add_argument("--limit", type=int, default=None, help="use only the first K prompts")
     ap.add_argument("--n", type=int, default=d.n, help="Jacobi window size (1-128)")
     ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    ap.add_argument("--init", choices=("random", "repeat"), default=d.init, help="initial guesses of the window")
+    ap.add_argument("--init", choices=INIT_CHOICES, default=d.init, help="initial guesses of the window")
     ap.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
     ap.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
     ap.add_argument("--engine", choices=("auto", "eager", "fast"), default=d.engine,

@@ -18,7 +18,7 @@ from .trace import DecodeTrace, Iteration
 
 MAX_WINDOW = 128  # largest Jacobi window we accept
 MAX_NEW_TOKENS = 4096  # hard cap on one request
-INIT_CHOICES = ("random", "repeat")  # initial guesses: random prompt tokens (the paper) or the last token repeated
+INIT_CHOICES = ("random", "repeat", "lookup")  # initial guesses: random prompt tokens (the paper), the last token repeated, or copied from the context
 
 
 @dataclass
@@ -173,6 +173,29 @@ def initial_guesses(prompt_ids: list[int], last: int, count: int, init: str, rng
     return [rng.choice(prompt_ids) for _ in range(count)]
 
 
+def lookup_guesses(context: list[int], carried: list[int], count: int, key_len: int = 2) -> list[int]:
+    """Up to ``count`` guesses that continue ``context + carried`` by copying: the tokens that followed the latest
+    earlier occurrence, in ``context``, of its last ``key_len`` tokens (else of its last token). Text that repeats
+    what the prompt or the answer already holds then starts out right. May return fewer (or none)."""
+    tail = (context + carried)[-key_len:]
+    for size in range(min(key_len, len(tail)), 0, -1):
+        key = tail[-size:]
+        for i in range(len(context) - size, -1, -1):  # latest first; an occurrence at the very end has no continuation
+            if context[i:i + size] == key and i + size < len(context):
+                return context[i + size: i + size + count]
+    return []
+
+
+def fresh_guesses(cfg: DecodeConfig, prompt_ids: list[int], tokens: list[int], carried: list[int], count: int,
+                  rng: random.Random) -> list[int]:
+    """``count`` guesses for the window slots after the accepted ``tokens`` and the ``carried`` guesses."""
+    if count <= 0:
+        return []
+    found = lookup_guesses(prompt_ids + tokens, carried, count) if cfg.init == "lookup" else []
+    rest = "random" if cfg.init == "lookup" else cfg.init
+    return found + initial_guesses(prompt_ids, tokens[-1], count - len(found), rest, rng)
+
+
 def accept_length(window: list[int], outputs: list[int]) -> int:
     """How many outputs are final: outputs[0] always, then outputs[j] while guess window[j] equalled outputs[j-1]."""
     k = 1
@@ -194,7 +217,7 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
     trace = DecodeTrace(method="jacobi", n=cfg.n, prompt_ids=prompt_ids)
     t0 = _start(session, trace)
     yield trace
-    guesses = initial_guesses(prompt_ids, trace.tokens[-1], cfg.n - 1, cfg.init, rng)
+    guesses = fresh_guesses(cfg, prompt_ids, trace.tokens, [], cfg.n - 1, rng)
     while not _stop(trace, cfg):
         # Guesses past the token budget are wasted work: shrink the window near the end.
         width = min(cfg.n, cfg.max_new_tokens - len(trace.tokens) + 1)
@@ -207,7 +230,7 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
         )
         trace.tokens.extend(outputs[:k])
         guesses = outputs[k:]
-        guesses += initial_guesses(prompt_ids, outputs[k - 1], cfg.n - 1 - len(guesses), cfg.init, rng)
+        guesses += fresh_guesses(cfg, prompt_ids, trace.tokens, guesses, cfg.n - 1 - len(guesses), rng)
         yield trace
     yield _finish(trace, t0)
 

@@ -21,7 +21,7 @@ def generate_ids(model, ids, max_new_tokens, eos=None):
     prompt=st.lists(st.integers(0, 96), min_size=1, max_size=24),
     n=st.integers(1, 40),
     max_new=st.integers(1, 48),
-    init=st.sampled_from(["random", "repeat"]),
+    init=st.sampled_from(["random", "repeat", "lookup"]),
     seed=st.integers(0, 1000),
 )
 def test_jacobi_equals_ar_on_tiny_model(tiny_model, prompt, n, max_new, init, seed):
@@ -149,3 +149,18 @@ def test_chat_template_and_prompt_checks(embedded):
         encode(embedded.tokenizer, "   ")
     with pytest.raises(ValueError, match="too long"):
         encode(embedded.tokenizer, "x" * 9000)
+
+
+def test_lookup_guesses_copy_what_followed_the_latest_match():
+    from decoding.decoders import lookup_guesses
+
+    context = [1, 2, 3, 4, 9, 2, 3, 7, 8, 5, 2, 3]
+    # the last two tokens (2, 3) occurred at 1 and 5 (latest): copy what followed the latest one
+    assert lookup_guesses(context, [], 3) == [7, 8, 5]
+    # carried guesses extend the tail: (3, 4) occurred at 2 -> [9, 2]
+    assert lookup_guesses(context, [3, 4], 2) == [9, 2]
+    # no two-token match: fall back to the last token (9 -> [2, 3, 7])
+    assert lookup_guesses(context, [6, 9], 3) == [2, 3, 7]
+    assert lookup_guesses(context, [42], 3) == [] and lookup_guesses([5], [], 2) == []
+    assert lookup_guesses([1, 2, 1, 2], [], 5) == [1, 2]  # what there is, up to count
+

@@ -88,7 +88,7 @@ def test_texts_equal_eager_across_rope_types(rope):
     prompt=st.lists(st.integers(0, 100), min_size=1, max_size=40),
     n=st.integers(1, 40),
     max_new=st.integers(1, 64),
-    init=st.sampled_from(["random", "repeat"]),
+    init=st.sampled_from(["random", "repeat", "lookup"]),
 )
 def test_fast_jacobi_replays_eager_jacobi(tiny, prompt, n, max_new, init):
     """Same windows, same outputs, same acceptance at every pass; any width (padded) and near the end."""
