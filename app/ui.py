@@ -28,7 +28,8 @@ STOPPED = "Stopped. The app is ready for the next race."
 # The page numbers its races; Stop sends the latest number (see race.StopRequests). The last input is the number.
 NUMBER_RACE_JS = "(...a) => { window.jlRaceNo = (window.jlRaceNo || 0) + 1; a[a.length - 1] = window.jlRaceNo; return a; }"
 LATEST_RACE_JS = "(race, no) => [race, window.jlRaceNo || 0]"
-INIT_LABELS = [("random prompt tokens (the paper)", "random"), ("the last token repeated", "repeat")]
+INIT_LABELS = [("random prompt tokens (the paper)", "random"), ("the last token repeated", "repeat"),
+               ("copied from the context (what followed the last two tokens before)", "lookup")]
 AXIS_LABELS = [("position in the window", "window"), ("position in the answer", "answer")]
 EXAMPLES = [  # (label, prompt): chat, code, maths, writing
     ("Chat · working from home", "What are three tips for staying focused while working from home?"),

@@ -180,8 +180,9 @@ def lookup_guesses(context: list[int], carried: list[int], count: int, key_len: 
     tail = (context + carried)[-key_len:]
     for size in range(min(key_len, len(tail)), 0, -1):
         key = tail[-size:]
-        for i in range(len(context) - size, -1, -1):  # latest first; an occurrence at the very end has no continuation
-            if context[i:i + size] == key and i + size < len(context):
+        first = key[0]
+        for i in range(len(context) - size - 1, -1, -1):  # latest first, and with at least one token after it
+            if context[i] == first and context[i:i + size] == key:
                 return context[i + size: i + size + count]
     return []
 

@@ -86,3 +86,25 @@ def test_bench_in_thread_times_the_lanes_in_a_second_thread(tiny_model_dir, tmp_
     result = json.loads(out.read_text())
     assert result["meta"]["config"]["in_thread"] is True and len(result["prompts"]) == 1
     assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
+
+
+def test_initcompare_pairs_the_inits_on_the_same_prompts(tiny_model_dir, tmp_path, capsys):
+    """decoding.initcompare: every init on every prompt, the same text under each (it checks), forwards per init."""
+    import pytest
+
+    from decoding import initcompare
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n{"prompt": "Count to five."}\n')
+    out = tmp_path / "ic.json"
+    result = initcompare.main(["--model", str(tiny_model_dir), "--adapter", "none", "--prompts", str(prompts),
+                               "--inits", "random,repeat,lookup", "--n", "8", "--max-new-tokens", "24",
+                               "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["summary"] == result["summary"]
+    assert len(result["prompts"]) == 2 and set(result["summary"]) == {"random", "repeat", "lookup"}
+    for row in result["prompts"]:
+        assert len({r["tokens"] for r in row["inits"].values()}) == 1
+    assert all(s["tokens_per_forward"] >= 1.0 for s in result["summary"].values())
+    assert "lookup" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--inits takes names"):
+        initcompare.main(["--model", str(tiny_model_dir), "--adapter", "none", "--inits", "zeros"])
