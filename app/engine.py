@@ -56,11 +56,16 @@ _TORCH_THREAD: TorchThread | None = None
 _TORCH_THREAD_LOCK = threading.Lock()
 
 
+def on_zero_gpu() -> bool:
+    """True on Hugging Face ZeroGPU Spaces, where a decode runs in a forked process that gets the GPU."""
+    return bool(os.environ.get("SPACES_ZERO_GPU"))
+
+
 def torch_thread() -> TorchThread | None:
     """The process's torch thread, or None where models may live on a GPU (there a thread of our own gains
     nothing, and on ZeroGPU Spaces the GPU is attached in a forked process that would not have it)."""
     global _TORCH_THREAD
-    if torch.cuda.is_available() or os.environ.get("SPACES_ZERO_GPU"):
+    if torch.cuda.is_available() or on_zero_gpu():
         return None
     with _TORCH_THREAD_LOCK:
         if _TORCH_THREAD is None:

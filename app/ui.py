@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from html import escape
 from pathlib import Path
 
@@ -10,10 +9,9 @@ import gradio as gr
 import torch
 
 from . import about, charts, render
-from .engine import ModelHost
+from .engine import ModelHost, on_zero_gpu
 from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, StopRequests, new_race, race_json, run_race, stop_race
 
-ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
 try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU
     import spaces
 
@@ -209,7 +207,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
         # No gradio cancel: the race ends by itself at its next step (race.StopRequests says why). Except on ZeroGPU
         # Spaces, where a race runs in a forked process that does not see the stop requests.
         stop_btn.click(on_stop, [race_state, race_number], [board, status], js=LATEST_RACE_JS, queue=False,
-                       cancels=[race_event] if ZERO_GPU else None, api_visibility="private")
+                       cancels=[race_event] if on_zero_gpu() else None, api_visibility="private")
         demo.unload(forget_stops)
         lane_pick.change(inspect, [race_state, lane_pick, axis], [conv_plot, step_slider], api_visibility="private").then(
             step, [race_state, lane_pick, step_slider], step_view, api_visibility="private")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import fast
 from .decoders import INIT_CHOICES, DecodeConfig, ar_decode, jacobi_decode, run, sync_device
-from .models import DEFAULT_SPEC, LoadedModel, default_adapter, load_model
+from .models import DEFAULT_SPEC, LoadedModel, adapter_arg, load_model
 from .prompts import encode, read_prompts
 
 LANES = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
@@ -269,7 +269,7 @@ def parse_args(argv=None) -> BenchConfig:
     lanes = {x.strip() for x in (a.lanes or ",".join(LANES)).split(",") if x.strip()}
     if lanes - set(LANES):
         ap.error(f"unknown lane(s) {', '.join(sorted(lanes - set(LANES)))}; choose from {', '.join(LANES)}")
-    adapter = {"auto": default_adapter(a.model), "none": None}.get(a.adapter, a.adapter)
+    adapter = adapter_arg(a.adapter, a.model)
     if adapter is None and a.lanes is not None and lanes & {"cllm_ar", "cllm_jacobi"}:
         ap.error("the cllm lanes need an adapter (--adapter auto or a folder)")
     return BenchConfig(a.model, adapter, a.prompts, a.raw, a.limit, a.n, a.max_new_tokens, a.init,

@@ -177,7 +177,7 @@ def lookup_guesses(context: list[int], carried: list[int], count: int, key_len: 
     """Up to ``count`` guesses that continue ``context + carried`` by copying: the tokens that followed the latest
     earlier occurrence, in ``context``, of its last ``key_len`` tokens (else of its last token). Text that repeats
     what the prompt or the answer already holds then starts out right. May return fewer (or none)."""
-    tail = (context + carried)[-key_len:]
+    tail = (context[-key_len:] + carried)[-key_len:]
     for size in range(min(key_len, len(tail)), 0, -1):
         key = tail[-size:]
         first = key[0]

@@ -16,14 +16,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .decoders import INIT_CHOICES, DecodeConfig, jacobi_decode, run
-from .models import DEFAULT_SPEC, default_adapter, load_model
+from .models import DEFAULT_SPEC, adapter_arg, load_model
 from .prompts import encode, read_prompts
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_SPEC)
-    ap.add_argument("--adapter", default=default_adapter(), help="a CLLM adapter folder, or none for the base model")
+    ap.add_argument("--adapter", default="auto", help="a CLLM adapter folder; auto (our shipped one) or none (the base model)")
     ap.add_argument("--prompts", default=None, help="JSON-lines prompts (default: assets/prompts.jsonl)")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--inits", default="random,lookup", help=f"comma-separated, of {', '.join(INIT_CHOICES)}")
@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     inits = [x.strip() for x in a.inits.split(",") if x.strip()]
     if not inits or any(x not in INIT_CHOICES for x in inits):
         raise SystemExit(f"--inits takes names from {INIT_CHOICES}, got {a.inits!r}")
-    adapter = None if a.adapter in (None, "", "none") else a.adapter
+    adapter = adapter_arg(a.adapter, a.model)
     lm = load_model(a.model, adapter=adapter, device=a.device, dtype=a.dtype)
     prompts = read_prompts(a.prompts, a.limit)
     result = {"settings": vars(a), "device": str(lm.device), "dtype": str(lm.dtype), "prompts": []}

@@ -45,6 +45,11 @@ def default_adapter(spec: str = DEFAULT_SPEC) -> str | None:
     return None
 
 
+def adapter_arg(value: str | None, spec: str = DEFAULT_SPEC) -> str | None:
+    """A command line's --adapter: "auto" is our shipped adapter for the embedded model, "none" no adapter."""
+    return {"auto": default_adapter(spec), "none": None}.get(value, value)
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message names the problem and the way out."""
 

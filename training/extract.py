@@ -24,7 +24,7 @@ import torch
 from decoding import DEFAULT_SPEC, load_model
 
 from .cli import parse, print_table, save_settings
-from .train import ALL_LINEAR, MIB, target_names
+from .train import ALL_LINEAR, MIB, target_modules, target_names
 
 
 @dataclass
@@ -54,11 +54,11 @@ class Delta:
         return self.U.shape[0] + self.Vh.shape[1]
 
 
-def weight_deltas(tuned, base, targets: set[str], device: torch.device) -> tuple[list[Delta], dict]:
+def weight_deltas(tuned, base, targets: str, device: torch.device) -> tuple[list[Delta], dict]:
     """SVDs of the target matrices' changes, and the Frobenius norms of every other change (not extractable)."""
     base_params = dict(base.named_parameters())
     deltas, other = [], {}
-    target_weights = {f"{name}.weight" for name, _ in tuned.named_modules() if name.rsplit(".", 1)[-1] in targets}
+    target_weights = {f"{name}.weight" for name, _ in target_modules(tuned, targets)}
     for pname, w in tuned.named_parameters():
         if pname not in base_params or base_params[pname].shape != w.shape:
             raise SystemExit(f"{pname} does not match the base model: was the model tuned from {base.name_or_path}?")
@@ -69,7 +69,7 @@ def weight_deltas(tuned, base, targets: set[str], device: torch.device) -> tuple
         elif float(d.norm()) > 0:
             other[pname] = float(d.norm())
     if not deltas:
-        raise SystemExit(f"no matrix named like {sorted(targets)} in {tuned.name_or_path}")
+        raise SystemExit(f"no matrix named like {sorted(target_names(targets))} in {tuned.name_or_path}")
     return deltas, other
 
 
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
                           ("cpu" if s.device == "auto" else s.device))
     tuned = load_model(s.model, device="cpu", dtype="float32").model
     base = load_model(s.base, device="cpu", dtype="float32").model
-    deltas, other = weight_deltas(tuned, base, target_names(s.targets), device)
+    deltas, other = weight_deltas(tuned, base, s.targets, device)
     dtype = getattr(torch, s.save_dtype)
     bytes_per = torch.empty((), dtype=dtype).element_size()
     if s.rank:

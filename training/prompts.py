@@ -90,6 +90,11 @@ def keep(prompt: str, s: PromptSettings) -> bool:
     return sum(c.isascii() for c in prompt) / len(prompt) >= s.min_ascii
 
 
+def dedup_key(prompt: str) -> str:
+    """Prompts equal up to case and whitespace count as one."""
+    return " ".join(prompt.lower().split())
+
+
 def select(records: Iterator[dict], s: PromptSettings) -> list[dict]:
     """Filtered, deduplicated rows {id, prompt, reference} in file order."""
     rows, seen = [], set()
@@ -97,7 +102,7 @@ def select(records: Iterator[dict], s: PromptSettings) -> list[dict]:
         pair = first_exchange(record)
         if pair is None or not keep(pair[0], s):
             continue
-        key = " ".join(pair[0].lower().split())
+        key = dedup_key(pair[0])
         if key in seen:
             continue
         seen.add(key)
@@ -125,7 +130,7 @@ def later_turns(records: list[dict], rows: list[dict], heldout: list[dict], s: P
     """Up to s.later_turns user turns other than a conversation's first, as {id, prompt}: filtered like first turns,
     new to every kept prompt (held-out ones included), from conversations with no held-out piece; a seeded sample."""
     banned = {base_id(r["id"]) for r in heldout}
-    seen = {" ".join(r["prompt"].lower().split()) for r in rows}
+    seen = {dedup_key(r["prompt"]) for r in rows}
     found = []
     for record in records:
         rid = str(record.get("id", ""))
@@ -136,7 +141,7 @@ def later_turns(records: list[dict], rows: list[dict], heldout: list[dict], s: P
             if j == 0 and rid.endswith("_0"):
                 continue  # a first turn: already a candidate of select()
             prompt = turn.get("value", "").strip()
-            key = " ".join(prompt.lower().split())
+            key = dedup_key(prompt)
             if keep(prompt, s) and key not in seen:
                 seen.add(key)
                 found.append({"id": f"{rid}#{j}", "prompt": prompt})

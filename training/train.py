@@ -165,11 +165,9 @@ def build_model(s: TrainSettings):
                          target_modules=sorted(target_names(s.lora_targets)))
         model = get_peft_model(model, cfg)
     elif s.full_scope == "targets":
-        targets = target_names(s.lora_targets)
         model.requires_grad_(False)
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in targets:
-                module.weight.requires_grad_(True)
+        for _, module in target_modules(model, s.lora_targets):
+            module.weight.requires_grad_(True)
     else:
         model.requires_grad_(True)
     # With LoRA the base is the same model with its adapter disabled; full fine-tuning needs a frozen copy.
@@ -181,6 +179,12 @@ def build_model(s: TrainSettings):
 def target_names(targets: str) -> set[str]:
     """The module names of a comma-separated --lora-targets."""
     return {t.strip() for t in targets.split(",") if t.strip()}
+
+
+def target_modules(model, targets: str) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every module of the model named in --lora-targets (full fine-tuning's "targets" scope)."""
+    names = target_names(targets)
+    return [(name, module) for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in names]
 
 
 def make_schedule(s: TrainSettings, total: dict):
