@@ -118,15 +118,33 @@ def export_gguf(gguf: Path, out: Path, check_sha256: str | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
+    # One folder per process: several processes may prepare at once (one per GPU) and must not share a half-written one.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     steps.update()
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # atomic: a half-written export is never mistaken for a finished one
+    publish(tmp, out)
     steps.update()
     steps.close()
+    return out
+
+
+def is_prepared(out: Path) -> bool:
+    return (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def publish(tmp: Path, out: Path) -> Path:
+    """Move a finished export ``tmp`` to ``out`` in one rename, so a half-written export is never mistaken for a
+    finished one. If another process published first, its export is kept and ``tmp`` is dropped."""
+    if out.exists() and not is_prepared(out):
+        shutil.rmtree(out, ignore_errors=True)  # a broken leftover of an older run
+    try:
+        tmp.rename(out)
+    except OSError:  # renaming onto a folder that is not empty fails: another process has just published
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_prepared(out):
+            raise
     return out
 
 
@@ -134,7 +152,7 @@ def prepare(override: str | os.PathLike | None = None) -> Path:
     """Return the folder of the exported embedded model, preparing it on first use."""
     root = cache_dir(override)
     out = root / EXPORT_NAME
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+    if is_prepared(out):
         return out
     root.mkdir(parents=True, exist_ok=True)
     gguf = locate_gguf(root)

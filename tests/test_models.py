@@ -95,3 +95,24 @@ def test_adapter_is_merged_and_mismatch_is_reported(tiny_model_dir, tmp_path):
         load_model(str(tiny_model_dir), adapter=str(tmp_path / "wrong"), device="cpu")
     with pytest.raises(ModelLoadError, match="adapter_config.json"):
         load_model(str(tiny_model_dir), adapter=str(tmp_path), device="cpu")
+
+
+def _export(folder, text):
+    folder.mkdir()
+    (folder / "model.safetensors").write_text(text)
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_concurrent_preparations_keep_one_complete_export(tmp_path):
+    """Several processes (one per GPU) may prepare the embedded model at once: the first finished export is kept,
+    the others are dropped without an error, and a broken leftover is replaced."""
+    from decoding.embedded import is_prepared, publish
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # a leftover without weights
+    assert publish(_export(tmp_path / "model.tmp-1", "first"), out) == out
+    assert publish(_export(tmp_path / "model.tmp-2", "second"), out) == out
+    assert is_prepared(out) and (out / "model.safetensors").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
