@@ -114,7 +114,13 @@ case "$STAGE" in
     done
     wait
     $PY -m training.compare "$WORK"/evals/*.json | tee "$WORK/evals/table.txt"
-    for d in "$WORK"/run_*; do cp "$d/log.jsonl" "$WORK/evals/train_log_$(basename "$d").jsonl" 2>/dev/null || true; done
+    # Logs, settings and extraction reports go into the one archive too (a call brings back at most 8 files).
+    for d in "$WORK"/run_*; do
+      n=$(basename "$d")
+      cp "$d/log.jsonl" "$WORK/evals/train_log_$n.jsonl" 2>/dev/null || true
+      for f in adapter/training_settings.json model/training_settings.json; do cp "$d/$f" "$WORK/evals/settings_$n.json" 2>/dev/null || true; done
+      cp "$d/adapter/extract_report.json" "$WORK/evals/extract_$n.json" 2>/dev/null || true
+    done
     tar czf "$OUT/sweep.tgz" -C "$WORK" evals ;;
   extract-sweep)
     # Full fine-tunings become shippable adapters: the truncated SVD of each matrix's change within a file budget.
