@@ -428,43 +428,48 @@ def test_extract_allocates_ranks_by_singular_value_per_parameter():
 
 
 @pytest.mark.slow
-def test_training_on_two_processes(tmp_path):
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_training_on_two_processes(tmp_path, mode):
     """Two processes (gloo on CPU; one per GPU through accelerate launch on a GPU machine): each takes its share
-    of the batch, the time limit stops both at a checkpoint, and both resume from it to the end."""
+    of the batch, the time limit stops both at a checkpoint, and both resume from it to the end; with a LoRA and
+    with full fine-tuning of the target matrices."""
     folder, prompts, refs = tiny_inputs(tmp_path)
     traj, out = tmp_path / "traj", tmp_path / "run"
     collect.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(traj), "--n", "4",
                   "--max-new-tokens", "16", "--batch", "8", "--device", "cpu"])
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    # training.train, and at its end each process's sum of its LoRA B weights, gathered: DDP keeps them equal
+    # training.train, and at its end each process's sum of its trained weights, gathered: DDP keeps them equal
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import os, sys, torch\nfrom training import train\nsave = train.save_final\n"
         "def check(acc, model, *args, **kw):\n"
-        "    w = sum(p.detach().sum() for n, p in acc.unwrap_model(model).named_parameters() if 'lora_B' in n)\n"
+        "    w = sum(p.detach().double().sum() for p in acc.unwrap_model(model).parameters() if p.requires_grad)\n"
         "    sums = acc.gather(w.reshape(1)).tolist()\n"
-        "    if acc.is_main_process:\n        print('LORA_B_SUMS', sums, flush=True)\n"
+        "    if acc.is_main_process:\n        print('TRAINED_SUMS', sums, flush=True)\n"
         "    return save(acc, model, *args, **kw)\n"
         "train.save_final = check\n"
         # with PROBE_LONE_LIMIT, only the second process gets a time limit: all must still stop together
         "lone = ['--max-minutes', '0.00001'] if os.environ.get('PROBE_LONE_LIMIT') and os.environ['RANK'] == '1' else []\n"
         "train.main(sys.argv[1:] + lone)\n")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe),
-            "--model", str(folder), "--data", str(traj), "--out", str(out), "--lora-rank", "4", "--lora-alpha", "8",
+            "--model", str(folder), "--data", str(traj), "--out", str(out),
+            *(["--lora-rank", "4", "--lora-alpha", "8"] if mode == "lora" else ["--lora-rank", "0", "--full-scope", "targets"]),
             "--batch", "4", "--max-steps", "3", "--log-every", "1", "--device", "cpu", "--ref-weight", "1",
             "--ref-data", str(refs), "--ref-batch", "2", "--self-weight", "1", "--self-every", "2", "--self-prompts", "4",
             "--self-batch", "2", "--self-tokens", "6"]
     for extra in (["--max-minutes", "0.00001"], ["--resume", "true"]):
         done = subprocess.run(args + extra, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        sums = [json.loads(line.split("LORA_B_SUMS", 1)[1]) for line in done.stdout.splitlines() if "LORA_B_SUMS" in line]
+        sums = [json.loads(line.split("TRAINED_SUMS", 1)[1]) for line in done.stdout.splitlines() if "TRAINED_SUMS" in line]
         assert len(sums) == 1 and sums[0][0] == sums[0][1] != 0.0  # each process trained on other rows, same weights
     assert json.loads((out / "train_settings.json").read_text())["processes"] == 2
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # one log line a step: only the main process writes
     assert all(math.isfinite(r["loss"]) and r["ref"] >= 0 and r["self"] >= 0 for r in rows)
-    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / ("adapter/adapter_model.safetensors" if mode == "lora" else "model/model.safetensors")).exists()
+    if mode == "full":
+        return
     # One process out of time, the other not: both stop at the same step (else one waits for the other forever).
     lone = tmp_path / "lone"
     done = subprocess.run([a if a != str(out) else str(lone) for a in args], cwd=root, capture_output=True, text=True,
