@@ -341,7 +341,7 @@ def test_full_fine_tuning_saves_a_model_that_decodes_losslessly(tmp_path):
     assert run(jacobi_decode, after.model, ids, cfg).tokens == run(ar_decode, after.model, ids, cfg).tokens
 
 
-def test_full_fine_tuning_of_the_targets_extracts_into_an_adapter(tmp_path):
+def test_full_fine_tuning_of_the_targets_extracts_into_an_adapter(tmp_path, capsys):
     """--full-scope targets trains only the LoRA target matrices; training.extract turns the change into a LoRA:
     at full rank base + adapter is the tuned model, under a size budget it keeps the largest singular values."""
     from training import extract
@@ -386,6 +386,12 @@ def test_full_fine_tuning_of_the_targets_extracts_into_an_adapter(tmp_path):
     gen = encode(lean.tokenizer, PROMPTS[1])
     cfg = DecodeConfig(max_new_tokens=16, n=4, eos_token_ids=lean.eos_token_ids)
     assert run(jacobi_decode, lean.model, gen, cfg).tokens == run(ar_decode, lean.model, gen, cfg).tokens
+    # Rank 1 keeps little of the change: the report says so and extract warns that the adapter needs an evaluation.
+    capsys.readouterr()
+    thin = extract.main(["--model", str(saved), "--base", str(folder), "--out", str(tmp_path / "thin"), "--rank", "1",
+                         "--device", "cpu"])
+    warned = "warning: the adapter keeps only" in capsys.readouterr().out
+    assert thin["kept_energy"] < min(extract.LOW_ENERGY, small["kept_energy"]) and warned
 
 
 def test_budget_minutes_sets_the_step_count_from_timed_steps(tmp_path, capsys):

@@ -26,6 +26,8 @@ from decoding import DEFAULT_SPEC, load_model
 from .cli import parse, print_table, save_settings
 from .train import ALL_LINEAR, MIB, target_modules, target_names
 
+LOW_ENERGY = 0.5  # below this share of the change's squared norm, extract warns that the adapter needs an evaluation
+
 
 @dataclass
 class ExtractSettings:
@@ -159,6 +161,11 @@ def main(argv=None) -> dict:
                             ("other changed weights", len(other))])
     if size > 16 * MIB:
         print(f"warning: {size / MIB:.1f} MiB is over the 16 MiB limit of a committed file: lower --rank or --max-mib")
+    if report["kept_energy"] < LOW_ENERGY:
+        # Session 8: an extraction keeping 34% of a full fine-tuning (lr 1e-3) looped far more than the full model
+        # (seq-rep-4 0.584 -> 0.726, assets/results/training/eval_s9_lr10_*.json).
+        print(f"warning: the adapter keeps only {report['kept_energy']:.0%} of the weight change, so it may not behave "
+              "like the tuned model: run training.evaluate on it before shipping it")
     return report
 
 
