@@ -173,26 +173,45 @@ def initial_guesses(prompt_ids: list[int], last: int, count: int, init: str, rng
     return [rng.choice(prompt_ids) for _ in range(count)]
 
 
-def lookup_guesses(context: list[int], carried: list[int], count: int, key_len: int = 2) -> list[int]:
-    """Up to ``count`` guesses that continue ``context + carried`` by copying: the tokens that followed the latest
-    earlier occurrence, in ``context``, of its last ``key_len`` tokens (else of its last token). Text that repeats
-    what the prompt or the answer already holds then starts out right. May return fewer (or none)."""
-    tail = (context[-key_len:] + carried)[-key_len:]
-    for size in range(min(key_len, len(tail)), 0, -1):
-        key = tail[-size:]
-        first = key[0]
-        for i in range(len(context) - size - 1, -1, -1):  # latest first, and with at least one token after it
-            if context[i] == first and context[i:i + size] == key:
-                return context[i + size: i + size + count]
-    return []
+class ContextLookup:
+    """Guesses that continue the prompt and answer by copying: the tokens that followed the latest earlier
+    occurrence of the text's last ``key_len`` tokens (else of its last token). Text that repeats what the prompt or
+    the answer already holds then starts out right.
+
+    It keeps, for every run of 1..``key_len`` tokens with a token after it, where it last started, and adds the
+    answer's tokens as they are accepted: constant time a step, however long the text."""
+
+    def __init__(self, prompt_ids: list[int], key_len: int = 2):
+        self.key_len, self.text, self.latest, self.answered = key_len, [], {}, 0
+        self._extend(prompt_ids)
+
+    def _extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            end = len(self.text)  # the new token follows the runs that end just before it
+            self.text.append(token)
+            for size in range(1, min(self.key_len, end) + 1):
+                self.latest[tuple(self.text[end - size:end])] = end - size
+
+    def guesses(self, answer: list[int], carried: list[int], count: int) -> list[int]:
+        """Up to ``count`` guesses for the slots after ``answer`` (the accepted tokens so far, which only grow) and
+        the ``carried`` guesses. May return fewer (or none)."""
+        self._extend(answer[self.answered:])
+        self.answered = len(answer)
+        tail = (self.text[-self.key_len:] + carried)[-self.key_len:]
+        for size in range(min(self.key_len, len(tail)), 0, -1):
+            start = self.latest.get(tuple(tail[-size:]))
+            if start is not None:
+                return self.text[start + size: start + size + count]
+        return []
 
 
 def fresh_guesses(cfg: DecodeConfig, prompt_ids: list[int], tokens: list[int], carried: list[int], count: int,
-                  rng: random.Random) -> list[int]:
-    """``count`` guesses for the window slots after the accepted ``tokens`` and the ``carried`` guesses."""
+                  rng: random.Random, lookup: ContextLookup | None = None) -> list[int]:
+    """``count`` guesses for the window slots after the accepted ``tokens`` and the ``carried`` guesses
+    (``lookup``: the decode's ContextLookup when ``cfg.init`` is "lookup")."""
     if count <= 0:
         return []
-    found = lookup_guesses(prompt_ids + tokens, carried, count) if cfg.init == "lookup" else []
+    found = lookup.guesses(tokens, carried, count) if lookup is not None else []
     rest = "random" if cfg.init == "lookup" else cfg.init
     return found + initial_guesses(prompt_ids, tokens[-1], count - len(found), rest, rng)
 
@@ -218,7 +237,8 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
     trace = DecodeTrace(method="jacobi", n=cfg.n, prompt_ids=prompt_ids)
     t0 = _start(session, trace)
     yield trace
-    guesses = fresh_guesses(cfg, prompt_ids, trace.tokens, [], cfg.n - 1, rng)
+    lookup = ContextLookup(prompt_ids) if cfg.init == "lookup" else None
+    guesses = fresh_guesses(cfg, prompt_ids, trace.tokens, [], cfg.n - 1, rng, lookup)
     while not _stop(trace, cfg):
         # Guesses past the token budget are wasted work: shrink the window near the end.
         width = min(cfg.n, cfg.max_new_tokens - len(trace.tokens) + 1)
@@ -231,7 +251,7 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
         )
         trace.tokens.extend(outputs[:k])
         guesses = outputs[k:]
-        guesses += fresh_guesses(cfg, prompt_ids, trace.tokens, guesses, cfg.n - 1 - len(guesses), rng)
+        guesses += fresh_guesses(cfg, prompt_ids, trace.tokens, guesses, cfg.n - 1 - len(guesses), rng, lookup)
         yield trace
     yield _finish(trace, t0)
 

@@ -151,8 +151,21 @@ def test_chat_template_and_prompt_checks(embedded):
         encode(embedded.tokenizer, "x" * 9000)
 
 
+def _scan_lookup(context, carried, count, key_len=2):
+    """The lookup's definition, by a backward scan: what followed the latest earlier occurrence of the tail."""
+    tail = (context[-key_len:] + carried)[-key_len:]
+    for size in range(min(key_len, len(tail)), 0, -1):
+        for i in range(len(context) - size - 1, -1, -1):  # latest first, with at least one token after it
+            if context[i:i + size] == tail[-size:]:
+                return context[i + size: i + size + count]
+    return []
+
+
 def test_lookup_guesses_copy_what_followed_the_latest_match():
-    from decoding.decoders import lookup_guesses
+    from decoding.decoders import ContextLookup
+
+    def lookup_guesses(context, carried, count):
+        return ContextLookup(context).guesses([], carried, count)
 
     context = [1, 2, 3, 4, 9, 2, 3, 7, 8, 5, 2, 3]
     # the last two tokens (2, 3) occurred at 1 and 5 (latest): copy what followed the latest one
@@ -163,4 +176,22 @@ def test_lookup_guesses_copy_what_followed_the_latest_match():
     assert lookup_guesses(context, [6, 9], 3) == [2, 3, 7]
     assert lookup_guesses(context, [42], 3) == [] and lookup_guesses([5], [], 2) == []
     assert lookup_guesses([1, 2, 1, 2], [], 5) == [1, 2]  # what there is, up to count
+
+
+def test_lookup_index_matches_the_backward_scan_as_the_answer_grows():
+    """The index, fed the answer a few tokens at a time, gives what a scan of prompt + answer gives at every step."""
+    import random
+
+    from decoding.decoders import ContextLookup
+
+    rng = random.Random(0)
+    for trial in range(200):
+        vocab = rng.choice([3, 5, 20])
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
+        lookup, answer = ContextLookup(prompt), []
+        for _ in range(20):
+            answer += [rng.randrange(vocab) for _ in range(rng.randrange(0, 4))]
+            carried = [rng.randrange(vocab) for _ in range(rng.randrange(0, 3))]
+            count = rng.randrange(1, 8)
+            assert lookup.guesses(answer, carried, count) == _scan_lookup(prompt + answer, carried, count), trial
 
