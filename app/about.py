@@ -76,6 +76,43 @@ def read_results(folder: Path = RESULTS) -> list[dict]:
     return found
 
 
+def training_run(path: Path) -> dict | None:
+    """One evaluation (``python -m training.evaluate --out``) as a point: tokens per forward, repetition of the
+    greedy answers and the base model's, perplexity ratio. None if the file is missing or not an evaluation."""
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+        c = r["cllm"]
+        return {"name": path.stem.removeprefix("eval_"), "tokens_per_forward": float(c["jacobi"]["tokens_per_forward"]),
+                "seq_rep_4": float(c["repetition"]["seq_rep_4"]),
+                "base_seq_rep_4": float(r["base"]["repetition"]["seq_rep_4"]), "ppl_ratio": float(r["ppl_ratio"]),
+                "protocol": (int(r["heldout_prompts"]), int(c["jacobi"]["prompts"]))}  # prompts for quality, for speed
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_training_runs(folder: Path = RESULTS / "training", protocol: tuple[int, int] | None = None) -> list[dict]:
+    """Our CLLM training runs committed as assets/results/training/eval_*.json, one point each; with ``protocol``,
+    only those measured on as many prompts as it says (so that every point is comparable)."""
+    paths = sorted(folder.glob("eval_*.json")) if folder.is_dir() else []
+    return [run for run in map(training_run, paths) if run is not None and protocol in (None, run["protocol"])]
+
+
+def training_runs_markdown(runs: list[dict], ppl_limit: float = 1.10) -> str:
+    """The words above the training-runs chart, with its counts taken from the runs it shows."""
+    if not runs:
+        return ""
+    within = sum(r["ppl_ratio"] <= ppl_limit for r in runs)
+    fastest = max(runs, key=lambda r: r["tokens_per_forward"])
+    return ("### How we got here\n\n"
+            f"Every point is one CLLM we trained from the base model and evaluated the same way ({len(runs)} runs, "
+            f"{within} of them with reference perplexity within {ppl_limit:.2f}x the base's; files in "
+            "`assets/results/training/`, recipes in the model card). Faster runs tend to repeat themselves more: most "
+            "of a CLLM's extra tokens per forward are text it has already written, which Jacobi decoding copies "
+            f"fast. The fastest run reaches {fastest['tokens_per_forward']:.2f} tokens per forward with seq-rep-4 "
+            f"{fastest['seq_rep_4']:.3f}. The shaded corner is what we aim for: 3 tokens per forward or more, with "
+            "answers no more repetitive than the base model's.")
+
+
 def _num(value, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
 

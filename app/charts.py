@@ -139,3 +139,40 @@ def convergence_map(run: LaneRun | None, axis: str = "window", token_text=None) 
     fig = _layout(fig, f"{title} · {escape(run.lane.label)}", x, "iteration", height=min(900, max(320, 60 + 14 * rows)))
     fig.update_yaxes(autorange="reversed")
     return fig
+
+
+def training_runs(runs: list[dict], shipped: dict | None, ppl_limit: float = 1.10, target: float = 3.0) -> go.Figure:
+    """Our training runs as points: tokens per forward against repetition (seq-rep-4), with the issue's targets
+    (at least ``target`` tokens per forward, no more repetition than the base model) as a shaded corner."""
+    title = "Our training runs: speed against repetition"
+    if not runs:
+        return _empty(title, "No training evaluations are committed (assets/results/training/eval_*.json).")
+    fig = _layout(go.Figure(), title, "Jacobi tokens per forward (held-out prompts)", "repeated 4-grams in greedy answers (seq-rep-4)", height=420)
+    base = sum(r["base_seq_rep_4"] for r in runs) / len(runs)
+    xs = [r["tokens_per_forward"] for r in runs] + [target]
+    ys = [r["seq_rep_4"] for r in runs] + [base]
+    x_range, y_range = (min(xs) - 0.1, max(xs) + 0.3), (min(ys) - 0.1, max(ys) + 0.03)  # room for the target corner
+    fig.update_xaxes(range=x_range)
+    fig.update_yaxes(range=y_range)
+    fig.add_shape(type="rect", x0=target, x1=x_range[1], y0=y_range[0], y1=base, line_width=0,
+                  fillcolor="rgba(16, 185, 129, 0.15)", layer="below")
+    fig.add_annotation(text="targets", x=target, y=base, xanchor="left", yanchor="top", showarrow=False,
+                       font=dict(color="#047857"), xshift=6, yshift=-4)
+    fig.add_hline(y=base, line_dash="dot", line_color="#64748b", annotation_text=f"base model {base:.3f}",
+                  annotation_position="bottom left")
+    for ok, name, color in ((True, f"perplexity within {ppl_limit:.2f}x the base's", "#10b981"),
+                            (False, "perplexity further off", "#94a3b8")):
+        group = [r for r in runs if (r["ppl_ratio"] <= ppl_limit) == ok]
+        if group:
+            fig.add_trace(go.Scatter(
+                x=[r["tokens_per_forward"] for r in group], y=[r["seq_rep_4"] for r in group], mode="markers", name=name,
+                marker=dict(size=9, color=color, line=dict(width=1, color="#334155")),
+                hovertext=[f"{escape(r['name'])}: {r['tokens_per_forward']:.2f} tokens/forward, seq-rep-4 "
+                           f"{r['seq_rep_4']:.3f}, perplexity {r['ppl_ratio']:.3f}x" for r in group], hoverinfo="text"))
+    if shipped is not None:
+        fig.add_trace(go.Scatter(x=[shipped["tokens_per_forward"]], y=[shipped["seq_rep_4"]], mode="markers", name="shipped adapter",
+                                 marker=dict(size=18, symbol="star", color="#f59e0b", line=dict(width=1, color="#334155")),
+                                 hovertext=[f"shipped: {shipped['tokens_per_forward']:.2f} tokens/forward, seq-rep-4 "
+                                            f"{shipped['seq_rep_4']:.3f}, perplexity {shipped['ppl_ratio']:.3f}x"],
+                                 hoverinfo="text"))
+    return fig

@@ -194,6 +194,10 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             gr.HTML(about.example_figure())
             gr.Markdown(about.PAPER)
             gr.Markdown(about.cllm_markdown())
+            shipped = about.training_run(about.CLLM_EVAL)
+            runs = about.read_training_runs(protocol=shipped["protocol"] if shipped else None)
+            gr.Markdown(about.training_runs_markdown(runs))
+            gr.Plot(charts.training_runs(runs, shipped), show_label=False, elem_id="jl-runs")
             gr.Markdown(about.results_markdown(about.read_results()))
 
         race_event = go_btn.click(

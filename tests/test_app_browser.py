@@ -145,4 +145,6 @@ def test_about_tab(page):
     page.get_by_role("tab", name="About").click()
     page.get_by_text("What you are looking at").wait_for(timeout=10_000)
     assert page.get_by_text("3 tokens gained in this forward").count() == 1
+    page.get_by_text("How we got here").wait_for(timeout=10_000)
+    expect(page.locator("#jl-runs .main-svg").first).to_be_visible()  # the training-runs chart is drawn
     page.screenshot(path=SHOTS / "about.png", full_page=True)

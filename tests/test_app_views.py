@@ -229,3 +229,32 @@ def test_about_tab_shows_the_shipped_cllm_with_its_cost(tmp_path):
     broken.write_text(json.dumps(r))
     md = about.cllm_markdown(broken)
     assert "| Jacobi tokens per forward | — | 2.50 |" in md and "1.50x" in md
+
+
+def test_training_runs_chart_from_the_committed_evaluations(tmp_path):
+    """The About tab's chart of our training runs: one point per committed evaluation with the shipped adapter's
+    protocol, the shipped adapter as a star, counts in the words taken from the same runs; broken files are skipped,
+    names are escaped, and with no runs the chart says so."""
+    shipped = about.training_run(about.CLLM_EVAL)
+    runs = about.read_training_runs(protocol=shipped["protocol"])
+    assert len(runs) >= 30 and all(r["protocol"] == shipped["protocol"] for r in runs)
+    fig = charts.training_runs(runs, shipped)
+    points = [t for t in fig.data if t.name != "shipped adapter"]
+    assert sum(len(t.x) for t in points) == len(runs)
+    star = next(t for t in fig.data if t.name == "shipped adapter")
+    assert star.x[0] == pytest.approx(shipped["tokens_per_forward"]) and star.marker.symbol == "star"
+    words = about.training_runs_markdown(runs)
+    assert f"({len(runs)} runs, {sum(r['ppl_ratio'] <= 1.10 for r in runs)} of them" in words
+
+    good = json.loads(about.CLLM_EVAL.read_text())
+    (tmp_path / f"eval_{XSS}.json").write_text(json.dumps(good))
+    (tmp_path / "eval_broken.json").write_text("{not json")
+    (tmp_path / "eval_other.json").write_text(json.dumps({"base": {}}))
+    found = about.read_training_runs(tmp_path)
+    assert [r["name"] for r in found] == [XSS]
+    hover = charts.training_runs(found, None).data[0].hovertext[0]
+    assert XSS not in hover and unescape(hover).startswith(XSS)
+    assert about.read_training_runs(tmp_path, protocol=(1, 1)) == []
+    empty = charts.training_runs([], None)
+    assert not empty.data and "No training evaluations" in empty.layout.annotations[0].text
+    assert about.training_run(tmp_path / "missing.json") is None and about.training_runs_markdown([]) == ""
