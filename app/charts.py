@@ -141,8 +141,13 @@ def convergence_map(run: LaneRun | None, axis: str = "window", token_text=None) 
     return fig
 
 
+def _run_hover(label: str, run: dict) -> str:
+    return (f"{label}: {run['tokens_per_forward']:.2f} tokens/forward, seq-rep-4 {run['seq_rep_4']:.3f}, "
+            f"perplexity {run['ppl_ratio']:.3f}x")
+
+
 def training_runs(runs: list[dict], shipped: dict | None, ppl_limit: float = 1.10, target: float = 3.0) -> go.Figure:
-    """Our training runs as points: tokens per forward against repetition (seq-rep-4), with the issue's targets
+    """Our training runs as points: tokens per forward against repetition (seq-rep-4), with our training targets
     (at least ``target`` tokens per forward, no more repetition than the base model) as a shaded corner."""
     title = "Our training runs: speed against repetition"
     if not runs:
@@ -167,12 +172,9 @@ def training_runs(runs: list[dict], shipped: dict | None, ppl_limit: float = 1.1
             fig.add_trace(go.Scatter(
                 x=[r["tokens_per_forward"] for r in group], y=[r["seq_rep_4"] for r in group], mode="markers", name=name,
                 marker=dict(size=9, color=color, line=dict(width=1, color="#334155")),
-                hovertext=[f"{escape(r['name'])}: {r['tokens_per_forward']:.2f} tokens/forward, seq-rep-4 "
-                           f"{r['seq_rep_4']:.3f}, perplexity {r['ppl_ratio']:.3f}x" for r in group], hoverinfo="text"))
+                hovertext=[_run_hover(escape(r["name"]), r) for r in group], hoverinfo="text"))
     if shipped is not None:
         fig.add_trace(go.Scatter(x=[shipped["tokens_per_forward"]], y=[shipped["seq_rep_4"]], mode="markers", name="shipped adapter",
                                  marker=dict(size=18, symbol="star", color="#f59e0b", line=dict(width=1, color="#334155")),
-                                 hovertext=[f"shipped: {shipped['tokens_per_forward']:.2f} tokens/forward, seq-rep-4 "
-                                            f"{shipped['seq_rep_4']:.3f}, perplexity {shipped['ppl_ratio']:.3f}x"],
-                                 hoverinfo="text"))
+                                 hovertext=[_run_hover("shipped", shipped)], hoverinfo="text"))
     return fig
