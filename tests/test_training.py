@@ -14,7 +14,7 @@ from decoding import DEFAULT_ADAPTER, DecodeConfig, ar_decode, encode, jacobi_de
 from training import collect, evaluate, train
 from decoding.trace import repeat_flags
 from training.collect import CollectSettings, augment_states, collect_batch, repeats
-from training.losses import ar_cross_entropy, first_wrong, jacobi_gain, soft_kl
+from training.losses import ar_cross_entropy, first_wrong, jacobi_gain, penalize_repeats, seen_tokens, soft_kl
 from training.packing import align_answers, noise_level, pack, pick_states
 from training.tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -166,6 +166,37 @@ def test_repeat_weight_moves_the_consistency_weight_off_repeated_text(samples):
     assert new_only.item() == pytest.approx(soft_kl(teacher[fresh], student[fresh]).item(), rel=1e-6)
 
 
+def test_repetition_penalty_by_hand():
+    # context: a pad (5) then tokens 1, 2; answer 3, 1, 4 then a pad (0)
+    seen = seen_tokens(torch.tensor([[5, 1, 2]]), torch.tensor([[False, True, True]]), torch.tensor([[3, 1, 4, 0]]),
+                       torch.tensor([[True, True, True, False]]), 6)
+    assert [set(torch.nonzero(row).flatten().tolist()) for row in seen[0]] == [{1, 2}, {1, 2, 3}, {1, 2, 3}, {1, 2, 3, 4}]
+    logits = torch.tensor([[2.0, -1.0, 3.0]])
+    mask = torch.tensor([[True, True, False]])
+    assert penalize_repeats(logits, mask, 2.0).tolist() == [[1.0, -2.0, 3.0]]  # seen: 2 / 2 and -1 * 2; unseen kept
+    assert penalize_repeats(logits, mask, 1.0) is logits
+
+
+def test_teacher_penalty_applies_to_what_each_answer_position_has_seen(samples):
+    _, out, _ = samples
+    s = train.TrainSettings(batch=len(out), noise_window=4, teacher_penalty=1.5)
+    b = train.make_batch(out, list(range(len(out))), s, 0, 2)
+    L, V = b.answer.shape[1], int(b.input_ids.max()) + 5
+    g = torch.Generator().manual_seed(0)
+    logits, base = (torch.randn(len(out), 2 * L, V, generator=g) for _ in range(2))
+    want = base[:, :L].clone()  # the penalty worked out token by token from each sample's own prompt and answer
+    for i, x in enumerate(out):
+        for t in range(x["valid"]):
+            for v in set(torch.as_tensor(x["prompt"]).tolist()) | set(x["answer"][:t].tolist()):
+                want[i, t, v] = want[i, t, v] / 1.5 if want[i, t, v] > 0 else want[i, t, v] * 1.5
+    sel = b.cons_mask[0]
+    got = train.compute_losses(logits, base, b, s)
+    assert got["ar"].item() == pytest.approx(soft_kl(want[b.ar_mask], logits[:, :L][b.ar_mask]).item(), rel=1e-5)
+    assert got["consistency"].item() == pytest.approx(soft_kl(want[sel], logits[:, L:][sel]).item(), rel=1e-5)
+    plain = train.compute_losses(logits, base, b, train.TrainSettings(noise_window=4))
+    assert plain["ar"].item() != pytest.approx(got["ar"].item(), rel=1e-3)
+
+
 def test_pipeline_end_to_end(tmp_path):
     folder, prompts, held = tiny_inputs(tmp_path)
     traj = tmp_path / "traj"
@@ -288,6 +319,7 @@ def test_reference_term_is_zero_at_the_base_and_positive_once_the_adapter_moves(
     assert all(len(a) == 5 for _, a in pairs)
     acc = Accelerator(cpu=True)
     assert train.anchor_kl(acc, model, None, pairs, [0, 1, 2], 2).item() == pytest.approx(0.0, abs=1e-7)  # LoRA B = 0
+    assert train.anchor_kl(acc, model, None, pairs, [0, 1, 2], 2, penalty=1.5).item() > 1e-4  # a penalised target
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

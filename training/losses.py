@@ -50,3 +50,27 @@ def jacobi_gain(student_argmax: torch.Tensor, state: torch.Tensor, fixed: torch.
     the H100: -0.16 at the end of the run that reached 2.6 tokens per forward). Judge with training.evaluate.
     """
     return (first_wrong(student_argmax, fixed) - first_wrong(state, fixed)).float()
+
+
+def seen_tokens(context: torch.Tensor, context_real: torch.Tensor, answer: torch.Tensor, answer_real: torch.Tensor,
+                vocab: int) -> torch.Tensor:
+    """[B, L, V] bool: token v occurs in row b's real context tokens or in answer[b, :t], i.e. in the text that the
+    prediction of answer token t sees. context, context_real: [B, P]; answer, answer_real: [B, L] (False = padding,
+    never counted)."""
+    B, L = answer.shape
+    spare = vocab  # padding is scattered into an extra column that is dropped
+    ctx = torch.zeros(B, vocab + 1, dtype=torch.bool, device=answer.device)
+    ctx.scatter_(1, torch.where(context_real, context, spare), True)
+    first = torch.full((B, vocab + 1), L, dtype=torch.long, device=answer.device)
+    at = torch.arange(L, device=answer.device)
+    first.scatter_reduce_(1, torch.where(answer_real, answer, spare), at.expand(B, L), "amin")
+    return ctx[:, None, :vocab] | (first[:, None, :vocab] < at[None, :, None])
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty of CTRL (Keskar et al. 2019; transformers' ``repetition_penalty``) on the logits of
+    tokens already seen: positive logits divided by ``penalty``, negative ones multiplied. 1.0 changes nothing."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.float()
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
