@@ -14,7 +14,7 @@ from decoding import DEFAULT_ADAPTER, DecodeConfig, ar_decode, encode, jacobi_de
 from training import collect, evaluate, train
 from decoding.trace import repeat_flags
 from training.collect import CollectSettings, augment_states, collect_batch, repeats
-from training.losses import ar_cross_entropy, first_wrong, jacobi_gain, penalize_repeats, seen_tokens, soft_kl
+from training.losses import ar_cross_entropy, first_wrong, jacobi_gain, penalize_loops, repeat_completions, soft_kl
 from training.packing import align_answers, noise_level, pack, pick_states
 from training.tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -166,35 +166,76 @@ def test_repeat_weight_moves_the_consistency_weight_off_repeated_text(samples):
     assert new_only.item() == pytest.approx(soft_kl(teacher[fresh], student[fresh]).item(), rel=1e-6)
 
 
-def test_repetition_penalty_by_hand():
-    # context: a pad (5) then tokens 1, 2; answer 3, 1, 4 then a pad (0)
-    seen = seen_tokens(torch.tensor([[5, 1, 2]]), torch.tensor([[False, True, True]]), torch.tensor([[3, 1, 4, 0]]),
-                       torch.tensor([[True, True, True, False]]), 6)
-    assert [set(torch.nonzero(row).flatten().tolist()) for row in seen[0]] == [{1, 2}, {1, 2, 3}, {1, 2, 3}, {1, 2, 3, 4}]
-    logits = torch.tensor([[2.0, -1.0, 3.0]])
-    mask = torch.tensor([[True, True, False]])
-    assert penalize_repeats(logits, mask, 2.0).tolist() == [[1.0, -2.0, 3.0]]  # seen: 2 / 2 and -1 * 2; unseen kept
-    assert penalize_repeats(logits, mask, 1.0) is logits
+def loop_tokens(seq: list[int], k: int = 4) -> set[int]:
+    """The oracle of repeat_completions: tokens that, after seq, would end a k-gram already in seq."""
+    if len(seq) < k:
+        return set()
+    return {seq[s + k - 1] for s in range(len(seq) - k + 1) if seq[s:s + k - 1] == seq[-(k - 1):]}
 
 
-def test_teacher_penalty_applies_to_what_each_answer_position_has_seen(samples):
-    _, out, _ = samples
-    s = train.TrainSettings(batch=len(out), noise_window=4, teacher_penalty=1.5)
+def test_loop_penalty_by_hand():
+    # row: a pad (0), then 5 6 7 8 5 6 7 and a pad. After "... 5 6 7" (position 7) token 8 would repeat "5 6 7 8".
+    ids = torch.tensor([[0, 5, 6, 7, 8, 5, 6, 7, 0]])
+    real = torch.tensor([[False] + [True] * 7 + [False]])
+    got = repeat_completions(ids, real, torch.arange(9), 10)
+    assert [set(torch.nonzero(r).flatten().tolist()) for r in got[0]] == [set()] * 7 + [{8}, set()]
+    assert penalize_loops(torch.zeros(1, 3), torch.tensor([[False, True, False]]), 2.0).tolist() == [[0.0, -2.0, 0.0]]
+    rng = random.Random(0)  # small vocabularies repeat often: against the oracle, pads on both sides
+    for _ in range(100):
+        S = rng.randrange(1, 25)
+        ids = torch.tensor([[rng.randrange(3) for _ in range(S)] for _ in range(2)])
+        real = torch.zeros(2, S, dtype=torch.bool)
+        for b in range(2):
+            lo = rng.randrange(S // 2 + 1)
+            real[b, lo:rng.randrange(lo, S) + 1] = True
+        got = repeat_completions(ids, real, torch.arange(S), 3)
+        for b in range(2):
+            for j in real[b].nonzero().flatten().tolist():
+                seq = [int(ids[b, q]) for q in range(j + 1) if real[b, q]]
+                assert set(got[b, j].nonzero().flatten().tolist()) == loop_tokens(seq)
+
+
+def test_loop_penalty_reaches_the_targets_of_every_answer_position(samples, tiny):
+    # the tiny model's answers, made to loop over three of their own tokens half the time
+    out = [dict(x, answer=torch.where(torch.arange(len(x["answer"])) % 2 == 0, x["answer"][torch.arange(len(x["answer"])) % 3],
+                                      x["answer"])) for x in samples[1]]
+    s = train.TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5)
     b = train.make_batch(out, list(range(len(out))), s, 0, 2)
     L, V = b.answer.shape[1], int(b.input_ids.max()) + 5
     g = torch.Generator().manual_seed(0)
     logits, base = (torch.randn(len(out), 2 * L, V, generator=g) for _ in range(2))
-    want = base[:, :L].clone()  # the penalty worked out token by token from each sample's own prompt and answer
+    want = base[:, :L].clone()  # worked out position by position from each sample's own prompt and answer
+    looped = 0
     for i, x in enumerate(out):
         for t in range(x["valid"]):
-            for v in set(torch.as_tensor(x["prompt"]).tolist()) | set(x["answer"][:t].tolist()):
-                want[i, t, v] = want[i, t, v] / 1.5 if want[i, t, v] > 0 else want[i, t, v] * 1.5
+            for v in loop_tokens(torch.as_tensor(x["prompt"]).tolist() + x["answer"][:t].tolist()):
+                want[i, t, v] -= 1.5
+                looped += 1
+    assert looped  # the tiny model loops somewhere
     sel = b.cons_mask[0]
     got = train.compute_losses(logits, base, b, s)
     assert got["ar"].item() == pytest.approx(soft_kl(want[b.ar_mask], logits[:, :L][b.ar_mask]).item(), rel=1e-5)
     assert got["consistency"].item() == pytest.approx(soft_kl(want[sel], logits[:, L:][sel]).item(), rel=1e-5)
-    plain = train.compute_losses(logits, base, b, train.TrainSettings(noise_window=4))
-    assert plain["ar"].item() != pytest.approx(got["ar"].item(), rel=1e-3)
+    # and on the anchor terms' aligned rows: the base (a LoRA with B = 0) is no longer its own target
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    pairs = [(torch.as_tensor(x["prompt"]).tolist(), x["answer"][: x["valid"]].tolist()) for x in out]
+    acc = Accelerator(cpu=True)
+    assert train.anchor_kl(acc, model, None, pairs, [0, 1, 2, 3], 2).item() == pytest.approx(0.0, abs=1e-7)
+    a = align_answers(pairs, 2)
+    with torch.no_grad():
+        plain = model(input_ids=a.input_ids, attention_mask=a.attention_mask, position_ids=a.position_ids,
+                      logits_to_keep=a.keep).logits
+    target = plain.clone()
+    for i, (p, ans) in enumerate(pairs):
+        for t in range(len(ans)):
+            for v in loop_tokens(p + ans[:t]):
+                target[i, t, v] -= 1.5
+    want = soft_kl(target[a.valid], plain[a.valid]).item()
+    assert want > 0
+    assert train.anchor_kl(acc, model, None, pairs, [0, 1, 2, 3], 2, penalty=1.5).item() == pytest.approx(want, rel=1e-4)
 
 
 def test_pipeline_end_to_end(tmp_path):
@@ -227,6 +268,8 @@ def test_pipeline_end_to_end(tmp_path):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
     with pytest.raises(SystemExit, match="--repeat-weight must be 0 or more"):
         train.main(common + ["--out", str(tmp_path / "none"), "--repeat-weight", "-0.5"])
+    with pytest.raises(SystemExit, match="--loop-penalty must be 0"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--loop-penalty", "-1"])
     # A second phase starts from the first one's adapter (its rank wins over --lora-rank), here with the reference term.
     phase2 = ["--model", str(folder), "--data", str(traj), "--out", str(tmp_path / "phase2"), "--init-adapter",
               str(adapter), "--lora-rank", "16", "--batch", "4", "--max-steps", "2", "--log-every", "1", "--device", "cpu",
@@ -240,7 +283,8 @@ def test_pipeline_end_to_end(tmp_path):
     # The on-policy anchor: the adapted model's own greedy answers, regenerated every step here.
     own = ["--model", str(folder), "--data", str(traj), "--out", str(tmp_path / "own"), "--init-adapter", str(adapter),
            "--batch", "4", "--max-steps", "2", "--log-every", "1", "--device", "cpu", "--self-weight", "1",
-           "--self-every", "1", "--self-prompts", "3", "--self-batch", "2", "--self-tokens", "6", "--repeat-weight", "0.25"]
+           "--self-every", "1", "--self-prompts", "3", "--self-batch", "2", "--self-tokens", "6", "--repeat-weight", "0.25",
+           "--loop-penalty", "2"]
     train.main(own)
     rows = [json.loads(x) for x in (tmp_path / "own" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["self"] > 0 for r in rows)
@@ -319,7 +363,6 @@ def test_reference_term_is_zero_at_the_base_and_positive_once_the_adapter_moves(
     assert all(len(a) == 5 for _, a in pairs)
     acc = Accelerator(cpu=True)
     assert train.anchor_kl(acc, model, None, pairs, [0, 1, 2], 2).item() == pytest.approx(0.0, abs=1e-7)  # LoRA B = 0
-    assert train.anchor_kl(acc, model, None, pairs, [0, 1, 2], 2, penalty=1.5).item() > 1e-4  # a penalised target
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

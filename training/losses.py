@@ -52,25 +52,32 @@ def jacobi_gain(student_argmax: torch.Tensor, state: torch.Tensor, fixed: torch.
     return (first_wrong(student_argmax, fixed) - first_wrong(state, fixed)).float()
 
 
-def seen_tokens(context: torch.Tensor, context_real: torch.Tensor, answer: torch.Tensor, answer_real: torch.Tensor,
-                vocab: int) -> torch.Tensor:
-    """[B, L, V] bool: token v occurs in row b's real context tokens or in answer[b, :t], i.e. in the text that the
-    prediction of answer token t sees. context, context_real: [B, P]; answer, answer_real: [B, L] (False = padding,
-    never counted)."""
-    B, L = answer.shape
-    spare = vocab  # padding is scattered into an extra column that is dropped
-    ctx = torch.zeros(B, vocab + 1, dtype=torch.bool, device=answer.device)
-    ctx.scatter_(1, torch.where(context_real, context, spare), True)
-    first = torch.full((B, vocab + 1), L, dtype=torch.long, device=answer.device)
-    at = torch.arange(L, device=answer.device)
-    first.scatter_reduce_(1, torch.where(answer_real, answer, spare), at.expand(B, L), "amin")
-    return ctx[:, None, :vocab] | (first[:, None, :vocab] < at[None, :, None])
+def repeat_completions(ids: torch.Tensor, real: torch.Tensor, at: torch.Tensor, vocab: int, k: int = 4) -> torch.Tensor:
+    """[B, K, V] bool: the tokens that, placed after position at[j] of row b, would end a k-gram that already occurs in
+    the row's real tokens up to at[j] (what seq-rep-k counts as repeated text). ids, real: [B, S]; at: [K]."""
+    B, S = ids.shape
+    at = at.to(ids.device)
+    if S < k:
+        return torch.zeros(B, at.numel(), vocab, dtype=torch.bool, device=ids.device)
+    grams = ids.unfold(1, k - 1, 1)  # [B, S-k+2, k-1]: the (k-1)-gram starting at e, ending at e + k - 2
+    whole = real.unfold(1, k - 1, 1).all(-1)
+    ends = torch.arange(k - 2, S, device=ids.device)  # end position of each gram
+    here = (at - (k - 2)).clamp_min(0)  # index of the gram ending at at[j]
+    same = (grams[:, here, None, :] == grams[:, None, :, :]).all(-1)  # [B, K, G]
+    # an earlier occurrence whose next token exists (and is real): that token would repeat the k-gram
+    nxt_pos = (ends + 1).clamp_max(S - 1)
+    earlier = ends[None, :] < at[:, None]  # [K, G]; then ends + 1 <= at[j] <= S - 1
+    ok = same & earlier[None] & whole[:, None, :] & whole[:, here, None] & (at >= k - 2)[None, :, None]
+    ok &= real[:, nxt_pos][:, None, :]
+    nxt = ids[:, nxt_pos]  # [B, G]
+    out = torch.zeros(B, at.numel(), vocab + 1, dtype=torch.bool, device=ids.device)
+    out.scatter_(2, torch.where(ok, nxt[:, None, :], vocab), True)
+    return out[..., :vocab]
 
 
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """The repetition penalty of CTRL (Keskar et al. 2019; transformers' ``repetition_penalty``) on the logits of
-    tokens already seen: positive logits divided by ``penalty``, negative ones multiplied. 1.0 changes nothing."""
-    if penalty == 1.0:
+def penalize_loops(logits: torch.Tensor, loops: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``penalty`` subtracted from the logits of the tokens ``loops`` marks (``repeat_completions``): each way of
+    repeating a k-gram loses that much log-odds against the rest. 0 changes nothing."""
+    if penalty == 0.0:
         return logits
-    logits = logits.float()
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    return logits.float() - penalty * loops.float()

@@ -5,7 +5,8 @@
     python -m training.train ... --resume true                                # continue from runs/cllm/checkpoint
 
 Loss = ar_weight * AR + consistency_weight * global consistency (+ local_weight * local consistency)
-(+ ref_weight * reference KL + self_weight * own-answer KL). Within the consistency terms, outputs whose target
+(+ ref_weight * reference KL + self_weight * own-answer KL). With --loop-penalty, the frozen base's target
+logits lose that much on every token that would repeat a 4-gram (a teacher that loops less). Within the consistency terms, outputs whose target
 repeats a 4-gram seen before count repeat_weight times as much as the others (1 by default).
 Global consistency: KL(teacher on the clean block || student on its noisy state), only at outputs
 after the state's first wrong guess. AR: cross-entropy on the fixed-point tokens (``ce``, the
@@ -32,7 +33,7 @@ from decoding.prompts import read_jsonl
 from .cli import parse, print_table, save_settings
 from .collect import read_shards, seq_rep
 from .evaluate import generate_greedy
-from .losses import ar_cross_entropy, jacobi_gain, penalize_repeats, seen_tokens, soft_kl
+from .losses import ar_cross_entropy, jacobi_gain, penalize_loops, repeat_completions, soft_kl
 from .packing import PackedBatch, align_answers, pack, pick_states, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ class TrainSettings:
     full_scope: str = "all"  # with --lora-rank 0: "all" trains every weight; "targets" only the lora_targets matrices (the full-rank update a LoRA approximates: python -m training.extract turns it into an adapter)
     init_adapter: str = ""  # start from this LoRA adapter folder (its rank and targets win), e.g. a second phase
     save_dtype: str = "bfloat16"  # dtype of the saved adapter (bf16: r=24 on all linear layers is 14 MB)
-    teacher_penalty: float = 1.0  # repetition penalty (CTRL / transformers' repetition_penalty) on the frozen base's logits wherever they are a target (AR KL, consistency with --teacher base, own-answer KL), over the tokens the position sees (prompt + answer so far): > 1 teaches a less loop-prone version of the base (1.0 = off)
+    loop_penalty: float = 0.0  # logit subtracted, in the frozen base's logits wherever they are a target (AR KL, consistency with --teacher base, own-answer KL), from every token that would repeat a 4-gram already in the prompt or answer: the CLLM learns from a base that loops less (0 = off)
     teacher: str = "base"  # consistency target: "base" (frozen base model on the clean block; ours) or "self" (own detached clean logits, the papers)
     ar_loss: str = "kl"  # "ce" (cross-entropy on fixed points, the papers) or "kl" (KL to the frozen base, clean answer)
     ar_weight: float = 1.0  # weight of the AR term (papers: 10 : 1; the shipped CLLM: 1; higher keeps quality, lowers speed)
@@ -126,8 +127,8 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
     base_clean = None
     if base_logits is not None:
         P = b.prompt_end
-        base_clean = penalized(base_logits[:, :L], b.input_ids[:, :P], b.attention_mask[:, 0, P - 1, :P], b.answer,
-                               b.ar_mask, s.teacher_penalty)
+        base_clean = penalized(base_logits[:, :L], b.input_ids[:, :P + L],
+                               torch.cat([b.attention_mask[:, 0, P - 1, :P], b.ar_mask], 1), b.keep[:L], s.loop_penalty)
     teacher = (base_clean if s.teacher == "base" else clean).detach()
     if s.ar_loss == "kl":
         ar = soft_kl(base_clean[b.ar_mask], clean[b.ar_mask])
@@ -155,12 +156,12 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
     return out
 
 
-def penalized(logits, context, context_real, answer, answer_real, penalty: float) -> torch.Tensor:
-    """Answer-position logits [B, L, V] with the repetition penalty on every token the position has seen
-    (``context`` real tokens and the answer before it); unchanged at penalty 1."""
-    if penalty == 1.0:
+def penalized(logits, ids, real, at, penalty: float) -> torch.Tensor:
+    """Logits [B, K, V] taken after positions ``at`` of rows ``ids`` (real tokens: ``real``), less ``penalty`` on
+    every token that would repeat a 4-gram of the row so far; unchanged at penalty 0."""
+    if penalty == 0.0:
         return logits
-    return penalize_repeats(logits, seen_tokens(context, context_real, answer, answer_real, logits.shape[-1]), penalty)
+    return penalize_loops(logits, repeat_completions(ids, real, at, logits.shape[-1]), penalty)
 
 
 def build_model(s: TrainSettings):
@@ -232,9 +233,9 @@ def base_logits_for(accelerator, model, base, b: PackedBatch, s: TrainSettings):
     return on_base(accelerator, model, base, lambda m: forward_logits(m, b)) if uses_base(s) else None
 
 
-def anchor_kl(accelerator, model, base, pairs, idx: list[int], pad_id: int, penalty: float = 1.0) -> torch.Tensor:
+def anchor_kl(accelerator, model, base, pairs, idx: list[int], pad_id: int, penalty: float = 0.0) -> torch.Tensor:
     """KL(base || model) at every answer token of the (prompt, answer) rows idx: reference or own answers
-    (one forward of each, LM head on answers only); the base's logits under the repetition penalty if not 1."""
+    (one forward of each, LM head on answers only); the base's logits under the loop penalty if not 0."""
     b = align_answers([pairs[i] for i in idx], pad_id).to(accelerator.device)
     P = b.input_ids.shape[1] - b.keep.numel()
 
@@ -242,12 +243,12 @@ def anchor_kl(accelerator, model, base, pairs, idx: list[int], pad_id: int, pena
         return m(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                  logits_to_keep=b.keep, use_cache=False).logits
 
-    target = on_base(accelerator, model, base, lambda m: penalized(
-        logits(m), b.input_ids[:, :P], b.attention_mask[:, 0, P - 1, :P], b.input_ids[:, P:], b.valid, penalty))
+    real = torch.cat([b.attention_mask[:, 0, P - 1, :P], b.valid], 1)
+    target = on_base(accelerator, model, base, lambda m: penalized(logits(m), b.input_ids, real, b.keep, penalty))
     return soft_kl(target[b.valid], logits(model)[b.valid])
 
 
-def anchor_step(accelerator, models, pairs, idx, pad_id, weight, losses, name, penalty: float = 1.0) -> None:
+def anchor_step(accelerator, models, pairs, idx, pad_id, weight, losses, name, penalty: float = 0.0) -> None:
     """One anchor term (KL to the frozen base on given answers) in its own forward and backward: the gradients
     add up with the main step's, the peak memory does not."""
     model, base = models
@@ -325,8 +326,8 @@ def main(argv=None) -> None:
     for name in ("ar_weight", "consistency_weight", "local_weight", "ref_weight", "self_weight", "repeat_weight"):
         if getattr(s, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}")
-    if s.teacher_penalty <= 0:
-        raise SystemExit(f"--teacher-penalty must be above 0 (1.0 = off), got {s.teacher_penalty}")
+    if s.loop_penalty < 0:
+        raise SystemExit(f"--loop-penalty must be 0 (off) or more, got {s.loop_penalty}")
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available() and s.device != "cpu"
@@ -425,7 +426,7 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
             if own_ok:
                 oidx = batch_indices(step, s.self_batch, len(own), s.seed + 2)
                 anchor_step(accelerator, (model, base), own, oidx, pad_id, s.self_weight, losses, "self",
-                            s.teacher_penalty)
+                            s.loop_penalty)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
