@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from decoding import DEFAULT_SPEC, DecodeConfig, ar_decode, encode, jacobi_decode, load_model, run
 from decoding.prompts import read_jsonl
@@ -29,6 +30,7 @@ from decoding.trace import FastForwardSplit
 
 from .cli import parse, print_table
 from .collect import greedy_agreement, left_pad, repeats, seq_rep
+from .losses import penalized
 from .packing import align_answers, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,8 +102,9 @@ def exactness(lm, prompts, answers, s: EvalSettings) -> dict:
 
 
 @torch.inference_mode()
-def reference_nll(lm, rows: list[dict], batch: int) -> tuple[float, int]:
-    """Total negative log-likelihood of the reference answers (after the chat-templated prompt), and their token count."""
+def reference_nll(lm, rows: list[dict], batch: int, loop_penalty: float = 0.0) -> tuple[float, int]:
+    """Total negative log-likelihood of the reference answers (after the chat-templated prompt), and their token count;
+    with ``loop_penalty``, under the logits a loop-penalised teacher would give (``train --loop-penalty``)."""
     tok, device = lm.tokenizer, lm.device
     total, count = 0.0, 0
     pairs = reference_pairs(tok, rows)
@@ -109,6 +112,7 @@ def reference_nll(lm, rows: list[dict], batch: int) -> tuple[float, int]:
         b = align_answers(pairs[start:start + batch]).to(device)
         logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                           logits_to_keep=b.keep, use_cache=False).logits.float()
+        logits = penalized(logits, b.input_ids, b.real(), b.keep, loop_penalty)
         answers = b.input_ids[:, -logits.shape[1]:]  # the tokens those logits predict
         logp = torch.log_softmax(logits, -1).gather(-1, answers[..., None])[..., 0]
         total += float(-logp[b.valid].sum())
@@ -116,15 +120,34 @@ def reference_nll(lm, rows: list[dict], batch: int) -> tuple[float, int]:
     return total, count
 
 
+class LoopPenalty(LogitsProcessor):
+    """generate's logits less ``penalty`` on every token that would repeat a 4-gram of the row's text so far (the
+    teacher of ``train --loop-penalty``); ``starts[b]`` is where row b's prompt begins after its left padding."""
+
+    def __init__(self, penalty: float, starts: list[int]):
+        self.penalty, self.starts = penalty, torch.tensor(starts)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        S = input_ids.shape[1]
+        real = torch.arange(S, device=input_ids.device)[None, :] >= self.starts.to(input_ids.device)[:, None]
+        at = torch.tensor([S - 1], device=input_ids.device)
+        return penalized(scores[:, None], input_ids, real, at, self.penalty)[:, 0].to(scores.dtype)
+
+
 @torch.inference_mode()
 def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: set[int], pad: int, batch: int,
-                    device, progress: bool = True) -> list[list[int]]:
-    """Batched greedy answers of ``model`` (left-padded generate), each cut after its first EOS."""
+                    device, progress: bool = True, loop_penalty: float = 0.0) -> list[list[int]]:
+    """Batched greedy answers of ``model`` (left-padded generate), each cut after its first EOS; with
+    ``loop_penalty``, those of the loop-penalised teacher (``LoopPenalty``)."""
     out = []
     for start in tqdm(range(0, len(prompts), batch), desc="generate", unit="batch", disable=not progress):
-        ids, mask = left_pad(prompts[start:start + batch], device, pad)
+        chunk = prompts[start:start + batch]
+        ids, mask = left_pad(chunk, device, pad)
+        extra = {}
+        if loop_penalty:
+            extra["logits_processor"] = LogitsProcessorList([LoopPenalty(loop_penalty, [ids.shape[1] - len(p) for p in chunk])])
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos))
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos), **extra)
         for row in gen[:, ids.shape[1]:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             out.append(row[:cut])

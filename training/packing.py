@@ -130,6 +130,11 @@ class AlignedBatch:
     def to(self, device) -> "AlignedBatch":
         return AlignedBatch(*(v.to(device) for v in self.__dict__.values()))
 
+    def real(self) -> torch.Tensor:
+        """[B, P + A] bool: the row's own tokens (prompt and answer), not padding."""
+        P = self.input_ids.shape[1] - self.valid.shape[1]
+        return torch.cat([self.attention_mask[:, 0, P - 1, :P], self.valid], 1)
+
 
 def align_answers(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> AlignedBatch:
     """Left-pad the prompts and right-pad the answers so one ``logits_to_keep`` range holds every answer:

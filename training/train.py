@@ -33,7 +33,7 @@ from decoding.prompts import read_jsonl
 from .cli import parse, print_table, save_settings
 from .collect import read_shards, seq_rep
 from .evaluate import generate_greedy
-from .losses import ar_cross_entropy, jacobi_gain, penalize_loops, repeat_completions, soft_kl
+from .losses import ar_cross_entropy, jacobi_gain, penalized, soft_kl
 from .packing import PackedBatch, align_answers, pack, pick_states, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,14 +156,6 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
     return out
 
 
-def penalized(logits, ids, real, at, penalty: float) -> torch.Tensor:
-    """Logits [B, K, V] taken after positions ``at`` of rows ``ids`` (real tokens: ``real``), less ``penalty`` on
-    every token that would repeat a 4-gram of the row so far; unchanged at penalty 0."""
-    if penalty == 0.0:
-        return logits
-    return penalize_loops(logits, repeat_completions(ids, real, at, logits.shape[-1]), penalty)
-
-
 def build_model(s: TrainSettings):
     """(trainable model, frozen base or None, pad id, tokenizer, EOS ids). LoRA via peft unless lora_rank == 0."""
     lm = load_model(s.model, device="cpu", dtype="float32")
@@ -237,14 +229,12 @@ def anchor_kl(accelerator, model, base, pairs, idx: list[int], pad_id: int, pena
     """KL(base || model) at every answer token of the (prompt, answer) rows idx: reference or own answers
     (one forward of each, LM head on answers only); the base's logits under the loop penalty if not 0."""
     b = align_answers([pairs[i] for i in idx], pad_id).to(accelerator.device)
-    P = b.input_ids.shape[1] - b.keep.numel()
 
     def logits(m):
         return m(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                  logits_to_keep=b.keep, use_cache=False).logits
 
-    real = torch.cat([b.attention_mask[:, 0, P - 1, :P], b.valid], 1)
-    target = on_base(accelerator, model, base, lambda m: penalized(logits(m), b.input_ids, real, b.keep, penalty))
+    target = on_base(accelerator, model, base, lambda m: penalized(logits(m), b.input_ids, b.real(), b.keep, penalty))
     return soft_kl(target[b.valid], logits(model)[b.valid])
 
 
