@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from decoding import DEFAULT_ADAPTER, DecodeConfig, ar_decode, encode, jacobi_decode, run
-from training import collect, evaluate, train
+from training import collect, evaluate, loop_teacher, train
 from decoding.trace import repeat_flags
 from training.collect import CollectSettings, augment_states, collect_batch, repeats
 from training.losses import ar_cross_entropy, first_wrong, jacobi_gain, penalize_loops, repeat_completions, soft_kl
@@ -236,6 +236,26 @@ def test_loop_penalty_reaches_the_targets_of_every_answer_position(samples, tiny
     want = soft_kl(target[a.valid], plain[a.valid]).item()
     assert want > 0
     assert train.anchor_kl(acc, model, None, pairs, [0, 1, 2, 3], 2, penalty=1.5).item() == pytest.approx(want, rel=1e-4)
+
+
+def test_loop_penalty_processor_and_the_teacher_measurement(tmp_path):
+    # generate's view: row 0 is "pad | 5 6 7 8 5 6 7": token 8 would repeat "5 6 7 8"; row 1 has no loop yet
+    ids = torch.tensor([[0, 5, 6, 7, 8, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
+    scores = torch.zeros(2, 10)
+    got = evaluate.LoopPenalty(2.0, [1, 0])(ids, scores.clone())
+    assert got[0].tolist() == [0.0] * 8 + [-2.0, 0.0] and got[1].tolist() == [0.0] * 10
+    folder = save_tiny(tmp_path / "tiny")
+    held = tmp_path / "heldout.jsonl"  # references that loop: a loop-penalised teacher finds them less likely
+    held.write_text("".join(json.dumps({"prompt": p, "reference": "la la la la la la la la"}) + "\n" for p in PROMPTS))
+    out = tmp_path / "teacher.json"
+    r = loop_teacher.main(["--model", str(folder), "--heldout", str(held), "--penalties", "0,3,1e4", "--max-new-tokens",
+                           "40", "--batch", "3", "--device", "cpu", "--out", str(out)])
+    plain, mild, huge = r["teachers"]
+    assert plain["ppl_ratio"] == 1.0 and mild["ppl"] > plain["ppl"]
+    assert huge["repetition"]["seq_rep_4"] == 0.0 and huge["ppl"] is None  # no answer repeats a 4-gram of itself
+    assert json.loads(out.read_text())["heldout_prompts"] == len(PROMPTS)
+    with pytest.raises(SystemExit, match="--penalties"):
+        loop_teacher.main(["--model", str(folder), "--heldout", str(held), "--penalties", "-1"])
 
 
 def test_pipeline_end_to_end(tmp_path):
