@@ -245,6 +245,10 @@ def test_training_runs_chart_from_the_committed_evaluations(tmp_path):
     assert star.x[0] == pytest.approx(shipped["tokens_per_forward"]) and star.marker.symbol == "star"
     words = about.training_runs_markdown(runs)
     assert f"({len(runs)} runs, {sum(r['ppl_ratio'] <= 1.10 for r in runs)} of them" in words
+    calm = [r for r in runs if r["seq_rep_4"] <= r["base_seq_rep_4"] and r["ppl_ratio"] <= 1.10]
+    assert f" {len(calm)} of the runs repeat themselves less" in words
+    assert f"{max(r['tokens_per_forward'] for r in calm):.2f} tokens per forward." in words
+    assert "repeat themselves less" not in about.training_runs_markdown([r for r in runs if r not in calm])
 
     good = json.loads(about.CLLM_EVAL.read_text())
     (tmp_path / f"eval_{XSS}.json").write_text(json.dumps(good))
