@@ -69,6 +69,11 @@ class PackedBatch:
         fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return PackedBatch(**fields)
 
+    def real(self) -> torch.Tensor:
+        """[B, P + L] bool: the row's own tokens in its prompt and clean answer (up to EOS), not padding."""
+        P = self.prompt_end
+        return torch.cat([self.attention_mask[:, 0, P - 1, :P], self.ar_mask], 1)
+
 
 def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, pad_id: int = 0) -> PackedBatch:
     """Build a batch. streams[s][b][j] is the [n] state of block j of sample b in noisy stream s."""

@@ -6,8 +6,9 @@
 
 Loss = ar_weight * AR + consistency_weight * global consistency (+ local_weight * local consistency)
 (+ ref_weight * reference KL + self_weight * own-answer KL). With --loop-penalty, the frozen base's target
-logits lose that much on every token that would repeat a 4-gram (a teacher that loops less). Within the consistency terms, outputs whose target
-repeats a 4-gram seen before count repeat_weight times as much as the others (1 by default).
+logits lose that much on every token that would repeat a 4-gram (a teacher that loops less). Within the
+consistency terms, outputs whose target repeats a 4-gram seen before count repeat_weight times as much as the
+others (1 by default).
 Global consistency: KL(teacher on the clean block || student on its noisy state), only at outputs
 after the state's first wrong guess. AR: cross-entropy on the fixed-point tokens (``ce``, the
 papers) or KL to the frozen base model on the clean answer (``kl``: keeps the answer distribution,
@@ -126,9 +127,8 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
     clean = logits[:, :L]
     base_clean = None
     if base_logits is not None:
-        P = b.prompt_end
-        base_clean = penalized(base_logits[:, :L], b.input_ids[:, :P + L],
-                               torch.cat([b.attention_mask[:, 0, P - 1, :P], b.ar_mask], 1), b.keep[:L], s.loop_penalty)
+        base_clean = penalized(base_logits[:, :L], b.input_ids[:, :b.prompt_end + L], b.real(), b.keep[:L],
+                               s.loop_penalty)
     teacher = (base_clean if s.teacher == "base" else clean).detach()
     if s.ar_loss == "kl":
         ar = soft_kl(base_clean[b.ar_mask], clean[b.ar_mask])
