@@ -344,9 +344,14 @@ def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys
 
     paths = [write("fast_but_worse", 3.2, 1.3, 0.5), write("good", 2.0, 1.05, 0.39), write("better", 2.5, 1.1, 0.4)]
     assert [r["name"] for r in compare.ranked(paths)] == ["better", "good", "fast_but_worse"]
+    r = json.loads(paths[1].read_text())  # the 10x-filter tail, where recorded: CLLM / base, in percent
+    r["cllm"]["repetition"]["filter_rate"], r["base"]["repetition"]["filter_rate"] = 0.175, 0.06
+    paths[1].write_text(json.dumps(r))
     assert compare.main([str(p) for p in paths]) == 0
     out = capsys.readouterr().out
     assert "fast_but_worse" in out
+    assert "17.5/6.0" in next(x for x in out.splitlines() if x.startswith("good"))
+    assert next(x for x in out.splitlines() if x.startswith("better")).split()[-2] == "-"
     # seq-rep -0.01, 0, 0.1 above the base's 0.4 against 2.0, 2.5, 3.2 tokens/forward: least squares
     # 9.324 x + 2.287, r = 0.94
     rows = compare.ranked(paths)
