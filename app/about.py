@@ -117,8 +117,12 @@ def training_runs_markdown(runs: list[dict], ppl_limit: float = 1.10) -> str:
             "more, with answers no more repetitive than the base model's.")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _num(value, fmt: str) -> str:
-    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+    return format(value, fmt) if _is_number(value) else "—"
 
 
 def results_markdown(results: list[dict]) -> str:
@@ -167,7 +171,7 @@ def cllm_markdown(path: Path = CLLM_EVAL) -> str:
                 ("answers stuck in a short loop (1 to 4 tokens, 10 times in a row)", loops_base, loops_cllm, ".1%")]
         prompts, refs = cllm["jacobi"]["prompts"], r["heldout_prompts"]
         more_repetitive = float(rep_cllm) > float(rep_base)
-        more_stuck = isinstance(loops_cllm, (int, float)) and isinstance(loops_base, (int, float)) and loops_cllm > loops_base
+        more_stuck = _is_number(loops_cllm) and _is_number(loops_base) and loops_cllm > loops_base
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return ""
     table = ["| on held-out ShareGPT prompts | base model | our CLLM |", "|---|---|---|"]

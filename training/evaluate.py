@@ -154,10 +154,11 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: s
     return out
 
 
-def greedy_answers(lm, prompts: list[list[int]], s: EvalSettings) -> list[list[int]]:
-    """Batched greedy answers of a loaded model to the evaluation prompts."""
+def greedy_answers(lm, prompts: list[list[int]], s, loop_penalty: float = 0.0) -> list[list[int]]:
+    """Batched greedy answers of a loaded model to the evaluation prompts (``s``: settings with max_new_tokens and
+    batch); with ``loop_penalty``, those of the loop-penalised model (``LoopPenalty``)."""
     return generate_greedy(lm.model, prompts, s.max_new_tokens, set(lm.eos_token_ids), lm.tokenizer.pad_token_id or 0,
-                           s.batch, lm.device)
+                           s.batch, lm.device, loop_penalty=loop_penalty)
 
 
 def repetition(answers: list[list[int]]) -> dict:
@@ -168,17 +169,35 @@ def repetition(answers: list[list[int]]) -> dict:
             "mean_tokens": sum(map(len, answers)) / max(len(answers), 1)}
 
 
+def heldout_rows(path: str, limit: int) -> list[dict]:
+    """The held-out rows {prompt, reference, ...} of a JSON-lines file, the first ``limit`` of them (0: all)."""
+    rows = [row for _, row in read_jsonl(path)]
+    return rows[:limit] if limit else rows
+
+
+def result_header(s, lm, rows: list[dict]) -> dict:
+    """The start of a result JSON: settings ``s``, where it ran (the GPU's name on CUDA) and how many rows."""
+    head = {"settings": s.__dict__, "device": str(lm.device), "dtype": str(lm.dtype), "torch": torch.__version__,
+            "python": platform.python_version(), "heldout_prompts": len(rows)}
+    if torch.cuda.is_available() and lm.device.type == "cuda":
+        head["gpu"] = torch.cuda.get_device_name(lm.device)
+    return head
+
+
+def write_result(result: dict, out: str) -> None:
+    """Write a result JSON to ``out`` (its folder made as needed); nothing if ``out`` is empty."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv=None) -> dict:
     s = parse(EvalSettings, argv)
     t0 = time.perf_counter()
-    rows = [row for _, row in read_jsonl(s.heldout)]
-    rows = rows[: s.limit] if s.limit else rows
+    rows = heldout_rows(s.heldout, s.limit)
     base, cllm = load_pair(s)
     prompts = [encode(base.tokenizer, r["prompt"]) for r in rows]
-    result = {"settings": s.__dict__, "device": str(base.device), "dtype": str(base.dtype),
-              "torch": torch.__version__, "python": platform.python_version(), "heldout_prompts": len(rows)}
-    if torch.cuda.is_available() and base.device.type == "cuda":
-        result["gpu"] = torch.cuda.get_device_name(base.device)
+    result = result_header(s, base, rows)
     nll_base, count = reference_nll(base, rows, s.batch)
     result["base"] = {"ppl": math.exp(nll_base / max(count, 1)), "reference_tokens": count}
     result["base"]["jacobi"], _ = jacobi_speed(base, prompts[: s.base_speed_prompts], s, "base")
@@ -191,9 +210,7 @@ def main(argv=None) -> dict:
                           "repetition": repetition(greedy_answers(cllm, prompts, s))}
         result["ppl_ratio"] = result["cllm"]["ppl"] / result["base"]["ppl"]
     result["seconds"] = time.perf_counter() - t0
-    if s.out:
-        Path(s.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(s.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, s.out)
     print_table("evaluate", summary_rows(result))
     return result
 

@@ -8,21 +8,16 @@ trained toward such a teacher moves toward these numbers; the training itself ad
 """
 from __future__ import annotations
 
-import json
 import math
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from decoding import DEFAULT_SPEC, encode, load_model
-from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table
-from .evaluate import ROOT, generate_greedy, reference_nll, repetition
+from .evaluate import ROOT, greedy_answers, heldout_rows, reference_nll, repetition, result_header, write_result
 
 
 @dataclass
@@ -54,17 +49,13 @@ def main(argv=None) -> dict:
     s = parse(TeacherSettings, argv)
     penalties = penalty_values(s.penalties)
     t0 = time.perf_counter()
-    rows = [row for _, row in read_jsonl(s.heldout)]
-    rows = rows[: s.limit] if s.limit else rows
+    rows = heldout_rows(s.heldout, s.limit)
     lm = load_model(s.model, device=s.device, dtype=s.dtype)
     prompts = [encode(lm.tokenizer, r["prompt"]) for r in rows]
-    pad = lm.tokenizer.pad_token_id or 0
-    result = {"settings": s.__dict__, "device": str(lm.device), "dtype": str(lm.dtype), "torch": torch.__version__,
-              "python": platform.python_version(), "heldout_prompts": len(rows), "teachers": []}
+    result = result_header(s, lm, rows) | {"teachers": []}
     for penalty in tqdm(penalties, desc="penalties", unit="teacher"):
         nll, count = reference_nll(lm, rows, s.batch, penalty)
-        answers = generate_greedy(lm.model, prompts, s.max_new_tokens, set(lm.eos_token_ids), pad, s.batch, lm.device,
-                                  loop_penalty=penalty)
+        answers = greedy_answers(lm, prompts, s, penalty)
         mean = nll / max(count, 1)  # a huge penalty on references that repeat themselves: no finite perplexity
         result["teachers"].append({"loop_penalty": penalty, "ppl": math.exp(mean) if mean < 700 else None,
                                    "reference_tokens": count, "repetition": repetition(answers)})
@@ -72,9 +63,7 @@ def main(argv=None) -> dict:
     for t in result["teachers"]:
         t["ppl_ratio"] = t["ppl"] / plain if plain and t["ppl"] is not None else None
     result["seconds"] = time.perf_counter() - t0
-    if s.out:
-        Path(s.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(s.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, s.out)
     print_table("loop-penalised teachers", [(f"penalty {t['loop_penalty']:g}: seq-rep-4 / ppl ratio",
                                              f"{t['repetition']['seq_rep_4']:.3f} / "
                                              + (f"{t['ppl_ratio']:.3f}" if t["ppl_ratio"] else "-"))

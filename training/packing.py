@@ -51,6 +51,12 @@ def pick_states(sample: dict, window: int, rng: random.Random, use_extra: bool =
     return chosen, following
 
 
+def real_tokens(attention_mask: torch.Tensor, P: int, answer_real: torch.Tensor) -> torch.Tensor:
+    """[B, P + A] bool: a left-padded row's real prompt tokens (those its last prompt token, at P - 1, may attend
+    to) followed by ``answer_real`` [B, A]."""
+    return torch.cat([attention_mask[:, 0, P - 1, :P], answer_real], 1)
+
+
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # [B, S]
@@ -71,8 +77,7 @@ class PackedBatch:
 
     def real(self) -> torch.Tensor:
         """[B, P + L] bool: the row's own tokens in its prompt and clean answer (up to EOS), not padding."""
-        P = self.prompt_end
-        return torch.cat([self.attention_mask[:, 0, P - 1, :P], self.ar_mask], 1)
+        return real_tokens(self.attention_mask, self.prompt_end, self.ar_mask)
 
 
 def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, pad_id: int = 0) -> PackedBatch:
@@ -137,8 +142,7 @@ class AlignedBatch:
 
     def real(self) -> torch.Tensor:
         """[B, P + A] bool: the row's own tokens (prompt and answer), not padding."""
-        P = self.input_ids.shape[1] - self.valid.shape[1]
-        return torch.cat([self.attention_mask[:, 0, P - 1, :P], self.valid], 1)
+        return real_tokens(self.attention_mask, self.input_ids.shape[1] - self.valid.shape[1], self.valid)
 
 
 def align_answers(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> AlignedBatch:
