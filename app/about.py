@@ -5,7 +5,7 @@ import json
 from html import escape
 from pathlib import Path
 
-from decoding import Iteration
+from decoding import DEFAULT_ADAPTER, Iteration, adapter_sha256
 
 from .render import step_html
 
@@ -125,18 +125,32 @@ def _num(value, fmt: str) -> str:
     return format(value, fmt) if _is_number(value) else "—"
 
 
-def results_markdown(results: list[dict]) -> str:
-    """Our measured numbers as Markdown tables, one per result file."""
+def _adapter_label(meta: dict, shipped_sha: str | None) -> str | None:
+    """Which CLLM adapter a bench measured: the shipped one, an earlier one, or (older files) not recorded."""
+    if not (meta.get("config") or {}).get("adapter"):
+        return None
+    sha = meta.get("adapter_sha256")
+    if not isinstance(sha, str):
+        return "CLLM adapter not recorded"
+    return "the shipped CLLM adapter" if sha == shipped_sha else f"an earlier CLLM adapter (sha256 {sha[:8]})"
+
+
+def results_markdown(results: list[dict], shipped_sha: str | None = None) -> str:
+    """Our measured numbers as Markdown tables, one per result file; ``shipped_sha`` (default: read from the shipped
+    adapter) tells which files measured the adapter shipped now."""
     if not results:
         return "### Our numbers\n\nNo benchmark results are committed yet (`python -m decoding.bench --out assets/results/NAME.json`)."
-    parts = ["### Our numbers (measured with `python -m decoding.bench`, read from `assets/results/`)"]
+    parts = ["### Our numbers (measured with `python -m decoding.bench`, read from `assets/results/`)",
+             "Files that do not record their CLLM adapter may have measured one shipped before the current one "
+             "(`assets/results/README.md` says which); the model card has the shipped adapter's numbers."]
+    shipped_sha = shipped_sha or adapter_sha256(DEFAULT_ADAPTER)
     for res in results:
         meta = res.get("meta", {})
         env, decode = meta.get("env", {}), meta.get("decode", {})
         config = meta.get("config", {})
         engine = config.get("engine") if config.get("engine") in ("eager", "fast") else None
         where = ", ".join(str(x) for x in (env.get("device_name") or env.get("device"), env.get("dtype"),
-                                           f"{engine} engine" if engine else None,
+                                           f"{engine} engine" if engine else None, _adapter_label(meta, shipped_sha),
                                            "timed in a second thread" if config.get("in_thread") else None,
                                            f"n = {decode['n']}" if "n" in decode else None,
                                            f"{decode['max_new_tokens']} new tokens" if "max_new_tokens" in decode else None) if x)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import fast
 from .decoders import INIT_CHOICES, DecodeConfig, ar_decode, jacobi_decode, run, sync_device
-from .models import DEFAULT_SPEC, LoadedModel, adapter_arg, load_model
+from .models import DEFAULT_SPEC, LoadedModel, adapter_arg, adapter_sha256, load_model
 from .prompts import encode, read_prompts
 
 LANES = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
@@ -210,7 +210,7 @@ def bench(bc: BenchConfig) -> dict:
     run_timed(timed_lanes, bc.in_thread)
     result = {
         "meta": {"config": asdict(bc), "decode": cfg.to_dict(), "env": environment(base.device, base.dtype),
-                 "command": command_line()},
+                 "command": command_line(), "adapter_sha256": adapter_sha256(bc.adapter)},
         "prompts": per_prompt,
         "summary": summarise(per_prompt, list(lanes)),
     }

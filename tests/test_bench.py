@@ -14,7 +14,8 @@ def test_bench_writes_lanes_and_summary(tiny_model_dir, tmp_path, capsys):
                        "--max-new-tokens", "24", "--device", "cpu", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
-    assert set(result["meta"]) >= {"config", "decode", "env", "command"}
+    assert set(result["meta"]) >= {"config", "decode", "env", "command", "adapter_sha256"}
+    assert result["meta"]["adapter_sha256"] is None  # no adapter on this model
     assert result["meta"]["env"]["dtype"] == "float32" and result["meta"]["config"]["n"] == 8
     assert len(result["prompts"]) == 2
     lanes = result["summary"]["lanes"]
@@ -108,3 +109,13 @@ def test_initcompare_pairs_the_inits_on_the_same_prompts(tiny_model_dir, tmp_pat
     assert "lookup" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--inits takes names"):
         initcompare.main(["--model", str(tiny_model_dir), "--adapter", "none", "--inits", "zeros"])
+
+
+def test_adapter_sha256_names_the_weights_a_result_measured(tmp_path):
+    import hashlib
+
+    from decoding import adapter_sha256
+
+    assert adapter_sha256(None) is None and adapter_sha256(tmp_path) is None  # no folder, no weights file
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights" * 1000)
+    assert adapter_sha256(tmp_path) == hashlib.sha256(b"weights" * 1000).hexdigest()
