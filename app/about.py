@@ -132,6 +132,8 @@ def _adapter_label(meta: dict, shipped_sha: str | None) -> str | None:
     sha = meta.get("adapter_sha256")
     if not isinstance(sha, str):
         return "CLLM adapter not recorded"
+    if not shipped_sha:  # no shipped adapter to compare with
+        return f"CLLM adapter sha256 {sha[:8]}"
     return "the shipped CLLM adapter" if sha == shipped_sha else f"an earlier CLLM adapter (sha256 {sha[:8]})"
 
 

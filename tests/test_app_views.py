@@ -224,6 +224,7 @@ def test_results_are_read_from_benchmark_json(tmp_path):
     assert "float32, the shipped CLLM adapter, n = 16" in about.results_markdown([result | {"_file": "d.json"}], "ab" * 32)
     result["meta"]["adapter_sha256"] = "cd" * 32
     assert "an earlier CLLM adapter (sha256 cdcdcdcd)" in about.results_markdown([result | {"_file": "d.json"}], "ab" * 32)
+    assert about._adapter_label(result["meta"], None) == "CLLM adapter sha256 cdcdcdcd"  # no shipped adapter here
 
 
 def test_about_tab_shows_the_shipped_cllm_with_its_cost(tmp_path):
