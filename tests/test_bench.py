@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from decoding import bench
 
 
@@ -45,7 +47,6 @@ def test_bench_lanes_flag_runs_only_the_lanes_asked_for(tiny_model_dir, tmp_path
 
 
 def test_bench_lanes_flag_rejects_unknown_lanes(tiny_model_dir):
-    import pytest
 
     with pytest.raises(SystemExit):
         bench.main(["--model", str(tiny_model_dir), "--lanes", "base_ar,warp_drive", "--device", "cpu"])
@@ -91,7 +92,6 @@ def test_bench_in_thread_times_the_lanes_in_a_second_thread(tiny_model_dir, tmp_
 
 def test_initcompare_pairs_the_inits_on_the_same_prompts(tiny_model_dir, tmp_path, capsys):
     """decoding.initcompare: every init on every prompt, the same text under each (it checks), forwards per init."""
-    import pytest
 
     from decoding import initcompare
 
@@ -119,3 +119,28 @@ def test_adapter_sha256_names_the_weights_a_result_measured(tmp_path):
     assert adapter_sha256(None) is None and adapter_sha256(tmp_path) is None  # no folder, no weights file
     (tmp_path / "adapter_model.safetensors").write_bytes(b"weights" * 1000)
     assert adapter_sha256(tmp_path) == hashlib.sha256(b"weights" * 1000).hexdigest()
+
+
+def test_paired_compares_two_results_prompt_by_prompt(tmp_path):
+    import gzip
+
+    from decoding import paired
+
+    def result(rates, wall):
+        lanes = lambda r: {"cllm_jacobi": {"mean_accepted": r, "forwards": 10, "wall_s": wall},
+                           "base_ar": {"mean_accepted": 1.0, "forwards": 20, "wall_s": 0.02}}
+        return {"prompts": [{"id": f"p{i}", "lanes": lanes(r)} for i, r in enumerate(rates)]}
+
+    a, b = result([3.0, 2.0, 4.0], 0.03), result([2.0, 2.5, 3.0], 0.02)
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    with gzip.open(tmp_path / "b.json.gz", "wt") as f:  # history/ keeps its files gzipped
+        json.dump(b, f)
+    c = paired.main([str(tmp_path / "a.json"), str(tmp_path / "b.json.gz")])
+    assert c["prompts"] == 3 and c["mean_a"] == 3.0 and c["mean_b"] == 2.5
+    assert abs(c["mean_diff"] - 0.5) < 1e-12 and (c["a_more"], c["b_more"]) == (2, 1)
+    # differences 1.0, -0.5, 1.0: sample sd 0.866, over sqrt(3)
+    assert abs(c["se_diff"] - 0.8660254 / 3 ** 0.5) < 1e-6
+    assert c["ms_per_forward"]["a"] == {"lane": 3.0, "base_ar": 1.0}
+    b["prompts"][0]["id"] = "other"
+    with pytest.raises(ValueError, match="same prompts"):
+        paired.compare(a, b)

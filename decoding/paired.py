@@ -1,0 +1,76 @@
+"""Two benchmark results compared prompt by prompt: which adapter gains more tokens per forward, and by how much.
+
+    python -m decoding.paired A.json B.json [--lane cllm_jacobi]
+
+Both files come from ``python -m decoding.bench`` on the same prompts (``.json`` or gzipped ``.json.gz``). Tokens per
+forward vary a lot from prompt to prompt (1.2 to 8 for our CLLMs), so two adapters are compared on the same prompts:
+the mean of the per-prompt differences, its standard error, and on how many prompts each side gains more. Also the
+lane's wall time per forward against base AR's in each file, which is what turns tokens per forward into a speedup.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+from pathlib import Path
+
+
+def read_bench(path: str | Path) -> dict:
+    """A benchmark result, plain or gzipped JSON."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def ms_per_forward(result: dict, lane: str) -> float | None:
+    """The lane's wall time per forward over all prompts, in ms (None when the lane is absent)."""
+    rows = [p["lanes"][lane] for p in result["prompts"] if lane in p["lanes"]]
+    forwards = sum(r["forwards"] for r in rows)
+    return 1000 * sum(r["wall_s"] for r in rows) / forwards if forwards else None
+
+
+def compare(a: dict, b: dict, lane: str = "cllm_jacobi") -> dict:
+    """Per-prompt tokens per forward (the trace's ``mean_accepted``) of ``lane`` in a and b, paired by prompt."""
+    pa, pb = a["prompts"], b["prompts"]
+    if len(pa) != len(pb) or any(x.get("id") != y.get("id") for x, y in zip(pa, pb)):
+        raise ValueError("the two results do not cover the same prompts in the same order")
+    ra = [p["lanes"][lane]["mean_accepted"] for p in pa]
+    rb = [p["lanes"][lane]["mean_accepted"] for p in pb]
+    diff = [x - y for x, y in zip(ra, rb)]
+    se = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+    return {
+        "lane": lane, "prompts": len(diff), "mean_a": statistics.mean(ra), "mean_b": statistics.mean(rb),
+        "mean_diff": statistics.mean(diff), "se_diff": se,
+        "a_more": sum(d > 0 for d in diff), "b_more": sum(d < 0 for d in diff),
+        "ms_per_forward": {name: {"lane": ms_per_forward(r, lane), "base_ar": ms_per_forward(r, "base_ar")}
+                           for name, r in (("a", a), ("b", b))},
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("a", help="benchmark JSON (or .json.gz) of the first adapter")
+    ap.add_argument("b", help="benchmark JSON (or .json.gz) of the second, on the same prompts")
+    ap.add_argument("--lane", default="cllm_jacobi")
+    args = ap.parse_args(argv)
+    try:
+        c = compare(read_bench(args.a), read_bench(args.b), args.lane)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"cannot compare {args.a} and {args.b}: {exc}")
+    print(f"{c['lane']}, {c['prompts']} prompts, tokens per forward (mean over prompts)")
+    print(f"  a: {c['mean_a']:.3f}   {args.a}")
+    print(f"  b: {c['mean_b']:.3f}   {args.b}")
+    print(f"  a - b: {c['mean_diff']:+.3f} (standard error {c['se_diff']:.3f}); "
+          f"a more on {c['a_more']} prompts, b more on {c['b_more']}")
+    for name in ("a", "b"):
+        ms = c["ms_per_forward"][name]
+        if ms["lane"] and ms["base_ar"]:
+            print(f"  {name}: {ms['lane']:.3f} ms a forward against base AR's {ms['base_ar']:.3f} "
+                  f"({ms['lane'] / ms['base_ar']:.2f} AR steps)")
+    return c
+
+
+if __name__ == "__main__":
+    main()
