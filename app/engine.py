@@ -13,6 +13,10 @@ import torch
 from decoding import DecodeConfig, LoadedModel, ModelLoadError, ar_decode, jacobi_decode, load_model, run
 
 NO_ADAPTER = "none"  # --adapter none: no CLLM lanes even when the shipped adapter exists
+# The window the page starts with. On a GPU a window of 16 costs about 1.1 AR steps; on a CPU it costs about 3, so there
+# a narrow window is faster: on a 2-core CPU our CLLM ran Jacobi at 1.20x base AR with n = 4, 0.97x with 8 and 0.84x
+# with 16 (float32, fast engine, 20 held-out prompts, 256 tokens; assets/results/cpu_bench_shipped_s12_*_heldout20.json).
+GPU_WINDOW, CPU_WINDOW = 16, 4
 ENGINES = ("auto", "eager", "fast")  # auto: the fast engine (static cache; CUDA graphs on a GPU) on CUDA and CPU for Llama models
 
 
@@ -175,6 +179,10 @@ class ModelHost:
             for decoder in (ar_decode, jacobi_decode):
                 run(decoder, loaded.model, list(ids), DecodeConfig(max_new_tokens=4, n=16), engine=self.engine)
         _log(f"warm-up done in {time.perf_counter() - t0:.1f} s")
+
+    def default_window(self) -> int:
+        """The window size n the page starts with: narrow on a CPU, the paper's 16 elsewhere."""
+        return CPU_WINDOW if self.base is not None and self.base.device.type == "cpu" else GPU_WINDOW
 
     def describe(self) -> str:
         """One line for the page header (plain text; the caller escapes it)."""

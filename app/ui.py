@@ -156,7 +156,9 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
                     prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, placeholder="Ask anything…", elem_id="jl-prompt")
                     gr.Examples([[p] for _, p in EXAMPLES], inputs=prompt, example_labels=[label for label, _ in EXAMPLES], label="Examples")
                 with gr.Column(scale=2):
-                    n = gr.Slider(1, 128, value=16, step=1, label="Window size n", elem_id="jl-n", info="Jacobi guesses n-1 tokens ahead; n = 1 is AR")
+                    n = gr.Slider(1, 128, value=host.default_window(), step=1, label="Window size n", elem_id="jl-n",
+                                  info="Jacobi guesses n-1 tokens ahead; n = 1 is AR. On a CPU a wide window costs several "
+                                       "forward passes, so the page starts at 4 there (16 on a GPU)")
                     max_new = gr.Slider(1, max_new_tokens_limit, value=min(128, max_new_tokens_limit), step=1, label="Max new tokens", elem_id="jl-max-new")
                     init = gr.Radio(INIT_LABELS, value="random", label="Initial guesses")
                     choices = lane_choices(host)

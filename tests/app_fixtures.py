@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from app.engine import ModelHost
 from decoding import LoadedModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +64,8 @@ class TinyHost:
 
     def describe(self) -> str:
         return "tiny"
+
+    default_window = ModelHost.default_window  # the page's starting n, as the real host picks it
 
 
 def free_port() -> int:

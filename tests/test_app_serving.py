@@ -28,6 +28,7 @@ def test_a_local_model_loads_once_with_its_cllm_and_warms_up(tiny_model_dir):
     assert host.load(cllm_model=str(tiny_model_dir)) is True and host.error is None
     assert host.base is not None and host.cllm is not None and host.base.model is not host.cllm.model
     assert "CLLM: " in host.describe() and "cpu" in host.describe()
+    assert host.default_window() == 4  # narrow on a CPU, where a window of 16 costs about 3 AR steps
 
 
 def test_model_errors_are_escaped_in_the_page():
