@@ -25,10 +25,10 @@ def read_bench(path: str | Path) -> dict:
 
 
 def ms_per_forward(result: dict, lane: str) -> float | None:
-    """The lane's wall time per forward over all prompts, in ms (None when the lane is absent)."""
-    rows = [p["lanes"][lane] for p in result["prompts"] if lane in p["lanes"]]
-    forwards = sum(r["forwards"] for r in rows)
-    return 1000 * sum(r["wall_s"] for r in rows) / forwards if forwards else None
+    """The lane's wall time per forward over all prompts, in ms, from the bench's summary totals (None when the lane
+    is absent)."""
+    totals = result["summary"]["lanes"].get(lane)
+    return 1000 * totals["wall_s"] / totals["forwards"] if totals and totals["forwards"] else None
 
 
 def compare(a: dict, b: dict, lane: str = "cllm_jacobi") -> dict:

@@ -125,11 +125,13 @@ def test_paired_compares_two_results_prompt_by_prompt(tmp_path):
     import gzip
 
     from decoding import paired
+    from decoding.bench import summarise  # the bench's own totals, which paired reads
 
     def result(rates, wall):
-        lanes = lambda r: {"cllm_jacobi": {"mean_accepted": r, "forwards": 10, "wall_s": wall},
-                           "base_ar": {"mean_accepted": 1.0, "forwards": 20, "wall_s": 0.02}}
-        return {"prompts": [{"id": f"p{i}", "lanes": lanes(r)} for i, r in enumerate(rates)]}
+        lanes = lambda r: {"cllm_jacobi": {"mean_accepted": r, "tokens": 10, "forwards": 10, "wall_s": wall},
+                           "base_ar": {"mean_accepted": 1.0, "tokens": 20, "forwards": 20, "wall_s": 0.02}}
+        prompts = [{"id": f"p{i}", "lanes": lanes(r)} for i, r in enumerate(rates)]
+        return {"prompts": prompts, "summary": summarise(prompts, ["base_ar", "cllm_jacobi"])}
 
     a, b = result([3.0, 2.0, 4.0], 0.03), result([2.0, 2.5, 3.0], 0.02)
     (tmp_path / "a.json").write_text(json.dumps(a))

@@ -122,10 +122,11 @@ def reference_nll(lm, rows: list[dict], batch: int, loop_penalty: float = 0.0) -
 
 class LoopPenalty(LogitsProcessor):
     """generate's logits less ``penalty`` on every token that would repeat a 4-gram of the row's text so far (the
-    teacher of ``train --loop-penalty``); ``starts[b]`` is where row b's prompt begins after its left padding."""
+    teacher of ``train --loop-penalty``); ``starts[b]`` is where row b's prompt begins after its left padding, kept on
+    ``device`` (generate's) so that no step copies it there."""
 
-    def __init__(self, penalty: float, starts: list[int]):
-        self.penalty, self.starts = penalty, torch.tensor(starts)
+    def __init__(self, penalty: float, starts: list[int], device=None):
+        self.penalty, self.starts = penalty, torch.tensor(starts, device=device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         S = input_ids.shape[1]
@@ -145,7 +146,7 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: s
         ids, mask = left_pad(chunk, device, pad)
         extra = {}
         if loop_penalty:
-            extra["logits_processor"] = LogitsProcessorList([LoopPenalty(loop_penalty, [ids.shape[1] - len(p) for p in chunk])])
+            extra["logits_processor"] = LogitsProcessorList([LoopPenalty(loop_penalty, [ids.shape[1] - len(p) for p in chunk], ids.device)])
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos), **extra)
         for row in gen[:, ids.shape[1]:].tolist():
