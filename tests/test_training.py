@@ -317,6 +317,18 @@ def test_pipeline_end_to_end(tmp_path):
     jac = result["cllm"]["jacobi"]
     assert jac["fast_forward_counts"]["fast_forwarded"] == jac["fast_forwarded_tokens"]
     assert jac["fast_forward_counts"]["tokens"] == jac["answer_tokens"]
+    # per-prompt [tokens, forwards] add up to the pooled rate, and average (as rates) to the mean one
+    assert len(jac["per_prompt"]) == 2
+    assert sum(t for t, _ in jac["per_prompt"]) / sum(f for _, f in jac["per_prompt"]) == pytest.approx(jac["tokens_per_forward_pooled"])
+    assert sum(t / f for t, f in jac["per_prompt"]) / 2 == pytest.approx(jac["tokens_per_forward"])
+    agree = result["cllm"]["agreement_with_base"]
+    assert agree["answers"] == result["heldout_prompts"] and 0 <= agree["identical"] <= 1
+
+
+def test_agreement_counts_the_leading_tokens_two_answers_share():
+    got = evaluate.agreement([[1, 2, 3], [4, 5], [7], [1, 2]], [[1, 2, 9], [4, 5], [8, 1], [1, 2, 3]])
+    # shared prefixes 2, 2 (identical), 0, 2 (one answer stops early)
+    assert got == {"identical": 0.25, "shared_prefix_mean": 1.5, "shared_prefix_median": 2.0, "answers": 4}
 
 
 @pytest.mark.skipif(not DEFAULT_ADAPTER.exists(), reason="the shipped CLLM adapter is not in assets/ yet")
@@ -346,12 +358,13 @@ def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys
     assert [r["name"] for r in compare.ranked(paths)] == ["better", "good", "fast_but_worse"]
     r = json.loads(paths[1].read_text())  # the 10x-filter tail, where recorded: CLLM / base, in percent
     r["cllm"]["repetition"]["filter_rate"], r["base"]["repetition"]["filter_rate"] = 0.175, 0.06
+    r["cllm"]["agreement_with_base"] = {"shared_prefix_mean": 41.6}  # leading tokens shared with the base's answers
     paths[1].write_text(json.dumps(r))
     assert compare.main([str(p) for p in paths]) == 0
     out = capsys.readouterr().out
     assert "fast_but_worse" in out
-    assert "17.5/6.0" in next(x for x in out.splitlines() if x.startswith("good"))
-    assert next(x for x in out.splitlines() if x.startswith("better")).split()[-2] == "-"
+    assert next(x for x in out.splitlines() if x.startswith("good")).split()[-3:] == ["17.5/6.0", "42", "ok"]
+    assert next(x for x in out.splitlines() if x.startswith("better")).split()[-3:-1] == ["-", "-"]
     # seq-rep -0.01, 0, 0.1 above the base's 0.4 against 2.0, 2.5, 3.2 tokens/forward: least squares
     # 9.324 x + 2.287, r = 0.94
     rows = compare.ranked(paths)

@@ -13,7 +13,9 @@ Two more columns split the speed by the kind of text (evaluations that record th
 after the first token of that pass), ``rep ff`` the same share of the tokens that do. The pooled tokens per
 forward is 1 / (1 - the share of all answer tokens fast-forwarded). ``stuck`` is the share of the CLLM's greedy
 answers caught by the collection's 10x filter (a pattern of 1 to 4 tokens ten times in a row), with the base
-model's after the slash: the tail of the repetition that seq-rep-4 averages away.
+model's after the slash: the tail of the repetition that seq-rep-4 averages away. ``shared`` (evaluations that
+record it) is the mean number of leading tokens the CLLM's greedy answers share with the base model's: the
+training targets are the base's fixed points, so beyond that point the CLLM decodes text it was not trained on.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def row(path: Path) -> dict:
             "pooled": c["jacobi"]["tokens_per_forward_pooled"], "ppl_ratio": r["ppl_ratio"],
             "seq_rep_4": rep, "base_seq_rep_4": base_rep, "exact": c["exactness"]["teacher_forced_greedy"],
             "stuck": c["repetition"].get("filter_rate"), "base_stuck": r["base"]["repetition"].get("filter_rate"),
+            "shared": c.get("agreement_with_base", {}).get("shared_prefix_mean"),
             "meets_quality": r["ppl_ratio"] <= PPL_LIMIT and rep <= base_rep}
 
 
@@ -60,14 +63,16 @@ def ranked(paths: list[Path]) -> list[dict]:
 def format_rows(rows: list[dict]) -> str:
     width = max([len(r["name"]) for r in rows] + [4])
     lines = [f"{'run':<{width}} {'tok/fwd':>8} {'pooled':>7} {'ppl x':>6} {'rep-4':>6} {'base':>6} {'exact':>6} "
-             f"{'new ff':>6} {'rep ff':>6} {'stuck':>11}  quality"]
+             f"{'new ff':>6} {'rep ff':>6} {'stuck':>11} {'shared':>6}  quality"]
     share = lambda x: f"{x:>6.3f}" if x is not None else f"{'-':>6}"  # noqa: E731
     pct = lambda x: f"{100 * x:.1f}" if x is not None else "-"  # noqa: E731
+    tokens = lambda x: f"{x:>6.0f}" if x is not None else f"{'-':>6}"  # noqa: E731
     for r in rows:
         stuck = f"{pct(r['stuck'])}/{pct(r['base_stuck'])}" if r["stuck"] is not None else "-"
         lines.append(f"{r['name']:<{width}} {r['tokens_per_forward']:>8.3f} {r['pooled']:>7.3f} {r['ppl_ratio']:>6.3f} "
                      f"{r['seq_rep_4']:>6.3f} {r['base_seq_rep_4']:>6.3f} {r['exact']:>6.2f} "
-                     f"{share(r['new_ff'])} {share(r['rep_ff'])} {stuck:>11}  {'ok' if r['meets_quality'] else '-'}")
+                     f"{share(r['new_ff'])} {share(r['rep_ff'])} {stuck:>11} {tokens(r['shared'])}"
+                     f"  {'ok' if r['meets_quality'] else '-'}")
     return "\n".join(lines)
 
 

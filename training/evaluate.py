@@ -8,7 +8,11 @@ Metrics (held-out ShareGPT prompts):
   forward (every token must be the argmax given its prefix), and against ``ar_decode`` on a few prompts;
 - per-token perplexity of the held-out reference answers under the CLLM and the base;
 - repetition of greedy answers (batched generate, all prompts): seq-rep-4 (share of repeated
-  4-grams) and the share of answers the collection filter would drop.
+  4-grams) and the share of answers the collection filter would drop;
+- agreement of the CLLM's greedy answers with the base model's (all prompts): how many leading tokens they share.
+  Training targets are the base model's fixed points, so the text after the first difference is text the
+  CLLM was never trained to fast-forward.
+Tokens and forwards of every speed prompt are kept (``per_prompt``), for paired comparisons of two evaluations.
 The per-prompt Jacobi loop costs one eager forward per pass, so its prompt counts are limited.
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,7 +74,7 @@ def load_pair(s: EvalSettings):
 def jacobi_speed(lm, prompts: list[list[int]], s: EvalSettings, label: str) -> tuple[dict, list[list[int]]]:
     """Mean tokens per forward of jacobi_decode over prompts; also returns the answers."""
     cfg = DecodeConfig(max_new_tokens=s.max_new_tokens, n=s.n, eos_token_ids=lm.eos_token_ids)
-    rates, answers, passes, gained, t0 = [], [], 0, 0, time.perf_counter()
+    rates, answers, per_prompt, passes, gained, t0 = [], [], [], 0, 0, time.perf_counter()
     split = FastForwardSplit(0, 0, 0, 0)  # pooled over the prompts
     for ids in tqdm(prompts, desc=f"{label} jacobi", unit="prompt"):
         trace = run(jacobi_decode, lm.model, ids, cfg, engine=s.engine)
@@ -77,6 +82,7 @@ def jacobi_speed(lm, prompts: list[list[int]], s: EvalSettings, label: str) -> t
         answers.append(trace.tokens)
         passes += len(trace.iterations)
         gained += sum(it.accepted for it in trace.iterations)
+        per_prompt.append([sum(it.accepted for it in trace.iterations), len(trace.iterations)])
         split = split + trace.fast_forward_split()
     return {"prompts": len(prompts), "tokens_per_forward": sum(rates) / max(len(rates), 1),
             "tokens_per_forward_pooled": gained / max(passes, 1), "min": min(rates, default=0.0),
@@ -86,6 +92,7 @@ def jacobi_speed(lm, prompts: list[list[int]], s: EvalSettings, label: str) -> t
             "fast_forwarded_repeating": split.fast_forwarded_repeating / max(split.fast_forwarded, 1),
             "answer_tokens_repeating": split.repeating / max(split.tokens, 1),
             "fast_forward_counts": asdict(split),  # the counts behind the three numbers above (training.compare)
+            "per_prompt": per_prompt,  # [tokens, forwards] of each prompt, in prompt order
             "seconds": time.perf_counter() - t0}, answers
 
 
@@ -170,6 +177,16 @@ def repetition(answers: list[list[int]]) -> dict:
             "mean_tokens": sum(map(len, answers)) / max(len(answers), 1)}
 
 
+def agreement(answers: list[list[int]], reference: list[list[int]]) -> dict:
+    """How far each answer follows the reference answer to the same prompt (here: the CLLM's greedy answers against
+    the base model's): the share that are identical, and the leading tokens they share (mean, median)."""
+    shared = [next((k for k, (x, y) in enumerate(zip(a, r)) if x != y), min(len(a), len(r)))
+              for a, r in zip(answers, reference)]
+    same = [a == r for a, r in zip(answers, reference)]
+    return {"identical": sum(same) / max(len(same), 1), "shared_prefix_mean": sum(shared) / max(len(shared), 1),
+            "shared_prefix_median": statistics.median(shared) if shared else 0.0, "answers": len(shared)}
+
+
 def heldout_rows(path: str, limit: int) -> list[dict]:
     """The held-out rows {prompt, reference, ...} of a JSON-lines file, the first ``limit`` of them (0: all)."""
     rows = [row for _, row in read_jsonl(path)]
@@ -202,13 +219,16 @@ def main(argv=None) -> dict:
     nll_base, count = reference_nll(base, rows, s.batch)
     result["base"] = {"ppl": math.exp(nll_base / max(count, 1)), "reference_tokens": count}
     result["base"]["jacobi"], _ = jacobi_speed(base, prompts[: s.base_speed_prompts], s, "base")
-    result["base"]["repetition"] = repetition(greedy_answers(base, prompts, s))
+    base_answers = greedy_answers(base, prompts, s)
+    result["base"]["repetition"] = repetition(base_answers)
     if cllm is not None:
         nll, _ = reference_nll(cllm, rows, s.batch)
         speed, answers = jacobi_speed(cllm, prompts[: s.speed_prompts], s, "cllm")
+        cllm_answers = greedy_answers(cllm, prompts, s)
         result["cllm"] = {"ppl": math.exp(nll / max(count, 1)), "jacobi": speed,
                           "exactness": exactness(cllm, prompts[: s.speed_prompts], answers, s),
-                          "repetition": repetition(greedy_answers(cllm, prompts, s))}
+                          "repetition": repetition(cllm_answers),
+                          "agreement_with_base": agreement(cllm_answers, base_answers)}
         result["ppl_ratio"] = result["cllm"]["ppl"] / result["base"]["ppl"]
     result["seconds"] = time.perf_counter() - t0
     write_result(result, s.out)
@@ -228,6 +248,8 @@ def summary_rows(r: dict) -> list[tuple[str, object]]:
                  ("CLLM ppl", c["ppl"]), ("ppl ratio (target <= 1.10)", r["ppl_ratio"]),
                  ("CLLM seq-rep-4", c["repetition"]["seq_rep_4"]),
                  ("CLLM filter rate / base", f"{c['repetition']['filter_rate']:.3f} / {r['base']['repetition']['filter_rate']:.3f}"),
+                 ("greedy answers identical to the base's", c["agreement_with_base"]["identical"]),
+                 ("leading tokens shared with the base's (mean)", c["agreement_with_base"]["shared_prefix_mean"]),
                  ("Jacobi == greedy (teacher-forced)", c["exactness"]["teacher_forced_greedy"]),
                  ("Jacobi == ar_decode", c["exactness"]["ar_decode_equal"])]
     return rows + [("seconds", r["seconds"])]
