@@ -38,15 +38,30 @@ def compare(a: dict, b: dict, lane: str = "cllm_jacobi") -> dict:
         raise ValueError("the two results do not cover the same prompts in the same order")
     ra = [p["lanes"][lane]["mean_accepted"] for p in pa]
     rb = [p["lanes"][lane]["mean_accepted"] for p in pb]
+    return {"lane": lane, **paired_rates(ra, rb),
+            "ms_per_forward": {name: {"lane": ms_per_forward(r, lane), "base_ar": ms_per_forward(r, "base_ar")}
+                               for name, r in (("a", a), ("b", b))}}
+
+
+def paired_rates(ra: list[float], rb: list[float]) -> dict:
+    """Two lists of per-prompt rates on the same prompts: their means, the mean of the differences a - b with its
+    standard error, and on how many prompts each side is higher."""
+    if len(ra) != len(rb) or not ra:
+        raise ValueError(f"need the same, non-zero number of prompts on both sides, got {len(ra)} and {len(rb)}")
     diff = [x - y for x, y in zip(ra, rb)]
     se = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
-    return {
-        "lane": lane, "prompts": len(diff), "mean_a": statistics.mean(ra), "mean_b": statistics.mean(rb),
-        "mean_diff": statistics.mean(diff), "se_diff": se,
-        "a_more": sum(d > 0 for d in diff), "b_more": sum(d < 0 for d in diff),
-        "ms_per_forward": {name: {"lane": ms_per_forward(r, lane), "base_ar": ms_per_forward(r, "base_ar")}
-                           for name, r in (("a", a), ("b", b))},
-    }
+    return {"prompts": len(diff), "mean_a": statistics.mean(ra), "mean_b": statistics.mean(rb),
+            "mean_diff": statistics.mean(diff), "se_diff": se,
+            "a_more": sum(d > 0 for d in diff), "b_more": sum(d < 0 for d in diff)}
+
+
+def print_paired(c: dict, a: str, b: str, what: str) -> None:
+    """The lines ``main`` prints for a paired comparison ``c`` of files a and b."""
+    print(f"{what}, {c['prompts']} prompts, tokens per forward (mean over prompts)")
+    print(f"  a: {c['mean_a']:.3f}   {a}")
+    print(f"  b: {c['mean_b']:.3f}   {b}")
+    print(f"  a - b: {c['mean_diff']:+.3f} (standard error {c['se_diff']:.3f}); "
+          f"a more on {c['a_more']} prompts, b more on {c['b_more']}")
 
 
 def main(argv=None) -> dict:
@@ -59,11 +74,7 @@ def main(argv=None) -> dict:
         c = compare(read_bench(args.a), read_bench(args.b), args.lane)
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"cannot compare {args.a} and {args.b}: {exc}")
-    print(f"{c['lane']}, {c['prompts']} prompts, tokens per forward (mean over prompts)")
-    print(f"  a: {c['mean_a']:.3f}   {args.a}")
-    print(f"  b: {c['mean_b']:.3f}   {args.b}")
-    print(f"  a - b: {c['mean_diff']:+.3f} (standard error {c['se_diff']:.3f}); "
-          f"a more on {c['a_more']} prompts, b more on {c['b_more']}")
+    print_paired(c, args.a, args.b, c["lane"])
     for name in ("a", "b"):
         ms = c["ms_per_forward"][name]
         if ms["lane"] and ms["base_ar"]:

@@ -640,3 +640,26 @@ def test_prompts_split_and_later_turns(tmp_path):
     tp.main(common + ["--later-turns", "5", "--train-out", str(out["train2"]), "--heldout-out", str(out["heldout2"]),
                       "--references-out", str(out["refs2"])])
     assert len(read(out["train2"])) == len(train) + 5
+
+
+def test_compare_pairs_two_evaluations_prompt_by_prompt(tmp_path, capsys):
+    from training import compare
+
+    def write(name, per_prompt, heldout="/x/assets/heldout.jsonl"):
+        r = {"settings": {"heldout": heldout}, "cllm": {"jacobi": {"per_prompt": per_prompt}}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        return str(tmp_path / f"{name}.json")
+
+    # rates a: 2, 3, 1.5; b: 1, 3, 2 -> differences 1, 0, -0.5: mean 1/6, sd 0.7638, se 0.441
+    a = write("a", [[20, 10], [30, 10], [15, 10]])
+    b = write("b", [[10, 10], [60, 20], [20, 10], [40, 10]], heldout="/other/machine/assets/heldout.jsonl")
+    got = compare.paired(Path(a), Path(b))  # b measured a fourth prompt: only the first three count
+    assert got["prompts"] == 3 and got["mean_diff"] == pytest.approx(1 / 6)
+    assert got["se_diff"] == pytest.approx(0.440958, rel=1e-5) and (got["a_more"], got["b_more"]) == (1, 1)
+    assert compare.main(["--paired", a, b]) == 0
+    assert "a - b: +0.167 (standard error 0.441)" in capsys.readouterr().out
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"settings": {"heldout": "h"}, "cllm": {"jacobi": {"tokens_per_forward": 2.0}}}))
+    assert compare.main(["--paired", a, str(old)]) == 2
+    assert "no per-prompt counts" in capsys.readouterr().err
+    assert compare.main(["--paired", a, write("c", [[1, 1]], heldout="/x/other.jsonl")]) == 2

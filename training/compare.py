@@ -1,6 +1,7 @@
 """One table from several evaluation JSONs (training.evaluate --out), best recipe first.
 
     python -m training.compare runs/*/eval.json
+    python -m training.compare --paired A.json B.json   # two evaluations prompt by prompt (those with per_prompt)
 
 A run meets the quality targets when its reference perplexity is at most 1.10x the base model's
 and its greedy answers are no more repetitive (seq-rep-4) than the base model's. Rows are sorted:
@@ -24,6 +25,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from decoding.paired import paired_rates, print_paired
 from decoding.trace import FastForwardSplit
 
 PPL_LIMIT = 1.10
@@ -90,8 +92,34 @@ def tradeoff(rows: list[dict]) -> str:
             f"at {fit.intercept:.2f} tokens/forward")
 
 
+def paired(a: Path, b: Path) -> dict:
+    """Two evaluations' CLLM Jacobi tokens per forward compared prompt by prompt (``decoding.paired``'s statistics);
+    both must hold per-prompt counts (``training.evaluate`` writes them since session 12) for the same prompts."""
+    ra, rb = (json.loads(p.read_text()) for p in (a, b))
+    for r, p in ((ra, a), (rb, b)):
+        if "per_prompt" not in r.get("cllm", {}).get("jacobi", {}):
+            raise ValueError(f"{p} has no per-prompt counts (evaluations written before session 12 do not)")
+    if Path(ra["settings"]["heldout"]).name != Path(rb["settings"]["heldout"]).name:  # paths differ between machines
+        raise ValueError("the two evaluations used different held-out files")
+    rates = [[t / f for t, f in r["cllm"]["jacobi"]["per_prompt"]] for r in (ra, rb)]
+    k = min(map(len, rates))  # the first k prompts of both (one may have measured more)
+    return paired_rates(rates[0][:k], rates[1][:k])
+
+
 def main(argv=None) -> int:
-    paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["--paired"]:
+        if len(args) != 3:
+            print("usage: python -m training.compare --paired A.json B.json", file=sys.stderr)
+            return 2
+        try:
+            c = paired(Path(args[1]), Path(args[2]))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"cannot compare {args[1]} and {args[2]}: {exc}", file=sys.stderr)
+            return 2
+        print_paired(c, args[1], args[2], "CLLM Jacobi")
+        return 0
+    paths = [Path(p) for p in args]
     if not paths:
         print("usage: python -m training.compare EVAL.json [EVAL.json ...]", file=sys.stderr)
         return 2

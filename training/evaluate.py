@@ -115,7 +115,7 @@ def reference_nll(lm, rows: list[dict], batch: int, loop_penalty: float = 0.0) -
     tok, device = lm.tokenizer, lm.device
     total, count = 0.0, 0
     pairs = reference_pairs(tok, rows)
-    for start in range(0, len(pairs), batch):
+    for start in tqdm(range(0, len(pairs), batch), desc="reference perplexity", unit="batch"):
         b = align_answers(pairs[start:start + batch]).to(device)
         logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                           logits_to_keep=b.keep, use_cache=False).logits.float()
