@@ -284,6 +284,22 @@ def test_pipeline_end_to_end(tmp_path):
     assert (adapter / "adapter_config.json").exists() and (adapter / "training_settings.json").exists()
     assert (run_dir / "adapter-step1" / "adapter_model.safetensors").exists()  # the time-limit stop
     assert (run_dir / "adapter-step2" / "adapter_model.safetensors").exists()  # save_every
+    # Progressive distillation: trajectories of the CLLM itself, whose fixed points are its own greedy answers.
+    traj2 = tmp_path / "traj2"
+    collect.main(["--model", str(folder), "--adapter", str(adapter), "--prompts", str(prompts), "--out", str(traj2),
+                  "--n", "4", "--max-new-tokens", "16", "--batch", "5", "--device", "cpu"])
+    assert json.loads((traj2 / "summary.json").read_text())["greedy_mismatch"] == 0
+    from decoding import load_model
+
+    cllm = load_model(str(folder), adapter=str(adapter), device="cpu", dtype="float32")
+    own = collect.read_shards(traj2)
+    assert own
+    for x in own[:3]:
+        cfg = DecodeConfig(max_new_tokens=len(x["answer"]), n=1, eos_token_ids=[])
+        assert run(ar_decode, cllm.model, list(x["prompt"]), cfg).tokens[: x["valid"]] == x["answer"][: x["valid"]].tolist()
+    train.main(["--model", str(folder), "--data", str(traj2), "--out", str(tmp_path / "round2"), "--init-adapter",
+                str(adapter), "--batch", "4", "--max-steps", "1", "--device", "cpu"])
+    assert (tmp_path / "round2" / "adapter" / "adapter_model.safetensors").exists()
     with pytest.raises(SystemExit, match="drops all"):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
     with pytest.raises(SystemExit, match="--repeat-weight must be 0 or more"):
