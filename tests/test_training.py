@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -298,7 +299,7 @@ def test_pipeline_end_to_end(tmp_path):
         cfg = DecodeConfig(max_new_tokens=len(x["answer"]), n=1, eos_token_ids=[])
         assert run(ar_decode, cllm.model, list(x["prompt"]), cfg).tokens[: x["valid"]] == x["answer"][: x["valid"]].tolist()
     train.main(["--model", str(folder), "--data", str(traj2), "--out", str(tmp_path / "round2"), "--init-adapter",
-                str(adapter), "--batch", "4", "--max-steps", "1", "--device", "cpu"])
+                str(adapter), "--batch", "4", "--max-steps", "2", "--device", "cpu", "--group-by-length", "true"])
     assert (tmp_path / "round2" / "adapter" / "adapter_model.safetensors").exists()
     with pytest.raises(SystemExit, match="drops all"):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
@@ -679,3 +680,19 @@ def test_compare_pairs_two_evaluations_prompt_by_prompt(tmp_path, capsys):
     assert compare.main(["--paired", a, str(old)]) == 2
     assert "no per-prompt counts" in capsys.readouterr().err
     assert compare.main(["--paired", a, write("c", [[1, 1]], heldout="/x/other.jsonl")]) == 2
+
+
+def test_grouped_batches_cover_each_epoch_once_with_similar_lengths():
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 500) for _ in range(1000)]
+    batch, per_epoch = 8, 1000 // 8
+    for epoch in range(2):
+        steps = [train.grouped_indices(epoch * per_epoch + k, batch, lengths, seed=3) for k in range(per_epoch)]
+        seen = [i for b in steps for i in b]
+        assert all(len(b) == batch for b in steps) and len(seen) == len(set(seen)) == per_epoch * batch
+        # sorted within chunks of 16 batches: each batch spans far less than a random one would
+        spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in steps]
+        assert statistics.mean(spans) < 60
+    assert train.grouped_indices(5, batch, lengths, seed=3) == train.grouped_indices(5, batch, lengths, seed=3)
+    assert train.grouped_indices(5, batch, lengths, seed=3) != train.grouped_indices(5, batch, lengths, seed=4)
+    assert train.grouped_indices(0, 8, [3, 1], seed=0) == train.batch_indices(0, 8, 2, 0)  # fewer samples than a batch

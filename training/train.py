@@ -77,6 +77,7 @@ class TrainSettings:
     self_batch: int = 8  # own answers in the term per optimiser step, per process
     self_tokens: int = 128  # tokens per own answer at most
     max_samples: int = 0  # train on the first N collected samples only (shard order = the prompt file's order; 0 = all): data-size runs from one collection
+    group_by_length: bool = False  # batches of samples of similar length (sorted within chunks of 16 batches, batch order shuffled): less padding per step (our prompts run from a few tokens to over 400)
     max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all)
     lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
@@ -105,6 +106,32 @@ def batch_indices(step: int, batch: int, count: int, seed: int) -> list[int]:
         random.Random(seed * 1000 + epoch).shuffle(order)
         out.extend(order[offset: offset + batch - len(out)])
     return out
+
+
+def grouped_indices(step: int, batch: int, lengths: list[int], seed: int, group: int = 16) -> list[int]:
+    """Sample indices of a global step, batches of similar length: each epoch's seeded permutation is cut into
+    chunks of ``group`` batches, each chunk sorted by length and cut into batches, and the batches shuffled. Every
+    batch holds ``batch`` distinct samples of one epoch (an epoch's remainder, under one batch, is left out)."""
+    count = len(lengths)
+    if count < batch:
+        return batch_indices(step, batch, count, seed)
+    per_epoch = count // batch
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(count))
+    rng = random.Random(seed * 1000 + epoch)
+    rng.shuffle(order)
+    order = order[: per_epoch * batch]
+    batches = []
+    for start in range(0, len(order), group * batch):
+        chunk = sorted(order[start:start + group * batch], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch] for j in range(0, len(chunk), batch)]
+    rng.shuffle(batches)
+    return batches[k]
+
+
+def sample_length(sample: dict, n: int) -> int:
+    """The tokens a sample takes in a packed row before padding: its prompt, its clean answer and one noisy stream."""
+    return len(sample["prompt"]) + 2 * n * len(sample["states"])
 
 
 def make_batch(samples: list[dict], idx: list[int], s: TrainSettings, step: int, pad_id: int) -> PackedBatch:
@@ -395,11 +422,16 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
 
     rank, world = accelerator.process_index, accelerator.num_processes
     log_path, last, t_steps = out / "log.jsonl", {}, time.perf_counter()
+    n = int(samples[0]["states"][0].shape[1])
+    lengths = [sample_length(x, n) for x in samples] if s.group_by_length else []
     bar = tqdm(total=total["steps"], initial=step, desc="train", disable=not accelerator.is_main_process)
     first_step = log_step = step
     t_log = t_warm = t_steps
     while step < total["steps"]:
-        idx = batch_indices(step, s.batch, len(samples), s.seed)[rank::world]
+        if lengths:
+            idx = grouped_indices(step, s.batch, lengths, s.seed)[rank::world]
+        else:
+            idx = batch_indices(step, s.batch, len(samples), s.seed)[rank::world]
         b = make_batch(samples, idx, s, step, pad_id).to(accelerator.device)
         with accelerator.autocast():
             logits = forward_logits(model, b)
