@@ -129,8 +129,9 @@ def grouped_indices(step: int, batch: int, lengths: list[int], seed: int, group:
     return batches[k]
 
 
-def sample_length(sample: dict, n: int) -> int:
+def sample_length(sample: dict) -> int:
     """The tokens a sample takes in a packed row before padding: its prompt, its clean answer and one noisy stream."""
+    n = int(sample["states"][0].shape[1])  # block size
     return len(sample["prompt"]) + 2 * n * len(sample["states"])
 
 
@@ -422,8 +423,7 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
 
     rank, world = accelerator.process_index, accelerator.num_processes
     log_path, last, t_steps = out / "log.jsonl", {}, time.perf_counter()
-    n = int(samples[0]["states"][0].shape[1])
-    lengths = [sample_length(x, n) for x in samples] if s.group_by_length else []
+    lengths = [sample_length(x) for x in samples] if s.group_by_length else []
     bar = tqdm(total=total["steps"], initial=step, desc="train", disable=not accelerator.is_main_process)
     first_step = log_step = step
     t_log = t_warm = t_steps
