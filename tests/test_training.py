@@ -299,7 +299,10 @@ def test_pipeline_end_to_end(tmp_path):
         cfg = DecodeConfig(max_new_tokens=len(x["answer"]), n=1, eos_token_ids=[])
         assert run(ar_decode, cllm.model, list(x["prompt"]), cfg).tokens[: x["valid"]] == x["answer"][: x["valid"]].tolist()
     train.main(["--model", str(folder), "--data", str(traj2), "--out", str(tmp_path / "round2"), "--init-adapter",
-                str(adapter), "--batch", "4", "--max-steps", "2", "--device", "cpu", "--group-by-length", "true"])
+                str(adapter), "--batch", "4", "--max-steps", "6", "--device", "cpu", "--group-by-length", "true",
+                "--profile-steps", "2", "--ref-weight", "1", "--ref-data", str(held), "--ref-batch", "2"])
+    profile = (tmp_path / "round2" / "profile.txt").read_text()  # steps 4 and 5, each phase labelled
+    assert profile.startswith("2 profiled steps") and all(f"phase:{p}" in profile for p in ("batch", "main", "ref", "optimizer"))
     assert (tmp_path / "round2" / "adapter" / "adapter_model.safetensors").exists()
     with pytest.raises(SystemExit, match="drops all"):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])

@@ -122,6 +122,7 @@ case "$STAGE" in
       cp "$d/log.jsonl" "$WORK/evals/train_log_$n.jsonl" 2>/dev/null || true
       for f in adapter/training_settings.json model/training_settings.json; do cp "$d/$f" "$WORK/evals/settings_$n.json" 2>/dev/null || true; done
       cp "$d/adapter/extract_report.json" "$WORK/evals/extract_$n.json" 2>/dev/null || true
+      cp "$d/profile.txt" "$WORK/evals/profile_$n.txt" 2>/dev/null || true   # train --profile-steps K
     done
     tar czf "$OUT/sweep.tgz" -C "$WORK" evals ;;
   extract-sweep)

@@ -91,6 +91,7 @@ class TrainSettings:
     save_every: int = 200  # checkpoint every K steps (and at the end / time limit)
     keep_adapters: bool = False  # also save the adapter at every checkpoint as out/adapter-step<N> (to evaluate the curve)
     log_every: int = 10  # log every K steps
+    profile_steps: int = 0  # profile K steps after the first 3 (torch.profiler, each phase labelled): out/profile.txt (0 = off)
     resume: bool = False  # continue from out/checkpoint
     device: str = "auto"  # auto / cuda / cpu
     seed: int = 0  # data order, curriculum, init
@@ -334,6 +335,43 @@ def save_final(accelerator, model, tokenizer, s: TrainSettings, out: Path, summa
     return target
 
 
+class StepProfiler:
+    """``--profile-steps K``: torch.profiler over K steps after the first ``BUDGET_WARMUP`` (allocator and first
+    launches), each phase of a step labelled ``phase:<name>``. At the end it writes out/profile.txt: the operators by
+    their own device time (the GPU's hot spots) and by total CPU time (the phases, and what waits on the host)."""
+
+    def __init__(self, steps: int, first_step: int, out: Path, enabled: bool):
+        self.start, self.stop = first_step + BUDGET_WARMUP, first_step + BUDGET_WARMUP + steps
+        self.out, self.enabled, self.prof, self.t0 = out, enabled and steps > 0, None, 0.0
+
+    def phase(self, name: str):
+        from contextlib import nullcontext
+
+        return torch.profiler.record_function(f"phase:{name}") if self.prof is not None else nullcontext()
+
+    def after_step(self, step: int) -> None:
+        """Call with the number of optimiser steps done so far."""
+        if not self.enabled:
+            return
+        if step == self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof, self.t0 = profile(activities=activities), time.perf_counter()
+            self.prof.__enter__()
+        elif step == self.stop and self.prof is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - self.t0) / (self.stop - self.start)
+            self.prof.__exit__(None, None, None)
+            averages = self.prof.key_averages()
+            text = (f"{self.stop - self.start} profiled steps, {seconds:.3f} s a step (with the profiler's overhead)\n\n"
+                    + averages.table(sort_by="self_device_time_total", row_limit=40) + "\n"
+                    + averages.table(sort_by="cpu_time_total", row_limit=40) + "\n")
+            (self.out / "profile.txt").write_text(text)
+            self.prof, self.enabled = None, False
+
+
 def log_line(path: Path, row: dict) -> None:
     with path.open("a") as fh:
         fh.write(json.dumps(row) + "\n")
@@ -427,33 +465,40 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
     bar = tqdm(total=total["steps"], initial=step, desc="train", disable=not accelerator.is_main_process)
     first_step = log_step = step
     t_log = t_warm = t_steps
+    profiler = StepProfiler(s.profile_steps, first_step, out, accelerator.is_main_process)
     while step < total["steps"]:
-        if lengths:
-            idx = grouped_indices(step, s.batch, lengths, s.seed)[rank::world]
-        else:
-            idx = batch_indices(step, s.batch, len(samples), s.seed)[rank::world]
-        b = make_batch(samples, idx, s, step, pad_id).to(accelerator.device)
-        with accelerator.autocast():
-            logits = forward_logits(model, b)
-            losses = compute_losses(logits, base_logits_for(accelerator, model, base, b, s), b, s)
-        accelerator.backward(losses["loss"])
+        with profiler.phase("batch"):
+            if lengths:
+                idx = grouped_indices(step, s.batch, lengths, s.seed)[rank::world]
+            else:
+                idx = batch_indices(step, s.batch, len(samples), s.seed)[rank::world]
+            b = make_batch(samples, idx, s, step, pad_id).to(accelerator.device)
+        with profiler.phase("main"):
+            with accelerator.autocast():
+                logits = forward_logits(model, b)
+                losses = compute_losses(logits, base_logits_for(accelerator, model, base, b, s), b, s)
+            accelerator.backward(losses["loss"])
         if references:
-            ridx = batch_indices(step, max(s.ref_batch, world), len(references), s.seed + 1)[rank::world]
-            anchor_step(accelerator, (model, base), references, ridx, pad_id, s.ref_weight, losses, "ref")
+            with profiler.phase("ref"):
+                ridx = batch_indices(step, max(s.ref_batch, world), len(references), s.seed + 1)[rank::world]
+                anchor_step(accelerator, (model, base), references, ridx, pad_id, s.ref_weight, losses, "ref")
         if s.self_weight > 0:
-            if step - own_step >= s.self_every:
-                own, own_step = own_answers(accelerator, model, samples, s, step, pad_id, eos), step
-                # Every process runs the term's backward or none does (a lone backward would wait forever for the others).
-                own_ok = agree(accelerator, float(not own)) == 0
-            if own_ok:
-                oidx = batch_indices(step, s.self_batch, len(own), s.seed + 2)
-                anchor_step(accelerator, (model, base), own, oidx, pad_id, s.self_weight, losses, "self",
-                            s.loop_penalty)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            with profiler.phase("self"):
+                if step - own_step >= s.self_every:
+                    own, own_step = own_answers(accelerator, model, samples, s, step, pad_id, eos), step
+                    # Every process runs the term's backward or none does (a lone backward would wait forever for the others).
+                    own_ok = agree(accelerator, float(not own)) == 0
+                if own_ok:
+                    oidx = batch_indices(step, s.self_batch, len(own), s.seed + 2)
+                    anchor_step(accelerator, (model, base), own, oidx, pad_id, s.self_weight, losses, "self",
+                                s.loop_penalty)
+        with profiler.phase("optimizer"):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        profiler.after_step(step)
         if auto_steps and step == first_step + BUDGET_WARMUP:
             t_warm = time.perf_counter()  # the first steps are slow (allocator, kernels' first launches): not timed
         if auto_steps and step == first_step + BUDGET_WARMUP + BUDGET_TIMED:
