@@ -303,6 +303,9 @@ def test_pipeline_end_to_end(tmp_path):
                 "--profile-steps", "2", "--ref-weight", "1", "--ref-data", str(held), "--ref-batch", "2"])
     profile = (tmp_path / "round2" / "profile.txt").read_text()  # steps 4 and 5, each phase labelled
     assert profile.startswith("2 profiled steps") and all(f"phase:{p}" in profile for p in ("batch", "main", "ref", "optimizer"))
+    train.main(["--model", str(folder), "--data", str(traj2), "--out", str(tmp_path / "short"), "--init-adapter",
+                str(adapter), "--batch", "4", "--max-steps", "4", "--device", "cpu", "--profile-steps", "5"])
+    assert (tmp_path / "short" / "profile.txt").read_text().startswith("1 profiled steps")  # the run ended first
     assert (tmp_path / "round2" / "adapter" / "adapter_model.safetensors").exists()
     with pytest.raises(SystemExit, match="drops all"):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])

@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,8 +346,6 @@ class StepProfiler:
         self.out, self.enabled, self.prof, self.t0 = out, enabled and steps > 0, None, 0.0
 
     def phase(self, name: str):
-        from contextlib import nullcontext
-
         return torch.profiler.record_function(f"phase:{name}") if self.prof is not None else nullcontext()
 
     def after_step(self, step: int) -> None:
@@ -359,17 +358,24 @@ class StepProfiler:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.prof, self.t0 = profile(activities=activities), time.perf_counter()
             self.prof.__enter__()
-        elif step == self.stop and self.prof is not None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            seconds = (time.perf_counter() - self.t0) / (self.stop - self.start)
-            self.prof.__exit__(None, None, None)
-            averages = self.prof.key_averages()
-            text = (f"{self.stop - self.start} profiled steps, {seconds:.3f} s a step (with the profiler's overhead)\n\n"
-                    + averages.table(sort_by="self_device_time_total", row_limit=40) + "\n"
-                    + averages.table(sort_by="cpu_time_total", row_limit=40) + "\n")
-            (self.out / "profile.txt").write_text(text)
-            self.prof, self.enabled = None, False
+        elif step == self.stop:
+            self.finish(step)
+
+    def finish(self, step: int) -> None:
+        """Stop profiling at ``step`` steps done (the run may end before the K steps) and write profile.txt."""
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        steps = step - self.start
+        seconds = (time.perf_counter() - self.t0) / max(steps, 1)
+        self.prof.__exit__(None, None, None)
+        averages = self.prof.key_averages()
+        text = (f"{steps} profiled steps, {seconds:.3f} s a step (with the profiler's overhead)\n\n"
+                + averages.table(sort_by="self_device_time_total", row_limit=40) + "\n"
+                + averages.table(sort_by="cpu_time_total", row_limit=40) + "\n")
+        (self.out / "profile.txt").write_text(text)
+        self.prof, self.enabled = None, False
 
 
 def log_line(path: Path, row: dict) -> None:
@@ -526,6 +532,7 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
         if out_of_time:
             accelerator.print(f"time limit of {s.max_minutes} min reached at step {step}: resume with --resume true")
             break
+    profiler.finish(step)
     bar.close()
     return {"step": step, "max_steps": total["steps"], **{k: v for k, v in last.items() if k != "step"}}
 
