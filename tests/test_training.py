@@ -702,3 +702,19 @@ def test_grouped_batches_cover_each_epoch_once_with_similar_lengths():
     assert train.grouped_indices(5, batch, lengths, seed=3) == train.grouped_indices(5, batch, lengths, seed=3)
     assert train.grouped_indices(5, batch, lengths, seed=3) != train.grouped_indices(5, batch, lengths, seed=4)
     assert train.grouped_indices(0, 8, [3, 1], seed=0) == train.batch_indices(0, 8, 2, 0)  # fewer samples than a batch
+
+
+def test_forced_jacobi_on_the_models_own_answer_is_its_jacobi_run(tiny):
+    model, _ = tiny
+    from decoding.decoders import make_session
+    from training.forced import forced_jacobi
+
+    prompt = [5, 9, 14, 3, 7]
+    own = run(ar_decode, model, prompt, DecodeConfig(max_new_tokens=40, n=1, eos_token_ids=[])).tokens
+    cfg = DecodeConfig(max_new_tokens=40, n=6, eos_token_ids=[], seed=4)
+    real = [it.accepted for it in run(jacobi_decode, model, prompt, cfg).iterations]
+    assert forced_jacobi(make_session(model), prompt, own, 6, random.Random(4)) == real
+    # another text: at least one token a pass, and every pass but the last within the window
+    other = [(t * 7 + 3) % 200 + 3 for t in own]
+    forced = forced_jacobi(make_session(model), prompt, other, 6, random.Random(4))
+    assert all(1 <= k <= 6 for k in forced) and sum(forced) >= len(other) - 1
