@@ -15,7 +15,8 @@ from decoding import DEFAULT_ADAPTER, DecodeConfig, ar_decode, encode, jacobi_de
 from training import collect, evaluate, loop_teacher, train
 from decoding.trace import repeat_flags
 from training.collect import CollectSettings, augment_states, collect_batch, repeats
-from training.losses import ar_cross_entropy, first_wrong, jacobi_gain, penalize_loops, repeat_completions, soft_kl
+from training.losses import (ar_cross_entropy, first_wrong, hard_ce, jacobi_gain, penalize_loops, repeat_completions,
+                             soft_kl)
 from training.packing import align_answers, noise_level, pack, pick_states
 from training.tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -61,6 +62,12 @@ def test_losses_by_hand():
     assert soft_kl(two_t, two_s, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
     assert soft_kl(two_t, two_s, torch.tensor([1.0, 3.0])).item() == pytest.approx(0.125 * math.log(4 / 3), abs=1e-6)
     assert soft_kl(two_t, two_s, torch.zeros(2)).item() == 0.0
+    # hard consistency: the student's cross-entropy on the teacher's argmax (row 1: token 1 of q, row 2: token 1 too)
+    sharp = torch.tensor([[0.0, 5.0], [0.0, 1.0]])
+    assert hard_ce(sharp, two_s).item() == pytest.approx(-math.log(0.75), abs=1e-6)
+    assert hard_ce(torch.tensor([[2.0, 0.0]]), student).item() == pytest.approx(-math.log(0.25), abs=1e-6)
+    assert hard_ce(sharp, two_s, torch.tensor([0.0, 2.0])).item() == pytest.approx(-math.log(0.75), abs=1e-6)
+    assert hard_ce(teacher[:0], student[:0]).item() == 0.0
 
 
 def test_first_wrong_gain_noise():
@@ -129,10 +136,11 @@ def test_packed_forward_matches_plain_forwards(tiny, samples):
                     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_one_training_step_lowers_the_loss(samples):
+@pytest.mark.parametrize("consistency", ["kl", "ce"])
+def test_one_training_step_lowers_the_loss(samples, consistency):
     _, out, _ = samples
     model = tiny_model(0).train()
-    s = train.TrainSettings(ar_loss="ce", teacher="self", batch=len(out), noise_window=4)
+    s = train.TrainSettings(ar_loss="ce", teacher="self", batch=len(out), noise_window=4, consistency_loss=consistency)
     b = train.make_batch(out, list(range(len(out))), s, 0, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     before = train.compute_losses(train.forward_logits(model, b), None, b, s)["loss"]
@@ -313,6 +321,8 @@ def test_pipeline_end_to_end(tmp_path):
         train.main(common + ["--out", str(tmp_path / "none"), "--repeat-weight", "-0.5"])
     with pytest.raises(SystemExit, match="--loop-penalty must be 0"):
         train.main(common + ["--out", str(tmp_path / "none"), "--loop-penalty", "-1"])
+    with pytest.raises(SystemExit, match="--consistency-loss must be kl or ce"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--consistency-loss", "mse"])
     # A second phase starts from the first one's adapter (its rank wins over --lora-rank), here with the reference term.
     phase2 = ["--model", str(folder), "--data", str(traj), "--out", str(tmp_path / "phase2"), "--init-adapter",
               str(adapter), "--lora-rank", "16", "--batch", "4", "--max-steps", "2", "--log-every", "1", "--device", "cpu",

@@ -25,6 +25,20 @@ def soft_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, weights:
     return (kl * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
+def hard_ce(teacher_logits: torch.Tensor, student_logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions of the student's cross-entropy on the teacher's argmax token (weighted as ``soft_kl``).
+
+    Jacobi decoding accepts a guess when the argmaxes agree; this spends nothing on the rest of the teacher's
+    distribution, which ``soft_kl`` matches too."""
+    if teacher_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    ce = F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(-1), reduction="none")
+    if weights is None:
+        return ce.mean()
+    weights = weights.to(ce.dtype)
+    return (ce * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
 def ar_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Next-token cross-entropy on the fixed-point tokens (EOS included: pad == EOS must not be ignored)."""
     if logits.shape[0] == 0:

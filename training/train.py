@@ -35,7 +35,7 @@ from decoding.prompts import read_jsonl
 from .cli import parse, print_table, save_settings
 from .collect import read_shards, seq_rep
 from .evaluate import generate_greedy
-from .losses import ar_cross_entropy, jacobi_gain, penalized, soft_kl
+from .losses import ar_cross_entropy, hard_ce, jacobi_gain, penalized, soft_kl
 from .packing import PackedBatch, align_answers, pack, pick_states, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +63,7 @@ class TrainSettings:
     ar_loss: str = "kl"  # "ce" (cross-entropy on fixed points, the papers) or "kl" (KL to the frozen base, clean answer)
     ar_weight: float = 1.0  # weight of the AR term (papers: 10 : 1; the shipped CLLM: 1; higher keeps quality, lowers speed)
     consistency_weight: float = 1.0  # weight of the global consistency term
+    consistency_loss: str = "kl"  # "kl": KL to the teacher's distribution (the papers); "ce": cross-entropy on the teacher's argmax token (what Jacobi accepts on; nothing spent on the rest of the distribution)
     local_weight: float = 0.0  # weight of local consistency (state -> next state); 0 = off (saves a stream)
     repeat_weight: float = 1.0  # weight, within the consistency terms, of outputs whose target ends a 4-gram seen before (prompt or earlier answer); < 1 puts the weight on new text, where the CLLM gains least
     label_smoothing: float = 0.0  # of the "ce" AR loss (released CLLMs: 0.1)
@@ -167,7 +168,7 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
     student = logits[:, L:2 * L]
     sel = b.cons_mask[0]
     weights = None if s.repeat_weight == 1.0 else torch.where(b.repeats[sel], s.repeat_weight, 1.0)
-    cons = soft_kl(teacher[sel], student[sel], weights)
+    cons = (hard_ce if s.consistency_loss == "ce" else soft_kl)(teacher[sel], student[sel], weights)
     out = {"ar": ar, "consistency": cons}
     loss = s.ar_weight * ar + s.consistency_weight * cons
     if s.local_weight > 0:
@@ -411,6 +412,8 @@ def main(argv=None) -> None:
         accelerator.print(f"--max-rep {s.max_rep}: kept {len(samples)} of {collected} samples")
         if not samples:
             raise SystemExit(f"--max-rep {s.max_rep} drops all {collected} samples: raise it")
+    if s.consistency_loss not in ("kl", "ce"):
+        raise SystemExit(f"--consistency-loss must be kl or ce, got {s.consistency_loss!r}")
     if s.full_scope not in ("all", "targets"):
         raise SystemExit(f"--full-scope must be all or targets, got {s.full_scope!r}")
     if s.batch < accelerator.num_processes:
