@@ -696,6 +696,9 @@ def test_compare_pairs_two_evaluations_prompt_by_prompt(tmp_path, capsys):
     assert compare.main(["--paired", a, str(old)]) == 2
     assert "no per-prompt counts" in capsys.readouterr().err
     assert compare.main(["--paired", a, write("c", [[1, 1]], heldout="/x/other.jsonl")]) == 2
+    forced = tmp_path / "forced.json"  # a training.forced result: per-prompt counts at the top
+    forced.write_text(json.dumps({"settings": {"heldout": "assets/heldout.jsonl"}, "per_prompt": [[10, 10], [30, 10], [15, 10]]}))
+    assert compare.paired(Path(a), forced)["mean_diff"] == pytest.approx(1 / 3)
 
 
 def test_grouped_batches_cover_each_epoch_once_with_similar_lengths():

@@ -1,7 +1,7 @@
 """One table from several evaluation JSONs (training.evaluate --out), best recipe first.
 
     python -m training.compare runs/*/eval.json
-    python -m training.compare --paired A.json B.json   # two evaluations prompt by prompt (those with per_prompt)
+    python -m training.compare --paired A.json B.json   # two evaluations (or training.forced results) prompt by prompt
 
 A run meets the quality targets when its reference perplexity is at most 1.10x the base model's
 and its greedy answers are no more repetitive (seq-rep-4) than the base model's. Rows are sorted:
@@ -92,16 +92,22 @@ def tradeoff(rows: list[dict]) -> str:
             f"at {fit.intercept:.2f} tokens/forward")
 
 
+def per_prompt(r: dict, path: Path) -> list[list[int]]:
+    """[tokens, forwards] per prompt of an evaluation (its CLLM's Jacobi) or of a ``training.forced`` result."""
+    rows = r.get("cllm", {}).get("jacobi", {}).get("per_prompt", r.get("per_prompt"))
+    if rows is None:
+        raise ValueError(f"{path} has no per-prompt counts (evaluations written before session 12 do not)")
+    return rows
+
+
 def paired(a: Path, b: Path) -> dict:
-    """Two evaluations' CLLM Jacobi tokens per forward compared prompt by prompt (``decoding.paired``'s statistics);
-    both must hold per-prompt counts (``training.evaluate`` writes them since session 12) for the same prompts."""
+    """Tokens per forward of two evaluations (their CLLM's Jacobi) or ``training.forced`` results, compared prompt by
+    prompt (``decoding.paired``'s statistics); both must hold per-prompt counts for the same prompts."""
     ra, rb = (json.loads(p.read_text()) for p in (a, b))
-    for r, p in ((ra, a), (rb, b)):
-        if "per_prompt" not in r.get("cllm", {}).get("jacobi", {}):
-            raise ValueError(f"{p} has no per-prompt counts (evaluations written before session 12 do not)")
-    if Path(ra["settings"]["heldout"]).name != Path(rb["settings"]["heldout"]).name:  # paths differ between machines
-        raise ValueError("the two evaluations used different held-out files")
-    rates = [[t / f for t, f in r["cllm"]["jacobi"]["per_prompt"]] for r in (ra, rb)]
+    rows = [per_prompt(ra, a), per_prompt(rb, b)]
+    if Path(ra["settings"].get("heldout", "")).name != Path(rb["settings"].get("heldout", "")).name:  # paths differ between machines
+        raise ValueError("the two results used different held-out files")
+    rates = [[t / f for t, f in r] for r in rows]
     k = min(map(len, rates))  # the first k prompts of both (one may have measured more)
     return paired_rates(rates[0][:k], rates[1][:k])
 
@@ -117,7 +123,7 @@ def main(argv=None) -> int:
         except (OSError, ValueError, KeyError) as exc:
             print(f"cannot compare {args[1]} and {args[2]}: {exc}", file=sys.stderr)
             return 2
-        print_paired(c, args[1], args[2], "CLLM Jacobi")
+        print_paired(c, args[1], args[2], "Jacobi")
         return 0
     paths = [Path(p) for p in args]
     if not paths:
