@@ -731,3 +731,4 @@ def test_forced_jacobi_on_the_models_own_answer_is_its_jacobi_run(tiny):
     other = [(t * 7 + 3) % 200 + 3 for t in own]
     forced = forced_jacobi(make_session(model), prompt, other, 6, random.Random(4))
     assert all(1 <= k <= 6 for k in forced) and sum(forced) >= len(other) - 1
+    assert forced_jacobi(make_session(model), prompt, [], 6, random.Random(4)) == []  # an empty answer: no pass

@@ -52,7 +52,9 @@ class ForcedSettings:
 def forced_jacobi(session, prompt_ids: list[int], target: list[int], n: int, rng: random.Random) -> list[int]:
     """Tokens accepted per pass of Jacobi decoding toward the given answer ``target`` (its first token comes with
     the prefill, as in ``jacobi_decode``, and is not counted)."""
-    cfg = DecodeConfig(max_new_tokens=max(len(target), 1), n=n)
+    if not target:
+        return []
+    cfg = DecodeConfig(max_new_tokens=len(target), n=n)
     session.prefill(prompt_ids)
     tokens = target[:1]
     guesses = fresh_guesses(cfg, prompt_ids, tokens, [], n - 1, rng)
