@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from decoding import DEFAULT_ADAPTER, DEFAULT_SPEC, DecodeConfig, encode, load_model
 from decoding.decoders import fresh_guesses, make_session
 from decoding.paired import read_bench
-from decoding.prompts import read_jsonl
+from decoding.prompts import read_prompts
 
 from .cli import parse, print_table
 from .evaluate import write_result
@@ -76,18 +76,13 @@ def forced_jacobi(session, prompt_ids: list[int], target: list[int], n: int, rng
     return accepted
 
 
-def prompt_lookup(path: str) -> dict[str, str]:
-    """Prompt text by row id of a prompts file."""
-    return {row["id"]: row["prompt"] for _, row in read_jsonl(path) if isinstance(row, dict) and "id" in row}
-
-
 def main(argv=None) -> dict:
     s = parse(ForcedSettings, argv)
     if not s.bench or not s.heldout:
         raise SystemExit("--bench (a decoding.bench result) and --heldout (the prompts file it ran on) are needed")
     bench = read_bench(s.bench)
     rows = bench["prompts"][: s.limit or None]
-    prompts = prompt_lookup(s.heldout)
+    prompts = {row["id"]: row["prompt"] for row in read_prompts(s.heldout)}  # ids as the bench gave them
     missing = [r["id"] for r in rows if r["id"] not in prompts or s.lane not in r["lanes"]]
     if missing:
         raise SystemExit(f"{len(missing)} bench prompts have no row in {s.heldout} or no {s.lane} lane, e.g. {missing[0]}")

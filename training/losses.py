@@ -18,11 +18,15 @@ def soft_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, weights:
         return student_logits.sum() * 0.0
     t = F.log_softmax(teacher_logits.detach().float(), -1)
     s = F.log_softmax(student_logits.float(), -1)
-    kl = (t.exp() * (t - s)).sum(-1)
+    return weighted_mean((t.exp() * (t - s)).sum(-1), weights)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean of per-position losses, or their ``weights``-weighted mean (0 when every weight is 0)."""
     if weights is None:
-        return kl.mean()
-    weights = weights.to(kl.dtype)
-    return (kl * weights).sum() / weights.sum().clamp_min(1e-12)
+        return values.mean()
+    weights = weights.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
 def hard_ce(teacher_logits: torch.Tensor, student_logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,11 +36,8 @@ def hard_ce(teacher_logits: torch.Tensor, student_logits: torch.Tensor, weights:
     distribution, which ``soft_kl`` matches too."""
     if teacher_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
-    ce = F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(-1), reduction="none")
-    if weights is None:
-        return ce.mean()
-    weights = weights.to(ce.dtype)
-    return (ce * weights).sum() / weights.sum().clamp_min(1e-12)
+    return weighted_mean(F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(-1), reduction="none"),
+                         weights)
 
 
 def ar_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
