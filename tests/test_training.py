@@ -151,6 +151,89 @@ def test_one_training_step_lowers_the_loss(samples, consistency):
     assert after.item() < before.item()
 
 
+@pytest.mark.parametrize("consistency,lora", [("kl", True), ("ce", True), ("kl", False)])
+def test_losses_a_few_rows_at_a_time_equal_the_whole_batch(samples, consistency, lora):
+    # --loss-rows K: the same terms and the same gradients as the one-shot step, for K dividing the batch or not
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    _, out, _ = samples
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    if lora:  # the base is the model with its adapter off
+        model, base = get_peft_model(tiny_model(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                               init_lora_weights=False)), None  # B != 0: not its base
+    else:  # full fine-tuning: a frozen copy, both heads skipped
+        model, base = tiny_model(1).train(), tiny_model(0).requires_grad_(False)
+    model = acc.prepare(model)
+    results = []
+    for rows in (0, 1, 3):
+        s = train.TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5, repeat_weight=0.5, local_weight=0.5,
+                                consistency_loss=consistency, loss_rows=rows)
+        b = train.make_batch(out, list(range(len(out))), s, 0, 2)
+        model.zero_grad()
+        got = train.step_losses(acc, model, base, b, s)
+        got["loss"].backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append(({k: v.item() for k, v in got.items()}, grads))
+        for m in (model, base or model):  # the heads are back afterwards
+            assert m.get_output_embeddings()(torch.ones(1, 32)).shape[-1] > 32
+    (want, want_grads), *chunked = results
+    assert want["ar"] > 0 and want["consistency"] > 0 and want["local"] > 0
+    for terms, grads in chunked:
+        assert terms.keys() == want.keys()
+        for k in want:
+            assert terms[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_recompute_gives_the_same_gradients(samples):
+    # --recompute true: the decoder layers' activations are recomputed in the backward pass, the gradients unchanged
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    _, out, _ = samples
+    acc = Accelerator(cpu=True)
+    s = train.TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5, loss_rows=2)
+    b = train.make_batch(out, list(range(len(out))), s, 0, 2)
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_model(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                                                         init_lora_weights=False)).train()
+        if recompute:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model = acc.prepare(model)
+        calls, mlp = [], model.get_base_model().model.layers[0].mlp
+        run_mlp = mlp.forward  # counted through forward itself: module hooks do not run again in a recompute
+        mlp.forward = lambda *a, **k: calls.append(1) or run_mlp(*a, **k)
+        train.step_losses(acc, model, None, b, s)["loss"].backward()
+        del mlp.forward
+        # the student's forward (then, recomputing, once more in the backward) and the base's (no backward)
+        assert len(calls) == (3 if recompute else 2)
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert grads[0] and all(g.abs().sum() > 0 for g in grads[0])
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_step_probe_reports_time_and_memory_of_each_variant(tmp_path):
+    from training import stepprobe
+
+    out = tmp_path / "probe.json"
+    got = stepprobe.main(["--shape", "tiny", "--samples", "16", "--steps", "3", "--timed", "1", "--device", "cpu",
+                          "--work", str(tmp_path), "--out", str(out), "--common", "--loop-penalty 2 --use-extra false",
+                          "--variants", "plain:--batch 4;lean:--batch 4 --loss-rows 1 --recompute true;bad:--loss-rows -1"])
+    assert json.loads(out.read_text()) == got
+    for name in ("plain", "lean"):
+        row = got["variants"][name]
+        assert row["returncode"] == 0 and row["s_per_step"] > 0 and row["peak_gib"] > 0 and row["batch"] == 4
+    assert "--loss-rows must be" in got["variants"]["bad"]["error"]
+    with pytest.raises(SystemExit, match="--variants must be"):
+        stepprobe.main(["--variants", "no flags here"])
+
+
 def test_repeat_weight_moves_the_consistency_weight_off_repeated_text(samples):
     _, out, _ = samples
     s = train.TrainSettings(batch=len(out), noise_window=4)
@@ -308,13 +391,16 @@ def test_pipeline_end_to_end(tmp_path):
         assert run(ar_decode, cllm.model, list(x["prompt"]), cfg).tokens[: x["valid"]] == x["answer"][: x["valid"]].tolist()
     train.main(["--model", str(folder), "--data", str(traj2), "--out", str(tmp_path / "round2"), "--init-adapter",
                 str(adapter), "--batch", "4", "--max-steps", "6", "--device", "cpu", "--group-by-length", "true",
-                "--profile-steps", "2", "--ref-weight", "1", "--ref-data", str(held), "--ref-batch", "2"])
+                "--profile-steps", "2", "--ref-weight", "1", "--ref-data", str(held), "--ref-batch", "2", "--loss-rows", "3",
+                "--recompute", "true"])
     profile = (tmp_path / "round2" / "profile.txt").read_text()  # steps 4 and 5, each phase labelled
     assert profile.startswith("2 profiled steps") and all(f"phase:{p}" in profile for p in ("batch", "main", "ref", "optimizer"))
     train.main(["--model", str(folder), "--data", str(traj2), "--out", str(tmp_path / "short"), "--init-adapter",
                 str(adapter), "--batch", "4", "--max-steps", "4", "--device", "cpu", "--profile-steps", "5"])
     assert (tmp_path / "short" / "profile.txt").read_text().startswith("1 profiled steps")  # the run ended first
     assert (tmp_path / "round2" / "adapter" / "adapter_model.safetensors").exists()
+    with pytest.raises(SystemExit, match="--loss-rows must be"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--loss-rows", "-2"])
     with pytest.raises(SystemExit, match="drops all"):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
     with pytest.raises(SystemExit, match="--repeat-weight must be 0 or more"):

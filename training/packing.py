@@ -79,6 +79,12 @@ class PackedBatch:
         """[B, P + L] bool: the row's own tokens in its prompt and clean answer (up to EOS), not padding."""
         return real_tokens(self.attention_mask, self.prompt_end, self.ar_mask)
 
+    def rows(self, sl: slice) -> "PackedBatch":
+        """The rows ``sl`` of this batch, with the same layout (segment boundaries, ``keep``, ``n``)."""
+        return PackedBatch(self.input_ids[sl], self.position_ids[sl], self.attention_mask[sl], self.keep,
+                           self.answer[sl], self.ar_mask[sl], self.states[:, sl], self.cons_mask[:, sl],
+                           self.repeats[sl], self.n, self.prompt_end)
+
 
 def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, pad_id: int = 0) -> PackedBatch:
     """Build a batch. streams[s][b][j] is the [n] state of block j of sample b in noisy stream s."""

@@ -23,11 +23,12 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from decoding import DEFAULT_SPEC, load_model
 from decoding.prompts import read_jsonl
@@ -93,6 +94,8 @@ class TrainSettings:
     save_every: int = 200  # checkpoint every K steps (and at the end / time limit)
     keep_adapters: bool = False  # also save the adapter at every checkpoint as out/adapter-step<N> (to evaluate the curve)
     log_every: int = 10  # log every K steps
+    loss_rows: int = 0  # run the LM head and the losses on this many rows at a time, again in the backward pass (0 = the whole batch at once): the logits over the vocabulary, not the model, take most of a step's memory (39 GiB at batch 32 on an H100, against 20 at 16, for 12% more time a step), so this lets one GPU take a larger batch or several runs
+    recompute: bool = False  # activation checkpointing of the decoder layers (their activations recomputed in the backward pass): with --loss-rows, memory for much larger batches
     profile_steps: int = 0  # profile K steps after the first 3 (torch.profiler, each phase labelled): out/profile.txt (0 = off)
     resume: bool = False  # continue from out/checkpoint
     device: str = "auto"  # auto / cuda / cpu
@@ -187,6 +190,73 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
     return out
 
 
+TERMS = ("ar", "consistency", "local", "gain", "student_acc")  # compute_losses' means, in row_counts' order
+
+
+def row_counts(b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
+    """What each of compute_losses' means averages over, row by row ([B] each): the terms of a few rows at a time
+    then add up, weighted by these, to the whole batch's means."""
+    sel = b.cons_mask[0]
+    weights = sel.float() if s.repeat_weight == 1.0 else sel * torch.where(b.repeats, s.repeat_weight, 1.0)
+    B = b.answer.shape[0]
+    live = sel.reshape(B, -1, b.n).any(-1)
+    return {"ar": b.ar_mask.float().sum(1), "consistency": weights.sum(1), "local": weights.sum(1),
+            "gain": live.float().sum(1), "student_acc": sel.float().sum(1)}
+
+
+@contextmanager
+def heads_skipped(*models):
+    """Inside, each model returns its last hidden states where it would return logits (its LM head skipped)."""
+    heads = list({id(h): h for h in (m.get_output_embeddings() for m in models if m is not None)}.values())
+    for head in heads:
+        head.forward = torch.nn.Identity().forward  # an instance attribute hides the class's forward
+    try:
+        yield
+    finally:
+        for head in heads:
+            del head.forward
+
+
+def chunked_losses(accelerator, model, base, b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
+    """compute_losses' terms with the LM head run on ``s.loss_rows`` rows at a time under activation checkpointing:
+    only hidden states are kept for the backward pass, never the whole batch's logits. Equal to the one-shot terms
+    up to rounding (the means are recombined with ``row_counts``)."""
+    unwrapped = accelerator.unwrap_model(model)
+    head = unwrapped.get_output_embeddings()
+    base_head = (base if base is not None else unwrapped).get_output_embeddings()  # a LoRA's base shares its head
+    with heads_skipped(unwrapped, base):
+        hidden = forward_logits(model, b)  # through the (DDP) wrapper: gradients still synchronise
+        base_hidden = base_logits_for(accelerator, model, base, b, s)
+    L, B = b.answer.shape[1], b.answer.shape[0]
+    counts = row_counts(b, s)
+    terms = TERMS if s.local_weight > 0 else tuple(t for t in TERMS if t != "local")
+    out = {t: torch.zeros((), device=hidden.device) for t in terms}
+    for r0 in range(0, B, s.loss_rows):
+        rows = slice(r0, r0 + s.loss_rows)
+
+        def part(h, hb, rows=rows):
+            got = compute_losses(head(h), None if hb is None else base_head(hb), b.rows(rows), s)
+            return tuple(got[t] for t in terms)
+
+        values = checkpoint(part, hidden[rows], None if base_hidden is None else base_hidden[rows, :L],
+                            use_reentrant=False)
+        for t, v in zip(terms, values):
+            out[t] = out[t] + v * (counts[t][rows].sum() / counts[t].sum().clamp_min(1e-12))
+    out["loss"] = s.ar_weight * out["ar"] + s.consistency_weight * out["consistency"]
+    if s.local_weight > 0:
+        out["loss"] = out["loss"] + s.local_weight * out["local"]
+    for t in ("gain", "student_acc"):
+        out[t] = out[t].detach()
+    return out
+
+
+def step_losses(accelerator, model, base, b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
+    """The main terms of one step (call under autocast): in one go, or ``s.loss_rows`` rows at a time."""
+    if s.loss_rows:
+        return chunked_losses(accelerator, model, base, b, s)
+    return compute_losses(forward_logits(model, b), base_logits_for(accelerator, model, base, b, s), b, s)
+
+
 def build_model(s: TrainSettings):
     """(trainable model, frozen base or None, pad id, tokenizer, EOS ids). LoRA via peft unless lora_rank == 0."""
     lm = load_model(s.model, device="cpu", dtype="float32")
@@ -209,6 +279,8 @@ def build_model(s: TrainSettings):
             module.weight.requires_grad_(True)
     else:
         model.requires_grad_(True)
+    if s.recompute:  # non-reentrant: gradients reach the LoRA matrices without inputs that require them
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # With LoRA the base is the same model with its adapter disabled; full fine-tuning needs a frozen copy.
     base = load_model(s.model, device="cpu", dtype="float32").model if needs_base and not is_lora(s) else None
     model.train()
@@ -416,6 +488,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--consistency-loss must be kl or ce, got {s.consistency_loss!r}")
     if s.full_scope not in ("all", "targets"):
         raise SystemExit(f"--full-scope must be all or targets, got {s.full_scope!r}")
+    if s.loss_rows < 0:
+        raise SystemExit(f"--loss-rows must be 0 (the whole batch at once) or more, got {s.loss_rows}")
     if s.batch < accelerator.num_processes:
         raise SystemExit(f"--batch {s.batch} is smaller than the {accelerator.num_processes} processes: each needs a row")
     model, base, pad_id, tokenizer, eos = build_model(s)
@@ -484,8 +558,7 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
             b = make_batch(samples, idx, s, step, pad_id).to(accelerator.device)
         with profiler.phase("main"):
             with accelerator.autocast():
-                logits = forward_logits(model, b)
-                losses = compute_losses(logits, base_logits_for(accelerator, model, base, b, s), b, s)
+                losses = step_losses(accelerator, model, base, b, s)
             accelerator.backward(losses["loss"])
         if references:
             with profiler.phase("ref"):
@@ -522,6 +595,8 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
             now = time.perf_counter()
             last |= {"step": step, "lr": scheduler.get_last_lr()[0], "s_per_step": (now - t_steps) / max(step - first_step, 1),
                      "s_per_step_recent": (now - t_log) / max(step - log_step, 1), "elapsed_min": (now - t_start) / 60}
+            if accelerator.device.type == "cuda":  # how many runs (or how large a batch) one GPU could take
+                last["gpu_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             t_log, log_step = now, step
             if accelerator.is_main_process:
                 log_line(log_path, last)
