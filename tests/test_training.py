@@ -399,6 +399,13 @@ def test_pipeline_end_to_end(tmp_path):
                 str(adapter), "--batch", "4", "--max-steps", "4", "--device", "cpu", "--profile-steps", "5"])
     assert (tmp_path / "short" / "profile.txt").read_text().startswith("1 profiled steps")  # the run ended first
     assert (tmp_path / "round2" / "adapter" / "adapter_model.safetensors").exists()
+    # both rounds' trajectories at once (comma-separated folders, read one after the other)
+    train.main(["--model", str(folder), "--data", f"{traj},{traj2}", "--out", str(tmp_path / "mixed"), "--init-adapter",
+                str(adapter), "--batch", "4", "--max-steps", "1", "--device", "cpu"])
+    mixed = json.loads((tmp_path / "mixed" / "train_settings.json").read_text())
+    assert mixed["collected"] == len(collect.read_shards(traj)) + len(own)
+    with pytest.raises(SystemExit, match="no trajectory folder at .*nowhere"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--data", f"{traj},{tmp_path / 'nowhere'}"])
     with pytest.raises(SystemExit, match="--loss-rows must be"):
         train.main(common + ["--out", str(tmp_path / "none"), "--loss-rows", "-2"])
     with pytest.raises(SystemExit, match="drops all"):
@@ -666,11 +673,12 @@ def test_extract_allocates_ranks_by_singular_value_per_parameter():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", "full", "lean"])
 def test_training_on_two_processes(tmp_path, mode):
     """Two processes (gloo on CPU; one per GPU through accelerate launch on a GPU machine): each takes its share
-    of the batch, the time limit stops both at a checkpoint, and both resume from it to the end; with a LoRA and
-    with full fine-tuning of the target matrices."""
+    of the batch, the time limit stops both at a checkpoint, and both resume from it to the end; with a LoRA, with
+    full fine-tuning of the target matrices, and with a LoRA under --loss-rows and --recompute (the LM head skipped
+    inside the DDP wrapper's forward, checkpointed terms: the gradients must still be synchronised)."""
     folder, prompts, refs = tiny_inputs(tmp_path)
     traj, out = tmp_path / "traj", tmp_path / "run"
     collect.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(traj), "--n", "4",
@@ -692,7 +700,8 @@ def test_training_on_two_processes(tmp_path, mode):
         "train.main(sys.argv[1:] + lone)\n")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe),
             "--model", str(folder), "--data", str(traj), "--out", str(out),
-            *(["--lora-rank", "4", "--lora-alpha", "8"] if mode == "lora" else ["--lora-rank", "0", "--full-scope", "targets"]),
+            *(["--lora-rank", "0", "--full-scope", "targets"] if mode == "full" else ["--lora-rank", "4", "--lora-alpha", "8"]),
+            *(["--loss-rows", "1", "--recompute", "true"] if mode == "lean" else []),
             "--batch", "4", "--max-steps", "3", "--log-every", "1", "--device", "cpu", "--ref-weight", "1",
             "--ref-data", str(refs), "--ref-batch", "2", "--self-weight", "1", "--self-every", "2", "--self-prompts", "4",
             "--self-batch", "2", "--self-tokens", "6"]
@@ -705,8 +714,8 @@ def test_training_on_two_processes(tmp_path, mode):
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # one log line a step: only the main process writes
     assert all(math.isfinite(r["loss"]) and r["ref"] >= 0 and r["self"] >= 0 for r in rows)
-    assert (out / ("adapter/adapter_model.safetensors" if mode == "lora" else "model/model.safetensors")).exists()
-    if mode == "full":
+    assert (out / ("model/model.safetensors" if mode == "full" else "adapter/adapter_model.safetensors")).exists()
+    if mode != "lora":
         return
     # One process out of time, the other not: both stop at the same step (else one waits for the other forever).
     lone = tmp_path / "lone"

@@ -91,8 +91,9 @@ case "$STAGE" in
     $PY -m training.collect $COLLECT_FLAGS --dtype float32   # nothing left: writes the summary of all shards
     collect_out ;;
   sweep)
-    # RUNS="name:flags;name:flags;..." -> $WORK/run_<name>, all at once, round-robin over the GPUs (several runs may
-    # share one GPU: a 135M model leaves most of an H100 idle). The cores are shared out between the runs.
+    # RUNS="name:flags;name:flags;..." -> $WORK/run_<name>, all at once, round-robin over the GPUs; the cores are
+    # shared out between the runs. Several runs fit one GPU only with less memory each: a batch-32 run takes 39 GiB
+    # of an 80 GB H100 (two at once ran out of memory), so add --loss-rows 4 --recompute true (train's help).
     IFS=';' read -ra runs <<< "${RUNS:?set RUNS, e.g. RUNS='a:--ar-weight 1;b:--ar-weight 3'}"
     G=$(gpus); share_cores "${#runs[@]}"
     i=0

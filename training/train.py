@@ -51,7 +51,7 @@ class TrainSettings:
     """Settings of one training run; saved as out/train_settings.json and inside the adapter folder."""
 
     model: str = DEFAULT_SPEC  # base model spec (see decoding.models)
-    data: str = str(ROOT / "data" / "traj")  # trajectory folder written by training.collect
+    data: str = str(ROOT / "data" / "traj")  # trajectory folder written by training.collect; several, comma-separated, are read one after the other (e.g. the base model's and the CLLM's trajectories mixed)
     out: str = str(ROOT / "runs" / "cllm")  # run folder: log, checkpoint, adapter
     lora_rank: int = 24  # LoRA rank; 0 = full fine-tuning (saves the whole model)
     lora_alpha: int = 48  # LoRA scaling numerator (scale = alpha / rank)
@@ -470,7 +470,12 @@ def main(argv=None) -> None:
     torch.manual_seed(s.seed)
     out = Path(s.out)
     t_start = time.perf_counter()
-    samples = read_shards(s.data)
+    folders = [f.strip() for f in s.data.split(",") if f.strip()]
+    missing = [f for f in folders if not Path(f).is_dir()]
+    if missing or not folders:
+        raise SystemExit(f"--data: no trajectory folder at {', '.join(missing) or repr(s.data)}: "
+                         "run python -m training.collect first")
+    samples = [x for folder in folders for x in read_shards(folder)]
     collected = len(samples)
     if not samples:
         raise SystemExit(f"no trajectories in {s.data}: run python -m training.collect first")
