@@ -94,8 +94,8 @@ class TrainSettings:
     save_every: int = 200  # checkpoint every K steps (and at the end / time limit)
     keep_adapters: bool = False  # also save the adapter at every checkpoint as out/adapter-step<N> (to evaluate the curve)
     log_every: int = 10  # log every K steps
-    loss_rows: int = 0  # run the LM head and the losses on this many rows at a time, again in the backward pass (0 = the whole batch at once): the logits over the vocabulary, not the model, take most of a step's memory (39 GiB at batch 32 on an H100, against 20 at 16, for 12% more time a step), so this lets one GPU take a larger batch or several runs
-    recompute: bool = False  # activation checkpointing of the decoder layers (their activations recomputed in the backward pass): with --loss-rows, memory for much larger batches
+    loss_rows: int = 0  # run the LM head and the losses on this many rows at a time, again in the backward pass (0 = the whole batch at once): the whole batch's logits over the vocabulary are never held. Memory, not time, caps the batch (an H100 step: 39 GiB at batch 32, 20 at 16, for 12% more time), so with --recompute one GPU can take a larger batch or several runs
+    recompute: bool = False  # activation checkpointing of the decoder layers (recomputed in the backward pass). CPU, float32, both switches: 0.7 GiB a row instead of 2.0 (assets/results/training/cpu_stepprobe_memory_b4.json)
     profile_steps: int = 0  # profile K steps after the first 3 (torch.profiler, each phase labelled): out/profile.txt (0 = off)
     resume: bool = False  # continue from out/checkpoint
     device: str = "auto"  # auto / cuda / cpu
