@@ -188,6 +188,23 @@ def test_losses_a_few_rows_at_a_time_equal_the_whole_batch(samples, consistency,
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+def test_heads_skipped_puts_back_what_it_found():
+    # the LM head returns its input inside; afterwards its own forward, or one a hook library had set, is back
+    class Holder:
+        def __init__(self, head):
+            self.head = head
+
+        def get_output_embeddings(self):
+            return self.head
+
+    plain, hooked = torch.nn.Linear(3, 5), torch.nn.Linear(3, 5)
+    hooked.forward = marker = lambda x: "hooked"  # noqa: E731
+    with train.heads_skipped(Holder(plain), Holder(hooked), None):
+        assert plain(torch.ones(1, 3)).shape == hooked(torch.ones(1, 3)).shape == (1, 3)
+    assert "forward" not in plain.__dict__ and plain(torch.ones(1, 3)).shape == (1, 5)
+    assert hooked.forward is marker
+
+
 def test_recompute_gives_the_same_gradients(samples):
     # --recompute true: the decoder layers' activations are recomputed in the backward pass, the gradients unchanged
     from accelerate import Accelerator

@@ -208,13 +208,17 @@ def row_counts(b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
 def heads_skipped(*models):
     """Inside, each model returns its last hidden states where it would return logits (its LM head skipped)."""
     heads = list({id(h): h for h in (m.get_output_embeddings() for m in models if m is not None)}.values())
+    before = [head.__dict__.get("forward") for head in heads]  # a hook library may have set one already
     for head in heads:
         head.forward = torch.nn.Identity().forward  # an instance attribute hides the class's forward
     try:
         yield
     finally:
-        for head in heads:
-            del head.forward
+        for head, old in zip(heads, before):
+            if old is None:
+                del head.forward
+            else:
+                head.forward = old
 
 
 def chunked_losses(accelerator, model, base, b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
