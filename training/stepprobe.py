@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"need --steps of 2 or more and --timed between 1 and steps - 1, got {s.steps} and {s.timed}")
     if s.shape not in SHAPES:
         raise SystemExit(f"--shape must be one of {sorted(SHAPES)}, got {s.shape!r}")
-    work = Path(s.work) / s.shape
+    work = Path(s.work).resolve() / s.shape  # absolute: the runs start in the project root
     make_inputs(work, s.samples, s.shape)
     result = {"settings": vars(s), "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() and s.device != "cpu" else None,
