@@ -151,18 +151,23 @@ def test_one_training_step_lowers_the_loss(samples, consistency):
     assert after.item() < before.item()
 
 
+def random_lora(targets: list[str], seed: int = 0, rank: int = 4):
+    """The tiny model with a seeded LoRA whose B matrices are random too (B != 0: the model is not its base)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(tiny_model(0), LoraConfig(r=rank, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+
+
 @pytest.mark.parametrize("consistency,lora", [("kl", True), ("ce", True), ("kl", False)])
 def test_losses_a_few_rows_at_a_time_equal_the_whole_batch(samples, consistency, lora):
     # --loss-rows K: the same terms and the same gradients as the one-shot step, for K dividing the batch or not
     from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model
 
     _, out, _ = samples
     acc = Accelerator(cpu=True)
-    torch.manual_seed(0)
     if lora:  # the base is the model with its adapter off
-        model, base = get_peft_model(tiny_model(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
-                                                               init_lora_weights=False)), None  # B != 0: not its base
+        model, base = random_lora(["q_proj", "down_proj"]), None
     else:  # full fine-tuning: a frozen copy, both heads skipped
         model, base = tiny_model(1).train(), tiny_model(0).requires_grad_(False)
     model = acc.prepare(model)
@@ -208,7 +213,6 @@ def test_heads_skipped_puts_back_what_it_found():
 def test_recompute_gives_the_same_gradients(samples):
     # --recompute true: the decoder layers' activations are recomputed in the backward pass, the gradients unchanged
     from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model
 
     _, out, _ = samples
     acc = Accelerator(cpu=True)
@@ -216,9 +220,7 @@ def test_recompute_gives_the_same_gradients(samples):
     b = train.make_batch(out, list(range(len(out))), s, 0, 2)
     grads = []
     for recompute in (False, True):
-        torch.manual_seed(0)
-        model = get_peft_model(tiny_model(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
-                                                         init_lora_weights=False)).train()
+        model = random_lora(["q_proj", "up_proj"]).train()
         if recompute:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model = acc.prepare(model)
@@ -874,16 +876,12 @@ def test_forced_command_reads_a_bench_and_writes_per_prompt_counts(tmp_path):
 
 
 def test_merge_mixes_two_adapters_tensor_by_tensor(tmp_path):
-    from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
     from training import merge
 
     def adapter(seed, rank=4):
-        torch.manual_seed(seed)
-        model = get_peft_model(tiny_model(0), LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                         init_lora_weights=False))
-        model.save_pretrained(tmp_path / f"a{seed}_{rank}")
+        random_lora(["q_proj", "v_proj"], seed, rank).save_pretrained(tmp_path / f"a{seed}_{rank}")
         return tmp_path / f"a{seed}_{rank}"
 
     a, b = adapter(1), adapter(2)

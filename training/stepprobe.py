@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 
 from .cli import parse, print_table
-from .evaluate import ROOT
+from .evaluate import ROOT, heldout_rows
 
-SHAPES = {  # model shapes: the embedded model's, and a tiny one for the tests
+SHAPES = {  # model shapes, as changes to the tests' tiny Llama (training.tiny.tiny_config): the embedded model's, and the tiny one
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3),
-    "tiny": dict(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
+    "tiny": {},
 }
 
 
@@ -50,23 +49,23 @@ class ProbeSettings:
 
 def make_inputs(work: Path, samples: int, shape: str, seed: int = 0) -> None:
     """The random model (with the tiny test tokenizer), trajectories and reference rows, once."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from .tiny import tiny_tokenizer
+    from .tiny import tiny_config, tiny_tokenizer
 
     if (work / "traj" / "shard-00000.pt").exists():
         return
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=True,
-                                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                                         rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}))
+    config = tiny_config(**SHAPES[shape], max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
+    model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = 2
     model.save_pretrained(work / "model")
     tiny_tokenizer().save_pretrained(work / "model")
-    rows = [json.loads(line) for line in (ROOT / "assets" / "heldout.jsonl").read_text().splitlines() if line.strip()]
+    rows = heldout_rows(str(ROOT / "assets" / "heldout.jsonl"), 0)
     lengths = [max(8, min(len(r["prompt"]) // 4, 400)) for r in rows]  # about 4 characters a token
-    vocab, n = SHAPES[shape]["vocab_size"], 16
+    vocab, n = config.vocab_size, 16
     out = []
     for _ in range(samples):
         blocks = n if rng.random() < 0.8 else rng.randint(1, n - 1)  # most answers use the whole 256-token budget

@@ -155,6 +155,23 @@ def forward_logits(model, b: PackedBatch) -> torch.Tensor:
                  logits_to_keep=b.keep, use_cache=False).logits
 
 
+def repeat_weights(b: PackedBatch, s: TrainSettings) -> torch.Tensor | None:
+    """[B, L] weight of each consistency output: ``s.repeat_weight`` where its target repeats a 4-gram, else 1
+    (None when every weight is 1)."""
+    return None if s.repeat_weight == 1.0 else torch.where(b.repeats, s.repeat_weight, 1.0)
+
+
+def live_blocks(b: PackedBatch) -> torch.Tensor:
+    """[B, blocks] bool: the blocks with at least one consistency output that counts (a state not yet fixed)."""
+    return b.cons_mask[0].reshape(b.answer.shape[0], -1, b.n).any(-1)
+
+
+def total_loss(terms: dict[str, torch.Tensor], s: TrainSettings) -> torch.Tensor:
+    """The weighted sum of the main loss terms."""
+    loss = s.ar_weight * terms["ar"] + s.consistency_weight * terms["consistency"]
+    return loss + s.local_weight * terms["local"] if s.local_weight > 0 else loss
+
+
 def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
     """All loss terms and the training-time Jacobi gain from one packed forward."""
     L = b.answer.shape[1]
@@ -170,23 +187,20 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
         ar = ar_cross_entropy(clean[b.ar_mask], b.answer[b.ar_mask], s.label_smoothing)
     student = logits[:, L:2 * L]
     sel = b.cons_mask[0]
-    weights = None if s.repeat_weight == 1.0 else torch.where(b.repeats[sel], s.repeat_weight, 1.0)
+    rw = repeat_weights(b, s)
+    weights = None if rw is None else rw[sel]
     cons = (hard_ce if s.consistency_loss == "ce" else soft_kl)(teacher[sel], student[sel], weights)
     out = {"ar": ar, "consistency": cons}
-    loss = s.ar_weight * ar + s.consistency_weight * cons
     if s.local_weight > 0:
         # Local: the state's outputs matched to the model's own (detached) outputs on the next state.
-        local = soft_kl(logits[:, 2 * L:3 * L].detach()[sel], student[sel], weights)
-        out["local"] = local
-        loss = loss + s.local_weight * local
-    out["loss"] = loss
+        out["local"] = soft_kl(logits[:, 2 * L:3 * L].detach()[sel], student[sel], weights)
+    out["loss"] = total_loss(out, s)
     with torch.no_grad():
-        n = b.n
         B = b.answer.shape[0]
-        pred, st, fx = (x.reshape(B, -1, n) for x in (student.argmax(-1), b.states[0], b.answer))
-        live = b.cons_mask[0].reshape(B, -1, n).any(-1)
+        pred, st, fx = (x.reshape(B, -1, b.n) for x in (student.argmax(-1), b.states[0], b.answer))
+        live = live_blocks(b)
         out["gain"] = jacobi_gain(pred[live], st[live], fx[live]).mean() if live.any() else torch.zeros(())
-        out["student_acc"] = (student.argmax(-1) == b.answer)[b.cons_mask[0]].float().mean()
+        out["student_acc"] = (student.argmax(-1) == b.answer)[sel].float().mean()
     return out
 
 
@@ -197,11 +211,10 @@ def row_counts(b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
     """What each of compute_losses' means averages over, row by row ([B] each): the terms of a few rows at a time
     then add up, weighted by these, to the whole batch's means."""
     sel = b.cons_mask[0]
-    weights = sel.float() if s.repeat_weight == 1.0 else sel * torch.where(b.repeats, s.repeat_weight, 1.0)
-    B = b.answer.shape[0]
-    live = sel.reshape(B, -1, b.n).any(-1)
+    rw = repeat_weights(b, s)
+    weights = sel.float() if rw is None else sel * rw
     return {"ar": b.ar_mask.float().sum(1), "consistency": weights.sum(1), "local": weights.sum(1),
-            "gain": live.float().sum(1), "student_acc": sel.float().sum(1)}
+            "gain": live_blocks(b).float().sum(1), "student_acc": sel.float().sum(1)}
 
 
 @contextmanager
@@ -246,9 +259,7 @@ def chunked_losses(accelerator, model, base, b: PackedBatch, s: TrainSettings) -
                             use_reentrant=False)
         for t, v in zip(terms, values):
             out[t] = out[t] + v * (counts[t][rows].sum() / counts[t].sum().clamp_min(1e-12))
-    out["loss"] = s.ar_weight * out["ar"] + s.consistency_weight * out["consistency"]
-    if s.local_weight > 0:
-        out["loss"] = out["loss"] + s.local_weight * out["local"]
+    out["loss"] = total_loss(out, s)
     for t in ("gain", "student_acc"):
         out[t] = out[t].detach()
     return out
