@@ -517,6 +517,15 @@ def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys
     assert "over 3 runs: r = 0.94" in line and "repetition at 2.29 tokens/forward" in line and line in out
     assert compare.tradeoff(rows[:2]) == ""
     assert rows[0]["new_ff"] is None and rows[0]["rep_ff"] is None  # evaluations without the fast-forward analysis
+    # --best K: the adapter folders (from each evaluation's settings) of the first K rows, best first
+    for name in ("fast_but_worse", "good", "better"):
+        r = json.loads((tmp_path / f"{name}.json").read_text())
+        r["settings"] = {"adapter": f"/work/run_{name}/adapter"}
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    capsys.readouterr()
+    assert compare.main(["--best", "2", *map(str, paths)]) == 0
+    assert capsys.readouterr().out.split() == ["/work/run_better/adapter", "/work/run_good/adapter"]
+    assert compare.main(["--best", "x", *map(str, paths)]) == 2
 
 
 def test_compare_splits_the_fast_forwarded_tokens_into_new_and_repeated_text():

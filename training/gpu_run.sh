@@ -17,7 +17,8 @@
 #   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # the recipes at once, round-robin over the GPUs
 #   bash training/gpu_run.sh extract-sweep  # every $WORK/run_*/model (train --lora-rank 0) -> run_*/adapter (training.extract)
 #   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* and run_*/model evaluated, spread over the GPUs
-#                                           # (EVAL_PER_GPU=2: two at once on each GPU)
+#                                           # (EVAL_PER_GPU=2: two at once on each GPU); the KEEP_BEST=2 best adapters
+#                                           # come back as $OUT/adapter_run_<name>.tar
 #   TRAIN_ARGS="--max-steps 700 ..." bash training/gpu_run.sh train-gpus   # ONE run over every GPU (accelerate launch, DDP over NCCL)
 #   bash training/gpu_run.sh bench-sweep    # decoding.bench (bf16, 40 held-out prompts) of every $WORK/run_*/adapter, one per GPU
 #
@@ -120,6 +121,13 @@ case "$STAGE" in
     done
     wait
     $PY -m training.compare "$WORK"/evals/*.json | tee "$WORK/evals/table.txt"
+    # The KEEP_BEST best adapters (quality targets met first, then speed) come back in this call, one tar each: the
+    # machine goes back 30 s after a call, and with it every adapter not fetched (session 14 lost its best run so).
+    for a in $($PY -m training.compare --best "${KEEP_BEST:-2}" "$WORK"/evals/*.json); do
+      [ -f "$a/adapter_model.safetensors" ] || continue   # full models (run_*/model) are too big to bring back
+      tar cf "$OUT/adapter_$(basename "$(dirname "$a")").tar" -C "$a" adapter_model.safetensors adapter_config.json \
+        $(cd "$a" && ls training_settings.json 2>/dev/null)
+    done
     # Logs, settings and extraction reports go into the one archive too (a call brings back at most 8 files).
     for d in "$WORK"/run_*; do
       n=$(basename "$d")
