@@ -136,6 +136,37 @@ def test_packed_forward_matches_plain_forwards(tiny, samples):
                     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+
+def test_padding_to_a_multiple_changes_the_shapes_not_the_losses(tiny, samples):
+    """--pad-to: wider left padding (few batch shapes) gives the same losses, main terms and anchor terms."""
+    from accelerate import Accelerator
+
+    model, _ = tiny
+    _, out, _ = samples
+    s = train.TrainSettings(loop_penalty=2.0)
+    got, widths = [], []
+    for pad_to in (1, 16):
+        rng = random.Random(0)
+        picks = [pick_states(x, 4, rng) for x in out]
+        b = pack(out, [[c for c, _ in picks]], 4, pad_id=2, pad_to=pad_to)
+        assert b.prompt_end % pad_to == 0
+        with torch.no_grad():
+            logits = train.forward_logits(model, b)
+            terms = train.compute_losses(logits, logits + 0.3 * logits.roll(1, -1), b, s)
+        got.append({k: v.item() for k, v in terms.items()})
+        widths.append(b.input_ids.shape[1])
+    assert widths[0] < widths[1]  # the test's prompts are not already a multiple of 16 tokens wide
+    assert got[0].keys() == got[1].keys()
+    for k in got[0]:
+        assert got[1][k] == pytest.approx(got[0][k], rel=1e-4, abs=1e-6), k
+    pairs = [(torch.as_tensor(x["prompt"]).tolist(), x["answer"][: x["valid"]].tolist()) for x in out]
+    a = align_answers(pairs, 2, pad_to=8)
+    assert a.input_ids.shape[1] % 8 == 0 and a.valid.shape[1] % 8 == 0
+    acc = Accelerator(cpu=True)
+    with torch.no_grad():
+        kl = [train.anchor_kl(acc, model, tiny_model(1), pairs, [0, 1, 2, 3], 2, 1.5, pad_to).item() for pad_to in (1, 8)]
+    assert kl[0] > 0 and kl[1] == pytest.approx(kl[0], rel=1e-4)
+
 @pytest.mark.parametrize("consistency", ["kl", "ce"])
 def test_one_training_step_lowers_the_loss(samples, consistency):
     _, out, _ = samples
@@ -411,7 +442,7 @@ def test_pipeline_end_to_end(tmp_path):
     train.main(["--model", str(folder), "--data", str(traj2), "--out", str(tmp_path / "round2"), "--init-adapter",
                 str(adapter), "--batch", "4", "--max-steps", "6", "--device", "cpu", "--group-by-length", "true",
                 "--profile-steps", "2", "--ref-weight", "1", "--ref-data", str(held), "--ref-batch", "2", "--loss-rows", "3",
-                "--recompute", "true"])
+                "--recompute", "true", "--pad-to", "32", "--cudnn-attention", "false"])
     profile = (tmp_path / "round2" / "profile.txt").read_text()  # steps 4 and 5, each phase labelled
     assert profile.startswith("2 profiled steps") and all(f"phase:{p}" in profile for p in ("batch", "main", "ref", "optimizer"))
     train.main(["--model", str(folder), "--data", str(traj2), "--out", str(tmp_path / "short"), "--init-adapter",
@@ -427,6 +458,8 @@ def test_pipeline_end_to_end(tmp_path):
         train.main(common + ["--out", str(tmp_path / "none"), "--data", f"{traj},{tmp_path / 'nowhere'}"])
     with pytest.raises(SystemExit, match="--loss-rows must be"):
         train.main(common + ["--out", str(tmp_path / "none"), "--loss-rows", "-2"])
+    with pytest.raises(SystemExit, match="--pad-to must be 1"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--pad-to", "0"])
     with pytest.raises(SystemExit, match="drops all"):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
     with pytest.raises(SystemExit, match="--repeat-weight must be 0 or more"):

@@ -86,10 +86,20 @@ class PackedBatch:
                            self.repeats[sl], self.n, self.prompt_end)
 
 
-def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, pad_id: int = 0) -> PackedBatch:
-    """Build a batch. streams[s][b][j] is the [n] state of block j of sample b in noisy stream s."""
+def round_up(width: int, multiple: int) -> int:
+    """``width`` rounded up to a multiple of ``multiple`` (1 or less: unchanged)."""
+    return width if multiple <= 1 else -(-width // multiple) * multiple
+
+
+def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, pad_id: int = 0,
+         pad_to: int = 1) -> PackedBatch:
+    """Build a batch. streams[s][b][j] is the [n] state of block j of sample b in noisy stream s.
+
+    ``pad_to``: the prompt segment is left-padded to a multiple of this width, so batches come in few shapes (kernels
+    that are planned per shape, such as cuDNN attention's, are then planned once for many steps); the extra pads
+    change no loss."""
     B, S_n = len(samples), len(streams)
-    P = max(len(x["prompt"]) for x in samples)
+    P = round_up(max(len(x["prompt"]) for x in samples), pad_to)
     L = max(len(x["states"]) for x in samples) * n
     S = P + L * (1 + S_n)
     ids = torch.full((B, S), pad_id, dtype=torch.long)
@@ -151,12 +161,13 @@ class AlignedBatch:
         return real_tokens(self.attention_mask, self.input_ids.shape[1] - self.valid.shape[1], self.valid)
 
 
-def align_answers(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> AlignedBatch:
+def align_answers(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0, pad_to: int = 1) -> AlignedBatch:
     """Left-pad the prompts and right-pad the answers so one ``logits_to_keep`` range holds every answer:
-    the LM head then runs on answer positions only (reference perplexity, the anchor terms of training)."""
+    the LM head then runs on answer positions only (reference perplexity, the anchor terms of training).
+    ``pad_to``: both widths rounded up to a multiple of it (few shapes; see ``pack``)."""
     B = len(pairs)
-    P = max(len(p) for p, _ in pairs)
-    A = max(len(a) for _, a in pairs)
+    P = round_up(max(len(p) for p, _ in pairs), pad_to)
+    A = round_up(max(len(a) for _, a in pairs), pad_to)
     ids = torch.full((B, P + A), pad_id, dtype=torch.long)
     pos = torch.zeros((B, P + A), dtype=torch.long)
     real = torch.zeros((B, P + A), dtype=torch.bool)

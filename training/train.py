@@ -95,6 +95,8 @@ class TrainSettings:
     keep_adapters: bool = False  # also save the adapter at every checkpoint as out/adapter-step<N> (to evaluate the curve)
     log_every: int = 10  # log every K steps
     loss_rows: int = 0  # run the LM head and the losses on this many rows at a time, again in the backward pass (0 = the whole batch at once): the whole batch's logits over the vocabulary are never held. Memory, not time, caps the batch (an H100 step: 39 GiB at batch 32, 20 at 16, for 12% more time), so with --recompute one GPU can take a larger batch or several runs
+    pad_to: int = 1  # left-pad each batch's prompts (and the anchor terms' prompts and answers) to a multiple of this many tokens: a few shapes instead of a new one every step, for kernels planned per shape (1 = off; the losses are the same)
+    cudnn_attention: bool = True  # false: PyTorch's cuDNN attention kernels off (torch.backends.cuda.enable_cudnn_sdp), the masked bf16 attention of training then runs on the memory-efficient kernels. On an H100, a random 135M-shape model of 2 layers took 0.51 s a step and a batch of 8 still 1.03 s (h100_stepprobe_ablation.json): a fixed cost per step that this and --pad-to test
     recompute: bool = False  # activation checkpointing of the decoder layers (recomputed in the backward pass). CPU, float32, both switches: 0.7 GiB a row instead of 2.0 (assets/results/training/cpu_stepprobe_memory_b4.json)
     profile_steps: int = 0  # profile K steps after the first 3 (torch.profiler, each phase labelled): out/profile.txt (0 = off)
     resume: bool = False  # continue from out/checkpoint
@@ -146,7 +148,7 @@ def make_batch(samples: list[dict], idx: list[int], s: TrainSettings, step: int,
     picks = [pick_states(samples[i], s.noise_window, rng, s.use_extra) for i in idx]
     streams = [[c for c, _ in picks]] + ([[f for _, f in picks]] if s.local_weight > 0 else [])
     n = samples[idx[0]]["states"][0].shape[1]
-    return pack([samples[i] for i in idx], streams, n, pad_id)
+    return pack([samples[i] for i in idx], streams, n, pad_id, s.pad_to)
 
 
 def forward_logits(model, b: PackedBatch) -> torch.Tensor:
@@ -343,10 +345,11 @@ def base_logits_for(accelerator, model, base, b: PackedBatch, s: TrainSettings):
     return on_base(accelerator, model, base, lambda m: forward_logits(m, b)) if uses_base(s) else None
 
 
-def anchor_kl(accelerator, model, base, pairs, idx: list[int], pad_id: int, penalty: float = 0.0) -> torch.Tensor:
+def anchor_kl(accelerator, model, base, pairs, idx: list[int], pad_id: int, penalty: float = 0.0,
+              pad_to: int = 1) -> torch.Tensor:
     """KL(base || model) at every answer token of the (prompt, answer) rows idx: reference or own answers
     (one forward of each, LM head on answers only); the base's logits under the loop penalty if not 0."""
-    b = align_answers([pairs[i] for i in idx], pad_id).to(accelerator.device)
+    b = align_answers([pairs[i] for i in idx], pad_id, pad_to).to(accelerator.device)
 
     def logits(m):
         return m(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
@@ -356,12 +359,13 @@ def anchor_kl(accelerator, model, base, pairs, idx: list[int], pad_id: int, pena
     return soft_kl(target[b.valid], logits(model)[b.valid])
 
 
-def anchor_step(accelerator, models, pairs, idx, pad_id, weight, losses, name, penalty: float = 0.0) -> None:
+def anchor_step(accelerator, models, pairs, idx, pad_id, weight, losses, name, penalty: float = 0.0,
+                pad_to: int = 1) -> None:
     """One anchor term (KL to the frozen base on given answers) in its own forward and backward: the gradients
     add up with the main step's, the peak memory does not."""
     model, base = models
     with accelerator.autocast():
-        losses[name] = anchor_kl(accelerator, model, base, pairs, idx, pad_id, penalty)
+        losses[name] = anchor_kl(accelerator, model, base, pairs, idx, pad_id, penalty, pad_to)
     accelerator.backward(weight * losses[name])
     losses["loss"] = losses["loss"].detach() + weight * losses[name].detach()
 
@@ -478,9 +482,13 @@ def main(argv=None) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}")
     if s.loop_penalty < 0:
         raise SystemExit(f"--loop-penalty must be 0 (off) or more, got {s.loop_penalty}")
+    if s.pad_to < 1:
+        raise SystemExit(f"--pad-to must be 1 (off) or more, got {s.pad_to}")
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available() and s.device != "cpu"
+    if cuda and not s.cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
     torch.manual_seed(s.seed)
     out = Path(s.out)
@@ -583,7 +591,8 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
         if references:
             with profiler.phase("ref"):
                 ridx = batch_indices(step, max(s.ref_batch, world), len(references), s.seed + 1)[rank::world]
-                anchor_step(accelerator, (model, base), references, ridx, pad_id, s.ref_weight, losses, "ref")
+                anchor_step(accelerator, (model, base), references, ridx, pad_id, s.ref_weight, losses, "ref",
+                            pad_to=s.pad_to)
         if s.self_weight > 0:
             with profiler.phase("self"):
                 if step - own_step >= s.self_every:
@@ -593,7 +602,7 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
                 if own_ok:
                     oidx = batch_indices(step, s.self_batch, len(own), s.seed + 2)
                     anchor_step(accelerator, (model, base), own, oidx, pad_id, s.self_weight, losses, "self",
-                                s.loop_penalty)
+                                s.loop_penalty, s.pad_to)
         with profiler.phase("optimizer"):
             optimizer.step()
             scheduler.step()
