@@ -136,7 +136,6 @@ def test_packed_forward_matches_plain_forwards(tiny, samples):
                     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-
 def test_padding_to_a_multiple_changes_the_shapes_not_the_losses(tiny, samples):
     """--pad-to: wider left padding (few batch shapes) gives the same losses, main terms and anchor terms."""
     from accelerate import Accelerator
@@ -166,6 +165,7 @@ def test_padding_to_a_multiple_changes_the_shapes_not_the_losses(tiny, samples):
     with torch.no_grad():
         kl = [train.anchor_kl(acc, model, tiny_model(1), pairs, [0, 1, 2, 3], 2, 1.5, pad_to).item() for pad_to in (1, 8)]
     assert kl[0] > 0 and kl[1] == pytest.approx(kl[0], rel=1e-4)
+
 
 @pytest.mark.parametrize("consistency", ["kl", "ce"])
 def test_one_training_step_lowers_the_loss(samples, consistency):
@@ -558,6 +558,7 @@ def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys
     capsys.readouterr()
     assert compare.main(["--best", "2", *map(str, paths)]) == 0
     assert capsys.readouterr().out.split() == ["/work/run_better/adapter", "/work/run_good/adapter"]
+    assert compare.main(["--best", "0", *map(str, paths)]) == 0 and capsys.readouterr().out.strip() == ""
     assert compare.main(["--best", "x", *map(str, paths)]) == 2
 
 

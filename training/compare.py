@@ -51,7 +51,8 @@ def row(path: Path) -> dict:
     c = r["cllm"]
     rep, base_rep = c["repetition"]["seq_rep_4"], r["base"]["repetition"]["seq_rep_4"]
     new_ff, rep_ff = fast_forward_split(c["jacobi"])
-    return {"name": path.stem, "adapter": r.get("settings", {}).get("adapter", ""), "new_ff": new_ff, "rep_ff": rep_ff, "tokens_per_forward": c["jacobi"]["tokens_per_forward"],
+    return {"name": path.stem, "adapter": r.get("settings", {}).get("adapter", ""), "new_ff": new_ff, "rep_ff": rep_ff,
+            "tokens_per_forward": c["jacobi"]["tokens_per_forward"],
             "pooled": c["jacobi"]["tokens_per_forward_pooled"], "ppl_ratio": r["ppl_ratio"],
             "seq_rep_4": rep, "base_seq_rep_4": base_rep, "exact": c["exactness"]["teacher_forced_greedy"],
             "stuck": c["repetition"].get("filter_rate"), "base_stuck": r["base"]["repetition"].get("filter_rate"),
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
             return 2
         print_paired(c, args[1], args[2], "Jacobi")
         return 0
-    best = 0
+    best = None
     if args[:1] == ["--best"]:
         if len(args) < 2 or not args[1].isdigit():
             print("usage: python -m training.compare --best K EVAL.json [EVAL.json ...]", file=sys.stderr)
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         print("usage: python -m training.compare EVAL.json [EVAL.json ...]", file=sys.stderr)
         return 2
     rows = ranked(paths)
-    if best:  # what a GPU sweep brings back in the call that evaluated it (the machine may go back before another)
+    if best is not None:  # what a GPU sweep brings back in the call that evaluated it (the machine may go back before another)
         print("\n".join(r["adapter"] for r in rows[:best] if r["adapter"]))
         return 0
     print(format_rows(rows))
