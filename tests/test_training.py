@@ -16,7 +16,7 @@ from training import collect, evaluate, loop_teacher, train
 from decoding.trace import repeat_flags
 from training.collect import CollectSettings, augment_states, collect_batch, repeats
 from training.losses import (ar_cross_entropy, first_wrong, hard_ce, jacobi_gain, penalize_loops, repeat_completions,
-                             soft_kl)
+                             soft_kl, unlikelihood)
 from training.packing import align_answers, noise_level, pack, pick_states
 from training.tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -68,6 +68,14 @@ def test_losses_by_hand():
     assert hard_ce(torch.tensor([[2.0, 0.0]]), student).item() == pytest.approx(-math.log(0.25), abs=1e-6)
     assert hard_ce(sharp, two_s, torch.tensor([0.0, 2.0])).item() == pytest.approx(-math.log(0.75), abs=1e-6)
     assert hard_ce(teacher[:0], student[:0]).item() == 0.0
+    # unlikelihood: -ln(1 - q(loop tokens)); row 1 marks token 1 (q = 3/4), row 2 nothing (0), mean over the rows
+    loops = torch.tensor([[False, True], [False, False]])
+    assert unlikelihood(two_s, loops).item() == pytest.approx(0.5 * -math.log(0.25), abs=1e-6)
+    assert unlikelihood(two_s, torch.ones(2, 2, dtype=torch.bool)).item() == pytest.approx(-math.log(1e-6), rel=1e-3)  # capped
+    assert unlikelihood(two_s[:0], loops[:0]).item() == 0.0
+    grad = torch.zeros(1, 2, requires_grad=True)  # it lowers the marked token's logit
+    unlikelihood(grad, torch.tensor([[False, True]])).backward()
+    assert grad.grad[0, 1] > 0 > grad.grad[0, 0]
 
 
 def test_first_wrong_gain_noise():
@@ -182,6 +190,12 @@ def test_one_training_step_lowers_the_loss(samples, consistency):
     assert after.item() < before.item()
 
 
+def looping(samples: list[dict]) -> list[dict]:
+    """The tiny model's answers, made to loop over three of their own tokens half the time."""
+    return [dict(x, answer=torch.where(torch.arange(len(x["answer"])) % 2 == 0, x["answer"][torch.arange(len(x["answer"])) % 3],
+                                       x["answer"])) for x in samples]
+
+
 def random_lora(targets: list[str], seed: int = 0, rank: int = 4):
     """The tiny model with a seeded LoRA whose B matrices are random too (B != 0: the model is not its base)."""
     from peft import LoraConfig, get_peft_model
@@ -195,7 +209,7 @@ def test_losses_a_few_rows_at_a_time_equal_the_whole_batch(samples, consistency,
     # --loss-rows K: the same terms and the same gradients as the one-shot step, for K dividing the batch or not
     from accelerate import Accelerator
 
-    _, out, _ = samples
+    out = looping(samples[1])  # answers with loops: the loop penalty and the unlikelihood term are not 0
     acc = Accelerator(cpu=True)
     if lora:  # the base is the model with its adapter off
         model, base = random_lora(["q_proj", "down_proj"]), None
@@ -205,7 +219,7 @@ def test_losses_a_few_rows_at_a_time_equal_the_whole_batch(samples, consistency,
     results = []
     for rows in (0, 1, 3):
         s = train.TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5, repeat_weight=0.5, local_weight=0.5,
-                                consistency_loss=consistency, loss_rows=rows)
+                                consistency_loss=consistency, loss_rows=rows, unlikelihood=0.3)
         b = train.make_batch(out, list(range(len(out))), s, 0, 2)
         model.zero_grad()
         got = train.step_losses(acc, model, base, b, s)
@@ -215,7 +229,7 @@ def test_losses_a_few_rows_at_a_time_equal_the_whole_batch(samples, consistency,
         for m in (model, base or model):  # the heads are back afterwards
             assert m.get_output_embeddings()(torch.ones(1, 32)).shape[-1] > 32
     (want, want_grads), *chunked = results
-    assert want["ar"] > 0 and want["consistency"] > 0 and want["local"] > 0
+    assert want["ar"] > 0 and want["consistency"] > 0 and want["local"] > 0 and want["unlikelihood"] > 0
     for terms, grads in chunked:
         assert terms.keys() == want.keys()
         for k in want:
@@ -338,9 +352,7 @@ def test_loop_penalty_by_hand():
 
 
 def test_loop_penalty_reaches_the_targets_of_every_answer_position(samples, tiny):
-    # the tiny model's answers, made to loop over three of their own tokens half the time
-    out = [dict(x, answer=torch.where(torch.arange(len(x["answer"])) % 2 == 0, x["answer"][torch.arange(len(x["answer"])) % 3],
-                                      x["answer"])) for x in samples[1]]
+    out = looping(samples[1])
     s = train.TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5)
     b = train.make_batch(out, list(range(len(out))), s, 0, 2)
     L, V = b.answer.shape[1], int(b.input_ids.max()) + 5
@@ -358,6 +370,13 @@ def test_loop_penalty_reaches_the_targets_of_every_answer_position(samples, tiny
     got = train.compute_losses(logits, base, b, s)
     assert got["ar"].item() == pytest.approx(soft_kl(want[b.ar_mask], logits[:, :L][b.ar_mask]).item(), rel=1e-5)
     assert got["consistency"].item() == pytest.approx(soft_kl(want[sel], logits[:, L:][sel]).item(), rel=1e-5)
+    assert "unlikelihood" not in got
+    # --unlikelihood: the student's own probability of the same loop tokens, at every answer token
+    marked = want != base[:, :L]
+    got = train.compute_losses(logits, base, b, train.TrainSettings(batch=len(out), noise_window=4, unlikelihood=0.5))
+    p_loop = (logits[:, :L].softmax(-1) * marked)[b.ar_mask].sum(-1)
+    assert got["unlikelihood"].item() == pytest.approx(-torch.log1p(-p_loop).mean().item(), rel=1e-5)
+    assert got["loss"].item() == pytest.approx(got["ar"].item() + got["consistency"].item() + 0.5 * got["unlikelihood"].item(), rel=1e-5)
     # and on the anchor terms' aligned rows: the base (a LoRA with B = 0) is no longer its own target
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
@@ -451,7 +470,9 @@ def test_pipeline_end_to_end(tmp_path):
     assert (tmp_path / "round2" / "adapter" / "adapter_model.safetensors").exists()
     # both rounds' trajectories at once (comma-separated folders, read one after the other)
     train.main(["--model", str(folder), "--data", f"{traj},{traj2}", "--out", str(tmp_path / "mixed"), "--init-adapter",
-                str(adapter), "--batch", "4", "--max-steps", "1", "--device", "cpu"])
+                str(adapter), "--batch", "4", "--max-steps", "1", "--device", "cpu", "--unlikelihood", "0.2",
+                "--loop-penalty", "1", "--log-every", "1"])
+    assert "unlikelihood" in json.loads((tmp_path / "mixed" / "log.jsonl").read_text().splitlines()[-1])
     mixed = json.loads((tmp_path / "mixed" / "train_settings.json").read_text())
     assert mixed["collected"] == len(collect.read_shards(traj)) + len(own)
     with pytest.raises(SystemExit, match="no trajectory folder at .*nowhere"):
@@ -462,6 +483,8 @@ def test_pipeline_end_to_end(tmp_path):
         train.main(common + ["--out", str(tmp_path / "none"), "--pad-to", "0"])
     with pytest.raises(SystemExit, match="drops all"):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
+    with pytest.raises(SystemExit, match="--unlikelihood must be 0 or more"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--unlikelihood", "-1"])
     with pytest.raises(SystemExit, match="--repeat-weight must be 0 or more"):
         train.main(common + ["--out", str(tmp_path / "none"), "--repeat-weight", "-0.5"])
     with pytest.raises(SystemExit, match="--loop-penalty must be 0"):

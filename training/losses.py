@@ -47,6 +47,17 @@ def ar_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothin
     return F.cross_entropy(logits.float(), targets.long(), label_smoothing=label_smoothing)
 
 
+def unlikelihood(logits: torch.Tensor, loops: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of -log(1 - p(loop tokens)), p the model's probability of all the tokens ``loops`` marks
+    (those that would repeat a 4-gram: ``repeat_completions``). Token-level unlikelihood with the loop completions as
+    the candidates: it lowers the student's own chance of looping however sure the teacher is of the loop, where
+    ``penalize_loops`` only shifts the teacher's logits. logits [N, V], loops [N, V] bool."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    p_loop = (F.softmax(logits.float(), -1) * loops).sum(-1)
+    return -torch.log1p(-p_loop.clamp(max=1 - 1e-6)).mean()
+
+
 def first_wrong(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Index of the first position where pred != target along the last dim (its size if none). [.., n] -> [..]."""
     n = pred.shape[-1]
@@ -98,9 +109,12 @@ def penalize_loops(logits: torch.Tensor, loops: torch.Tensor, penalty: float) ->
     return logits.float() - penalty * loops.float()
 
 
-def penalized(logits: torch.Tensor, ids: torch.Tensor, real: torch.Tensor, at: torch.Tensor, penalty: float) -> torch.Tensor:
+def penalized(logits: torch.Tensor, ids: torch.Tensor, real: torch.Tensor, at: torch.Tensor, penalty: float,
+              loops: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, K, V] taken after positions ``at`` of rows ``ids`` (real tokens: ``real``), less ``penalty`` on
-    every token that would repeat a 4-gram of the row so far; unchanged at penalty 0."""
+    every token that would repeat a 4-gram of the row so far (``loops``, if already worked out); unchanged at
+    penalty 0."""
     if penalty == 0.0:
         return logits
-    return penalize_loops(logits, repeat_completions(ids, real, at, logits.shape[-1]), penalty)
+    return penalize_loops(logits, repeat_completions(ids, real, at, logits.shape[-1]) if loops is None else loops,
+                          penalty)

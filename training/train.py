@@ -5,8 +5,9 @@
     python -m training.train ... --resume true                                # continue from runs/cllm/checkpoint
 
 Loss = ar_weight * AR + consistency_weight * global consistency (+ local_weight * local consistency)
-(+ ref_weight * reference KL + self_weight * own-answer KL). With --loop-penalty, the frozen base's target
-logits lose that much on every token that would repeat a 4-gram (a teacher that loops less). Within the
+(+ ref_weight * reference KL + self_weight * own-answer KL + unlikelihood * loop unlikelihood). With
+--loop-penalty, the frozen base's target logits lose that much on every token that would repeat a 4-gram (a
+teacher that loops less); --unlikelihood pushes down the model's own probability of those tokens. Within the
 consistency terms, outputs whose target repeats a 4-gram seen before count repeat_weight times as much as the
 others (1 by default).
 Global consistency: KL(teacher on the clean block || student on its noisy state), only at outputs
@@ -36,7 +37,7 @@ from decoding.prompts import read_jsonl
 from .cli import parse, print_table, save_settings
 from .collect import read_shards, seq_rep
 from .evaluate import generate_greedy
-from .losses import ar_cross_entropy, hard_ce, jacobi_gain, penalized, soft_kl
+from .losses import ar_cross_entropy, hard_ce, jacobi_gain, penalized, repeat_completions, soft_kl, unlikelihood
 from .packing import PackedBatch, align_answers, pack, pick_states, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,7 @@ class TrainSettings:
     consistency_weight: float = 1.0  # weight of the global consistency term
     consistency_loss: str = "kl"  # "kl": KL to the teacher's distribution (the papers); "ce": cross-entropy on the teacher's argmax token (what Jacobi accepts on; nothing spent on the rest of the distribution)
     local_weight: float = 0.0  # weight of local consistency (state -> next state); 0 = off (saves a stream)
+    unlikelihood: float = 0.0  # weight of a token-level unlikelihood term on the clean answer: -log(1 - p) of the model's own probability of every token that would repeat a 4-gram (0 = off). Where --loop-penalty only moves the teacher, this pushes the student's loops down however sure the base is of them (the loop tail of the CLLM's answers)
     repeat_weight: float = 1.0  # weight, within the consistency terms, of outputs whose target ends a 4-gram seen before (prompt or earlier answer); < 1 puts the weight on new text, where the CLLM gains least
     label_smoothing: float = 0.0  # of the "ce" AR loss (released CLLMs: 0.1)
     noise_window: int = 8  # curriculum window W: block j's noise target is ((j + shift) mod W) / (W - 1)
@@ -171,17 +173,22 @@ def live_blocks(b: PackedBatch) -> torch.Tensor:
 def total_loss(terms: dict[str, torch.Tensor], s: TrainSettings) -> torch.Tensor:
     """The weighted sum of the main loss terms."""
     loss = s.ar_weight * terms["ar"] + s.consistency_weight * terms["consistency"]
-    return loss + s.local_weight * terms["local"] if s.local_weight > 0 else loss
+    if s.local_weight > 0:
+        loss = loss + s.local_weight * terms["local"]
+    return loss + s.unlikelihood * terms["unlikelihood"] if s.unlikelihood > 0 else loss
 
 
 def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
     """All loss terms and the training-time Jacobi gain from one packed forward."""
     L = b.answer.shape[1]
     clean = logits[:, :L]
+    loops = None  # [B, L, V]: the tokens that would repeat a 4-gram after each answer position
+    if s.loop_penalty > 0 or s.unlikelihood > 0:
+        loops = repeat_completions(b.input_ids[:, :b.prompt_end + L], b.real(), b.keep[:L], logits.shape[-1])
     base_clean = None
     if base_logits is not None:
         base_clean = penalized(base_logits[:, :L], b.input_ids[:, :b.prompt_end + L], b.real(), b.keep[:L],
-                               s.loop_penalty)
+                               s.loop_penalty, loops)
     teacher = (base_clean if s.teacher == "base" else clean).detach()
     if s.ar_loss == "kl":
         ar = soft_kl(base_clean[b.ar_mask], clean[b.ar_mask])
@@ -196,6 +203,8 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
     if s.local_weight > 0:
         # Local: the state's outputs matched to the model's own (detached) outputs on the next state.
         out["local"] = soft_kl(logits[:, 2 * L:3 * L].detach()[sel], student[sel], weights)
+    if s.unlikelihood > 0:
+        out["unlikelihood"] = unlikelihood(clean[b.ar_mask], loops[b.ar_mask])
     out["loss"] = total_loss(out, s)
     with torch.no_grad():
         B = b.answer.shape[0]
@@ -206,7 +215,13 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
     return out
 
 
-TERMS = ("ar", "consistency", "local", "gain", "student_acc")  # compute_losses' means, in row_counts' order
+TERMS = ("ar", "consistency", "local", "unlikelihood", "gain", "student_acc")  # compute_losses' means
+
+
+def active_terms(s: TrainSettings) -> tuple[str, ...]:
+    """The terms compute_losses returns under these settings (the optional ones only when weighted)."""
+    off = {name for name, weight in (("local", s.local_weight), ("unlikelihood", s.unlikelihood)) if weight <= 0}
+    return tuple(t for t in TERMS if t not in off)
 
 
 def row_counts(b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
@@ -215,7 +230,8 @@ def row_counts(b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
     sel = b.cons_mask[0]
     rw = repeat_weights(b, s)
     weights = sel.float() if rw is None else sel * rw
-    return {"ar": b.ar_mask.float().sum(1), "consistency": weights.sum(1), "local": weights.sum(1),
+    answer = b.ar_mask.float().sum(1)
+    return {"ar": answer, "consistency": weights.sum(1), "local": weights.sum(1), "unlikelihood": answer,
             "gain": live_blocks(b).float().sum(1), "student_acc": sel.float().sum(1)}
 
 
@@ -248,7 +264,7 @@ def chunked_losses(accelerator, model, base, b: PackedBatch, s: TrainSettings) -
         base_hidden = base_logits_for(accelerator, model, base, b, s)
     L, B = b.answer.shape[1], b.answer.shape[0]
     counts = row_counts(b, s)
-    terms = TERMS if s.local_weight > 0 else tuple(t for t in TERMS if t != "local")
+    terms = active_terms(s)
     out = {t: torch.zeros((), device=hidden.device) for t in terms}
     for r0 in range(0, B, s.loss_rows):
         rows = slice(r0, r0 + s.loss_rows)
@@ -477,7 +493,8 @@ def log_line(path: Path, row: dict) -> None:
 
 def main(argv=None) -> None:
     s = parse(TrainSettings, argv)
-    for name in ("ar_weight", "consistency_weight", "local_weight", "ref_weight", "self_weight", "repeat_weight"):
+    for name in ("ar_weight", "consistency_weight", "local_weight", "ref_weight", "self_weight", "repeat_weight",
+                 "unlikelihood"):
         if getattr(s, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}")
     if s.loop_penalty < 0:
