@@ -92,6 +92,14 @@ def test_repeats_and_augment():
     assert not repeats([1] * 9 + [2], 10)
     assert repeats([3, 4] * 10, 10, max_period=2)
     assert not repeats([3, 4] * 10, 10, max_period=1)
+    # where the loop begins: the first token of the run the filter catches, the earliest-completed one if several
+    assert collect.loop_onset([7, 8] + [1] * 10 + [2], 10) == 2
+    assert collect.loop_onset([5] + [3, 4] * 10, 10, max_period=2) == 1
+    assert collect.loop_onset([5, 6] + [1] * 12 + [3, 4] * 10, 10, max_period=2) == 2  # the 1s complete first
+    assert collect.loop_onset([1] * 9 + [2], 10) is None
+    got = evaluate.repetition([[7, 8] + [1] * 10, [1, 2, 3, 4, 5]])
+    assert got["filter_rate"] == 0.5 and got["per_answer"]["loop_onset"] == [2, None]
+    assert got["per_answer"]["tokens"] == [12, 5] and got["per_answer"]["seq_rep_4"][1] == 0.0
     fixed = torch.tensor([1, 2, 3, 4, 5, 6])
     states = torch.stack([torch.tensor([1, 9, 9, 9, 9, 9]), fixed])
     aug = augment_states(states, fixed, 5, torch.Generator().manual_seed(0))
@@ -529,7 +537,8 @@ def test_pipeline_end_to_end(tmp_path):
 def test_agreement_counts_the_leading_tokens_two_answers_share():
     got = evaluate.agreement([[1, 2, 3], [4, 5], [7], [1, 2]], [[1, 2, 9], [4, 5], [8, 1], [1, 2, 3]])
     # shared prefixes 2, 2 (identical), 0, 2 (one answer stops early)
-    assert got == {"identical": 0.25, "shared_prefix_mean": 1.5, "shared_prefix_median": 2.0, "answers": 4}
+    assert got == {"identical": 0.25, "shared_prefix_mean": 1.5, "shared_prefix_median": 2.0, "answers": 4,
+                   "shared_prefix": [2, 2, 0, 2]}
 
 
 @pytest.mark.skipif(not DEFAULT_ADAPTER.exists(), reason="the shipped CLLM adapter is not in assets/ yet")
@@ -583,6 +592,26 @@ def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys
     assert capsys.readouterr().out.split() == ["/work/run_better/adapter", "/work/run_good/adapter"]
     assert compare.main(["--best", "0", *map(str, paths)]) == 0 and capsys.readouterr().out.strip() == ""
     assert compare.main(["--best", "x", *map(str, paths)]) == 2
+
+
+def test_compare_reports_the_loop_tail_answer_by_answer(tmp_path, capsys):
+    from training import compare
+
+    # five prompts: loops in both answers (prompt 0), in the CLLM's only (1: 30 tokens past the shared text;
+    # 2: 5 tokens before it ends), in the base's only (3), in neither (4)
+    r = {"base": {"repetition": {"per_answer": {"loop_onset": [100, None, None, 80, None]}}},
+         "cllm": {"repetition": {"per_answer": {"loop_onset": [60, 40, 15, None, None]}},
+                  "agreement_with_base": {"shared_prefix": [50, 10, 20, 30, 256]}}}
+    got = compare.loop_report(r)
+    assert got == {"answers": 5, "both": 1, "cllm_only": 2, "base_only": 1, "cllm_onset_median": 40,
+                   "base_onset_median": 90.0, "cllm_only_onset_past_shared_median": 12.5, "cllm_only_on_shared_text": 1}
+    (tmp_path / "e.json").write_text(json.dumps(r))
+    assert compare.main(["--loops", str(tmp_path / "e.json")]) == 0
+    assert "1 loop in both, 2 in the CLLM's only, 1 in the base's only" in capsys.readouterr().out
+    del r["base"]["repetition"]["per_answer"]
+    (tmp_path / "old.json").write_text(json.dumps(r))
+    assert compare.main(["--loops", str(tmp_path / "old.json")]) == 2
+    assert "before session 14" in capsys.readouterr().err
 
 
 def test_compare_splits_the_fast_forwarded_tokens_into_new_and_repeated_text():

@@ -58,13 +58,22 @@ class CollectSettings:
 
 def repeats(tokens: list[int], limit: int, max_period: int = 1) -> bool:
     """True if some pattern of 1..max_period tokens occurs ``limit`` times in a row."""
+    return loop_onset(tokens, limit, max_period) is not None
+
+
+def loop_onset(tokens: list[int], limit: int, max_period: int = 1) -> int | None:
+    """Where the first loop that ``repeats`` catches begins: the index of the first token of the earliest-completed
+    run of a pattern of 1..max_period tokens occurring ``limit`` times in a row; None if there is none."""
+    first = None  # (index where a run completes, where it began)
     for p in range(1, max_period + 1):
         run = 0
         for i in range(p, len(tokens)):
             run = run + 1 if tokens[i] == tokens[i - p] else 0
             if run >= (limit - 1) * p:
-                return True
-    return False
+                if first is None or i < first[0]:
+                    first = (i, i - limit * p + 1)
+                break
+    return None if first is None else first[1]
 
 
 def seq_rep(tokens: list[int], k: int = 4) -> float:

@@ -3,6 +3,7 @@
     python -m training.compare runs/*/eval.json
     python -m training.compare --paired A.json B.json   # two evaluations (or training.forced results) prompt by prompt
     python -m training.compare --best 2 runs/*/eval.json   # the adapter folders of the first 2 rows, one a line
+    python -m training.compare --loops runs/*/eval.json    # the loop tail of each, answer by answer (from session 14)
 
 A run meets the quality targets when its reference perplexity is at most 1.10x the base model's
 and its greedy answers are no more repetitive (seq-rep-4) than the base model's. Rows are sorted:
@@ -94,6 +95,34 @@ def tradeoff(rows: list[dict]) -> str:
             f"at {fit.intercept:.2f} tokens/forward")
 
 
+def loop_report(r: dict) -> dict:
+    """The loop tail of one evaluation, answer by answer: how many of the CLLM's and of the base model's greedy
+    answers the 10x filter catches, to the same prompts or not; where those loops begin (token index); and for the
+    loops only the CLLM falls into, how far past the text it shares with the base's answer they begin (below 0: on
+    that shared text). Needs the per-answer fields evaluations record from session 14 on."""
+    base, cllm = r["base"]["repetition"].get("per_answer"), r.get("cllm", {}).get("repetition", {}).get("per_answer")
+    if base is None or cllm is None:
+        raise ValueError("no per-answer repetition (evaluations written before session 14 do not record it)")
+    b_on, c_on = base["loop_onset"], cllm["loop_onset"]
+    shared = r["cllm"]["agreement_with_base"]["shared_prefix"]
+    pairs = list(zip(b_on, c_on, shared))
+    new = [c - s for b, c, s in pairs if c is not None and b is None]
+    median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    return {"answers": len(pairs), "both": sum(b is not None and c is not None for b, c, _ in pairs),
+            "cllm_only": len(new), "base_only": sum(b is not None and c is None for b, c, _ in pairs),
+            "cllm_onset_median": median([c for c in c_on if c is not None]),
+            "base_onset_median": median([b for b in b_on if b is not None]),
+            "cllm_only_onset_past_shared_median": median(new), "cllm_only_on_shared_text": sum(x < 0 for x in new)}
+
+
+def format_loops(name: str, x: dict) -> str:
+    return (f"{name}: of {x['answers']} answers, {x['both']} loop in both, {x['cllm_only']} in the CLLM's only, "
+            f"{x['base_only']} in the base's only; loops begin at token {x['cllm_onset_median']} (CLLM, median) and "
+            f"{x['base_onset_median']} (base); the CLLM's own loops begin {x['cllm_only_onset_past_shared_median']} "
+            f"tokens past the text it shares with the base's answer (median), {x['cllm_only_on_shared_text']} of them "
+            "on that shared text")
+
+
 def per_prompt(r: dict, path: Path) -> list[list[int]]:
     """[tokens, forwards] per prompt of an evaluation (its CLLM's Jacobi) or of a ``training.forced`` result."""
     rows = r.get("cllm", {}).get("jacobi", {}).get("per_prompt", r.get("per_prompt"))
@@ -126,6 +155,17 @@ def main(argv=None) -> int:
             print(f"cannot compare {args[1]} and {args[2]}: {exc}", file=sys.stderr)
             return 2
         print_paired(c, args[1], args[2], "Jacobi")
+        return 0
+    if args[:1] == ["--loops"]:
+        if len(args) < 2:
+            print("usage: python -m training.compare --loops EVAL.json [EVAL.json ...]", file=sys.stderr)
+            return 2
+        for path in map(Path, args[1:]):
+            try:
+                print(format_loops(path.stem, loop_report(json.loads(path.read_text()))))
+            except (OSError, ValueError, KeyError) as exc:
+                print(f"cannot read the loops of {path}: {exc}", file=sys.stderr)
+                return 2
         return 0
     best = None
     if args[:1] == ["--best"]:

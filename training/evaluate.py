@@ -34,7 +34,7 @@ from decoding.prompts import read_jsonl
 from decoding.trace import FastForwardSplit
 
 from .cli import parse, print_table
-from .collect import greedy_agreement, left_pad, repeats, seq_rep
+from .collect import greedy_agreement, left_pad, loop_onset, seq_rep
 from .losses import penalized
 from .packing import align_answers, reference_pairs
 
@@ -170,11 +170,16 @@ def greedy_answers(lm, prompts: list[list[int]], s, loop_penalty: float = 0.0) -
 
 
 def repetition(answers: list[list[int]]) -> dict:
-    """seq-rep-4: share of 4-grams that already occurred in the same answer (mean over answers)."""
+    """seq-rep-4: share of 4-grams that already occurred in the same answer (mean over answers); the share the
+    collection's 10x filter would drop; and, answer by answer, seq-rep-4 and where a loop the filter catches
+    begins (None: none), for ``training.compare --loops``."""
     reps = [seq_rep(a) for a in answers if len(a) >= 4]
+    onsets = [loop_onset(a, 10, 4) for a in answers]
     return {"seq_rep_4": sum(reps) / max(len(reps), 1),
-            "filter_rate": sum(repeats(a, 10, 4) for a in answers) / max(len(answers), 1),
-            "mean_tokens": sum(map(len, answers)) / max(len(answers), 1)}
+            "filter_rate": sum(o is not None for o in onsets) / max(len(answers), 1),
+            "mean_tokens": sum(map(len, answers)) / max(len(answers), 1),
+            "per_answer": {"seq_rep_4": [round(seq_rep(a), 4) for a in answers], "loop_onset": onsets,
+                           "tokens": [len(a) for a in answers]}}
 
 
 def agreement(answers: list[list[int]], reference: list[list[int]]) -> dict:
@@ -184,7 +189,8 @@ def agreement(answers: list[list[int]], reference: list[list[int]]) -> dict:
               for a, r in zip(answers, reference)]
     same = [a == r for a, r in zip(answers, reference)]
     return {"identical": sum(same) / max(len(same), 1), "shared_prefix_mean": sum(shared) / max(len(shared), 1),
-            "shared_prefix_median": statistics.median(shared) if shared else 0.0, "answers": len(shared)}
+            "shared_prefix_median": statistics.median(shared) if shared else 0.0, "answers": len(shared),
+            "shared_prefix": shared}
 
 
 def heldout_rows(path: str, limit: int) -> list[dict]:
