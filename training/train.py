@@ -183,7 +183,7 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
     L = b.answer.shape[1]
     clean = logits[:, :L]
     loops = None  # [B, L, V]: the tokens that would repeat a 4-gram after each answer position
-    if s.loop_penalty > 0 or s.unlikelihood > 0:
+    if (s.loop_penalty > 0 and base_logits is not None) or s.unlikelihood > 0:
         loops = repeat_completions(b.input_ids[:, :b.prompt_end + L], b.real(), b.keep[:L], logits.shape[-1])
     base_clean = None
     if base_logits is not None:
