@@ -173,12 +173,13 @@ def repetition(answers: list[list[int]]) -> dict:
     """seq-rep-4: share of 4-grams that already occurred in the same answer (mean over answers); the share the
     collection's 10x filter would drop; and, answer by answer, seq-rep-4 and where a loop the filter catches
     begins (None: none), for ``training.compare --loops``."""
-    reps = [seq_rep(a) for a in answers if len(a) >= 4]
+    per = [seq_rep(a) for a in answers]
+    reps = [r for r, a in zip(per, answers) if len(a) >= 4]
     onsets = [loop_onset(a, 10, 4) for a in answers]
     return {"seq_rep_4": sum(reps) / max(len(reps), 1),
             "filter_rate": sum(o is not None for o in onsets) / max(len(answers), 1),
             "mean_tokens": sum(map(len, answers)) / max(len(answers), 1),
-            "per_answer": {"seq_rep_4": [round(seq_rep(a), 4) for a in answers], "loop_onset": onsets,
+            "per_answer": {"seq_rep_4": [round(r, 4) for r in per], "loop_onset": onsets,
                            "tokens": [len(a) for a in answers]}}
 
 

@@ -109,12 +109,9 @@ def penalize_loops(logits: torch.Tensor, loops: torch.Tensor, penalty: float) ->
     return logits.float() - penalty * loops.float()
 
 
-def penalized(logits: torch.Tensor, ids: torch.Tensor, real: torch.Tensor, at: torch.Tensor, penalty: float,
-              loops: torch.Tensor | None = None) -> torch.Tensor:
+def penalized(logits: torch.Tensor, ids: torch.Tensor, real: torch.Tensor, at: torch.Tensor, penalty: float) -> torch.Tensor:
     """Logits [B, K, V] taken after positions ``at`` of rows ``ids`` (real tokens: ``real``), less ``penalty`` on
-    every token that would repeat a 4-gram of the row so far (``loops``, if already worked out); unchanged at
-    penalty 0."""
+    every token that would repeat a 4-gram of the row so far; unchanged at penalty 0."""
     if penalty == 0.0:
         return logits
-    return penalize_loops(logits, repeat_completions(ids, real, at, logits.shape[-1]) if loops is None else loops,
-                          penalty)
+    return penalize_loops(logits, repeat_completions(ids, real, at, logits.shape[-1]), penalty)

@@ -37,7 +37,8 @@ from decoding.prompts import read_jsonl
 from .cli import parse, print_table, save_settings
 from .collect import read_shards, seq_rep
 from .evaluate import generate_greedy
-from .losses import ar_cross_entropy, hard_ce, jacobi_gain, penalized, repeat_completions, soft_kl, unlikelihood
+from .losses import (ar_cross_entropy, hard_ce, jacobi_gain, penalize_loops, penalized, repeat_completions, soft_kl,
+                     unlikelihood)
 from .packing import PackedBatch, align_answers, pack, pick_states, reference_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,8 +188,7 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
         loops = repeat_completions(b.input_ids[:, :b.prompt_end + L], b.real(), b.keep[:L], logits.shape[-1])
     base_clean = None
     if base_logits is not None:
-        base_clean = penalized(base_logits[:, :L], b.input_ids[:, :b.prompt_end + L], b.real(), b.keep[:L],
-                               s.loop_penalty, loops)
+        base_clean = penalize_loops(base_logits[:, :L], loops, s.loop_penalty)  # unchanged at penalty 0
     teacher = (base_clean if s.teacher == "base" else clean).detach()
     if s.ar_loss == "kl":
         ar = soft_kl(base_clean[b.ar_mask], clean[b.ar_mask])
@@ -230,8 +230,8 @@ def row_counts(b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
     sel = b.cons_mask[0]
     rw = repeat_weights(b, s)
     weights = sel.float() if rw is None else sel * rw
-    answer = b.ar_mask.float().sum(1)
-    return {"ar": answer, "consistency": weights.sum(1), "local": weights.sum(1), "unlikelihood": answer,
+    answer, cons = b.ar_mask.float().sum(1), weights.sum(1)
+    return {"ar": answer, "consistency": cons, "local": cons, "unlikelihood": answer,
             "gain": live_blocks(b).float().sum(1), "student_acc": sel.float().sum(1)}
 
 
