@@ -174,7 +174,7 @@ def test_padding_to_a_multiple_changes_the_shapes_not_the_losses(tiny, samples):
     assert got[0].keys() == got[1].keys()
     for k in got[0]:
         assert got[1][k] == pytest.approx(got[0][k], rel=1e-4, abs=1e-6), k
-    pairs = [(torch.as_tensor(x["prompt"]).tolist(), x["answer"][: x["valid"]].tolist()) for x in out]
+    pairs = answer_pairs(out)
     a = align_answers(pairs, 2, pad_to=8)
     assert a.input_ids.shape[1] % 8 == 0 and a.valid.shape[1] % 8 == 0
     acc = Accelerator(cpu=True)
@@ -196,6 +196,11 @@ def test_one_training_step_lowers_the_loss(samples, consistency):
     with torch.no_grad():
         after = train.compute_losses(train.forward_logits(model, b), None, b, s)["loss"]
     assert after.item() < before.item()
+
+
+def answer_pairs(samples: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt, answer up to EOS) of collected samples: the rows of the anchor terms."""
+    return [(torch.as_tensor(x["prompt"]).tolist(), x["answer"][: x["valid"]].tolist()) for x in samples]
 
 
 def looping(samples: list[dict]) -> list[dict]:
@@ -390,7 +395,7 @@ def test_loop_penalty_reaches_the_targets_of_every_answer_position(samples, tiny
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_model(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
-    pairs = [(torch.as_tensor(x["prompt"]).tolist(), x["answer"][: x["valid"]].tolist()) for x in out]
+    pairs = answer_pairs(out)
     acc = Accelerator(cpu=True)
     assert train.anchor_kl(acc, model, None, pairs, [0, 1, 2, 3], 2).item() == pytest.approx(0.0, abs=1e-7)
     a = align_answers(pairs, 2)
