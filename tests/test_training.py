@@ -484,10 +484,10 @@ def test_pipeline_end_to_end(tmp_path):
     # both rounds' trajectories at once (comma-separated folders, read one after the other)
     train.main(["--model", str(folder), "--data", f"{traj},{traj2}", "--out", str(tmp_path / "mixed"), "--init-adapter",
                 str(adapter), "--batch", "4", "--max-steps", "1", "--device", "cpu", "--unlikelihood", "0.2",
-                "--loop-penalty", "1", "--log-every", "1"])
+                "--loop-penalty", "1", "--log-every", "1", "--repeat-limit", "1000"])
     assert "unlikelihood" in json.loads((tmp_path / "mixed" / "log.jsonl").read_text().splitlines()[-1])
     mixed = json.loads((tmp_path / "mixed" / "train_settings.json").read_text())
-    assert mixed["collected"] == len(collect.read_shards(traj)) + len(own)
+    assert mixed["collected"] == len(collect.read_shards(traj)) + len(own) == mixed["samples"]  # no 1000-fold loop
     with pytest.raises(SystemExit, match="no trajectory folder at .*nowhere"):
         train.main(common + ["--out", str(tmp_path / "none"), "--data", f"{traj},{tmp_path / 'nowhere'}"])
     with pytest.raises(SystemExit, match="--loss-rows must be"):
@@ -496,6 +496,10 @@ def test_pipeline_end_to_end(tmp_path):
         train.main(common + ["--out", str(tmp_path / "none"), "--pad-to", "0"])
     with pytest.raises(SystemExit, match="drops all"):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
+    with pytest.raises(SystemExit, match="--repeat-limit 1 drops all"):  # every answer holds one token once
+        train.main(common + ["--out", str(tmp_path / "none"), "--repeat-limit", "1"])
+    with pytest.raises(SystemExit, match="--repeat-limit must be 0"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--repeat-limit", "-1"])
     with pytest.raises(SystemExit, match="--unlikelihood must be 0 or more"):
         train.main(common + ["--out", str(tmp_path / "none"), "--unlikelihood", "-1"])
     with pytest.raises(SystemExit, match="--repeat-weight must be 0 or more"):

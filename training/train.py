@@ -35,7 +35,7 @@ from decoding import DEFAULT_SPEC, load_model
 from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table, save_settings
-from .collect import read_shards, seq_rep
+from .collect import read_shards, repeats, seq_rep
 from .evaluate import generate_greedy
 from .losses import (ar_cross_entropy, hard_ce, jacobi_gain, penalize_loops, penalized, repeat_completions, soft_kl,
                      unlikelihood)
@@ -85,6 +85,7 @@ class TrainSettings:
     max_samples: int = 0  # train on the first N collected samples only (shard order = the prompt file's order; 0 = all): data-size runs from one collection
     group_by_length: bool = False  # batches of samples of similar length (sorted within chunks of 16 batches, batch order shuffled): less padding per step (our prompts run from a few tokens to over 400)
     max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all)
+    repeat_limit: int = 0  # drop samples whose answer repeats a pattern of 1..4 tokens this many times in a row, as training.collect's filter does (10 there; 0 keeps all): one collection with --repeat-limit 1000 then serves filtered and unfiltered runs
     lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup: float = 0.03  # fraction of steps of linear warm-up
@@ -524,11 +525,16 @@ def main(argv=None) -> None:
     if s.max_samples:
         samples = samples[: s.max_samples]
         accelerator.print(f"--max-samples {s.max_samples}: training on {len(samples)} of {collected} samples")
-    if s.max_rep < 1.0:  # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
-        samples = [x for x in samples if seq_rep(x["answer"][: x["valid"]].tolist()) <= s.max_rep]
-        accelerator.print(f"--max-rep {s.max_rep}: kept {len(samples)} of {collected} samples")
+    if s.repeat_limit < 0:
+        raise SystemExit(f"--repeat-limit must be 0 (keep all) or more, got {s.repeat_limit}")
+    filters = [(f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, 4)) if s.repeat_limit else None,
+               # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
+               (f"--max-rep {s.max_rep}", lambda a: seq_rep(a) <= s.max_rep) if s.max_rep < 1.0 else None]
+    for name, keep in filter(None, filters):
+        samples = [x for x in samples if keep(x["answer"][: x["valid"]].tolist())]
+        accelerator.print(f"{name}: kept {len(samples)} of {collected} samples")
         if not samples:
-            raise SystemExit(f"--max-rep {s.max_rep} drops all {collected} samples: raise it")
+            raise SystemExit(f"{name} drops all {collected} samples: raise it")
     if s.consistency_loss not in ("kl", "ce"):
         raise SystemExit(f"--consistency-loss must be kl or ce, got {s.consistency_loss!r}")
     if s.full_scope not in ("all", "targets"):
