@@ -601,6 +601,8 @@ def test_compare_ranks_runs_that_meet_the_quality_targets_first(tmp_path, capsys
     assert capsys.readouterr().out.split() == ["/work/run_better/adapter", "/work/run_good/adapter"]
     assert compare.main(["--best", "0", *map(str, paths)]) == 0 and capsys.readouterr().out.strip() == ""
     assert compare.main(["--best", "x", *map(str, paths)]) == 2
+    assert compare.main([str(tmp_path / "missing.json")]) == 2 and "cannot read" in capsys.readouterr().err
+    assert compare.main(["--help"]) == 0 and "--paired" in capsys.readouterr().out
 
 
 def test_compare_reports_the_loop_tail_answer_by_answer(tmp_path, capsys):

@@ -145,6 +145,9 @@ def paired(a: Path, b: Path) -> dict:
 
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if args[:1] == ["--paired"]:
         if len(args) != 3:
             print("usage: python -m training.compare --paired A.json B.json", file=sys.stderr)
@@ -177,7 +180,11 @@ def main(argv=None) -> int:
     if not paths:
         print("usage: python -m training.compare EVAL.json [EVAL.json ...]", file=sys.stderr)
         return 2
-    rows = ranked(paths)
+    try:
+        rows = ranked(paths)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"cannot read the evaluations: {exc}", file=sys.stderr)
+        return 2
     if best is not None:  # what a GPU sweep brings back in the call that evaluated it (the machine may go back before another)
         print("\n".join(r["adapter"] for r in rows[:best] if r["adapter"]))
         return 0
