@@ -152,6 +152,22 @@ def test_packed_forward_matches_plain_forwards(tiny, samples):
                     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_anchored_loops_keep_their_answer_terms_and_lose_consistency_from_the_onset(samples):
+    """--loop-samples anchor: a sample whose answer loops is marked where the loop begins; pack then gives it no
+    consistency output from there on, and the same answer mask as before."""
+    looping = {"answer": torch.tensor([5, 6, 7] + [9] * 12 + [3]), "valid": 15}
+    assert train.anchor_loop(looping, 10)["cons_end"] == 3  # ten 9s in a row, the first at index 3
+    assert train.anchor_loop(looping, 13) is looping  # twelve 9s only: not caught, not marked
+    _, out, _ = samples
+    x = out[0]
+    cut = 5
+    assert x["valid"] > cut + 1
+    states, _ = pick_states(x, 4, random.Random(0))
+    b = pack([x, {**x, "cons_end": cut}], [[states, states]], 4, pad_id=2)
+    assert torch.equal(b.ar_mask[0], b.ar_mask[1]) and torch.equal(b.cons_mask[0, 0, :cut], b.cons_mask[0, 1, :cut])
+    assert b.cons_mask[0, 0, cut:].any() and not b.cons_mask[0, 1, cut:].any()
+
+
 def test_padding_to_a_multiple_changes_the_shapes_not_the_losses(tiny, samples):
     """--pad-to: wider left padding (few batch shapes) gives the same losses, main terms and anchor terms."""
     from accelerate import Accelerator
@@ -498,6 +514,12 @@ def test_pipeline_end_to_end(tmp_path):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
     with pytest.raises(SystemExit, match="--repeat-limit 1 drops all"):  # every answer holds one token once
         train.main(common + ["--out", str(tmp_path / "none"), "--repeat-limit", "1"])
+    with pytest.raises(SystemExit, match="--loop-samples must be drop or anchor"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--loop-samples", "keep"])
+    anchored = tmp_path / "anchored"  # limit 2: most answers of a tiny random model hold some pattern twice in a row
+    train.main(common + ["--out", str(anchored), "--repeat-limit", "2", "--loop-samples", "anchor", "--max-steps", "1"])
+    kept = json.loads((anchored / "train_settings.json").read_text())
+    assert kept["samples"] == kept["collected"] and 0 < kept["loop_anchored"] <= kept["samples"]
     with pytest.raises(SystemExit, match="--repeat-limit must be 0"):
         train.main(common + ["--out", str(tmp_path / "none"), "--repeat-limit", "-1"])
     with pytest.raises(SystemExit, match="--unlikelihood must be 0 or more"):

@@ -137,7 +137,7 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
                 f = int(first_wrong(state, ans[j * n:(j + 1) * n]))
                 # Outputs up to the first wrong guess see only right tokens: equal to the teacher's, no signal.
                 cons[s, b, j * n + f + 1:(j + 1) * n] = True
-        cons[:, b, x["valid"]:] = False
+        cons[:, b, min(x["valid"], x.get("cons_end", x["valid"])):] = False  # cons_end: see train.anchor_loop
     mask |= torch.eye(S, dtype=torch.bool)  # pads (and every token) see themselves: no empty softmax row
     keep = torch.cat([torch.arange(P - 1, P - 1 + L)] + [torch.arange(P + L * (s + 1), P + L * (s + 2)) for s in range(S_n)])
     return PackedBatch(ids, pos, mask[:, None], keep, answer, ar_mask, states, cons, repeat, n, P)

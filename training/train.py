@@ -35,7 +35,7 @@ from decoding import DEFAULT_SPEC, load_model
 from decoding.prompts import read_jsonl
 
 from .cli import parse, print_table, save_settings
-from .collect import read_shards, repeats, seq_rep
+from .collect import loop_onset, read_shards, repeats, seq_rep
 from .evaluate import generate_greedy
 from .losses import (ar_cross_entropy, hard_ce, jacobi_gain, penalize_loops, penalized, repeat_completions, soft_kl,
                      unlikelihood)
@@ -86,6 +86,7 @@ class TrainSettings:
     group_by_length: bool = False  # batches of samples of similar length (sorted within chunks of 16 batches, batch order shuffled): less padding per step (our prompts run from a few tokens to over 400)
     max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all)
     repeat_limit: int = 0  # drop samples whose answer repeats a pattern of 1..4 tokens this many times in a row, as training.collect's filter does (10 there; 0 keeps all): one collection with --repeat-limit 1000 then serves filtered and unfiltered runs
+    loop_samples: str = "drop"  # what --repeat-limit does with a sample it catches: "drop" it, or "anchor": keep it with no consistency outputs from its loop's first token on, so the AR (KL to the loop-penalised base) and unlikelihood terms work on the loop and nothing teaches Jacobi to fast-forward it
     lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup: float = 0.03  # fraction of steps of linear warm-up
@@ -145,6 +146,13 @@ def sample_length(sample: dict) -> int:
     """The tokens a sample takes in a packed row before padding: its prompt, its clean answer and one noisy stream."""
     n = int(sample["states"][0].shape[1])  # block size
     return len(sample["prompt"]) + 2 * n * len(sample["states"])
+
+
+def anchor_loop(sample: dict, limit: int) -> dict:
+    """The sample, marked (``cons_end``: the first answer position with no consistency output) if its answer holds a
+    loop that ``--repeat-limit`` catches: training then learns the loop only through the answer terms."""
+    onset = loop_onset(sample["answer"][: sample["valid"]].tolist(), limit, 4)
+    return sample if onset is None else {**sample, "cons_end": onset}
 
 
 def make_batch(samples: list[dict], idx: list[int], s: TrainSettings, step: int, pad_id: int) -> PackedBatch:
@@ -527,7 +535,15 @@ def main(argv=None) -> None:
         accelerator.print(f"--max-samples {s.max_samples}: training on {len(samples)} of {collected} samples")
     if s.repeat_limit < 0:
         raise SystemExit(f"--repeat-limit must be 0 (keep all) or more, got {s.repeat_limit}")
-    filters = [(f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, 4)) if s.repeat_limit else None,
+    if s.loop_samples not in ("drop", "anchor"):
+        raise SystemExit(f"--loop-samples must be drop or anchor, got {s.loop_samples!r}")
+    anchored = 0
+    if s.repeat_limit and s.loop_samples == "anchor":
+        samples = [anchor_loop(x, s.repeat_limit) for x in samples]
+        anchored = sum("cons_end" in x for x in samples)
+        accelerator.print(f"--loop-samples anchor: {anchored} of {collected} samples loop; no consistency from the loop on")
+    filters = [(f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, 4))
+               if s.repeat_limit and s.loop_samples == "drop" else None,
                # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
                (f"--max-rep {s.max_rep}", lambda a: seq_rep(a) <= s.max_rep) if s.max_rep < 1.0 else None]
     for name, keep in filter(None, filters):
@@ -562,7 +578,7 @@ def main(argv=None) -> None:
         accelerator.load_state(str(out / "checkpoint"))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_settings(s, out / "train_settings.json", samples=len(samples), collected=collected,
+        save_settings(s, out / "train_settings.json", samples=len(samples), collected=collected, loop_anchored=anchored,
                       references=len(references), processes=accelerator.num_processes)
     summary = train_loop(accelerator, (model, base, optimizer, scheduler), (samples, references), s, out, step, total,
                          auto_steps, (pad_id, eos), t_start)
