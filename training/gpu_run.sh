@@ -97,6 +97,7 @@ case "$STAGE" in
     # shared out between the runs. Several runs fit one GPU only with less memory each: a batch-32 run takes 39 GiB
     # of an 80 GB H100 (two at once ran out of memory); with --loss-rows 4 --recompute true it took 5.8 GiB, and two
     # such runs a GPU (H200) went at 1.58 s a step each; one plain run alone on an H100 took 1.22 (session 14: eval_s15_*).
+    # With cuDNN attention off (train's default since session 15) and --pad-to 64: 1.41 to 1.49 s (H200, eval_s16_*).
     IFS=';' read -ra runs <<< "${RUNS:?set RUNS, e.g. RUNS='a:--ar-weight 1;b:--ar-weight 3'}"
     G=$(gpus); share_cores "${#runs[@]}"
     i=0
