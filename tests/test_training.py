@@ -516,6 +516,8 @@ def test_pipeline_end_to_end(tmp_path):
         train.main(common + ["--out", str(tmp_path / "none"), "--repeat-limit", "1"])
     with pytest.raises(SystemExit, match="--loop-samples must be drop or anchor"):
         train.main(common + ["--out", str(tmp_path / "none"), "--loop-samples", "keep"])
+    with pytest.raises(SystemExit, match="--loop-samples anchor needs --repeat-limit"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--loop-samples", "anchor"])
     anchored = tmp_path / "anchored"  # limit 2: most answers of a tiny random model hold some pattern twice in a row
     train.main(common + ["--out", str(anchored), "--repeat-limit", "2", "--loop-samples", "anchor", "--max-steps", "1"])
     kept = json.loads((anchored / "train_settings.json").read_text())

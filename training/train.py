@@ -86,7 +86,7 @@ class TrainSettings:
     group_by_length: bool = False  # batches of samples of similar length (sorted within chunks of 16 batches, batch order shuffled): less padding per step (our prompts run from a few tokens to over 400)
     max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all)
     repeat_limit: int = 0  # drop samples whose answer repeats a pattern of 1..4 tokens this many times in a row, as training.collect's filter does (10 there; 0 keeps all): one collection with --repeat-limit 1000 then serves filtered and unfiltered runs
-    loop_samples: str = "drop"  # what --repeat-limit does with a sample it catches: "drop" it, or "anchor": keep it with no consistency outputs from its loop's first token on, so the AR (KL to the loop-penalised base) and unlikelihood terms work on the loop and nothing teaches Jacobi to fast-forward it
+    loop_samples: str = "drop"  # what --repeat-limit does with a sample it catches: "drop" it, or "anchor": keep it with no consistency outputs from its loop's first token on, so the AR (KL to the loop-penalised base) and unlikelihood terms work on the loop and nothing teaches Jacobi to fast-forward it (--max-rep, applied after, drops most looping answers: leave it at 1.0)
     lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup: float = 0.03  # fraction of steps of linear warm-up
@@ -537,11 +537,13 @@ def main(argv=None) -> None:
         raise SystemExit(f"--repeat-limit must be 0 (keep all) or more, got {s.repeat_limit}")
     if s.loop_samples not in ("drop", "anchor"):
         raise SystemExit(f"--loop-samples must be drop or anchor, got {s.loop_samples!r}")
+    if s.loop_samples == "anchor" and not s.repeat_limit:
+        raise SystemExit("--loop-samples anchor needs --repeat-limit K (the loops it keeps are those the filter catches)")
     anchored = 0
-    if s.repeat_limit and s.loop_samples == "anchor":
+    if s.loop_samples == "anchor":
         samples = [anchor_loop(x, s.repeat_limit) for x in samples]
         anchored = sum("cons_end" in x for x in samples)
-        accelerator.print(f"--loop-samples anchor: {anchored} of {collected} samples loop; no consistency from the loop on")
+        accelerator.print(f"--loop-samples anchor: {anchored} of {len(samples)} samples loop; no consistency from the loop on")
     filters = [(f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, 4))
                if s.repeat_limit and s.loop_samples == "drop" else None,
                # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
