@@ -17,6 +17,8 @@
 #   PROMPTS=data/prompts-train-2x.jsonl TRAJ=/root/work/traj2x bash training/gpu_run.sh collect-gpus   # twice the prompts
 #   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # the recipes at once, round-robin over the GPUs
 #   bash training/gpu_run.sh extract-sweep  # every $WORK/run_*/model (train --lora-rank 0) -> run_*/adapter (training.extract)
+#   RUNS="..." TRAIN_MINUTES=4.6 EVAL_GLOB=adapter bash training/gpu_run.sh sweep-eval   # sweep, then eval-sweep, in one
+#                                           # call (about 9 min with --budget-minutes 4.0): nothing is lost to an idle machine
 #   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* and run_*/model evaluated, spread over the GPUs
 #                                           # (EVAL_PER_GPU=2: two at once on each GPU); the KEEP_BEST=2 best adapters
 #                                           # come back as $OUT/adapter_run_<name>.tar
@@ -29,7 +31,7 @@
 # Intermediate files live in $WORK (kept between back-to-back commands); results go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|extract-sweep|eval-sweep|train-gpus|bench-sweep}
+STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep|sweep-eval|extract-sweep|train-gpus|bench-sweep}
 WORK=${WORK:-/root/work}
 OUT=${OUT:-$WORK/out}
 PY=${PY:-python}
@@ -112,6 +114,7 @@ case "$STAGE" in
     # Every adapter of every run (final and adapter-step<N>) and every full model, round-robin over EVAL_PER_GPU
     # slots on each GPU; then one table.
     mapfile -t adapters < <(ls -d "$WORK"/run_*/${EVAL_GLOB:-adapter*} "$WORK"/run_*/model 2>/dev/null)   # EVAL_GLOB=adapter: finals only
+    [ "${#adapters[@]}" -gt 0 ] || { echo "eval-sweep: no adapter or model under $WORK/run_*: did the runs fail? (their logs: $WORK/train_*.log)" >&2; exit 2; }
     mkdir -p "$WORK/evals"
     G=$(gpus); S=$(( G * ${EVAL_PER_GPU:-1} )); share_cores "$S"
     for i in $(seq 0 $((S - 1))); do
@@ -140,6 +143,9 @@ case "$STAGE" in
       cp "$d/profile.txt" "$WORK/evals/profile_$n.txt" 2>/dev/null || true   # train --profile-steps K
     done
     tar czf "$OUT/sweep.tgz" -C "$WORK" evals ;;
+  sweep-eval)
+    # Session 15's round 2 ran this way: a machine goes back 30 s after a call, so runs and their evaluation share one.
+    bash "$PWD/training/gpu_run.sh" sweep && bash "$PWD/training/gpu_run.sh" eval-sweep ;;
   extract-sweep)
     # Full fine-tunings become shippable adapters: the truncated SVD of each matrix's change within a file budget.
     for m in "$WORK"/run_*/model; do
