@@ -544,11 +544,12 @@ def main(argv=None) -> None:
         samples = [anchor_loop(x, s.repeat_limit) for x in samples]
         anchored = sum("cons_end" in x for x in samples)
         accelerator.print(f"--loop-samples anchor: {anchored} of {len(samples)} samples loop; no consistency from the loop on")
-    filters = [(f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, 4))
-               if s.repeat_limit and s.loop_samples == "drop" else None,
-               # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
-               (f"--max-rep {s.max_rep}", lambda a: seq_rep(a) <= s.max_rep) if s.max_rep < 1.0 else None]
-    for name, keep in filter(None, filters):
+    filters = []  # (flag, keep(answer tokens)), applied in this order
+    if s.repeat_limit and s.loop_samples == "drop":
+        filters.append((f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, 4)))
+    if s.max_rep < 1.0:  # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
+        filters.append((f"--max-rep {s.max_rep}", lambda a: seq_rep(a) <= s.max_rep))
+    for name, keep in filters:
         samples = [x for x in samples if keep(x["answer"][: x["valid"]].tolist())]
         accelerator.print(f"{name}: kept {len(samples)} of {collected} samples")
         if not samples:
