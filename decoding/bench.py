@@ -50,6 +50,8 @@ class BenchConfig:
     out: str | None = None  # where to write the JSON result
     lanes: tuple[str, ...] = LANES  # lanes to run (base_ar is the speed reference)
     in_thread: bool = False  # time the lanes in a second thread, after this one loaded the models (as a server does)
+    candidates: int = 0  # candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)
+    candidate_len: int = 4  # tokens per candidate n-gram
 
 
 def hf_generate(lm: LoadedModel, ids: list[int], cfg: DecodeConfig) -> dict:
@@ -187,7 +189,8 @@ def bench(bc: BenchConfig) -> dict:
     cllm = load_model(bc.model, adapter=bc.adapter, device=bc.device, dtype=bc.dtype) if bc.adapter else None
     bc = replace(bc, engine=pick_engine(bc, [lm.model for lm in (base, cllm) if lm is not None]))
     prompts = read_prompts(bc.prompts, bc.limit)
-    cfg = DecodeConfig(max_new_tokens=bc.max_new_tokens, n=bc.n, init=bc.init, seed=bc.seed, eos_token_ids=base.eos_token_ids)
+    cfg = DecodeConfig(max_new_tokens=bc.max_new_tokens, n=bc.n, init=bc.init, seed=bc.seed, eos_token_ids=base.eos_token_ids,
+                       candidates=bc.candidates, candidate_len=bc.candidate_len)
     lanes = lane_runners(base, cllm, bc)
     warm_ids = encode(base.tokenizer, prompts[0]["prompt"], chat=not bc.raw)
     for _, fn in tqdm(lanes.values(), desc="warm-up", leave=False):
@@ -251,6 +254,9 @@ def parse_args(argv=None) -> BenchConfig:
     ap.add_argument("--n", type=int, default=d.n, help="Jacobi window size (1-128)")
     ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     ap.add_argument("--init", choices=INIT_CHOICES, default=d.init, help="initial guesses of the window")
+    ap.add_argument("--candidates", type=int, default=d.candidates,
+                    help="candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)")
+    ap.add_argument("--candidate-len", type=int, default=d.candidate_len, help="tokens per candidate n-gram")
     ap.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
     ap.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
     ap.add_argument("--engine", choices=("auto", "eager", "fast"), default=d.engine,
@@ -274,7 +280,7 @@ def parse_args(argv=None) -> BenchConfig:
         ap.error("the cllm lanes need an adapter (--adapter auto or a folder)")
     return BenchConfig(a.model, adapter, a.prompts, a.raw, a.limit, a.n, a.max_new_tokens, a.init,
                        a.device, a.dtype, a.engine, a.seed, a.out, tuple(x for x in LANES if x in lanes | {"base_ar"}),
-                       a.in_thread)
+                       a.in_thread, a.candidates, a.candidate_len)
 
 
 def main(argv=None) -> int:

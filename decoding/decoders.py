@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .candidates import NgramPool
 from .trace import DecodeTrace, Iteration
 
-MAX_WINDOW = 128  # largest Jacobi window we accept
+MAX_WINDOW = 128  # largest Jacobi window we accept (candidate n-grams included)
+MAX_CANDIDATES = 16  # most candidate n-grams checked in one pass
 MAX_NEW_TOKENS = 4096  # hard cap on one request
 INIT_CHOICES = ("random", "repeat", "lookup")  # initial guesses: random prompt tokens (the paper), the last token repeated, or copied from the context
 
@@ -29,6 +31,8 @@ class DecodeConfig:
     n: int = 16  # Jacobi window size: the last accepted token + n-1 guesses (n = 1 is AR)
     init: str = "random"  # how guesses are initialised: one of INIT_CHOICES
     seed: int = 0  # seed of the random initial guesses (the output does not depend on it)
+    candidates: int = 0  # candidate n-grams checked beside the window in each pass (fast engine only; 0: plain Jacobi)
+    candidate_len: int = 4  # tokens per candidate n-gram
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation stops after any of these
 
     def to_dict(self) -> dict:
@@ -43,11 +47,16 @@ def validate(model, prompt_ids, cfg: DecodeConfig) -> list[int]:
         raise ValueError("prompt_ids must be a list of token ids (ints)")
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    for name, value, hi in (("n", cfg.n, MAX_WINDOW), ("max_new_tokens", cfg.max_new_tokens, MAX_NEW_TOKENS)):
+    limits = (("n", cfg.n, 1, MAX_WINDOW), ("max_new_tokens", cfg.max_new_tokens, 1, MAX_NEW_TOKENS),
+              ("candidates", cfg.candidates, 0, MAX_CANDIDATES), ("candidate_len", cfg.candidate_len, 1, MAX_WINDOW))
+    for name, value, lo, hi in limits:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
-        if not 1 <= value <= hi:
-            raise ValueError(f"{name} must be between 1 and {hi}, got {value}")
+        if not lo <= value <= hi:
+            raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+    if cfg.n + cfg.candidates * cfg.candidate_len > MAX_WINDOW:
+        raise ValueError(f"n + candidates x candidate_len must be at most {MAX_WINDOW} tokens a pass, got "
+                         f"{cfg.n} + {cfg.candidates} x {cfg.candidate_len}")
     if cfg.init not in INIT_CHOICES:
         raise ValueError(f"init must be one of {INIT_CHOICES}, got {cfg.init!r}")
     vocab = model.config.get_text_config().vocab_size
@@ -224,33 +233,69 @@ def accept_length(window: list[int], outputs: list[int]) -> int:
     return k
 
 
+def verify_candidates(outputs: list[int], candidates: list[list[int]], cand_outputs: list[list[int]]) -> tuple[int, int]:
+    """The candidate right for the longest and how many of its tokens are right: (index from 1, matched), or (0, 0).
+
+    Candidate g guesses the tokens after the window's first input; token j is right when it equals the token the model
+    puts there, ``outputs[0]`` for j = 0 and the candidate's own output at token j-1 after that."""
+    best, best_matched = 0, 0
+    for g, (cand, outs) in enumerate(zip(candidates, cand_outputs), start=1):
+        matched, expected = 0, outputs[0]
+        while matched < len(cand) and cand[matched] == expected:
+            expected = outs[matched]
+            matched += 1
+        if matched > best_matched:
+            best, best_matched = g, matched
+    return best, best_matched
+
+
 def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -> Iterator[DecodeTrace]:
     """Greedy Jacobi decoding with a KV cache (lossless: the fixed point is the greedy AR text).
 
     Each pass feeds ``[last accepted] + n-1 guesses``; the matching prefix of guesses is accepted
     together with the output after it, the cache keeps only the accepted inputs, and the outputs
-    not accepted become the next guesses.
+    not accepted become the next guesses. With ``cfg.candidates``, the same pass also checks that many
+    candidate n-grams (decoding/candidates.py) and keeps one instead when it is right for longer.
     """
     prompt_ids = validate(model, prompt_ids, cfg)
     session = make_session(model, engine)
+    if cfg.candidates and not hasattr(session, "verify"):
+        raise ValueError("candidate n-grams need the fast engine (a Llama model on the CPU or CUDA): set candidates "
+                         "to 0 or use engine='fast'")
     rng = random.Random(cfg.seed)
     trace = DecodeTrace(method="jacobi", n=cfg.n, prompt_ids=prompt_ids)
     t0 = _start(session, trace)
     yield trace
     lookup = ContextLookup(prompt_ids) if cfg.init == "lookup" else None
+    pool = NgramPool(prompt_ids, cfg.candidate_len) if cfg.candidates else None
     guesses = fresh_guesses(cfg, prompt_ids, trace.tokens, [], cfg.n - 1, rng, lookup)
     while not _stop(trace, cfg):
         # Guesses past the token budget are wasted work: shrink the window near the end.
         width = min(cfg.n, cfg.max_new_tokens - len(trace.tokens) + 1)
         window = [trace.tokens[-1]] + guesses[: width - 1]
-        outputs = session.forward(window)
+        start = len(trace.tokens)
+        budget = cfg.max_new_tokens - len(trace.tokens)  # guesses past it are wasted, as for the window
+        cands = pool.candidates(trace.tokens, cfg.candidates, window[1:], budget) if pool else []
+        if cands:
+            outputs, cand_outputs = session.verify(window, cands)
+            g, matched = verify_candidates(outputs, cands, cand_outputs)
+        else:
+            outputs, g, matched = session.forward(window), 0, 0
         k = accept_length(window, outputs)
-        session.keep(k, len(window))
+        if pool:
+            pool.recycle(outputs[k - 1:])
+        if matched + 1 > k:  # candidate g is right for longer than the window's guesses: keep it instead
+            session.keep_candidate(g - 1, matched)
+            cand, outs = cands[g - 1], cand_outputs[g - 1]
+            guesses = outs[matched:] + outputs[len(cand) + 1:]
+            window, outputs, k = [window[0]] + cand, [outputs[0]] + outs, matched + 1
+        else:
+            session.keep(k, len(window))
+            guesses, g = outputs[k:], 0
         trace.iterations.append(
-            Iteration(len(trace.iterations) + 1, len(trace.tokens), window, outputs, k, time.perf_counter() - t0)
+            Iteration(len(trace.iterations) + 1, start, window, outputs, k, time.perf_counter() - t0, candidate=g)
         )
         trace.tokens.extend(outputs[:k])
-        guesses = outputs[k:]
         guesses += fresh_guesses(cfg, prompt_ids, trace.tokens, guesses, cfg.n - 1 - len(guesses), rng, lookup)
         yield trace
     yield _finish(trace, t0)

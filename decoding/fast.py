@@ -118,18 +118,24 @@ class FastEngine:
 
     def _capture(self, W: int, L: int, pool) -> tuple:
         # The warm-up writes junk KV at positions 0..W-1: harmless, no sequence is cached yet.
-        static_in = torch.stack([torch.zeros(W, dtype=torch.long), torch.arange(W)]).to(self.device)  # [2, W]
-        host = torch.empty(2, W, dtype=torch.long, pin_memory=True)
+        rows = torch.arange(W)
+        static_in = torch.stack([torch.zeros(W, dtype=torch.long), rows, rows, rows, torch.zeros(W, dtype=torch.long)])
+        static_in = static_in.to(self.device)  # [5, W]: tokens, RoPE positions, slots, anchors, groups
+        host = torch.empty(5, W, dtype=torch.long, pin_memory=True)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
             for _ in range(2):
-                self.model(static_in[0], static_in[1], L).argmax(-1)
+                self._forward(static_in, L)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            static_out = self.model(static_in[0], static_in[1], L).argmax(-1)  # [W]: argmax in the graph
+            static_out = self._forward(static_in, L)  # [W]: argmax in the graph
         return graph, static_in, static_out, host
+
+    def _forward(self, rows: torch.Tensor, L: int) -> torch.Tensor:
+        """The argmax at every row of ``rows`` [5, W] (tokens, RoPE positions, slots, anchors, groups)."""
+        return self.model(rows[0], rows[1], L, slots=rows[2], anchors=rows[3], groups=rows[4]).argmax(-1)
 
     @torch.no_grad()
     def prefill(self, prompt_ids: list[int]) -> int:
@@ -140,24 +146,40 @@ class FastEngine:
         logits = self.model(tokens, torch.arange(P, device=self.device), L, last_only=True)
         return int(logits[0].argmax())  # note: CPU-GPU sync point
 
-    @torch.no_grad()
-    def step(self, window: list[int], pos: int) -> list[int]:
-        """Feed ``window`` at positions pos.. and return the argmax at each of its positions."""
+    def step(self, window: list[int], pos: int, candidates: list[list[int]] = ()) -> list[int]:
+        """Feed ``window`` at positions pos.. and return the argmax at each of its positions.
+
+        Each of ``candidates`` (guesses for the positions after ``window[0]``, as ``window[1:]`` is) rides in the same
+        forward: its tokens take RoPE positions pos+1.., cache slots after the window's, and see the kept tokens,
+        ``window[0]`` and their own earlier tokens. Their argmaxes follow the window's in the returned list."""
         w = len(window)
-        W, L = self.plan(pos, w)
-        padded = window + [window[-1]] * (W - w)
+        tokens, rope, anchors, groups = list(window), list(range(pos, pos + w)), list(range(pos, pos + w)), [0] * w
+        for g, cand in enumerate(candidates, start=1):
+            tokens += cand
+            rope += range(pos + 1, pos + 1 + len(cand))
+            anchors += [pos] * len(cand)
+            groups += [g] * len(cand)
+        rows = len(tokens)
+        W, L = self.plan(pos, rows)
+        slots = list(range(pos, pos + W))
+        pad = W - rows  # padding rows: the last token again, causal at the slots after every real row
+        table = [tokens + [tokens[-1]] * pad, rope + slots[rows:], slots, anchors + slots[rows:], groups + [0] * pad]
         entry = self.graphs.get((W, L))
-        if entry is None:
-            tokens = torch.tensor(padded, device=self.device)
-            positions = torch.arange(pos, pos + W, device=self.device)
-            return self.model(tokens, positions, L).argmax(-1)[:w].tolist()  # note: CPU-GPU sync point
-        graph, static_in, static_out, host = entry
-        host[0] = torch.tensor(padded)
-        host[1] = torch.arange(pos, pos + W)
-        # pinned + non_blocking: no sync here; safe to refill next step since tolist() below waits
-        static_in.copy_(host, non_blocking=True)
-        graph.replay()
-        return static_out[:w].tolist()  # note: CPU-GPU sync point
+        with torch.no_grad():
+            if entry is None:
+                return self._forward(torch.tensor(table, device=self.device), L)[:rows].tolist()  # note: CPU-GPU sync
+            graph, static_in, static_out, host = entry
+            host.copy_(torch.tensor(table))
+            # pinned + non_blocking: no sync here; safe to refill next step since tolist() below waits
+            static_in.copy_(host, non_blocking=True)
+            graph.replay()
+            return static_out[:rows].tolist()  # note: CPU-GPU sync point
+
+    def move(self, src: int, dst: int, count: int) -> None:
+        """Copy the K/V of ``count`` cache slots from ``src`` on to ``dst`` on (a verified candidate's tokens)."""
+        if count > 0:
+            ar = torch.arange(count, device=self.device)
+            self.model.move(ar + src, ar + dst)
 
 
 class FastSession:
@@ -167,6 +189,7 @@ class FastSession:
         self.engine = engine
         self.device = engine.device
         self.pos = 0  # cache entries 0..pos-1 hold this sequence's kept tokens
+        self._verified: tuple[int, int, list[int]] = (0, 0, [])  # the last verify: start, window width, candidate lengths
 
     @classmethod
     def for_model(cls, model) -> "FastSession":
@@ -196,6 +219,30 @@ class FastSession:
         """Of the last window of ``width`` inputs keep the first ``accepted``: move the pointer back."""
         self._check_owner()
         self.pos -= width - accepted
+
+    def verify(self, window: list[int], candidates: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+        """Like ``forward``, with candidate continuations checked in the same pass (``FastEngine.step``): returns the
+        window's outputs and each candidate's. Then either ``keep`` (the window's guesses) or ``keep_candidate``."""
+        with self.engine.lock:
+            self._check_owner()
+            flat = self.engine.step(list(window), self.pos, [list(c) for c in candidates])
+        w = len(window)
+        outputs, cand_outputs, at = flat[:w], [], w
+        for cand in candidates:
+            cand_outputs.append(flat[at:at + len(cand)])
+            at += len(cand)
+        self._verified = (self.pos, w, [len(c) for c in candidates])
+        self.pos += w
+        return outputs, cand_outputs
+
+    def keep_candidate(self, index: int, matched: int) -> None:
+        """After ``verify``, keep the window's first input and the first ``matched`` tokens of candidate ``index``:
+        their K/V move to the slots right after it."""
+        self._check_owner()
+        start, w, lengths = self._verified
+        with self.engine.lock:
+            self.engine.move(start + w + sum(lengths[:index]), start + 1, matched)
+        self.pos = start + 1 + matched
 
 
 def prepare(model, max_len: int | None = None, widths=WIDTHS, graphs: bool | None = None,

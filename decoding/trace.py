@@ -58,6 +58,9 @@ class Iteration:
     outputs: list[int]  # argmax at every window position; outputs[j] predicts answer position start + j
     accepted: int  # outputs[:accepted] became final in this pass (>= 1)
     t: float  # seconds since the decode started, when this pass's tokens were known
+    # 0: the window's own guesses were kept. g >= 1: candidate n-gram g (decoding/candidates.py), checked in the same
+    # pass, was right for longer; window and outputs are then [last accepted] + that candidate and its outputs.
+    candidate: int = 0
     output_correct: list[bool] = field(default_factory=list)  # outputs[j] equals the final token (set at the end)
 
     @property

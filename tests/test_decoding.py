@@ -112,6 +112,10 @@ def test_window_never_passes_the_budget(tiny_model):
         ("hello", {}, "list of token ids"),
         ([1, 1000], {}, "token ids must lie"),
         ([1] * 500, {"max_new_tokens": 100}, "context"),
+        ([1, 2], {"candidates": -1}, "candidates must be"),
+        ([1, 2], {"candidates": 17}, "candidates must be"),
+        ([1, 2], {"candidates": 2, "candidate_len": 0}, "candidate_len must be"),
+        ([1, 2], {"n": 64, "candidates": 8, "candidate_len": 9}, "at most 128 tokens a pass"),
     ],
 )
 def test_bad_input_raises_before_work(tiny_model, prompt, kwargs, message):
@@ -197,3 +201,36 @@ def test_lookup_index_matches_the_backward_scan_as_the_answer_grows():
             count = rng.randrange(1, 8)
             assert lookup.guesses(answer, carried, count) == _scan_lookup(prompt + answer, carried, count), trial
 
+
+
+def test_candidates_need_the_fast_engine(tiny_model):
+    with pytest.raises(ValueError, match="fast engine"):
+        run(jacobi_decode, tiny_model, [1, 2, 3], DecodeConfig(max_new_tokens=8, n=4, candidates=2), engine="eager")
+
+
+def test_ngram_pool_offers_text_continuations_then_recycled_ones():
+    from decoding.candidates import NgramPool
+
+    pool = NgramPool([7, 1, 2, 3, 9, 1, 2, 4, 5], length=3)
+    # the last two tokens are (4, 5): never seen before; the last one, 5, neither; nothing recycled yet
+    assert pool.candidates([], 4, [], 3) == []
+    # answer "1": after "1" the text had "2 4 5" (latest) and "2 3 9"; the window already guesses 2 4 5
+    assert pool.candidates([1], 4, [2, 4, 5, 8], 3) == [[2, 3, 9]]
+    assert pool.candidates([1], 4, [], 3) == [[2, 4, 5], [2, 3, 9]]
+    assert pool.candidates([1], 1, [], 3) == [[2, 4, 5]]  # at most count
+    assert pool.candidates([1], 4, [], 2) == [[2, 4], [2, 3]]  # at most max_len tokens
+    # answer "1 2": the two-token key (1, 2) first ("4 5 1" latest, then "3 9 1"); "2" alone adds nothing new
+    assert pool.candidates([1, 2], 4, [], 3) == [[4, 5, 1], [3, 9, 1]]
+    pool.recycle([2, 8, 8, 6])  # a pass's outputs: "8 8 6" recycled after 2, "8 6" after 8, "6" after 8 ...
+    assert pool.candidates([1, 2], 4, [], 3) == [[4, 5, 1], [3, 9, 1], [8, 8, 6]]
+    assert pool.recycled[8] and list(pool.recycled[8]) == [(8, 6), (6,)]
+
+
+def test_candidate_verification_takes_the_longest_right_run():
+    from decoding.decoders import verify_candidates
+
+    outputs = [5, 0, 0]
+    # candidate 1: 5 right (outputs[0]), then 6 right (its own output at 5), then 9 wrong (its output at 6 is 7)
+    # candidate 2: wrong at once; candidate 3: right twice, but not longer than candidate 1
+    assert verify_candidates(outputs, [[5, 6, 9], [4, 4], [5, 6]], [[6, 7, 1], [1, 1], [6, 3]]) == (1, 2)
+    assert verify_candidates(outputs, [[1, 2]], [[2, 3]]) == (0, 0)

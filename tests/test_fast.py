@@ -213,3 +213,58 @@ def test_gpu_report_formatting_on_synthetic_numbers():
     assert "22.5x model.generate" in text and "window 16" in text and "500 kernels" in text
     assert first_difference([1, 2, 3], [1, 2, 3]) is None and first_difference([1, 2], [1, 3]) == 1
     assert _kind("fmha_cutlassF_f32_aligned") == "attention" and _kind("sm90_xmma_gemm_bf16") == "matmul"
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt=st.lists(st.integers(0, 20), min_size=1, max_size=40),  # a small alphabet: repeats, so candidates
+    n=st.integers(1, 24),
+    max_new=st.integers(1, 64),
+    count=st.integers(1, 6),
+    length=st.integers(1, 9),
+)
+def test_candidate_ngrams_keep_the_ar_text(tiny, prompt, n, max_new, count, length):
+    """Jacobi with candidate n-grams checked in every pass gives the AR text token for token (float32), and every
+    pass's record is consistent: the accepted outputs are the text, the accepted inputs matched the outputs."""
+    cfg = DecodeConfig(max_new_tokens=max_new, n=n, candidates=count, candidate_len=length)
+    trace = run(jacobi_decode, tiny, prompt, cfg, engine="fast")
+    assert trace.tokens == run(ar_decode, tiny, prompt, cfg).tokens
+    for it in trace.iterations:
+        kept = min(it.accepted, len(trace.tokens) - it.start)  # the last pass may overshoot the budget (trimmed)
+        assert it.outputs[:kept] == trace.tokens[it.start:it.start + kept]
+        assert all(it.window[j] == it.outputs[j - 1] for j in range(1, it.accepted))
+
+
+def test_right_candidates_are_kept_and_their_cache_moved(tiny, monkeypatch):
+    """Offered the AR text's next tokens as one candidate among wrong ones, a pass keeps it (its K/V moved to the
+    slots after the last accepted token), and later passes, which attend to those slots, still give the AR text."""
+    from decoding.candidates import NgramPool
+
+    prompt, cfg = [3, 14, 15, 92, 65], DecodeConfig(max_new_tokens=60, n=4, candidates=3, candidate_len=6)
+    ref = run(ar_decode, tiny, prompt, cfg).tokens
+
+    def oracle(self, answer, count, window_guesses, max_len):
+        right = ref[len(answer):len(answer) + min(max_len, self.length)]
+        wrong = [(t + 1) % 101 for t in right]
+        return [wrong, right[:2] + wrong[2:], right][:count]
+
+    monkeypatch.setattr(NgramPool, "candidates", oracle)
+    trace = run(jacobi_decode, tiny, prompt, cfg, engine="fast")
+    assert trace.tokens == ref
+    assert all(it.candidate == 3 for it in trace.iterations[:-1])  # the full right one wins (the window holds 3)
+    assert trace.mean_accepted > 5  # 6 guessed + 1 a pass, bar the last
+    assert [it.window[1:] for it in trace.iterations[:3]] == [ref[1:7], ref[8:14], ref[15:21]]
+
+
+def test_candidate_rows_see_the_prefix_and_themselves_only(tiny):
+    """A candidate's logits in a shared forward equal the logits of the plain sequence prefix + x + candidate."""
+    engine = fast.prepare(tiny, progress=None)
+    prefix, window, cand = [4, 8, 15, 16, 23], [42, 1, 2, 3], [7, 7, 9]
+    with torch.no_grad():
+        engine.model(torch.tensor(prefix), torch.arange(5), 64)  # the kept prefix at slots 0..4
+        got = engine.step(window, 5, [cand])
+        ids = torch.tensor([prefix + [42] + cand])
+        ref = tiny(ids).logits[0].argmax(-1).tolist()
+        ref_window = tiny(torch.tensor([prefix + window])).logits[0].argmax(-1).tolist()
+    assert got[:4] == ref_window[5:9]  # the window at positions 5..8
+    assert got[4:] == ref[6:9]  # the candidate at positions 6..8, after x = 42 at 5
