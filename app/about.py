@@ -34,6 +34,12 @@ the final answer. Two things then happen, which the convergence map shows: *fast
 tokens become right in one pass) and *stationary tokens* (a token is right early and stays right while
 tokens before it are still being fixed).
 
+**Candidate n-grams** (the "Candidate n-grams per pass" slider) add a second source of guesses: besides the
+window, each pass checks a few continuations of the last accepted token that the text already holds (what
+followed it before, in the prompt or the answer) or that earlier passes produced. They are checked exactly
+like the window's guesses, in the same pass, and the one right for longest is kept; the answer is unchanged. In
+the "accepted per forward" chart a diamond marks a pass whose tokens came from a candidate.
+
 ### One Jacobi step, drawn
 
 The window below is fed in as one pass: the last accepted token and three guesses. Guesses 1 and 2 match

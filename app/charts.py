@@ -48,7 +48,8 @@ def tokens_over_time(race: Race | None) -> go.Figure:
 
 
 def accepted_per_iteration(race: Race | None) -> go.Figure:
-    """Tokens accepted by each forward of each Jacobi lane; AR is always 1."""
+    """Tokens accepted by each forward of each Jacobi lane; AR is always 1. A diamond marks a forward whose tokens came
+    from a candidate n-gram checked beside the window."""
     title = "Tokens accepted per forward (Jacobi lanes)"
     runs = [r for r in (race.finished if race else []) if r.lane.method == "jacobi"]
     if not runs:
@@ -58,8 +59,10 @@ def accepted_per_iteration(race: Race | None) -> go.Figure:
         its = run.trace.iterations
         fig.add_trace(go.Scatter(
             x=[it.index for it in its], y=[it.accepted for it in its], mode="lines+markers", name=run.lane.label,
-            line=dict(color=COLORS[run.lane.key], width=2), marker=dict(size=5),
-            hovertemplate="iteration %{x}: %{y} accepted<extra>" + escape(run.lane.label) + "</extra>",
+            line=dict(color=COLORS[run.lane.key], width=2),
+            marker=dict(size=[8 if it.candidate else 5 for it in its], symbol=["diamond" if it.candidate else "circle" for it in its]),
+            customdata=[f" (candidate n-gram {it.candidate})" if it.candidate else "" for it in its],
+            hovertemplate="iteration %{x}: %{y} accepted%{customdata}<extra>" + escape(run.lane.label) + "</extra>",
         ))
     fig.add_hline(y=1, line_dash="dot", line_color=COLORS["base_ar"], annotation_text="AR: 1 per forward", annotation_position="top left")
     fig = _layout(fig, title, "iteration (forward pass after the prefill)", "tokens accepted")

@@ -15,6 +15,7 @@ from decoding.decoders import DECODERS, INIT_CHOICES, MAX_WINDOW
 from .text import Detokenizer
 
 MAX_NEW_TOKENS = 1024  # default cap of one request in the app (the engine allows more; --max-new-tokens-limit)
+MAX_CANDIDATES = 4  # candidate n-grams a pass may check in the app (each as long as the window's guesses)
 STREAM_EVERY_S = 0.1  # the UI gets a fresh frame at most this often while a lane runs
 
 
@@ -89,20 +90,38 @@ def check_settings(n, max_new_tokens, init: str = "random", limit: int = MAX_NEW
     return out[0], out[1]
 
 
-def new_race(host, prompt: str, n, max_new_tokens, init: str = "random", lanes=DEFAULT_LANES, limit: int = MAX_NEW_TOKENS) -> Race:
+def check_candidates(candidates, n: int, engine: str) -> int:
+    """Validate the candidate n-grams a request asks for (each as long as the window's n-1 guesses)."""
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, float)) or candidates != int(candidates):
+        raise ValueError(f"candidate n-grams must be a whole number, got {candidates!r}")
+    candidates = int(candidates)
+    if not 0 <= candidates <= MAX_CANDIDATES:
+        raise ValueError(f"candidate n-grams must be between 0 and {MAX_CANDIDATES}, got {candidates}")
+    if candidates and n + candidates * max(n - 1, 1) > MAX_WINDOW:
+        raise ValueError(f"a window of {n} with {candidates} candidate n-grams of {max(n - 1, 1)} tokens is over "
+                         f"{MAX_WINDOW} tokens a pass: use fewer candidates or a smaller window")
+    if candidates and engine != "fast":
+        raise ValueError("candidate n-grams need the fast engine, which this model does not run on: set them to 0")
+    return candidates
+
+
+def new_race(host, prompt: str, n, max_new_tokens, init: str = "random", lanes=DEFAULT_LANES, limit: int = MAX_NEW_TOKENS,
+             candidates=0) -> Race:
     """Check a request against the loaded models and set up its lanes; raises ValueError with a message for people."""
     if host.error:
         raise ValueError(f"no model is loaded: {host.error}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: type one or pick an example")
     n, max_new_tokens = check_settings(n, max_new_tokens, init, limit)
+    candidates = check_candidates(candidates, n, host.engine)
     unknown = [k for k in lanes if k not in LANES]
     if unknown:
         raise ValueError(f"unknown lane {unknown[0]!r}: choose from {', '.join(LANES)}")
     chosen = [LANES[k] for k in LANES if k in lanes and (LANES[k].model == "base" or host.cllm is not None)]
     if not chosen:
         raise ValueError("no lane to run: tick at least one lane (the CLLM lanes need a CLLM adapter)")
-    cfg = DecodeConfig(max_new_tokens=max_new_tokens, n=n, init=init, eos_token_ids=host.base.eos_token_ids)
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, n=n, init=init, eos_token_ids=host.base.eos_token_ids,
+                       candidates=candidates, candidate_len=max(n - 1, 1))
     prompt_ids = encode(host.base.tokenizer, prompt)  # raises on an oversized prompt
     validate(host.base.model, prompt_ids, cfg)  # context length and the rest, before any work
     return Race(prompt, cfg, host.base.name, str(host.base.device), [LaneRun(lane) for lane in chosen])

@@ -161,7 +161,10 @@ def cell_state(it: Iteration, j: int) -> str:
 def explain_step(it: Iteration, piece) -> list[str]:
     """Why this iteration accepted what it did, in plain words."""
     w = it.window
-    lines = [f"Output 0 {piece(it.outputs[0])} follows the last accepted token, so it is exactly what AR would produce: accepted."]
+    lines = [f"Candidate n-gram {it.candidate}, checked beside the window in this same forward (a continuation found in "
+             "the text or in an earlier pass), was right for longer than the window's own guesses: it is shown here "
+             "in their place, and its tokens are kept."] if it.candidate else []
+    lines.append(f"Output 0 {piece(it.outputs[0])} follows the last accepted token, so it is exactly what AR would produce: accepted.")
     for j in range(1, len(w)):
         if w[j] == it.outputs[j - 1]:
             lines.append(f"Guess {j} {piece(w[j])} equals output {j - 1}, so the model saw the right context there: output {j} {piece(it.outputs[j])} is accepted too.")

@@ -10,7 +10,7 @@ import torch
 
 from . import about, charts, render
 from .engine import ModelHost, on_zero_gpu
-from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, StopRequests, new_race, race_json, run_race, stop_race
+from .race import DEFAULT_LANES, LANES, MAX_CANDIDATES, MAX_NEW_TOKENS, StopRequests, new_race, race_json, run_race, stop_race
 
 try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU
     import spaces
@@ -59,9 +59,10 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
     stops = StopRequests()
 
     @gpu
-    def race_stream(prompt, n, max_new_tokens, init, lanes, number, request: gr.Request):
+    def race_stream(prompt, n, max_new_tokens, init, candidates, lanes, number, request: gr.Request):
         try:
-            race = new_race(host, prompt, n, max_new_tokens, init, lanes or [], limit=max_new_tokens_limit)
+            race = new_race(host, prompt, n, max_new_tokens, init, lanes or [], limit=max_new_tokens_limit,
+                            candidates=candidates)
         except ValueError as exc:
             raise gr.Error(str(exc), title="Cannot start the race") from None
         total = len(race.runs)
@@ -110,20 +111,22 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
         return render.board_html(race), STOPPED
 
     @gpu
-    def race_api(prompt: str, n: int = 16, max_new_tokens: int = 128) -> dict:
+    def race_api(prompt: str, n: int = 16, max_new_tokens: int = 128, candidates: int = 0) -> dict:
         """Race AR and Jacobi decoding on one prompt, lanes one after another.
 
         Args:
             prompt: the user message (sent through the model's chat template).
             n: Jacobi window size, 1 to 128.
             max_new_tokens: tokens to generate at most.
+            candidates: candidate n-grams (each n-1 tokens) checked beside the Jacobi window in every pass, 0 to 4.
         Returns:
             JSON whose "lanes" are "base_ar", "base_jacobi" and, when a CLLM is loaded, "cllm_jacobi";
             each has "text", "tokens", "forwards", "wall_s", "tok_s", "mean_accepted", "speedup" (over base_ar)
             and "matches_ar" (its tokens equal those of the AR lane it is compared with).
         """
         try:
-            race = new_race(host, prompt, n, max_new_tokens, "random", DEFAULT_LANES, limit=max_new_tokens_limit)
+            race = new_race(host, prompt, n, max_new_tokens, "random", DEFAULT_LANES, limit=max_new_tokens_limit,
+                            candidates=candidates)
             for race in host.stream(run_race(host, race, stream_every=math.inf, engine=host.engine)):
                 pass
         except ValueError as exc:
@@ -161,6 +164,10 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
                                        "forward passes, so the page starts at 4 there (16 on a GPU)")
                     max_new = gr.Slider(1, max_new_tokens_limit, value=min(128, max_new_tokens_limit), step=1, label="Max new tokens", elem_id="jl-max-new")
                     init = gr.Radio(INIT_LABELS, value="random", label="Initial guesses")
+                    cands = gr.Slider(0, MAX_CANDIDATES, value=0, step=1, label="Candidate n-grams per pass", elem_id="jl-cands",
+                                      info="Continuations of the last accepted token, found in the text or in earlier passes, "
+                                           "checked beside the window in the same forward (n-1 tokens each); the longest "
+                                           "right one is kept. Same text, fewer passes. 0: plain Jacobi")
                     choices = lane_choices(host)
                     lanes = gr.CheckboxGroup(choices, value=[k for _, k in choices if k in DEFAULT_LANES], label="Lanes (run one after another)", elem_id="jl-lanes")
                     with gr.Row():
@@ -203,7 +210,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             gr.Markdown(about.results_markdown(about.read_results()))
 
         race_event = go_btn.click(
-            race_stream, [prompt, n, max_new, init, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
+            race_stream, [prompt, n, max_new, init, cands, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
             concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private",
             # A click while this tab's race is still running (or ending after Stop) starts the next race when it
             # has ended, instead of being ignored.

@@ -61,6 +61,7 @@ class TinyHost:
         self.cllm = cllm if with_cllm else None
         self.error = None
         self.spec, self.adapter = "tiny", None
+        self.engine = "eager"  # what ModelHost resolved at load time
 
     def describe(self) -> str:
         return "tiny"

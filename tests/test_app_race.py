@@ -38,6 +38,10 @@ def finish(host, race):
     (dict(lanes=["nope"]), "unknown lane"),
     (dict(lanes=[]), "no lane to run"),
     (dict(max_new_tokens=600), "context"),  # tiny model: 512 positions
+    (dict(candidates=-1), "candidate n-grams must be between 0 and 4"),
+    (dict(candidates=5), "candidate n-grams must be between 0 and 4"),
+    (dict(candidates=1.5), "candidate n-grams must be a whole number"),
+    (dict(candidates=2), "need the fast engine"),  # this host runs the eager engine
 ])
 def test_bad_requests_are_refused_before_any_work(host, kwargs, message):
     args = dict(prompt=PROMPT, n=8, max_new_tokens=16, init="random", lanes=("base_ar", "base_jacobi"))
@@ -91,7 +95,7 @@ def test_race_json_names_lanes_as_the_benchmark(host):
     for lane in out["lanes"].values():
         assert lane["tokens"] >= 1 and 1 <= lane["forwards"] <= lane["tokens"] and lane["tok_s"] > 0
         assert lane["mean_accepted"] >= 1 and lane["wall_s"] > 0 and lane["status"] == "done"
-    assert out["settings"] == {"max_new_tokens": 24, "n": 8, "init": "random", "seed": 0}
+    assert out["settings"] == {"max_new_tokens": 24, "n": 8, "init": "random", "seed": 0, "candidates": 0, "candidate_len": 7}
 
 
 def test_stopping_mid_lane_leaves_the_host_ready(host):
@@ -202,3 +206,18 @@ def test_detokenizer_starts_over_when_the_answer_is_trimmed(host):
     d = Detokenizer(tok)
     d.update(ids)
     assert "".join(d.update(ids[:3])[0]) == tok.decode(ids[:3])
+
+
+def test_candidate_ngrams_keep_every_jacobi_lane_exact():
+    fast_host = TinyHost()
+    fast_host.engine = "fast"
+    with pytest.raises(ValueError, match="over 128 tokens a pass"):
+        new_race(fast_host, PROMPT, 64, 16, candidates=2)
+    race = new_race(fast_host, PROMPT, 8, 48, lanes=list(LANES), candidates=3)
+    assert race.settings.candidates == 3 and race.settings.candidate_len == 7  # as long as the window's guesses
+    for _ in run_race(fast_host, race, stream_every=0, engine="fast"):
+        pass
+    base_ar, base_jacobi, cllm_ar, cllm_jacobi = race.runs
+    assert base_jacobi.trace.tokens == base_ar.trace.tokens
+    assert cllm_jacobi.trace.tokens == cllm_ar.trace.tokens
+    assert race_json(race)["lanes"]["base_jacobi"]["matches_ar"]

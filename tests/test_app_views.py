@@ -115,6 +115,14 @@ def test_step_view_shows_window_outputs_and_why(race, host):
     assert "Run a race with a Jacobi lane" in render.step_html(None, 0, text)
 
 
+def test_step_view_says_when_a_candidate_ngram_was_kept():
+    it = Iteration(1, 5, [0, 1, 2, 3], [1, 2, 4, 5], 3, 0.0, candidate=2, output_correct=[True] * 4)
+    html = render.step_html(it, 1, lambda tok: about.WORDS[tok])
+    assert "Candidate n-gram 2, checked beside the window" in html and "3 tokens gained in this forward" in html
+    plain = render.step_html(about.EXAMPLE_STEP, 1, lambda tok: about.WORDS[tok])
+    assert "Candidate n-gram" not in plain
+
+
 def test_example_step_in_the_about_tab():
     html = about.example_figure()
     assert "3 tokens gained in this forward" in html and "Guess 3" in html and "acceptance stops" in html
@@ -153,6 +161,17 @@ def test_accepted_per_iteration_chart(race):
     for t, run in zip(fig.data, jacobi):
         assert list(t.y) == [it.accepted for it in run.trace.iterations]
         assert sum(t.y) + 1 == len(run.trace.tokens)  # + the prefill's token
+        assert set(t.marker.symbol) == {"circle"}  # plain Jacobi: no candidate n-grams
+
+
+def test_accepted_chart_marks_candidate_passes():
+    trace = DecodeTrace("jacobi", 4, [1], tokens=[5, 6, 7, 8, 9, 10], prefill_s=0.01, wall_s=0.1, done=True)
+    trace.iterations = [Iteration(1, 1, [5, 0, 0, 0], [6, 1, 1, 1], 1, 0.02),
+                        Iteration(2, 2, [6, 7, 8, 9], [7, 8, 9, 10], 4, 0.03, candidate=2)]
+    race = Race("p", DecodeConfig(), "m", "cpu", [LaneRun(LANES["base_jacobi"], "done", trace)])
+    line = charts.accepted_per_iteration(race).data[0]
+    assert list(line.marker.symbol) == ["circle", "diamond"]
+    assert list(line.customdata) == ["", " (candidate n-gram 2)"]
 
 
 def test_speed_summary_chart(race):

@@ -99,16 +99,31 @@ def test_initcompare_pairs_the_inits_on_the_same_prompts(tiny_model_dir, tmp_pat
     prompts.write_text('{"prompt": "Hi there"}\n{"prompt": "Count to five."}\n')
     out = tmp_path / "ic.json"
     result = initcompare.main(["--model", str(tiny_model_dir), "--adapter", "none", "--prompts", str(prompts),
-                               "--inits", "random,repeat,lookup", "--n", "8", "--max-new-tokens", "24",
-                               "--device", "cpu", "--out", str(out)])
+                               "--inits", "random,repeat,lookup,random+2x6", "--n", "8", "--max-new-tokens", "24",
+                               "--device", "cpu", "--engine", "fast", "--out", str(out)])
     assert json.loads(out.read_text())["summary"] == result["summary"]
-    assert len(result["prompts"]) == 2 and set(result["summary"]) == {"random", "repeat", "lookup"}
+    assert len(result["prompts"]) == 2 and set(result["summary"]) == {"random", "repeat", "lookup", "random+2x6"}
     for row in result["prompts"]:
         assert len({r["tokens"] for r in row["inits"].values()}) == 1
     assert all(s["tokens_per_forward"] >= 1.0 for s in result["summary"].values())
     assert "lookup" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--inits takes names"):
-        initcompare.main(["--model", str(tiny_model_dir), "--adapter", "none", "--inits", "zeros"])
+    for bad in ("zeros", "random+2", "random+axb"):
+        with pytest.raises(SystemExit, match="a variant is INIT or INIT"):
+            initcompare.main(["--model", str(tiny_model_dir), "--adapter", "none", "--inits", bad])
+    assert initcompare.parse_variant("lookup+3x10") == {"init": "lookup", "candidates": 3, "candidate_len": 10}
+
+
+def test_bench_checks_candidate_ngrams_beside_the_window(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n')
+    out = tmp_path / "r.json"
+    code = bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "24",
+                       "--device", "cpu", "--engine", "fast", "--lanes", "base_jacobi", "--candidates", "2",
+                       "--candidate-len", "5", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["decode"]["candidates"] == 2 and result["meta"]["decode"]["candidate_len"] == 5
+    assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
 
 
 def test_adapter_sha256_names_the_weights_a_result_measured(tmp_path):
