@@ -4,7 +4,8 @@
     python -m decoding.fastcheck --device cpu --limit 1 --tokens 8 --bench-limit 1   # smoke test of this script
 
 1. float32, TF32 off: for each prompt, eager AR (transformers) is the reference; fast AR and fast
-   Jacobi at n = 1, 4, 16, 64 must give the same tokens.
+   Jacobi at n = 1, 4, 16, 64, and with candidate n-grams (2 x 15 at n = 16, 3 x 8 at n = 4), must give the
+   same tokens.
 2. bfloat16: ``decoding.bench`` with the fast engine (hf_generate baseline, base and CLLM lanes,
    n = 16, 256 new tokens, the default prompt file) and its per-width latency report.
 Writes ``$OUT/fastcheck.json`` and ``$OUT/bench_fast_bf16.json`` when OUT is set; prints a table last.
@@ -26,6 +27,7 @@ from .models import default_adapter, load_model
 from .prompts import encode, read_prompts
 
 WINDOWS = (1, 4, 16, 64)  # Jacobi window sizes checked for exactness
+CANDIDATES = ((16, 2, 15), (4, 3, 8))  # (n, candidate n-grams, their length) checked for exactness too
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -36,7 +38,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def check_exactness(device: str, limit: int, tokens: int) -> dict:
-    """fp32: fast AR and fast Jacobi (every n in WINDOWS) against eager AR, token for token."""
+    """fp32: fast AR and fast Jacobi (every n in WINDOWS, and with the CANDIDATES) against eager AR, token for token."""
     torch.backends.cuda.matmul.allow_tf32 = False  # exactness needs true fp32 matmuls
     torch.backends.cudnn.allow_tf32 = False
     lm = load_model(device=device, dtype="float32")
@@ -52,6 +54,10 @@ def check_exactness(device: str, limit: int, tokens: int) -> dict:
         for n in WINDOWS:
             jcfg = DecodeConfig(max_new_tokens=tokens, n=n, eos_token_ids=lm.eos_token_ids)
             got[f"fast_jacobi_n{n}"] = run(jacobi_decode, lm.model, ids, jcfg, engine="fast").tokens
+        for n, count, length in CANDIDATES:  # candidate rows in the captured graphs, kept candidates' K/V moved
+            jcfg = DecodeConfig(max_new_tokens=tokens, n=n, eos_token_ids=lm.eos_token_ids, candidates=count,
+                                candidate_len=length)
+            got[f"fast_jacobi_n{n}_c{count}x{length}"] = run(jacobi_decode, lm.model, ids, jcfg, engine="fast").tokens
         rows.append({"id": p["id"], "prompt_tokens": len(ids), "tokens": len(ref),
                      "first_difference": {k: first_difference(v, ref) for k, v in got.items()}})
     fast.release(lm.model)
