@@ -84,18 +84,19 @@ def verdicts(result: dict) -> list[str]:
         n = result["meta"]["decode"]["n"]
         one, win = widths[1], widths.get(n)
         if win:
-            lines.append(f"window {n} / AR step: {win['graph_ms'] / one['graph_ms']:.2f}x graph, "
-                         f"{win['step_ms'] / one['step_ms']:.2f}x whole step; target <= 1.2x")
+            graph = f"{win['graph_ms'] / one['graph_ms']:.2f}x graph, " if one["graph_ms"] else ""  # None: no graphs (CPU)
+            lines.append(f"window {n} / AR step: {graph}{win['step_ms'] / one['step_ms']:.2f}x whole step; target <= 1.2x")
         if one["floor_ms"]:
             lines.append(f"AR step {one['graph_ms']:.3f} ms (graph) / {one['step_ms']:.3f} ms (step) vs "
                          f"read floor {one['floor_ms']:.3f} ms: {one['graph_ms'] / one['floor_ms']:.1f}x the floor")
-        for b in lat["breakdown"]:
+        for b in lat.get("breakdown", []):  # GPU only (a profiler trace of the graphs)
             if "error" in b:
                 lines.append(f"width {b['width']}: no kernel breakdown ({b['error']})")
                 continue
             kinds = ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["by_kind_ms"].items()))
             lines.append(f"width {b['width']}: {b['kernels']} kernels, busy {b['busy_ms']:.3f} ms ({kinds} ms)")
-        lines.append(f"LM head + argmax alone: {lat['head_ms']:.3f} ms")
+        if "head_ms" in lat:  # GPU only
+            lines.append(f"LM head + argmax alone: {lat['head_ms']:.3f} ms")
     return lines
 
 

@@ -211,6 +211,9 @@ def test_gpu_report_formatting_on_synthetic_numbers():
     }
     text = "\n".join(verdicts(result))
     assert "22.5x model.generate" in text and "window 16" in text and "500 kernels" in text
+    for row in rows:  # the CPU reports no graph or floor times: its smoke run must format too
+        row.update(graph_ms=None, floor_ms=None, bandwidth_frac=None)
+    assert "x whole step" in "\n".join(verdicts(result | {"latency": {"widths": rows, "head_ms": 0.02, "breakdown": []}}))
     assert first_difference([1, 2, 3], [1, 2, 3]) is None and first_difference([1, 2], [1, 3]) == 1
     assert _kind("fmha_cutlassF_f32_aligned") == "attention" and _kind("sm90_xmma_gemm_bf16") == "matmul"
 
