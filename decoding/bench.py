@@ -51,7 +51,7 @@ class BenchConfig:
     lanes: tuple[str, ...] = LANES  # lanes to run (base_ar is the speed reference)
     in_thread: bool = False  # time the lanes in a second thread, after this one loaded the models (as a server does)
     candidates: int = 0  # candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)
-    candidate_len: int = 4  # tokens per candidate n-gram
+    candidate_len: int | None = None  # tokens per candidate n-gram (None: n-1)
 
 
 def hf_generate(lm: LoadedModel, ids: list[int], cfg: DecodeConfig) -> dict:
@@ -256,7 +256,8 @@ def parse_args(argv=None) -> BenchConfig:
     ap.add_argument("--init", choices=INIT_CHOICES, default=d.init, help="initial guesses of the window")
     ap.add_argument("--candidates", type=int, default=d.candidates,
                     help="candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)")
-    ap.add_argument("--candidate-len", type=int, default=d.candidate_len, help="tokens per candidate n-gram")
+    ap.add_argument("--candidate-len", type=int, default=d.candidate_len,
+                    help="tokens per candidate n-gram (default: n-1, as many as the window guesses)")
     ap.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
     ap.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
     ap.add_argument("--engine", choices=("auto", "eager", "fast"), default=d.engine,

@@ -24,7 +24,8 @@ class NgramPool:
     """Continuations of up to ``length`` tokens for the token last accepted, from the text and from earlier passes.
 
     The text grows as tokens are accepted (``candidates`` adds them); passes add their outputs with ``recycle``.
-    Work per pass is bounded by the number of candidates asked for, however long the text."""
+    Work per pass is bounded (TEXT_LOOKS occurrences a key, RECYCLED_PER_TOKEN continuations a token), however long
+    the text."""
 
     def __init__(self, prompt_ids: list[int], length: int):
         if length < 1:

@@ -32,7 +32,12 @@ class DecodeConfig:
     init: str = "random"  # how guesses are initialised: one of INIT_CHOICES
     seed: int = 0  # seed of the random initial guesses (the output does not depend on it)
     candidates: int = 0  # candidate n-grams checked beside the window in each pass (fast engine only; 0: plain Jacobi)
-    candidate_len: int = 4  # tokens per candidate n-gram
+    candidate_len: int | None = None  # tokens per candidate n-gram; None: n-1, as many as the window guesses
+
+    @property
+    def candidate_tokens(self) -> int:
+        """The length of a candidate n-gram: ``candidate_len``, or n-1 when it is None."""
+        return self.candidate_len if self.candidate_len is not None else max(self.n - 1, 1)
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation stops after any of these
 
     def to_dict(self) -> dict:
@@ -47,16 +52,17 @@ def validate(model, prompt_ids, cfg: DecodeConfig) -> list[int]:
         raise ValueError("prompt_ids must be a list of token ids (ints)")
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    limits = (("n", cfg.n, 1, MAX_WINDOW), ("max_new_tokens", cfg.max_new_tokens, 1, MAX_NEW_TOKENS),
-              ("candidates", cfg.candidates, 0, MAX_CANDIDATES), ("candidate_len", cfg.candidate_len, 1, MAX_WINDOW))
+    limits = [("n", cfg.n, 1, MAX_WINDOW), ("max_new_tokens", cfg.max_new_tokens, 1, MAX_NEW_TOKENS),
+              ("candidates", cfg.candidates, 0, MAX_CANDIDATES), ("candidate_len", None, 1, MAX_WINDOW)]
     for name, value, lo, hi in limits:
+        value = cfg.candidate_tokens if name == "candidate_len" else value  # n is checked by then
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
         if not lo <= value <= hi:
             raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
-    if cfg.n + cfg.candidates * cfg.candidate_len > MAX_WINDOW:
+    if cfg.n + cfg.candidates * cfg.candidate_tokens > MAX_WINDOW:
         raise ValueError(f"n + candidates x candidate_len must be at most {MAX_WINDOW} tokens a pass, got "
-                         f"{cfg.n} + {cfg.candidates} x {cfg.candidate_len}")
+                         f"{cfg.n} + {cfg.candidates} x {cfg.candidate_tokens}")
     if cfg.init not in INIT_CHOICES:
         raise ValueError(f"init must be one of {INIT_CHOICES}, got {cfg.init!r}")
     vocab = model.config.get_text_config().vocab_size
@@ -267,7 +273,7 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
     t0 = _start(session, trace)
     yield trace
     lookup = ContextLookup(prompt_ids) if cfg.init == "lookup" else None
-    pool = NgramPool(prompt_ids, cfg.candidate_len) if cfg.candidates else None
+    pool = NgramPool(prompt_ids, cfg.candidate_tokens) if cfg.candidates else None
     guesses = fresh_guesses(cfg, prompt_ids, trace.tokens, [], cfg.n - 1, rng, lookup)
     while not _stop(trace, cfg):
         # Guesses past the token budget are wasted work: shrink the window near the end.

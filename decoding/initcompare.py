@@ -4,7 +4,7 @@
     python -m decoding.initcompare --engine fast --inits random,random+4x4,lookup+4x4
 
 A variant is an init (random, repeat, lookup), optionally with ``+GxL``: G candidate n-grams of L tokens checked
-beside the window in every pass (decoding/candidates.py; fast engine). Every variant gives the same text (the fixed
+beside the window in every pass (``+G``: of n-1 tokens; decoding/candidates.py; fast engine). Every variant gives the same text (the fixed
 point is the greedy answer; checked here token for token), so only the number of forwards differs: per prompt and
 variant, the forwards and tokens per forward, written to JSON as the prompts finish (an interrupted run keeps what
 it measured), with a table printed last.
@@ -24,12 +24,13 @@ from .prompts import encode, read_prompts
 
 
 def parse_variant(text: str) -> dict:
-    """"lookup+4x4" -> {"init": "lookup", "candidates": 4, "candidate_len": 4}; SystemExit with a message if malformed."""
-    init, _, cands = text.partition("+")
-    count, _, length = cands.partition("x")
-    if init not in INIT_CHOICES or (cands and not (count.isdigit() and length.isdigit())):
-        raise SystemExit(f"a variant is INIT or INIT+GxL with INIT one of {INIT_CHOICES}, got {text!r}")
-    return {"init": init, "candidates": int(count) if cands else 0, "candidate_len": int(length) if cands else 4}
+    """"lookup+4x10" -> {"init": "lookup", "candidates": 4, "candidate_len": 10}; "random+2": 2 candidates of n-1
+    tokens; "random": none. SystemExit with a message if malformed."""
+    init, plus, cands = text.partition("+")
+    count, x, length = cands.partition("x")
+    if init not in INIT_CHOICES or (plus and not (count.isdigit() and (length.isdigit() or not x))):
+        raise SystemExit(f"a variant is INIT, INIT+G or INIT+GxL with INIT one of {INIT_CHOICES}, got {text!r}")
+    return {"init": init, "candidates": int(count) if plus else 0, "candidate_len": int(length) if x else None}
 
 
 def main(argv=None) -> dict:
@@ -40,7 +41,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--inits", default="random,lookup",
                     help=f"comma-separated variants: INIT ({', '.join(INIT_CHOICES)}), or INIT+GxL to check G candidate "
-                         "n-grams of L tokens in every pass (fast engine)")
+                         "n-grams of L tokens in every pass (INIT+G: of n-1 tokens; fast engine)")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default="auto")
@@ -64,7 +65,7 @@ def main(argv=None) -> dict:
             cfg = DecodeConfig(max_new_tokens=a.max_new_tokens, n=a.n, eos_token_ids=lm.eos_token_ids, **variants[init])
             trace = run(jacobi_decode, lm.model, ids, cfg, engine=a.engine)
             if tokens is not None and trace.tokens != tokens:
-                raise SystemExit(f"prompt {p['id']}: init {init} gave other tokens than {inits[0]}")
+                raise SystemExit(f"prompt {p['id']}: variant {init} gave other tokens than {inits[0]}")
             tokens = trace.tokens
             row["inits"][init] = {"forwards": trace.forwards, "tokens": len(trace.tokens),
                                   "tokens_per_forward": trace.mean_accepted, "wall_s": trace.wall_s,
@@ -77,7 +78,7 @@ def main(argv=None) -> dict:
         summary[init] = {"tokens_per_forward": statistics.mean(r["tokens_per_forward"] for r in rows),
                          "pooled": sum(r["tokens"] for r in rows) / sum(r["forwards"] for r in rows),
                          "forwards": sum(r["forwards"] for r in rows),
-                         "wall_s": sum(r.get("wall_s", 0.0) for r in rows)}
+                         "wall_s": sum(r["wall_s"] for r in rows)}
     result["summary"] = summary
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(f"\n{len(prompts)} prompts, n = {a.n}, {a.max_new_tokens} new tokens, {lm.device} {lm.dtype}, same text under every init")

@@ -107,10 +107,12 @@ def test_initcompare_pairs_the_inits_on_the_same_prompts(tiny_model_dir, tmp_pat
         assert len({r["tokens"] for r in row["inits"].values()}) == 1
     assert all(s["tokens_per_forward"] >= 1.0 for s in result["summary"].values())
     assert "lookup" in capsys.readouterr().out
-    for bad in ("zeros", "random+2", "random+axb"):
-        with pytest.raises(SystemExit, match="a variant is INIT or INIT"):
+    for bad in ("zeros", "random+2x", "random+axb", "random+"):
+        with pytest.raises(SystemExit, match="a variant is INIT, INIT"):
             initcompare.main(["--model", str(tiny_model_dir), "--adapter", "none", "--inits", bad])
     assert initcompare.parse_variant("lookup+3x10") == {"init": "lookup", "candidates": 3, "candidate_len": 10}
+    assert initcompare.parse_variant("random+2") == {"init": "random", "candidates": 2, "candidate_len": None}
+    assert initcompare.parse_variant("repeat") == {"init": "repeat", "candidates": 0, "candidate_len": None}
 
 
 def test_bench_checks_candidate_ngrams_beside_the_window(tiny_model_dir, tmp_path):

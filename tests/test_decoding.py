@@ -116,6 +116,7 @@ def test_window_never_passes_the_budget(tiny_model):
         ([1, 2], {"candidates": 17}, "candidates must be"),
         ([1, 2], {"candidates": 2, "candidate_len": 0}, "candidate_len must be"),
         ([1, 2], {"n": 64, "candidates": 8, "candidate_len": 9}, "at most 128 tokens a pass"),
+        ([1, 2], {"n": 64, "candidates": 2}, "at most 128 tokens a pass"),  # 2 candidates of n-1 = 63 tokens
     ],
 )
 def test_bad_input_raises_before_work(tiny_model, prompt, kwargs, message):
@@ -201,6 +202,12 @@ def test_lookup_index_matches_the_backward_scan_as_the_answer_grows():
             count = rng.randrange(1, 8)
             assert lookup.guesses(answer, carried, count) == _scan_lookup(prompt + answer, carried, count), trial
 
+
+
+def test_candidate_length_defaults_to_the_windows_guesses():
+    assert DecodeConfig(n=16, candidates=2).candidate_tokens == 15
+    assert DecodeConfig(n=1, candidates=2).candidate_tokens == 1
+    assert DecodeConfig(n=16, candidates=2, candidate_len=4).candidate_tokens == 4
 
 
 def test_candidates_need_the_fast_engine(tiny_model):
