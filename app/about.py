@@ -69,16 +69,20 @@ def example_figure() -> str:
     return step_html(EXAMPLE_STEP, 1, lambda tok: WORDS[tok], context="The cat sat on the")
 
 
+RESULT_GLOBS = ("*.json", "candidates/*.json")  # the folder's own benches, then those with candidate n-grams
+
+
 def read_results(folder: Path = RESULTS) -> list[dict]:
     """Benchmark results (``python -m decoding.bench --out``) committed under assets/results, by file name."""
     found = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    paths = [p for pattern in RESULT_GLOBS for p in sorted(folder.glob(pattern))] if folder.is_dir() else []
+    for path in paths:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(data, dict) and isinstance(data.get("summary", {}).get("lanes"), dict):
-            found.append(data | {"_file": path.name})
+            found.append(data | {"_file": path.relative_to(folder).as_posix()})
     return found
 
 
@@ -143,6 +147,15 @@ def _adapter_label(meta: dict, shipped_sha: str | None) -> str | None:
     return "the shipped CLLM adapter" if sha == shipped_sha else f"an earlier CLLM adapter (sha256 {sha[:8]})"
 
 
+def _candidates_label(decode: dict) -> str | None:
+    """"2 candidate n-grams of 15 tokens" for a bench that checked them beside the Jacobi window, else None."""
+    count = decode.get("candidates") or 0
+    if not isinstance(count, int) or count <= 0:
+        return None
+    length = decode.get("candidate_len") or max(int(decode.get("n", 2)) - 1, 1)
+    return f"{count} candidate n-gram{'s' if count > 1 else ''} of {length} tokens"
+
+
 def results_markdown(results: list[dict], shipped_sha: str | None = None) -> str:
     """Our measured numbers as Markdown tables, one per result file; ``shipped_sha`` (default: read from the shipped
     adapter) tells which files measured the adapter shipped now."""
@@ -161,6 +174,7 @@ def results_markdown(results: list[dict], shipped_sha: str | None = None) -> str
                                            f"{engine} engine" if engine else None, _adapter_label(meta, shipped_sha),
                                            "timed in a second thread" if config.get("in_thread") else None,
                                            f"n = {decode['n']}" if "n" in decode else None,
+                                           _candidates_label(decode),
                                            f"{decode['max_new_tokens']} new tokens" if "max_new_tokens" in decode else None) if x)
         exact = res["summary"].get("exact_match", {})
         rows = ["| lane | tok/s | tokens per forward | speedup vs base AR | same tokens as |", "|---|---|---|---|---|"]

@@ -224,8 +224,13 @@ def test_results_are_read_from_benchmark_json(tmp_path):
     (tmp_path / "a-cpu.json").write_text(json.dumps(result))
     (tmp_path / "b-eval.json").write_text(json.dumps({"summary": {"tokens_per_forward": 3.1}}))  # not a bench file
     (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "candidates").mkdir()
+    with_candidates = result | {"meta": result["meta"] | {"decode": {"n": 16, "max_new_tokens": 128, "candidates": 2}}}
+    (tmp_path / "candidates" / "c2.json").write_text(json.dumps(with_candidates))
     results = about.read_results(tmp_path)
-    assert [r["_file"] for r in results] == ["a-cpu.json"]
+    assert [r["_file"] for r in results] == ["a-cpu.json", "candidates/c2.json"]
+    assert "n = 16, 2 candidate n-grams of 15 tokens, 128 new tokens" in about.results_markdown(results[1:])
+    results = results[:1]
     md = about.results_markdown(results)
     assert "**a-cpu.json** (x86_64, float32, n = 16, 128 new tokens)" in md and "`python -m decoding.bench --n 16`" in md
     assert "| base_ar | 10.0 | 1.00 | 1.00× | — |" in md
