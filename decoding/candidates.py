@@ -20,6 +20,28 @@ RECYCLED_PER_TOKEN = 4  # recycled continuations kept per first token (the lates
 TEXT_LOOKS = 16  # earlier occurrences of a key looked at per pass (the latest)
 
 
+class TextIndex:
+    """The prompt and the accepted answer, and for every run of 1..``key_len`` tokens with a token after it, the
+    positions right after it (oldest first). ``sync`` adds the answer's new tokens: constant time a token, however
+    long the text. Shared by the lookup init (``decoders.ContextLookup``) and the candidate n-grams."""
+
+    def __init__(self, prompt_ids: list[int], key_len: int = 2):
+        self.key_len, self.text, self.after, self.answered = key_len, [], {}, 0
+        self._extend(prompt_ids)
+
+    def _extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            end = len(self.text)  # the new token follows the runs that end just before it
+            self.text.append(token)
+            for size in range(1, min(self.key_len, end) + 1):
+                self.after.setdefault(tuple(self.text[end - size:end]), []).append(end)
+
+    def sync(self, answer: list[int]) -> None:
+        """Add the tokens of ``answer`` (the accepted tokens so far, which only grow) not yet in the text."""
+        self._extend(answer[self.answered:])
+        self.answered = len(answer)
+
+
 class NgramPool:
     """Continuations of up to ``length`` tokens for the token last accepted, from the text and from earlier passes.
 
@@ -31,19 +53,8 @@ class NgramPool:
         if length < 1:
             raise ValueError(f"candidate length must be at least 1, got {length}")
         self.length = length
-        self.text: list[int] = []
-        self.after: dict[tuple[int, ...], list[int]] = {}  # 1- and 2-token keys -> text positions right after them
+        self.index = TextIndex(prompt_ids, key_len=2)
         self.recycled: dict[int, OrderedDict] = {}  # first token -> continuations (tuples), latest last
-        self.answered = 0
-        self._extend(prompt_ids)
-
-    def _extend(self, tokens: list[int]) -> None:
-        for token in tokens:
-            end = len(self.text)
-            self.text.append(token)
-            for size in (1, 2):
-                if end >= size:  # the new token follows the key that ends just before it
-                    self.after.setdefault(tuple(self.text[end - size:end]), []).append(end)
 
     def recycle(self, outputs: list[int]) -> None:
         """Keep, for each of ``outputs`` but the last, the outputs after it as a continuation of it."""
@@ -58,8 +69,8 @@ class NgramPool:
     def candidates(self, answer: list[int], count: int, window_guesses: list[int], max_len: int) -> list[list[int]]:
         """Up to ``count`` distinct continuations of ``answer`` (the accepted tokens so far, which only grow), each
         at most ``max_len`` tokens, none a prefix of the window's own ``window_guesses`` (the window checks those)."""
-        self._extend(answer[self.answered:])
-        self.answered = len(answer)
+        self.index.sync(answer)
+        text = self.index.text
         size = min(self.length, max_len)
         if count <= 0 or size <= 0:
             return []
@@ -73,12 +84,12 @@ class NgramPool:
                 found.append(list(cont))
             return len(found) >= count
 
-        for key in (tuple(self.text[-2:]), tuple(self.text[-1:])):
+        for key in (tuple(text[-2:]), tuple(text[-1:])):
             # the latest occurrences first; the text's own end has nothing after it yet
-            for start in reversed(self.after.get(key, [])[-TEXT_LOOKS:]):
-                if offer(self.text[start:start + size]):
+            for start in reversed(self.index.after.get(key, [])[-TEXT_LOOKS:]):
+                if offer(text[start:start + size]):
                     return found
-        for cont in reversed(self.recycled.get(self.text[-1], {})):
+        for cont in reversed(self.recycled.get(text[-1], {})):
             if offer(cont):
                 return found
         return found

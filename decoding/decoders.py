@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .candidates import NgramPool
+from .candidates import NgramPool, TextIndex
 from .trace import DecodeTrace, Iteration
 
 MAX_WINDOW = 128  # largest Jacobi window we accept (candidate n-grams included)
@@ -193,30 +193,22 @@ class ContextLookup:
     occurrence of the text's last ``key_len`` tokens (else of its last token). Text that repeats what the prompt or
     the answer already holds then starts out right.
 
-    It keeps, for every run of 1..``key_len`` tokens with a token after it, where it last started, and adds the
-    answer's tokens as they are accepted: constant time a step, however long the text."""
+    Its ``TextIndex`` keeps, for every run of 1..``key_len`` tokens with a token after it, where it was followed, and
+    adds the answer's tokens as they are accepted: constant time a step, however long the text."""
 
     def __init__(self, prompt_ids: list[int], key_len: int = 2):
-        self.key_len, self.text, self.latest, self.answered = key_len, [], {}, 0
-        self._extend(prompt_ids)
-
-    def _extend(self, tokens: list[int]) -> None:
-        for token in tokens:
-            end = len(self.text)  # the new token follows the runs that end just before it
-            self.text.append(token)
-            for size in range(1, min(self.key_len, end) + 1):
-                self.latest[tuple(self.text[end - size:end])] = end - size
+        self.index = TextIndex(prompt_ids, key_len)
 
     def guesses(self, answer: list[int], carried: list[int], count: int) -> list[int]:
         """Up to ``count`` guesses for the slots after ``answer`` (the accepted tokens so far, which only grow) and
         the ``carried`` guesses. May return fewer (or none)."""
-        self._extend(answer[self.answered:])
-        self.answered = len(answer)
-        tail = (self.text[-self.key_len:] + carried)[-self.key_len:]
-        for size in range(min(self.key_len, len(tail)), 0, -1):
-            start = self.latest.get(tuple(tail[-size:]))
-            if start is not None:
-                return self.text[start + size: start + size + count]
+        index = self.index
+        index.sync(answer)
+        tail = (index.text[-index.key_len:] + carried)[-index.key_len:]
+        for size in range(min(index.key_len, len(tail)), 0, -1):
+            after = index.after.get(tuple(tail[-size:]))
+            if after:
+                return index.text[after[-1]: after[-1] + count]  # the latest occurrence
         return []
 
 
