@@ -6,6 +6,7 @@ from html import escape
 from pathlib import Path
 
 from decoding import DEFAULT_ADAPTER, Iteration, adapter_sha256
+from decoding.decoders import default_candidate_len
 
 from .render import step_html
 
@@ -152,7 +153,7 @@ def _candidates_label(decode: dict) -> str | None:
     count = decode.get("candidates") or 0
     if not isinstance(count, int) or count <= 0:
         return None
-    length = decode.get("candidate_len") or max(int(decode.get("n", 2)) - 1, 1)
+    length = decode.get("candidate_len") or default_candidate_len(int(decode.get("n", 2)))
     return f"{count} candidate n-gram{'s' if count > 1 else ''} of {length} tokens"
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from decoding import DecodeConfig, DecodeTrace, encode, validate
-from decoding.decoders import DECODERS, INIT_CHOICES, MAX_WINDOW
+from decoding.decoders import DECODERS, INIT_CHOICES, MAX_WINDOW, default_candidate_len
 
 from .text import Detokenizer
 
@@ -76,29 +76,29 @@ class Race:
         return [r for r in self.runs if r.status == "done"]
 
 
+def whole_number(name: str, value, lo: int, hi: int) -> int:
+    """``value`` as an int if it is a whole number from ``lo`` to ``hi`` (a slider may send 8.0), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not lo <= int(value) <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {int(value)}")
+    return int(value)
+
+
 def check_settings(n, max_new_tokens, init: str = "random", limit: int = MAX_NEW_TOKENS) -> tuple[int, int]:
     """Validate the numbers a user or an API client sent; returns them as ints or raises ValueError."""
-    out = []
-    for name, value, hi in (("window size n", n, MAX_WINDOW), ("max new tokens", max_new_tokens, limit)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
-        if not 1 <= int(value) <= hi:
-            raise ValueError(f"{name} must be between 1 and {hi}, got {int(value)}")
-        out.append(int(value))
+    n, max_new_tokens = whole_number("window size n", n, 1, MAX_WINDOW), whole_number("max new tokens", max_new_tokens, 1, limit)
     if init not in INIT_CHOICES:
         raise ValueError(f"initial guesses must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
-    return out[0], out[1]
+    return n, max_new_tokens
 
 
 def check_candidates(candidates, n: int, engine: str) -> int:
     """Validate the candidate n-grams a request asks for (each as long as the window's n-1 guesses)."""
-    if isinstance(candidates, bool) or not isinstance(candidates, (int, float)) or candidates != int(candidates):
-        raise ValueError(f"candidate n-grams must be a whole number, got {candidates!r}")
-    candidates = int(candidates)
-    if not 0 <= candidates <= MAX_CANDIDATES:
-        raise ValueError(f"candidate n-grams must be between 0 and {MAX_CANDIDATES}, got {candidates}")
-    if candidates and n + candidates * max(n - 1, 1) > MAX_WINDOW:
-        raise ValueError(f"a window of {n} with {candidates} candidate n-grams of {max(n - 1, 1)} tokens is over "
+    candidates = whole_number("candidate n-grams", candidates, 0, MAX_CANDIDATES)
+    length = default_candidate_len(n)
+    if candidates and n + candidates * length > MAX_WINDOW:
+        raise ValueError(f"a window of {n} with {candidates} candidate n-grams of {length} tokens is over "
                          f"{MAX_WINDOW} tokens a pass: use fewer candidates or a smaller window")
     if candidates and engine != "fast":
         raise ValueError("candidate n-grams need the fast engine, which this model does not run on: set them to 0")
@@ -121,7 +121,7 @@ def new_race(host, prompt: str, n, max_new_tokens, init: str = "random", lanes=D
     if not chosen:
         raise ValueError("no lane to run: tick at least one lane (the CLLM lanes need a CLLM adapter)")
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, n=n, init=init, eos_token_ids=host.base.eos_token_ids,
-                       candidates=candidates, candidate_len=max(n - 1, 1))
+                       candidates=candidates, candidate_len=default_candidate_len(n))
     prompt_ids = encode(host.base.tokenizer, prompt)  # raises on an oversized prompt
     validate(host.base.model, prompt_ids, cfg)  # context length and the rest, before any work
     return Race(prompt, cfg, host.base.name, str(host.base.device), [LaneRun(lane) for lane in chosen])

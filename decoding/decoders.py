@@ -23,6 +23,11 @@ MAX_NEW_TOKENS = 4096  # hard cap on one request
 INIT_CHOICES = ("random", "repeat", "lookup")  # initial guesses: random prompt tokens (the paper), the last token repeated, or copied from the context
 
 
+def default_candidate_len(n: int) -> int:
+    """Tokens of a candidate n-gram when none is given: n-1, as many as the window guesses (at least 1)."""
+    return max(n - 1, 1)
+
+
 @dataclass
 class DecodeConfig:
     """Settings of one decode; saved with every benchmark result."""
@@ -36,8 +41,8 @@ class DecodeConfig:
 
     @property
     def candidate_tokens(self) -> int:
-        """The length of a candidate n-gram: ``candidate_len``, or n-1 when it is None."""
-        return self.candidate_len if self.candidate_len is not None else max(self.n - 1, 1)
+        """The length of a candidate n-gram: ``candidate_len``, or ``default_candidate_len(n)`` when it is None."""
+        return self.candidate_len if self.candidate_len is not None else default_candidate_len(self.n)
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation stops after any of these
 
     def to_dict(self) -> dict:
@@ -52,14 +57,10 @@ def validate(model, prompt_ids, cfg: DecodeConfig) -> list[int]:
         raise ValueError("prompt_ids must be a list of token ids (ints)")
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    limits = [("n", cfg.n, 1, MAX_WINDOW), ("max_new_tokens", cfg.max_new_tokens, 1, MAX_NEW_TOKENS),
-              ("candidates", cfg.candidates, 0, MAX_CANDIDATES), ("candidate_len", None, 1, MAX_WINDOW)]
-    for name, value, lo, hi in limits:
-        value = cfg.candidate_tokens if name == "candidate_len" else value  # n is checked by then
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
-        if not lo <= value <= hi:
-            raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+    check_int("n", cfg.n, 1, MAX_WINDOW)
+    check_int("max_new_tokens", cfg.max_new_tokens, 1, MAX_NEW_TOKENS)
+    check_int("candidates", cfg.candidates, 0, MAX_CANDIDATES)
+    check_int("candidate_len", cfg.candidate_tokens, 1, MAX_WINDOW)  # n is an int by then
     if cfg.n + cfg.candidates * cfg.candidate_tokens > MAX_WINDOW:
         raise ValueError(f"n + candidates x candidate_len must be at most {MAX_WINDOW} tokens a pass, got "
                          f"{cfg.n} + {cfg.candidates} x {cfg.candidate_tokens}")
@@ -75,6 +76,14 @@ def validate(model, prompt_ids, cfg: DecodeConfig) -> list[int]:
             f"the model's context of {context} tokens: shorten the prompt or ask for fewer tokens"
         )
     return list(prompt_ids)
+
+
+def check_int(name: str, value, lo: int, hi: int) -> None:
+    """ValueError unless ``value`` is an int (not a bool) from ``lo`` to ``hi``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
 
 
 def context_length(model) -> int:
