@@ -277,11 +277,11 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
     pool = NgramPool(prompt_ids, cfg.candidate_tokens) if cfg.candidates else None
     guesses = fresh_guesses(cfg, prompt_ids, trace.tokens, [], cfg.n - 1, rng, lookup)
     while not _stop(trace, cfg):
-        # Guesses past the token budget are wasted work: shrink the window near the end.
-        width = min(cfg.n, cfg.max_new_tokens - len(trace.tokens) + 1)
-        window = [trace.tokens[-1]] + guesses[: width - 1]
+        # Guesses past the token budget are wasted work: shrink the window (and the candidates) near the end.
         start = len(trace.tokens)
-        budget = cfg.max_new_tokens - len(trace.tokens)  # guesses past it are wasted, as for the window
+        budget = cfg.max_new_tokens - start
+        width = min(cfg.n, budget + 1)
+        window = [trace.tokens[-1]] + guesses[: width - 1]
         cands = pool.candidates(trace.tokens, cfg.candidates, window[1:], budget) if pool else []
         if cands:
             outputs, cand_outputs = session.verify(window, cands)
