@@ -118,6 +118,7 @@ def convergence_cells(run: LaneRun, axis: str = "window", token_text=None) -> tu
             final = run.pieces[it.start + j] if it.start + j < len(run.pieces) else ""
             hover[r][col] = (
                 f"iteration {it.index}, window slot {j}, answer token {it.start + j + 1}<br>"
+                + (f"this row is candidate n-gram {it.candidate}, kept over the window<br>" if it.candidate else "") +
                 f"fed in {show_token(token_text(inp))} → out {show_token(token_text(out))}<br>"
                 f"{state}" + (f" (final token {show_token(final)})" if state == "wrong" and final else "")
             )
@@ -137,6 +138,16 @@ def convergence_map(run: LaneRun | None, axis: str = "window", token_text=None) 
         x=list(range(width)), y=[it.index for it in run.trace.iterations],
         colorbar=dict(tickvals=[0, 1, 2], ticktext=["wrong guess", "right, waiting (stationary)", "accepted"], len=0.8, thickness=14),
     ))
+    kept = [it for it in run.trace.iterations if it.candidate]
+    if kept:  # a diamond left of a row: that pass kept a candidate n-gram, and the row shows it instead of the window
+        fig.add_trace(go.Scatter(
+            x=[-1] * len(kept), y=[it.index for it in kept], mode="markers", name="kept a candidate n-gram",
+            marker=dict(symbol="diamond", size=9, color=CELL_COLORS["accepted"], line=dict(width=1, color="#333")),
+            customdata=[it.candidate for it in kept],
+            hovertemplate="iteration %{y}: candidate n-gram %{customdata} was right for longer than the window, "
+                          "so this row shows it<extra></extra>",
+        ))
+        fig.update_layout(showlegend=True)
     x = "position in the window (0 = last accepted token)" if axis == "window" else "position in the answer"
     rows = len(run.trace.iterations)
     fig = _layout(fig, f"{title} · {escape(run.lane.label)}", x, "iteration", height=min(900, max(320, 60 + 14 * rows)))

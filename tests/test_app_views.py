@@ -174,6 +174,19 @@ def test_accepted_chart_marks_candidate_passes():
     assert list(line.customdata) == ["", " (candidate n-gram 2)"]
 
 
+def test_convergence_map_marks_candidate_rows():
+    trace = DecodeTrace("jacobi", 4, [1], tokens=[5, 6, 7, 8, 9, 10], prefill_s=0.01, wall_s=0.1, done=True)
+    trace.iterations = [Iteration(1, 1, [5, 0, 0, 0], [6, 1, 1, 1], 1, 0.02),
+                        Iteration(2, 2, [6, 7, 8, 9], [7, 8, 9, 10], 4, 0.03, candidate=2)]
+    run = LaneRun(LANES["base_jacobi"], "done", trace)
+    fig = charts.convergence_map(run, "window")
+    heat, marks = fig.data
+    assert "candidate n-gram" not in heat.text[0][0] and "candidate n-gram 2, kept" in heat.text[1][0]
+    assert list(marks.x) == [-1] and list(marks.y) == [2] and list(marks.customdata) == [2]
+    trace.iterations = trace.iterations[:1]  # plain passes only: the heatmap alone
+    assert len(charts.convergence_map(run, "window").data) == 1
+
+
 def test_speed_summary_chart(race):
     fig = charts.speed_summary(race)
     bar = fig.data[0]
