@@ -152,20 +152,32 @@ def test_packed_forward_matches_plain_forwards(tiny, samples):
                     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_anchored_loops_keep_their_answer_terms_and_lose_consistency_from_the_onset(samples):
-    """--loop-samples anchor: a sample whose answer loops is marked where the loop begins; pack then gives it no
-    consistency output from there on, and the same answer mask as before."""
+def test_caught_loops_stop_the_chosen_terms_at_their_onset(samples):
+    """--loop-samples anchor | tail | cut: a sample whose answer loops is marked where the loop begins; pack then
+    stops the consistency outputs (all three), the AR term (tail, cut) and the unlikelihood term (cut) there."""
     looping = {"answer": torch.tensor([5, 6, 7] + [9] * 12 + [3]), "valid": 15}
-    assert train.anchor_loop(looping, 10)["cons_end"] == 3  # ten 9s in a row, the first at index 3
-    assert train.anchor_loop(looping, 13) is looping  # twelve 9s only: not caught, not marked
+    assert train.mark_loop(looping, 10) == {**looping, "cons_end": 3}  # ten 9s in a row, the first at index 3
+    assert train.mark_loop(looping, 10, "tail") == {**looping, "cons_end": 3, "ar_end": 3}
+    assert train.mark_loop(looping, 10, "cut") == {**looping, "cons_end": 3, "ar_end": 3, "ul_end": 3}
+    assert train.mark_loop(looping, 13, "cut") is looping  # twelve 9s only: not caught, not marked
     _, out, _ = samples
     x = out[0]
     cut = 5
     assert x["valid"] > cut + 1
     states, _ = pick_states(x, 4, random.Random(0))
-    b = pack([x, {**x, "cons_end": cut}], [[states, states]], 4, pad_id=2)
-    assert torch.equal(b.ar_mask[0], b.ar_mask[1]) and torch.equal(b.cons_mask[0, 0, :cut], b.cons_mask[0, 1, :cut])
-    assert b.cons_mask[0, 0, cut:].any() and not b.cons_mask[0, 1, cut:].any()
+    marked = [{**x, **dict.fromkeys(train.LOOP_ENDS[mode][0], cut)} for mode in ("anchor", "tail", "cut")]
+    b = pack([x] + marked, [[states] * 4], 4, pad_id=2)
+    assert all(torch.equal(b.valid[0], b.valid[i]) for i in range(4))
+    for i in range(1, 4):  # the consistency outputs before the onset are those of the unmarked sample
+        assert torch.equal(b.cons_mask[0, 0, :cut], b.cons_mask[0, i, :cut]) and not b.cons_mask[0, i, cut:].any()
+    assert b.cons_mask[0, 0, cut:].any()
+    full, stopped = b.valid[0], b.valid[0] & (torch.arange(b.valid.shape[1]) < cut)
+    assert [torch.equal(b.ar_mask[i], full) for i in range(4)] == [True, True, False, False]
+    assert [torch.equal(b.ul_mask[i], full) for i in range(4)] == [True, True, True, False]
+    assert torch.equal(b.ar_mask[2], stopped) and torch.equal(b.ar_mask[3], stopped) and torch.equal(b.ul_mask[3], stopped)
+    counts = train.row_counts(b, train.TrainSettings(unlikelihood=0.5))  # what the chunked means weight rows by
+    assert counts["ar"].tolist() == [full.sum().item()] * 2 + [cut] * 2
+    assert counts["unlikelihood"].tolist() == [full.sum().item()] * 3 + [cut]
 
 
 def test_padding_to_a_multiple_changes_the_shapes_not_the_losses(tiny, samples):
@@ -514,14 +526,15 @@ def test_pipeline_end_to_end(tmp_path):
         train.main(common + ["--out", str(tmp_path / "none"), "--max-rep", "-1"])
     with pytest.raises(SystemExit, match="--repeat-limit 1 drops all"):  # every answer holds one token once
         train.main(common + ["--out", str(tmp_path / "none"), "--repeat-limit", "1"])
-    with pytest.raises(SystemExit, match="--loop-samples must be drop or anchor"):
+    with pytest.raises(SystemExit, match="--loop-samples must be drop, anchor, tail, cut"):
         train.main(common + ["--out", str(tmp_path / "none"), "--loop-samples", "keep"])
-    with pytest.raises(SystemExit, match="--loop-samples anchor needs --repeat-limit"):
-        train.main(common + ["--out", str(tmp_path / "none"), "--loop-samples", "anchor"])
-    anchored = tmp_path / "anchored"  # limit 2: most answers of a tiny random model hold some pattern twice in a row
-    train.main(common + ["--out", str(anchored), "--repeat-limit", "2", "--loop-samples", "anchor", "--max-steps", "1"])
-    kept = json.loads((anchored / "train_settings.json").read_text())
-    assert kept["samples"] == kept["collected"] and 0 < kept["loop_anchored"] <= kept["samples"]
+    with pytest.raises(SystemExit, match="--loop-samples tail needs --repeat-limit"):
+        train.main(common + ["--out", str(tmp_path / "none"), "--loop-samples", "tail"])
+    for mode in ("anchor", "tail"):  # limit 2: most answers of a tiny random model hold some pattern twice in a row
+        train.main(common + ["--out", str(tmp_path / mode), "--repeat-limit", "2", "--loop-samples", mode,
+                             "--unlikelihood", "0.5", "--max-steps", "1"])
+        kept = json.loads((tmp_path / mode / "train_settings.json").read_text())
+        assert kept["samples"] == kept["collected"] and 0 < kept["loop_anchored"] <= kept["samples"]
     with pytest.raises(SystemExit, match="--repeat-limit must be 0"):
         train.main(common + ["--out", str(tmp_path / "none"), "--repeat-limit", "-1"])
     with pytest.raises(SystemExit, match="--unlikelihood must be 0 or more"):

@@ -64,12 +64,14 @@ class PackedBatch:
     attention_mask: torch.Tensor  # [B, 1, S, S] bool, True = may attend
     keep: torch.Tensor  # [K] indices of the positions whose logits are needed (same for every row)
     answer: torch.Tensor  # [B, L] fixed-point tokens (targets)
-    ar_mask: torch.Tensor  # [B, L] answer tokens that count (up to and including EOS)
+    ar_mask: torch.Tensor  # [B, L] answer tokens the AR term counts (up to and including EOS; see ``ar_end`` in pack)
     states: torch.Tensor  # [streams, B, L] the noisy states fed (as answer-aligned guesses)
     cons_mask: torch.Tensor  # [streams, B, L] noisy outputs that count: after the state's first wrong token
     repeats: torch.Tensor  # [B, L] answer tokens that end a 4-gram already seen in the prompt or earlier in the answer
     n: int  # block size
     prompt_end: int  # P: index where the clean answer starts
+    valid: torch.Tensor  # [B, L] answer tokens that exist (up to and including EOS)
+    ul_mask: torch.Tensor  # [B, L] answer tokens the unlikelihood term counts (see ``ul_end`` in pack)
 
     def to(self, device) -> "PackedBatch":
         fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -77,13 +79,13 @@ class PackedBatch:
 
     def real(self) -> torch.Tensor:
         """[B, P + L] bool: the row's own tokens in its prompt and clean answer (up to EOS), not padding."""
-        return real_tokens(self.attention_mask, self.prompt_end, self.ar_mask)
+        return real_tokens(self.attention_mask, self.prompt_end, self.valid)
 
     def rows(self, sl: slice) -> "PackedBatch":
         """The rows ``sl`` of this batch, with the same layout (segment boundaries, ``keep``, ``n``)."""
         return PackedBatch(self.input_ids[sl], self.position_ids[sl], self.attention_mask[sl], self.keep,
                            self.answer[sl], self.ar_mask[sl], self.states[:, sl], self.cons_mask[:, sl],
-                           self.repeats[sl], self.n, self.prompt_end)
+                           self.repeats[sl], self.n, self.prompt_end, self.valid[sl], self.ul_mask[sl])
 
 
 def round_up(width: int, multiple: int) -> int:
@@ -97,7 +99,11 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
 
     ``pad_to``: the prompt segment is left-padded to a multiple of this width, so batches come in few shapes (kernels
     that are planned per shape, such as cuDNN attention's, are then planned once for many steps); the extra pads
-    change no loss."""
+    change no loss.
+
+    A sample may end its terms early (``train.mark_loop`` sets these at the onset of a loop): ``cons_end``, the first
+    answer position with no consistency output; ``ar_end``, the first the AR term skips; ``ul_end``, the first the
+    unlikelihood term skips."""
     B, S_n = len(samples), len(streams)
     P = round_up(max(len(x["prompt"]) for x in samples), pad_to)
     L = max(len(x["states"]) for x in samples) * n
@@ -106,7 +112,7 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
     pos = torch.zeros((B, S), dtype=torch.long)
     mask = torch.zeros((B, S, S), dtype=torch.bool)
     answer = torch.full((B, L), pad_id, dtype=torch.long)
-    ar_mask = torch.zeros((B, L), dtype=torch.bool)
+    valid = torch.zeros((B, L), dtype=torch.bool)
     states = torch.full((S_n, B, L), pad_id, dtype=torch.long)
     cons = torch.zeros((S_n, B, L), dtype=torch.bool)
     repeat = torch.zeros((B, L), dtype=torch.bool)
@@ -119,7 +125,7 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
         ids[b, P:P + T * n] = ans
         pos[b, a:P + L] = torch.arange(P + L - a)
         answer[b, :T * n] = ans
-        ar_mask[b, : x["valid"]] = True
+        valid[b, : x["valid"]] = True
         repeat[b, : x["valid"]] = torch.tensor(repeat_flags(list(x["prompt"]), ans[: x["valid"]].tolist()), dtype=torch.bool)
         mask[b, a:P + L, a:P + L] = torch.ones(P + L - a, P + L - a, dtype=torch.bool).tril()
         bridge = torch.cat([ids[b, P - 1:P], ans])  # bridge[jn] is the token before block j
@@ -137,10 +143,13 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
                 f = int(first_wrong(state, ans[j * n:(j + 1) * n]))
                 # Outputs up to the first wrong guess see only right tokens: equal to the teacher's, no signal.
                 cons[s, b, j * n + f + 1:(j + 1) * n] = True
-        cons[:, b, min(x["valid"], x.get("cons_end", x["valid"])):] = False  # cons_end: see train.anchor_loop
+        cons[:, b, min(x["valid"], x.get("cons_end", L)):] = False  # nothing past EOS, nor past cons_end
     mask |= torch.eye(S, dtype=torch.bool)  # pads (and every token) see themselves: no empty softmax row
     keep = torch.cat([torch.arange(P - 1, P - 1 + L)] + [torch.arange(P + L * (s + 1), P + L * (s + 2)) for s in range(S_n)])
-    return PackedBatch(ids, pos, mask[:, None], keep, answer, ar_mask, states, cons, repeat, n, P)
+    ends = torch.arange(L)[None]
+    ar_mask = valid & (ends < torch.tensor([x.get("ar_end", L) for x in samples])[:, None])
+    ul_mask = valid & (ends < torch.tensor([x.get("ul_end", L) for x in samples])[:, None])
+    return PackedBatch(ids, pos, mask[:, None], keep, answer, ar_mask, states, cons, repeat, n, P, valid, ul_mask)
 
 
 @dataclass

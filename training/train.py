@@ -86,7 +86,7 @@ class TrainSettings:
     group_by_length: bool = False  # batches of samples of similar length (sorted within chunks of 16 batches, batch order shuffled): less padding per step (our prompts run from a few tokens to over 400)
     max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all)
     repeat_limit: int = 0  # drop samples whose answer repeats a pattern of 1..4 tokens this many times in a row, as training.collect's filter does (10 there; 0 keeps all): one collection with --repeat-limit 1000 then serves filtered and unfiltered runs
-    loop_samples: str = "drop"  # what --repeat-limit does with a sample it catches: "drop" it, or "anchor": keep it with no consistency outputs from its loop's first token on, so the AR (KL to the loop-penalised base) and unlikelihood terms work on the loop and nothing teaches Jacobi to fast-forward it (--max-rep, applied after, drops most looping answers: leave it at 1.0)
+    loop_samples: str = "drop"  # what --repeat-limit does with a sample it catches: "drop" it, or keep it with fewer terms from its loop's first token on: "anchor" (no consistency there; the AR term, a KL to the loop-penalised base, and unlikelihood work on the loop), "tail" (unlikelihood alone works on the loop) or "cut" (no term sees the loop: the answer as if it ended there). --max-rep, applied after, drops most looping answers: leave it at 1.0
     lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup: float = 0.03  # fraction of steps of linear warm-up
@@ -148,11 +148,18 @@ def sample_length(sample: dict) -> int:
     return len(sample["prompt"]) + 2 * n * len(sample["states"])
 
 
-def anchor_loop(sample: dict, limit: int) -> dict:
-    """The sample, marked (``cons_end``: the first answer position with no consistency output) if its answer holds a
-    loop that ``--repeat-limit`` catches: training then learns the loop only through the answer terms."""
+LOOP_ENDS = {  # --loop-samples: the terms that stop at a caught loop's first token (pack's cons_end, ar_end, ul_end)
+    "anchor": (("cons_end",), "the answer terms only"),
+    "tail": (("cons_end", "ar_end"), "unlikelihood only"),
+    "cut": (("cons_end", "ar_end", "ul_end"), "no term"),
+}
+
+
+def mark_loop(sample: dict, limit: int, mode: str = "anchor") -> dict:
+    """The sample, marked where the terms of ``mode`` (LOOP_ENDS) stop, if its answer holds a loop that
+    ``--repeat-limit`` catches; otherwise the sample itself."""
     onset = loop_onset(sample["answer"][: sample["valid"]].tolist(), limit, 4)
-    return sample if onset is None else {**sample, "cons_end": onset}
+    return sample if onset is None else {**sample, **dict.fromkeys(LOOP_ENDS[mode][0], onset)}
 
 
 def make_batch(samples: list[dict], idx: list[int], s: TrainSettings, step: int, pad_id: int) -> PackedBatch:
@@ -213,7 +220,7 @@ def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dic
         # Local: the state's outputs matched to the model's own (detached) outputs on the next state.
         out["local"] = soft_kl(logits[:, 2 * L:3 * L].detach()[sel], student[sel], weights)
     if s.unlikelihood > 0:
-        out["unlikelihood"] = unlikelihood(clean[b.ar_mask], loops[b.ar_mask])
+        out["unlikelihood"] = unlikelihood(clean[b.ul_mask], loops[b.ul_mask])
     out["loss"] = total_loss(out, s)
     with torch.no_grad():
         B = b.answer.shape[0]
@@ -239,8 +246,8 @@ def row_counts(b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
     sel = b.cons_mask[0]
     rw = repeat_weights(b, s)
     weights = sel.float() if rw is None else sel * rw
-    answer, cons = b.ar_mask.float().sum(1), weights.sum(1)
-    return {"ar": answer, "consistency": cons, "local": cons, "unlikelihood": answer,
+    cons = weights.sum(1)
+    return {"ar": b.ar_mask.float().sum(1), "consistency": cons, "local": cons, "unlikelihood": b.ul_mask.float().sum(1),
             "gain": live_blocks(b).float().sum(1), "student_acc": sel.float().sum(1)}
 
 
@@ -535,15 +542,16 @@ def main(argv=None) -> None:
         accelerator.print(f"--max-samples {s.max_samples}: training on {len(samples)} of {collected} samples")
     if s.repeat_limit < 0:
         raise SystemExit(f"--repeat-limit must be 0 (keep all) or more, got {s.repeat_limit}")
-    if s.loop_samples not in ("drop", "anchor"):
-        raise SystemExit(f"--loop-samples must be drop or anchor, got {s.loop_samples!r}")
-    if s.loop_samples == "anchor" and not s.repeat_limit:
-        raise SystemExit("--loop-samples anchor needs --repeat-limit K (the loops it keeps are those the filter catches)")
+    if s.loop_samples not in ("drop", *LOOP_ENDS):
+        raise SystemExit(f"--loop-samples must be drop, {', '.join(LOOP_ENDS)}, got {s.loop_samples!r}")
+    if s.loop_samples != "drop" and not s.repeat_limit:
+        raise SystemExit(f"--loop-samples {s.loop_samples} needs --repeat-limit K (the loops it keeps are those the filter catches)")
     anchored = 0
-    if s.loop_samples == "anchor":
-        samples = [anchor_loop(x, s.repeat_limit) for x in samples]
+    if s.loop_samples != "drop":
+        samples = [mark_loop(x, s.repeat_limit, s.loop_samples) for x in samples]
         anchored = sum("cons_end" in x for x in samples)
-        accelerator.print(f"--loop-samples anchor: {anchored} of {len(samples)} samples loop; no consistency from the loop on")
+        accelerator.print(f"--loop-samples {s.loop_samples}: {anchored} of {len(samples)} samples loop; "
+                          f"from the loop on, {LOOP_ENDS[s.loop_samples][1]}")
     filters = []  # (flag, keep(answer tokens)), applied in this order
     if s.repeat_limit and s.loop_samples == "drop":
         filters.append((f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, 4)))
