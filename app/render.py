@@ -4,6 +4,7 @@ from __future__ import annotations
 from html import escape
 
 from decoding import Iteration
+from decoding.trace import LOOP_LIMIT, LOOP_PERIOD, loop_onset
 
 from .race import Race, LaneRun, lane_numbers, pass_cost
 
@@ -76,7 +77,7 @@ def verdict(race: Race) -> str:
             speed = f", {num['speedup']:.2f}× the AR lane's speed" if num["speedup"] else ""
             parts.append(f"{escape(run.lane.label)}: {num['mean_accepted']:.2f} tokens per forward{speed}")
     line = "Done. " + ("; ".join(parts) + ". " if parts else "")
-    line += fast_forward_note(race)
+    line += fast_forward_note(race) + loop_note(race)
     cost = pass_cost(race)
     if cost is not None:
         line += (f"Here one Jacobi pass (a window of {race.settings.n}) took {cost:.1f}× the time of an AR pass, "
@@ -100,6 +101,22 @@ def fast_forward_note(race: Race) -> str:
     return (f"{escape(run.lane.label)} fast-forwarded (got after the first token of a pass) "
             f"{split.repeating_rate:.0%} of the answer's tokens that repeat a 4-gram already in the prompt or answer, "
             f"and {split.new_rate:.0%} of its new text. ")
+
+
+def loop_note(race: Race) -> str:
+    """Which answers fall into a loop (a pattern of 1 to 4 tokens ten times in a row), and why that matters here:
+    Jacobi decoding copies a loop several tokens a forward, so a loop raises tokens per forward without adding text
+    worth reading."""
+    looping = []
+    for run in race.finished:
+        onset = loop_onset(run.trace.tokens, LOOP_LIMIT, LOOP_PERIOD)
+        if onset is not None:
+            looping.append(f"{escape(run.lane.label)} from token {onset + 1}")
+    if not looping:
+        return ""
+    return (f"Loop: a short pattern repeats ten times or more in a row in {'; '.join(looping)}. Jacobi decoding "
+            "copies such loops several tokens a forward, so they raise tokens per forward without adding text worth "
+            "reading (a small CLLM falls into them more often than its base model: see About). ")
 
 
 def lane_html(race: Race, run: LaneRun) -> str:

@@ -21,6 +21,25 @@ def repeat_flags(context: list[int], tokens: list[int], k: int = 4) -> list[bool
     return flags
 
 
+def loop_onset(tokens: list[int], limit: int, max_period: int = 1) -> int | None:
+    """Where the first loop in ``tokens`` begins: the index of the first token of the earliest-completed run of a
+    pattern of 1..max_period tokens occurring ``limit`` times in a row; None if there is none. (The trajectory
+    filter of ``training.collect`` drops answers that hold one; the app points such answers out.)"""
+    first = None  # (index where a run completes, where it began)
+    for p in range(1, max_period + 1):
+        run = 0
+        for i in range(p, len(tokens)):
+            run = run + 1 if tokens[i] == tokens[i - p] else 0
+            if run >= (limit - 1) * p:
+                if first is None or i < first[0]:
+                    first = (i, i - limit * p + 1)
+                break
+    return None if first is None else first[1]
+
+
+LOOP_LIMIT, LOOP_PERIOD = 10, 4  # a loop: a pattern of 1 to 4 tokens, ten times in a row (the collection's filter)
+
+
 @dataclass
 class FastForwardSplit:
     """Where a Jacobi decode's extra tokens come from: answer tokens split by whether they repeat text (end a

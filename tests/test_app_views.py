@@ -81,6 +81,21 @@ def test_verdict_after_a_race(race):
     assert "fast-forwarded (got after" not in render.verdict(only_jacobi)  # it fast-forwarded nothing
 
 
+def test_verdict_points_out_answers_that_fall_into_a_loop():
+    def lane(key, tokens):
+        trace = DecodeTrace("jacobi", 4, [1], tokens=tokens, prefill_s=0.01, wall_s=0.1, done=True)
+        trace.iterations = [Iteration(1, 1, tokens[:4], tokens[1:5], 4, 0.02)]
+        return LaneRun(LANES[key], "done", trace)
+
+    plain, looping = [5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7] + [3, 4] * 10 + [2]
+    race = Race("p", DecodeConfig(), "m", "cpu", [lane("base_jacobi", plain), lane("cllm_jacobi", looping)])
+    line = render.verdict(race)
+    assert "Loop: a short pattern repeats ten times or more in a row in Jacobi · CLLM from token 4." in line
+    assert "Jacobi · base model from" not in line
+    race.runs[1] = lane("cllm_jacobi", [5, 6, 7] + [3, 4] * 9 + [2])  # nine times: not a loop
+    assert "Loop:" not in render.verdict(race)
+
+
 def test_board_before_a_race_and_while_waiting(host):
     assert "press <b>Race</b>" in render.board_html(None)
     fresh = new_race(host, "hi", 4, 8)

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from decoding import DEFAULT_SPEC, encode, load_model
 from decoding.prompts import read_jsonl
-from decoding.trace import repeat_flags
+from decoding.trace import loop_onset, repeat_flags
 
 from .cli import parse, print_table, save_settings
 
@@ -59,21 +59,6 @@ class CollectSettings:
 def repeats(tokens: list[int], limit: int, max_period: int = 1) -> bool:
     """True if some pattern of 1..max_period tokens occurs ``limit`` times in a row."""
     return loop_onset(tokens, limit, max_period) is not None
-
-
-def loop_onset(tokens: list[int], limit: int, max_period: int = 1) -> int | None:
-    """Where the first loop that ``repeats`` catches begins: the index of the first token of the earliest-completed
-    run of a pattern of 1..max_period tokens occurring ``limit`` times in a row; None if there is none."""
-    first = None  # (index where a run completes, where it began)
-    for p in range(1, max_period + 1):
-        run = 0
-        for i in range(p, len(tokens)):
-            run = run + 1 if tokens[i] == tokens[i - p] else 0
-            if run >= (limit - 1) * p:
-                if first is None or i < first[0]:
-                    first = (i, i - limit * p + 1)
-                break
-    return None if first is None else first[1]
 
 
 def seq_rep(tokens: list[int], k: int = 4) -> float:
