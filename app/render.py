@@ -80,7 +80,10 @@ def verdict(race: Race) -> str:
     line += fast_forward_note(race) + loop_note(race)
     cost = pass_cost(race)
     if cost is not None:
-        line += (f"Here one Jacobi pass (a window of {race.settings.n}) took {cost:.1f}× the time of an AR pass, "
+        cfg = race.settings
+        rows = (f"a window of {cfg.n}" + (f" and {cfg.candidates} candidate n-gram{'s' * (cfg.candidates > 1)} of "
+                                          f"{cfg.candidate_tokens}" if cfg.candidates else ""))
+        line += (f"Here one Jacobi pass ({rows}) took {cost:.1f}× the time of an AR pass, "
                  f"so Jacobi outruns AR only above {cost:.1f} tokens per forward. ")
     base = race.run("base_jacobi")
     if base and base.status == "done" and base.trace.mean_accepted < 1.5:

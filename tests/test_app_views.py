@@ -76,6 +76,8 @@ def test_verdict_after_a_race(race):
     assert split.fast_forwarded == 3 and split.repeating_rate is not None and split.new_rate is not None
     assert (f"Jacobi · CLLM fast-forwarded (got after the first token of a pass) {split.repeating_rate:.0%} of the "
             f"answer's tokens that repeat a 4-gram") in line and f"and {split.new_rate:.0%} of its new text" in line
+    with_candidates = Race(race.prompt, DecodeConfig(n=race.settings.n, candidates=2), race.model_name, race.device, race.runs)
+    assert f"one Jacobi pass (a window of {race.settings.n} and 2 candidate n-grams of {race.settings.n - 1}) took" in render.verdict(with_candidates)
     only_jacobi = Race(race.prompt, race.settings, race.model_name, race.device, [race.run("base_jacobi")])
     assert race_mod.pass_cost(only_jacobi) is None and "outruns" not in render.verdict(only_jacobi)
     assert "fast-forwarded (got after" not in render.verdict(only_jacobi)  # it fast-forwarded nothing
