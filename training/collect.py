@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from decoding import DEFAULT_SPEC, encode, load_model
 from decoding.prompts import read_jsonl
-from decoding.trace import loop_onset, repeat_flags
+from decoding.trace import LOOP_LIMIT, LOOP_PERIOD, loop_onset, repeat_flags
 
 from .cli import parse, print_table, save_settings
 
@@ -45,8 +45,8 @@ class CollectSettings:
     max_prompt_tokens: int = 512  # longer prompts are skipped
     batch: int = 512  # prompts per shard, decoded together
     verify_batch: int = 64  # sequences per teacher-forced greedy check forward (bounds logits memory)
-    repeat_limit: int = 10  # drop a sample whose answer repeats one token (or a short pattern) this many times in a row
-    repeat_period: int = 4  # longest pattern (in tokens) the repetition filter looks for
+    repeat_limit: int = LOOP_LIMIT  # drop a sample whose answer repeats one token (or a short pattern) this many times in a row
+    repeat_period: int = LOOP_PERIOD  # longest pattern (in tokens) the repetition filter looks for
     augment: int = 0  # extra states per block: intermediate states with some wrong tokens set to the fixed point
     device: str = "auto"  # auto / cuda / cpu
     dtype: str = "float32"  # float32 (fixed points pass the greedy check) / bfloat16 (faster; near-ties cut answers) / auto

@@ -31,10 +31,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from decoding import DEFAULT_SPEC, DecodeConfig, ar_decode, encode, jacobi_decode, load_model, run
 from decoding.prompts import read_jsonl
-from decoding.trace import FastForwardSplit
+from decoding.trace import LOOP_LIMIT, LOOP_PERIOD, FastForwardSplit, loop_onset
 
 from .cli import parse, print_table
-from .collect import greedy_agreement, left_pad, loop_onset, seq_rep
+from .collect import greedy_agreement, left_pad, seq_rep
 from .losses import penalized
 from .packing import align_answers, reference_pairs
 
@@ -175,7 +175,7 @@ def repetition(answers: list[list[int]]) -> dict:
     begins (None: none), for ``training.compare --loops``."""
     per = [seq_rep(a) for a in answers]
     reps = [r for r, a in zip(per, answers) if len(a) >= 4]
-    onsets = [loop_onset(a, 10, 4) for a in answers]
+    onsets = [loop_onset(a, LOOP_LIMIT, LOOP_PERIOD) for a in answers]
     return {"seq_rep_4": sum(reps) / max(len(reps), 1),
             "filter_rate": sum(o is not None for o in onsets) / max(len(answers), 1),
             "mean_tokens": sum(map(len, answers)) / max(len(answers), 1),

@@ -33,9 +33,10 @@ from torch.utils.checkpoint import checkpoint
 
 from decoding import DEFAULT_SPEC, load_model
 from decoding.prompts import read_jsonl
+from decoding.trace import LOOP_PERIOD, loop_onset
 
 from .cli import parse, print_table, save_settings
-from .collect import loop_onset, read_shards, repeats, seq_rep
+from .collect import read_shards, repeats, seq_rep
 from .evaluate import generate_greedy
 from .losses import (ar_cross_entropy, hard_ce, jacobi_gain, penalize_loops, penalized, repeat_completions, soft_kl,
                      unlikelihood)
@@ -158,7 +159,7 @@ LOOP_ENDS = {  # --loop-samples: the terms that stop at a caught loop's first to
 def mark_loop(sample: dict, limit: int, mode: str = "anchor") -> dict:
     """The sample, marked where the terms of ``mode`` (LOOP_ENDS) stop, if its answer holds a loop that
     ``--repeat-limit`` catches; otherwise the sample itself."""
-    onset = loop_onset(sample["answer"][: sample["valid"]].tolist(), limit, 4)
+    onset = loop_onset(sample["answer"][: sample["valid"]].tolist(), limit, LOOP_PERIOD)
     return sample if onset is None else {**sample, **dict.fromkeys(LOOP_ENDS[mode][0], onset)}
 
 
@@ -554,7 +555,7 @@ def main(argv=None) -> None:
                           f"from the loop on, {LOOP_ENDS[s.loop_samples][1]}")
     filters = []  # (flag, keep(answer tokens)), applied in this order
     if s.repeat_limit and s.loop_samples == "drop":
-        filters.append((f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, 4)))
+        filters.append((f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, LOOP_PERIOD)))
     if s.max_rep < 1.0:  # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
         filters.append((f"--max-rep {s.max_rep}", lambda a: seq_rep(a) <= s.max_rep))
     for name, keep in filters:
