@@ -117,7 +117,8 @@ def loop_note(race: Race) -> str:
             looping.append(f"{escape(run.lane.label)} from token {onset + 1}")
     if not looping:
         return ""
-    return (f"Loop: a short pattern repeats ten times or more in a row in {'; '.join(looping)}. Jacobi decoding "
+    return (f"Loop: a pattern of 1 to {LOOP_PERIOD} tokens repeats {LOOP_LIMIT} times or more in a row in "
+            f"{'; '.join(looping)}. Jacobi decoding "
             "copies such loops several tokens a forward, so they raise tokens per forward without adding text worth "
             "reading (a small CLLM falls into them more often than its base model: see About). ")
 

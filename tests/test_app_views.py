@@ -92,7 +92,7 @@ def test_verdict_points_out_answers_that_fall_into_a_loop():
     plain, looping = [5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7] + [3, 4] * 10 + [2]
     race = Race("p", DecodeConfig(), "m", "cpu", [lane("base_jacobi", plain), lane("cllm_jacobi", looping)])
     line = render.verdict(race)
-    assert "Loop: a short pattern repeats ten times or more in a row in Jacobi · CLLM from token 4." in line
+    assert "Loop: a pattern of 1 to 4 tokens repeats 10 times or more in a row in Jacobi · CLLM from token 4." in line
     assert "Jacobi · base model from" not in line
     race.runs[1] = lane("cllm_jacobi", [5, 6, 7] + [3, 4] * 9 + [2])  # nine times: not a loop
     assert "Loop:" not in render.verdict(race)
