@@ -119,16 +119,38 @@ def _kernel_breakdown(engine: FastEngine, width: int, attend_len: int, reps: int
         for _ in range(reps):
             forward()
         torch.cuda.synchronize(engine.device)
+    kernels = [(e.name, e.time_range.end - e.time_range.start) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return {"width": width, "keys": attend_len, **summarise_kernels(kernels, reps)}
+
+
+def summarise_kernels(kernels: list[tuple[str, float]], reps: int, top: int = 25) -> dict:
+    """(name, microseconds) of every kernel of ``reps`` forwards -> per forward: the kernel count, busy time, time
+    by kind, and the ``top`` kernel names by time with their launches (``by_kernel``: what ``kernel_changes``
+    compares between widths)."""
     by_kind: dict[str, float] = {}
-    count = 0
-    for event in prof.events():
-        if event.device_type != DeviceType.CUDA:
-            continue
-        us = event.time_range.end - event.time_range.start
-        by_kind[_kind(event.name)] = by_kind.get(_kind(event.name), 0.0) + us / 1000 / reps
-        count += 1
-    return {"width": width, "keys": attend_len, "kernels": count // reps, "busy_ms": sum(by_kind.values()),
-            "by_kind_ms": by_kind}
+    by_name: dict[str, list[float]] = {}
+    for name, us in kernels:
+        by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + us / 1000 / reps
+        entry = by_name.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us / 1000
+    rows = [{"name": name, "kind": _kind(name), "launches": count / reps, "ms": ms / reps}
+            for name, (count, ms) in by_name.items()]
+    rows.sort(key=lambda r: -r["ms"])
+    return {"kernels": len(kernels) // reps, "busy_ms": sum(by_kind.values()), "by_kind_ms": by_kind,
+            "by_kernel": rows[:top]}
+
+
+def kernel_changes(narrow: dict, wide: dict, top: int = 3) -> list[dict]:
+    """The kernels whose time per forward changes most from breakdown ``narrow`` to ``wide`` (say width 1 to 16):
+    where a wider window's extra cost goes. Kernels outside a breakdown's top list count as absent there."""
+    a = {r["name"]: r for r in narrow.get("by_kernel", [])}
+    b = {r["name"]: r for r in wide.get("by_kernel", [])}
+    none = {"launches": 0.0, "ms": 0.0}
+    rows = [{"name": name, "launches": (a.get(name, none)["launches"], b.get(name, none)["launches"]),
+             "ms": (a.get(name, none)["ms"], b.get(name, none)["ms"])} for name in a.keys() | b.keys()]
+    rows.sort(key=lambda r: -abs(r["ms"][1] - r["ms"][0]))
+    return rows[:top]
 
 
 @torch.no_grad()

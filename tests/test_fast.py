@@ -197,7 +197,7 @@ def test_embedded_model_fast_equals_eager(embedded, embedded_refs, n):
 def test_gpu_report_formatting_on_synthetic_numbers():
     """The CUDA-only report code must not crash at the end of a GPU run: format it from made-up rows."""
     from decoding.fastcheck import first_difference, verdicts
-    from decoding.latency import _kind, format_widths
+    from decoding.latency import _kind, format_widths, summarise_kernels
 
     rows = [{"width": w, "keys": 512, "graph_ms": 0.5 + w / 100, "step_ms": 0.6 + w / 100, "weight_bytes": 3e8,
              "kv_bytes": 2e7, "bandwidth_Bps": 6e11, "bandwidth_frac": 0.18, "floor_ms": 0.1} for w in (1, 16)]
@@ -207,10 +207,18 @@ def test_gpu_report_formatting_on_synthetic_numbers():
                               "cllm_jacobi": {"tok_s": 2000.0, "mean_accepted": 2.5}}},
         "meta": {"decode": {"n": 16}},
         "latency": {"widths": rows, "head_ms": 0.02, "breakdown": [
-            {"width": 1, "kernels": 500, "busy_ms": 0.4, "by_kind_ms": {"matmul": 0.2, "attention": 0.1}}]},
+            {"width": w, **summarise_kernels(kernels, 2)} for w, kernels in (
+                (1, [("sm90_gemm", 100.0), ("fmha_small", 20.0), ("rms_norm", 5.0)] * 2),
+                (16, [("sm90_gemm", 101.0), ("fmha_small", 20.0), ("rms_norm", 5.0), ("pad_bias", 6.0)] * 2))]},
     }
+    one = result["latency"]["breakdown"][0]
+    assert one["kernels"] == 3 and one["busy_ms"] == pytest.approx(0.125)
+    assert one["by_kind_ms"] == pytest.approx({"matmul": 0.1, "attention": 0.02, "elementwise": 0.005})
+    assert [r["name"] for r in one["by_kernel"]] == ["sm90_gemm", "fmha_small", "rms_norm"]
     text = "\n".join(verdicts(result))
-    assert "22.5x model.generate" in text and "window 16" in text and "500 kernels" in text
+    assert "22.5x model.generate" in text and "window 16" in text and "width 16: 4 kernels" in text
+    assert "width 1 -> 16: +0.006 ms, launches 0 -> 1: pad_bias" in text  # the kernel the wider window adds
+    assert "width 1 -> 16: +0.001 ms, launches 1 -> 1: sm90_gemm" in text
     for row in rows:  # the CPU reports no graph or floor times: its smoke run must format too
         row.update(graph_ms=None, floor_ms=None, bandwidth_frac=None)
     assert "x whole step" in "\n".join(verdicts(result | {"latency": {"widths": rows, "head_ms": 0.02, "breakdown": []}}))
