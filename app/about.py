@@ -108,8 +108,9 @@ def read_training_runs(folder: Path = RESULTS / "training", protocol: tuple[int,
     return [run for run in map(training_run, paths) if run is not None and protocol in (None, run["protocol"])]
 
 
-def training_runs_markdown(runs: list[dict], ppl_limit: float = 1.10) -> str:
-    """The words above the training-runs chart, with its counts taken from the runs it shows."""
+def training_runs_markdown(runs: list[dict], ppl_limit: float = 1.10, not_drawn: int = 0) -> str:
+    """The words above the training-runs chart, with its counts taken from the runs it shows; ``not_drawn``: how many
+    committed evaluations measured another way (fewer prompts) the chart leaves out."""
     if not runs:
         return ""
     within = sum(r["ppl_ratio"] <= ppl_limit for r in runs)
@@ -125,7 +126,9 @@ def training_runs_markdown(runs: list[dict], ppl_limit: float = 1.10) -> str:
             "of a CLLM's extra tokens per forward are text it has already written, which Jacobi decoding copies "
             f"fast. The fastest run reaches {fastest['tokens_per_forward']:.2f} tokens per forward with seq-rep-4 "
             f"{fastest['seq_rep_4']:.3f}.{calm_words} The shaded corner is what we aim for: 3 tokens per forward or "
-            "more, with answers no more repetitive than the base model's.")
+            "more, with answers no more repetitive than the base model's."
+            + (f" {not_drawn} earlier runs were measured on fewer held-out prompts and are not drawn here: their "
+               "numbers do not compare with these." if not_drawn else ""))
 
 
 def _is_number(value) -> bool:

@@ -205,7 +205,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             gr.Markdown(about.cllm_markdown())
             shipped = about.training_run(about.CLLM_EVAL)
             runs = about.read_training_runs(protocol=shipped["protocol"] if shipped else None)
-            gr.Markdown(about.training_runs_markdown(runs))
+            gr.Markdown(about.training_runs_markdown(runs, not_drawn=len(about.read_training_runs()) - len(runs)))
             gr.Plot(charts.training_runs(runs, shipped), show_label=False, elem_id="jl-runs")
             gr.Markdown(about.results_markdown(about.read_results()))
 

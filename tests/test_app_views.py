@@ -318,6 +318,7 @@ def test_training_runs_chart_from_the_committed_evaluations(tmp_path):
     assert f" {len(calm)} of the runs repeat themselves less" in words
     assert f"{max(r['tokens_per_forward'] for r in calm):.2f} tokens per forward." in words
     assert "repeat themselves less" not in about.training_runs_markdown([r for r in runs if r not in calm])
+    assert "earlier runs" not in words and " 54 earlier runs were measured on fewer held-out prompts" in about.training_runs_markdown(runs, not_drawn=54)
 
     good = json.loads(about.CLLM_EVAL.read_text())
     (tmp_path / f"eval_{XSS}.json").write_text(json.dumps(good))
