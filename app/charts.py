@@ -148,6 +148,8 @@ def convergence_map(run: LaneRun | None, axis: str = "window", token_text=None) 
                           "so this row shows it<extra></extra>",
         ))
         fig.update_layout(showlegend=True)
+        step = next((s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if width / s <= 16), max(1, width // 16))
+        fig.update_xaxes(tickvals=list(range(0, width, step)))  # no tick at the diamonds' -1
     x = "position in the window (0 = last accepted token)" if axis == "window" else "position in the answer"
     rows = len(run.trace.iterations)
     fig = _layout(fig, f"{title} · {escape(run.lane.label)}", x, "iteration", height=min(900, max(320, 60 + 14 * rows)))

@@ -200,6 +200,7 @@ def test_convergence_map_marks_candidate_rows():
     heat, marks = fig.data
     assert "candidate n-gram" not in heat.text[0][0] and "candidate n-gram 2, kept" in heat.text[1][0]
     assert list(marks.x) == [-1] and list(marks.y) == [2] and list(marks.customdata) == [2]
+    assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]  # the diamonds' column gets no tick
     trace.iterations = trace.iterations[:1]  # plain passes only: the heatmap alone
     assert len(charts.convergence_map(run, "window").data) == 1
 
