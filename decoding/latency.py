@@ -123,7 +123,7 @@ def _kernel_breakdown(engine: FastEngine, width: int, attend_len: int, reps: int
     return {"width": width, "keys": attend_len, **summarise_kernels(kernels, reps)}
 
 
-def summarise_kernels(kernels: list[tuple[str, float]], reps: int, top: int = 25) -> dict:
+def summarise_kernels(kernels: list[tuple[str, float]], reps: int, top: int = 60) -> dict:
     """(name, microseconds) of every kernel of ``reps`` forwards -> per forward: the kernel count, busy time, time
     by kind, and the ``top`` kernel names by time with their launches (``by_kernel``: what ``kernel_changes``
     compares between widths)."""
