@@ -160,26 +160,48 @@ def _candidates_label(decode: dict) -> str | None:
     return f"{count} candidate n-gram{'s' if count > 1 else ''} of {length} tokens"
 
 
-def results_markdown(results: list[dict], shipped_sha: str | None = None) -> str:
-    """Our measured numbers as Markdown tables, one per result file; ``shipped_sha`` (default: read from the shipped
-    adapter) tells which files measured the adapter shipped now."""
+def _setting(res: dict, shipped_sha: str | None) -> str:
+    """Where and how a bench ran: device, dtype, engine, adapter, window, candidates, tokens."""
+    meta = res.get("meta", {})
+    env, decode, config = meta.get("env", {}), meta.get("decode", {}), meta.get("config", {})
+    engine = config.get("engine") if config.get("engine") in ("eager", "fast") else None
+    return ", ".join(str(x) for x in (env.get("device_name") or env.get("device"), env.get("dtype"),
+                                      f"{engine} engine" if engine else None, _adapter_label(meta, shipped_sha),
+                                      "timed in a second thread" if config.get("in_thread") else None,
+                                      f"n = {decode['n']}" if "n" in decode else None,
+                                      _candidates_label(decode),
+                                      f"{decode['max_new_tokens']} new tokens" if "max_new_tokens" in decode else None) if x)
+
+
+def results_overview(results: list[dict], shipped_sha: str | None = None) -> str:
+    """Our measured numbers, one row per result file: where it ran and what its fastest Jacobi lane reached
+    (``results_markdown`` has every lane). ``shipped_sha`` (default: read from the shipped adapter) tells which files
+    measured the adapter shipped now."""
     if not results:
         return "### Our numbers\n\nNo benchmark results are committed yet (`python -m decoding.bench --out assets/results/NAME.json`)."
-    parts = ["### Our numbers (measured with `python -m decoding.bench`, read from `assets/results/`)",
-             "Files that do not record their CLLM adapter may have measured one shipped before the current one "
-             "(`assets/results/README.md` says which); the model card has the shipped adapter's numbers."]
+    shipped_sha = shipped_sha or adapter_sha256(DEFAULT_ADAPTER)
+    rows = ["| file | where and how | fastest Jacobi lane | tokens per forward | speedup vs base AR |", "|---|---|---|---|---|"]
+    for res in results:
+        lanes = res["summary"]["lanes"]
+        jacobi = [k for k in lanes if "jacobi" in k and _is_number(lanes[k].get("speedup"))]
+        best = max(jacobi, key=lambda k: lanes[k]["speedup"], default=None)
+        s = lanes[best] if best else {}
+        rows.append(f"| {escape(res['_file'])} | {escape(_setting(res, shipped_sha))} | {escape(best) if best else '—'} | "
+                    f"{_num(s.get('mean_accepted'), '.2f')} | {_num(s.get('speedup'), '.2f')}× |")
+    return ("### Our numbers (measured with `python -m decoding.bench`, read from `assets/results/`)\n\n"
+            "Files that do not record their CLLM adapter may have measured one shipped before the current one "
+            "(`assets/results/README.md` says which); the model card has the shipped adapter's numbers. Every lane of "
+            "every file is in the section below the table.\n\n" + "\n".join(rows))
+
+
+def results_markdown(results: list[dict], shipped_sha: str | None = None) -> str:
+    """Our measured numbers as Markdown tables, one per result file, every lane; ``shipped_sha`` as in
+    ``results_overview``."""
+    parts = []
     shipped_sha = shipped_sha or adapter_sha256(DEFAULT_ADAPTER)
     for res in results:
-        meta = res.get("meta", {})
-        env, decode = meta.get("env", {}), meta.get("decode", {})
-        config = meta.get("config", {})
-        engine = config.get("engine") if config.get("engine") in ("eager", "fast") else None
-        where = ", ".join(str(x) for x in (env.get("device_name") or env.get("device"), env.get("dtype"),
-                                           f"{engine} engine" if engine else None, _adapter_label(meta, shipped_sha),
-                                           "timed in a second thread" if config.get("in_thread") else None,
-                                           f"n = {decode['n']}" if "n" in decode else None,
-                                           _candidates_label(decode),
-                                           f"{decode['max_new_tokens']} new tokens" if "max_new_tokens" in decode else None) if x)
+        meta, env = res.get("meta", {}), res.get("meta", {}).get("env", {})
+        where = _setting(res, shipped_sha)
         exact = res["summary"].get("exact_match", {})
         rows = ["| lane | tok/s | tokens per forward | speedup vs base AR | same tokens as |", "|---|---|---|---|---|"]
         lanes = res["summary"]["lanes"]

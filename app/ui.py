@@ -207,7 +207,10 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             runs = about.read_training_runs(protocol=shipped["protocol"] if shipped else None)
             gr.Markdown(about.training_runs_markdown(runs, not_drawn=len(about.read_training_runs()) - len(runs)))
             gr.Plot(charts.training_runs(runs, shipped), show_label=False, elem_id="jl-runs")
-            gr.Markdown(about.results_markdown(about.read_results()))
+            results = about.read_results()
+            gr.Markdown(about.results_overview(results))
+            with gr.Accordion("Every benchmark file, lane by lane", open=False):
+                gr.Markdown(about.results_markdown(results))
 
         race_event = go_btn.click(
             race_stream, [prompt, n, max_new, init, cands, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,

@@ -266,7 +266,9 @@ def test_results_are_read_from_benchmark_json(tmp_path):
     assert "**a-cpu.json** (x86_64, float32, n = 16, 128 new tokens)" in md and "`python -m decoding.bench --n 16`" in md
     assert "| base_ar | 10.0 | 1.00 | 1.00× | — |" in md
     assert "| base_jacobi | 5.0 | 1.29 | 0.50× | 100% of prompts vs base_ar |" in md
-    assert "No benchmark results are committed yet" in about.results_markdown([])
+    assert "No benchmark results are committed yet" in about.results_overview([]) and about.results_markdown([]) == ""
+    overview = about.results_overview(results)  # a row per file: its fastest Jacobi lane
+    assert "| a-cpu.json | x86_64, float32, n = 16, 128 new tokens | base_jacobi | 1.29 | 0.50× |" in overview
     # the engine, and a run timed in a second thread, are named in the header
     result["meta"]["config"] = {"engine": "fast", "in_thread": True}
     md = about.results_markdown([result | {"_file": "c.json"}])
