@@ -38,12 +38,12 @@ class DecodeConfig:
     seed: int = 0  # seed of the random initial guesses (the output does not depend on it)
     candidates: int = 0  # candidate n-grams checked beside the window in each pass (fast engine only; 0: plain Jacobi)
     candidate_len: int | None = None  # tokens per candidate n-gram; None: n-1, as many as the window guesses
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation stops after any of these
 
     @property
     def candidate_tokens(self) -> int:
         """The length of a candidate n-gram: ``candidate_len``, or ``default_candidate_len(n)`` when it is None."""
         return self.candidate_len if self.candidate_len is not None else default_candidate_len(self.n)
-    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation stops after any of these
 
     def to_dict(self) -> dict:
         return asdict(self)
