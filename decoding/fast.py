@@ -209,9 +209,13 @@ class FastSession:
 
     def forward(self, window: list[int]) -> list[int]:
         """Feed ``window`` right after the kept tokens; like the eager cache, it is kept until ``keep``."""
+        return self._feed(window, [])
+
+    def _feed(self, window: list[int], candidates: list[list[int]]) -> list[int]:
+        """One ``FastEngine.step`` right after the kept tokens: the window's outputs, then the candidates'."""
         with self.engine.lock:
             self._check_owner()
-            outputs = self.engine.step(list(window), self.pos)
+            outputs = self.engine.step(list(window), self.pos, [list(c) for c in candidates])
         self.pos += len(window)
         return outputs
 
@@ -223,16 +227,13 @@ class FastSession:
     def verify(self, window: list[int], candidates: list[list[int]]) -> tuple[list[int], list[list[int]]]:
         """Like ``forward``, with candidate continuations checked in the same pass (``FastEngine.step``): returns the
         window's outputs and each candidate's. Then either ``keep`` (the window's guesses) or ``keep_candidate``."""
-        with self.engine.lock:
-            self._check_owner()
-            flat = self.engine.step(list(window), self.pos, [list(c) for c in candidates])
         w = len(window)
+        self._verified = (self.pos, w, [len(c) for c in candidates])
+        flat = self._feed(window, candidates)
         outputs, cand_outputs, at = flat[:w], [], w
         for cand in candidates:
             cand_outputs.append(flat[at:at + len(cand)])
             at += len(cand)
-        self._verified = (self.pos, w, [len(c) for c in candidates])
-        self.pos += w
         return outputs, cand_outputs
 
     def keep_candidate(self, index: int, matched: int) -> None:
