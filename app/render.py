@@ -68,6 +68,11 @@ def stats_html(race: Race, run: LaneRun) -> str:
     return '<div class="jl-stats">' + "".join(f"<span>{c}</span>" for c in cells) + "</div>"
 
 
+def candidates_phrase(count: int, length: int) -> str:
+    """"2 candidate n-grams of 15" (tokens each): how the page names the candidates a pass checks."""
+    return f"{count} candidate n-gram{'s' if count > 1 else ''} of {length}"
+
+
 def verdict(race: Race) -> str:
     """One line of Markdown after a race: what each Jacobi lane gained, and why plain Jacobi barely helps."""
     parts = []
@@ -81,8 +86,7 @@ def verdict(race: Race) -> str:
     cost = pass_cost(race)
     if cost is not None:
         cfg = race.settings
-        rows = (f"a window of {cfg.n}" + (f" and {cfg.candidates} candidate n-gram{'s' * (cfg.candidates > 1)} of "
-                                          f"{cfg.candidate_tokens}" if cfg.candidates else ""))
+        rows = f"a window of {cfg.n}" + (f" and {candidates_phrase(cfg.candidates, cfg.candidate_tokens)}" if cfg.candidates else "")
         line += (f"Here one Jacobi pass ({rows}) took {cost:.1f}× the time of an AR pass, "
                  f"so Jacobi outruns AR only above {cost:.1f} tokens per forward. ")
     base = race.run("base_jacobi")
