@@ -90,13 +90,14 @@ def verdicts(result: dict) -> list[str]:
         if one["floor_ms"]:
             lines.append(f"AR step {one['graph_ms']:.3f} ms (graph) / {one['step_ms']:.3f} ms (step) vs "
                          f"read floor {one['floor_ms']:.3f} ms: {one['graph_ms'] / one['floor_ms']:.1f}x the floor")
-        breakdowns = [b for b in lat.get("breakdown", []) if "error" not in b]
+        breakdowns = []  # those that worked
         for b in lat.get("breakdown", []):  # GPU only (a profiler trace of the graphs)
             if "error" in b:
                 lines.append(f"width {b['width']}: no kernel breakdown ({b['error']})")
                 continue
             kinds = ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["by_kind_ms"].items()))
             lines.append(f"width {b['width']}: {b['kernels']} kernels, busy {b['busy_ms']:.3f} ms ({kinds} ms)")
+            breakdowns.append(b)
         if len(breakdowns) >= 2:  # where the widest window's extra time goes (benches from session 17 on)
             narrow, wide = breakdowns[0], breakdowns[-1]
             for c in kernel_changes(narrow, wide):
