@@ -180,6 +180,26 @@ def test_caught_loops_stop_the_chosen_terms_at_their_onset(samples):
     assert counts["unlikelihood"].tolist() == [full.sum().item()] * 3 + [cut]
 
 
+def test_max_rep_judges_a_kept_loop_by_its_clean_start():
+    """--loop-samples keeps a caught answer; --max-rep then judges the part before its loop, which is all the terms of
+    cut see. With drop, --repeat-limit loses that answer whole."""
+    def sample(answer):
+        return {"answer": torch.tensor(answer), "valid": len(answer)}
+
+    clean_then_loop = sample(list(range(10, 30)) + [9] * 12)  # 20 new tokens, then twelve 9s
+    repetitive = sample([1, 2, 3, 4] * 5)  # no 10-fold loop, but 13 of its 17 4-grams repeat
+    plain = sample(list(range(40, 60)))
+    data = [clean_then_loop, repetitive, plain]
+    kept, looping = train.select_samples(data, train.TrainSettings(repeat_limit=10, loop_samples="cut", max_rep=0.5),
+                                         log=lambda _: None)
+    assert [x["answer"][0].item() for x in kept] == [10, 40] and looping == 1
+    assert kept[0]["cons_end"] == kept[0]["ar_end"] == kept[0]["ul_end"] == 20
+    kept, looping = train.select_samples(data, train.TrainSettings(repeat_limit=10, max_rep=0.5), log=lambda _: None)
+    assert [x["answer"][0].item() for x in kept] == [40] and looping == 0
+    kept, _ = train.select_samples(data, train.TrainSettings(), log=lambda _: None)
+    assert kept == data
+
+
 def test_padding_to_a_multiple_changes_the_shapes_not_the_losses(tiny, samples):
     """--pad-to: wider left padding (few batch shapes) gives the same losses, main terms and anchor terms."""
     from accelerate import Accelerator

@@ -85,9 +85,9 @@ class TrainSettings:
     self_tokens: int = 128  # tokens per own answer at most
     max_samples: int = 0  # train on the first N collected samples only (shard order = the prompt file's order; 0 = all): data-size runs from one collection
     group_by_length: bool = False  # batches of samples of similar length (sorted within chunks of 16 batches, batch order shuffled): less padding per step (our prompts run from a few tokens to over 400)
-    max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all)
+    max_rep: float = 1.0  # drop samples whose answer has a larger share of repeated 4-grams (seq-rep-4; 1.0 keeps all); with --loop-samples other than drop, a caught answer is judged by its part before the loop
     repeat_limit: int = 0  # drop samples whose answer repeats a pattern of 1..4 tokens this many times in a row, as training.collect's filter does (10 there; 0 keeps all): one collection with --repeat-limit 1000 then serves filtered and unfiltered runs
-    loop_samples: str = "drop"  # what --repeat-limit does with a sample it catches: "drop" it, or keep it with fewer terms from its loop's first token on: "anchor" (no consistency there; the AR term, a KL to the loop-penalised base, and unlikelihood work on the loop), "tail" (unlikelihood alone works on the loop) or "cut" (no term sees the loop: the answer as if it ended there). --max-rep, applied after, drops most looping answers: leave it at 1.0
+    loop_samples: str = "drop"  # what --repeat-limit does with a sample it catches: "drop" it, or keep it with fewer terms from its loop's first token on: "anchor" (no consistency there; the AR term, a KL to the loop-penalised base, and unlikelihood work on the loop), "tail" (unlikelihood alone works on the loop) or "cut" (no term sees the loop: the answer as if it ended there). --max-rep, applied after, judges a caught answer by its part before the loop
     lr: float = 5e-4  # peak learning rate (LoRA; use ~2e-5 for full fine-tuning)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup: float = 0.03  # fraction of steps of linear warm-up
@@ -161,6 +161,27 @@ def mark_loop(sample: dict, limit: int, mode: str = "anchor") -> dict:
     ``--repeat-limit`` catches; otherwise the sample itself."""
     onset = loop_onset(sample["answer"][: sample["valid"]].tolist(), limit, LOOP_PERIOD)
     return sample if onset is None else {**sample, **dict.fromkeys(LOOP_ENDS[mode][0], onset)}
+
+
+def select_samples(samples: list[dict], s: "TrainSettings", log=print) -> tuple[list[dict], int]:
+    """The samples --repeat-limit, --loop-samples and --max-rep keep (marked by mark_loop where their terms stop), and
+    how many of them loop. A caught answer that is kept is judged by --max-rep on its part before the loop."""
+    collected = len(samples)
+    if s.loop_samples != "drop":
+        samples = [mark_loop(x, s.repeat_limit, s.loop_samples) for x in samples]
+        log(f"--loop-samples {s.loop_samples}: {sum('cons_end' in x for x in samples)} of {len(samples)} samples loop; "
+            f"from the loop on, {LOOP_ENDS[s.loop_samples][1]}")
+    filters = []  # (flag, keep(answer tokens)), applied in this order
+    if s.repeat_limit and s.loop_samples == "drop":
+        filters.append((f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, LOOP_PERIOD)))
+    if s.max_rep < 1.0:  # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
+        filters.append((f"--max-rep {s.max_rep}", lambda a: seq_rep(a) <= s.max_rep))
+    for name, keep in filters:
+        samples = [x for x in samples if keep(x["answer"][: x.get("cons_end", x["valid"])].tolist())]
+        log(f"{name}: kept {len(samples)} of {collected} samples")
+        if not samples:
+            raise SystemExit(f"{name} drops all {collected} samples: raise it")
+    return samples, sum("cons_end" in x for x in samples)
 
 
 def make_batch(samples: list[dict], idx: list[int], s: TrainSettings, step: int, pad_id: int) -> PackedBatch:
@@ -547,22 +568,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--loop-samples must be drop, {', '.join(LOOP_ENDS)}, got {s.loop_samples!r}")
     if s.loop_samples != "drop" and not s.repeat_limit:
         raise SystemExit(f"--loop-samples {s.loop_samples} needs --repeat-limit K (the loops it keeps are those the filter catches)")
-    anchored = 0
-    if s.loop_samples != "drop":
-        samples = [mark_loop(x, s.repeat_limit, s.loop_samples) for x in samples]
-        anchored = sum("cons_end" in x for x in samples)
-        accelerator.print(f"--loop-samples {s.loop_samples}: {anchored} of {len(samples)} samples loop; "
-                          f"from the loop on, {LOOP_ENDS[s.loop_samples][1]}")
-    filters = []  # (flag, keep(answer tokens)), applied in this order
-    if s.repeat_limit and s.loop_samples == "drop":
-        filters.append((f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, LOOP_PERIOD)))
-    if s.max_rep < 1.0:  # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
-        filters.append((f"--max-rep {s.max_rep}", lambda a: seq_rep(a) <= s.max_rep))
-    for name, keep in filters:
-        samples = [x for x in samples if keep(x["answer"][: x["valid"]].tolist())]
-        accelerator.print(f"{name}: kept {len(samples)} of {collected} samples")
-        if not samples:
-            raise SystemExit(f"{name} drops all {collected} samples: raise it")
+    samples, anchored = select_samples(samples, s, accelerator.print)
     if s.consistency_loss not in ("kl", "ce"):
         raise SystemExit(f"--consistency-loss must be kl or ce, got {s.consistency_loss!r}")
     if s.full_scope not in ("all", "targets"):
