@@ -144,15 +144,7 @@ def latency_report(lm: LoadedModel, n: int) -> dict:
     """Per-forward latency by window width and bandwidth achieved; on CUDA also where the AR step goes."""
     from . import latency
 
-    engine = fast.prepare(lm.model)
-    if engine.device.type != "cuda":
-        return {"widths": latency.width_report(engine, iters=10)}
-    return {
-        "widths": latency.width_report(engine),
-        "breakdown": [latency.kernel_breakdown(engine, w) for w in sorted({1, n})],
-        "head_ms": latency.head_ms(engine),
-        "peak_bandwidth_Bps": latency.peak_bandwidth(engine.device),
-    }
+    return latency.report(fast.prepare(lm.model), n)
 
 
 def command_line() -> str:

@@ -23,7 +23,7 @@ import torch
 
 from . import bench, fast
 from .decoders import DecodeConfig, ar_decode, jacobi_decode, run
-from .latency import kernel_changes
+from .latency import describe
 from .models import default_adapter, load_model
 from .prompts import encode, read_prompts
 
@@ -79,32 +79,8 @@ def verdicts(result: dict) -> list[str]:
         cj = lanes["cllm_jacobi"]
         lines.append(f"CLLM Jacobi {cj['tok_s']:.0f} tok/s = {cj['tok_s'] / ar:.2f}x fast AR "
                      f"({cj['mean_accepted']:.2f} tokens/forward); target >= 3x")
-    lat = result.get("latency")
-    if lat:
-        widths = {r["width"]: r for r in lat["widths"]}
-        n = result["meta"]["decode"]["n"]
-        one, win = widths[1], widths.get(n)
-        if win:
-            graph = f"{win['graph_ms'] / one['graph_ms']:.2f}x graph, " if one["graph_ms"] else ""  # None: no graphs (CPU)
-            lines.append(f"window {n} / AR step: {graph}{win['step_ms'] / one['step_ms']:.2f}x whole step; target <= 1.2x")
-        if one["floor_ms"]:
-            lines.append(f"AR step {one['graph_ms']:.3f} ms (graph) / {one['step_ms']:.3f} ms (step) vs "
-                         f"read floor {one['floor_ms']:.3f} ms: {one['graph_ms'] / one['floor_ms']:.1f}x the floor")
-        breakdowns = []  # those that worked
-        for b in lat.get("breakdown", []):  # GPU only (a profiler trace of the graphs)
-            if "error" in b:
-                lines.append(f"width {b['width']}: no kernel breakdown ({b['error']})")
-                continue
-            kinds = ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["by_kind_ms"].items()))
-            lines.append(f"width {b['width']}: {b['kernels']} kernels, busy {b['busy_ms']:.3f} ms ({kinds} ms)")
-            breakdowns.append(b)
-        if len(breakdowns) >= 2:  # where the widest window's extra time goes (benches from session 17 on)
-            narrow, wide = breakdowns[0], breakdowns[-1]
-            for c in kernel_changes(narrow, wide):
-                lines.append(f"width {narrow['width']} -> {wide['width']}: {c['ms'][1] - c['ms'][0]:+.3f} ms, launches "
-                             f"{c['launches'][0]:g} -> {c['launches'][1]:g}: {c['name'][:100]}")
-        if "head_ms" in lat:  # GPU only
-            lines.append(f"LM head + argmax alone: {lat['head_ms']:.3f} ms")
+    if result.get("latency"):
+        lines += describe(result["latency"], result["meta"]["decode"]["n"])
     return lines
 
 

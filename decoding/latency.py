@@ -2,20 +2,32 @@
 
 On CUDA also the graph replay alone and a kernel breakdown; on the CPU the whole step only.
 
+    python -m decoding.latency --out gpu_latency.json     # a random model of SmolLM2-135M's shape: nothing to load
+    python -m decoding.latency --model smollm2-135m       # any model load_model reads (its weights do not matter)
+
 A forward must read every weight once (and the K/V it attends to), so bytes read / time is the
 bandwidth achieved; bytes / the card's peak is the floor no kernel can beat. For a small model the
 gap is launches and small kernels, which ``kernel_breakdown`` splits by kind.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import fast
 from .fast import FastEngine
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)
+# SmolLM2-135M-Instruct's shape (the embedded model), as LlamaConfig fields: what --model random builds, and
+# training.stepprobe's default shape
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3)
 PEAK_BANDWIDTH = {  # bytes/s of HBM, by a substring of torch.cuda.get_device_name()
     "H200": 4.8e12,
     "H100 PCIe": 2.0e12,
@@ -181,3 +193,92 @@ def format_widths(rows: list[dict]) -> str:
             f"{(r['weight_bytes'] + r['kv_bytes']) / 1e6:8.1f} {r['bandwidth_Bps'] / 1e9:6.0f} {frac}  {floor}"
         )
     return "\n".join(lines)
+
+
+def report(engine: FastEngine, n: int) -> dict:
+    """Per-forward latency by window width and bandwidth achieved; on CUDA also where the AR step and the
+    width-``n`` step go (kernel breakdowns) and the LM head alone."""
+    if engine.device.type != "cuda":
+        return {"widths": width_report(engine, iters=10)}
+    return {
+        "widths": width_report(engine),
+        "breakdown": [kernel_breakdown(engine, w) for w in sorted({1, n})],
+        "head_ms": head_ms(engine),
+        "peak_bandwidth_Bps": peak_bandwidth(engine.device),
+    }
+
+
+def describe(lat: dict, n: int) -> list[str]:
+    """A report's lines: the width-n step against the AR step, the AR step against the read floor, the kernel
+    breakdowns and the kernels whose time changes most from width 1 to n."""
+    lines = []
+    widths = {r["width"]: r for r in lat["widths"]}
+    one, win = widths[1], widths.get(n)
+    if win:
+        graph = f"{win['graph_ms'] / one['graph_ms']:.2f}x graph, " if one["graph_ms"] else ""  # None: no graphs (CPU)
+        lines.append(f"window {n} / AR step: {graph}{win['step_ms'] / one['step_ms']:.2f}x whole step; target <= 1.2x")
+    if one["floor_ms"]:
+        lines.append(f"AR step {one['graph_ms']:.3f} ms (graph) / {one['step_ms']:.3f} ms (step) vs "
+                     f"read floor {one['floor_ms']:.3f} ms: {one['graph_ms'] / one['floor_ms']:.1f}x the floor")
+    breakdowns = []  # those that worked
+    for b in lat.get("breakdown", []):  # GPU only (a profiler trace of the graphs)
+        if "error" in b:
+            lines.append(f"width {b['width']}: no kernel breakdown ({b['error']})")
+            continue
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["by_kind_ms"].items()))
+        lines.append(f"width {b['width']}: {b['kernels']} kernels, busy {b['busy_ms']:.3f} ms ({kinds} ms)")
+        breakdowns.append(b)
+    if len(breakdowns) >= 2:  # where the widest window's extra time goes (benches from session 17 on)
+        narrow, wide = breakdowns[0], breakdowns[-1]
+        for c in kernel_changes(narrow, wide):
+            lines.append(f"width {narrow['width']} -> {wide['width']}: {c['ms'][1] - c['ms'][0]:+.3f} ms, launches "
+                         f"{c['launches'][0]:g} -> {c['launches'][1]:g}: {c['name'][:100]}")
+    if "head_ms" in lat:  # GPU only
+        lines.append(f"LM head + argmax alone: {lat['head_ms']:.3f} ms")
+    return lines
+
+
+def random_model(device: str, dtype: torch.dtype, seed: int = 0):
+    """A random Llama of SmolLM2-135M-Instruct's shape: the same kernels and timings as the real model, no file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**SMOLLM2_135M, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m decoding.latency", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="random", help="random (SmolLM2-135M's shape, random weights) or a load_model name/path")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on the CPU by default")
+    ap.add_argument("--n", type=int, default=16, help="the Jacobi window whose step is broken down beside the AR step")
+    ap.add_argument("--out", default=None, help="JSON result path")
+    a = ap.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA GPU visible (use --device cpu)", file=sys.stderr)
+        return 2
+    dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    if a.model == "random":
+        model = random_model(a.device, getattr(torch, dtype))
+    else:
+        from .models import load_model
+
+        model = load_model(a.model, device=a.device, dtype=dtype).model
+    engine = fast.prepare(model)
+    lat = report(engine, a.n)
+    device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+    result = {"meta": {"model": a.model, "device": device, "dtype": dtype, "n": a.n, "torch": torch.__version__,
+                       "command": " ".join(["python -m decoding.latency", *(argv if argv is not None else sys.argv[1:])])},
+              "latency": lat}
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"{a.model} on {device} ({dtype}), fast engine, one forward by window width:")
+    print(format_widths(lat["widths"]))
+    print("\n".join(describe(lat, a.n)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -131,7 +131,9 @@ def project(x: torch.Tensor, w, residual: torch.Tensor | None = None) -> torch.T
 class StaticLlama(nn.Module):
     """Llama forward over a static KV cache; shares (or fuses copies of) the HF model's weights."""
 
-    def __init__(self, hf_model, max_len: int):
+    def __init__(self, hf_model, max_len: int, fused: bool | None = None):
+        """``fused``: the GPU layout (fused copies of q|k|v and gate|up, gate and up computed as rows); by default
+        on a GPU only. The tests set it on the CPU to check that layout's arithmetic against transformers."""
         super().__init__()
         args = StaticArgs.from_config(hf_model.config)
         self.args = args
@@ -144,7 +146,8 @@ class StaticLlama(nn.Module):
         self.layers = []
         # On a GPU one GEMM instead of three (q|k|v) and two (gate|up): fewer kernels per step, for a fused copy of
         # those weights. On the CPU, where launches cost nothing, the model's own weights: no copy.
-        fuse = torch.cat if device.type != "cpu" else tuple
+        fused = device.type != "cpu" if fused is None else fused
+        fuse = torch.cat if fused else tuple
         for layer in hf_model.model.layers:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append({
@@ -202,8 +205,10 @@ class StaticLlama(nn.Module):
         T, H, KV, D = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
         qkv = project(x, w["wqkv"])  # [T, (H+2KV)*D]
         qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
-        # rope on queries and keys at once; roll gives [x2, x1], sin carries the sign of rotate_half
-        qk = qk * cos + torch.roll(qk, D // 2, dims=-1) * sin  # [T, H+KV, D]
+        # rope on queries and keys at once; [x2, x1] by one cat (torch.roll copies a strided input first, and qk, a
+        # column slice of qkv, is strided once T > 1: one kernel a layer more), sin carries the sign of rotate_half
+        swapped = torch.cat((qk[..., D // 2 :], qk[..., : D // 2]), dim=-1)
+        qk = qk * cos + swapped * sin  # [T, H+KV, D]
         v = qkv[:, (H + KV) * D :].view(T, KV, D)
         k_cache, v_cache = self.k_cache[i, 0], self.v_cache[i, 0]  # [KV, max_len, D]
         k_cache.index_copy_(1, slots, qk[:, H:].transpose(0, 1))
@@ -230,9 +235,16 @@ class StaticLlama(nn.Module):
         h = F.rms_norm(x, (x.shape[-1],), w["attn_norm"], eps)
         x = project(self.attention(i, h, cos, sin, slots, bias, attend_len), w["wo"], residual=x)
         h = F.rms_norm(x, (x.shape[-1],), w["mlp_norm"], eps)
-        gate_up = project(h, w["w13"])  # [T, 2I]
-        inter = gate_up.shape[-1] // 2
-        return project(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w["w2"], residual=x)
+        if isinstance(w["w13"], tuple):  # the CPU's unfused weights
+            gate_up = project(h, w["w13"])  # [T, 2I]
+            inter = gate_up.shape[-1] // 2
+            return project(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w["w2"], residual=x)
+        # On the GPU gate and up come out as rows, [2I, T]: each half is contiguous, so silu and the product run as
+        # vectorised kernels (the halves of a [T, 2I] output are strided once T > 1), and the down projection reads
+        # the [I, T] product transposed, without a copy.
+        gate_up = torch.mm(w["w13"], h.t())
+        inter = gate_up.shape[0] // 2
+        return project((F.silu(gate_up[:inter]) * gate_up[inter:]).t(), w["w2"], residual=x)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, attend_len: int, last_only: bool = False,
                 slots: torch.Tensor | None = None, anchors: torch.Tensor | None = None,

@@ -55,10 +55,11 @@ def embedded():
 
 @pytest.mark.parametrize("rope", list(ROPES))
 @pytest.mark.parametrize("tied", [True, False])
-def test_logits_match_transformers(rope, tied):
+@pytest.mark.parametrize("fused", [False, True])  # the CPU's layout, and the GPU's (fused weights, gate|up as rows)
+def test_logits_match_transformers(rope, tied, fused):
     model = llama(rope, tied)
     assert torch.equal(rope_inv_freq(StaticArgs.from_config(model.config)), model.model.rotary_emb.inv_freq)
-    static = StaticLlama(model, max_len=256)
+    static = StaticLlama(model, max_len=256, fused=fused)
     ids = torch.randint(0, 101, (150,))
     with torch.no_grad():
         ref = model(ids[None]).logits[0]  # [T, V]

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from decoding.latency import SMOLLM2_135M
+
 from .cli import parse, print_table
 from .evaluate import ROOT, heldout_rows
 
 SHAPES = {  # model shapes, as changes to the tests' tiny Llama (training.tiny.tiny_config): the embedded model's, and the tiny one
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3),
+    "smollm2-135m": SMOLLM2_135M,
     "tiny": {},
 }
 
