@@ -24,6 +24,10 @@ ROPE_TYPES = ("default", "linear", "llama3")  # position-independent RoPE varian
 # first layout was faster up to 32 tokens (width 16: 1.85 against 2.00 ms a forward) and slower from 64
 # (width 128: 2.46 against 2.15 ms): assets/results/h100_attention_layout_ab.json.
 PER_TOKEN_MAX = 32
+# From this many tokens on, the GPU computes gate|up as rows (block()). On an H200 (bf16, a random model of
+# SmolLM2-135M's shape, 512 keys) that cut a width-16 forward from 1.886 to 1.787 ms, but GEMM picked slower kernels
+# for 2 and 4 tokens (2.188 against 1.810 ms at width 2): assets/results/h200_latency_random_{before,after}.json.
+ROWS_MIN = 8
 
 
 class UnsupportedModel(ValueError):
@@ -235,7 +239,7 @@ class StaticLlama(nn.Module):
         h = F.rms_norm(x, (x.shape[-1],), w["attn_norm"], eps)
         x = project(self.attention(i, h, cos, sin, slots, bias, attend_len), w["wo"], residual=x)
         h = F.rms_norm(x, (x.shape[-1],), w["mlp_norm"], eps)
-        if isinstance(w["w13"], tuple):  # the CPU's unfused weights
+        if isinstance(w["w13"], tuple) or x.shape[0] < ROWS_MIN:  # the CPU's unfused weights, or a narrow window
             gate_up = project(h, w["w13"])  # [T, 2I]
             inter = gate_up.shape[-1] // 2
             return project(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w["w2"], residual=x)
