@@ -238,14 +238,20 @@ def describe(lat: dict, n: int) -> list[str]:
     return lines
 
 
+def random_config():
+    """The LlamaConfig of SmolLM2-135M-Instruct (context, norm epsilon, tied head and RoPE as the embedded model's)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SMOLLM2_135M, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                       rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+
+
 def random_model(device: str, dtype: torch.dtype, seed: int = 0):
     """A random Llama of SmolLM2-135M-Instruct's shape: the same kernels and timings as the real model, no file."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**SMOLLM2_135M, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    return LlamaForCausalLM(random_config()).to(device=device, dtype=dtype).eval()
 
 
 def main(argv=None) -> int:

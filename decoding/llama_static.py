@@ -27,6 +27,7 @@ PER_TOKEN_MAX = 32
 # From this many tokens on, the GPU computes gate|up as rows (block()). On an H200 (bf16, a random model of
 # SmolLM2-135M's shape, 512 keys) that cut a width-16 forward from 1.886 to 1.787 ms, but GEMM picked slower kernels
 # for 2 and 4 tokens (2.188 against 1.810 ms at width 2): assets/results/h200_latency_random_{before,after}.json.
+# With rows from 8 tokens on: 1.778 ms at width 2, 1.790 at 16 (h200_latency_random_rowsmin8.json).
 ROWS_MIN = 8
 
 

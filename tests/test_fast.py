@@ -227,6 +227,24 @@ def test_gpu_report_formatting_on_synthetic_numbers():
     assert _kind("fmha_cutlassF_f32_aligned") == "attention" and _kind("sm90_xmma_gemm_bf16") == "matmul"
 
 
+def test_latency_command_reports_every_width(tmp_path):
+    """python -m decoding.latency on a model folder (the CPU: whole steps, no graphs or kernels) writes a row per
+    captured width; its default random model has the embedded model's shape, which the fast engine supports."""
+    import json
+
+    from decoding import latency
+    from training.tiny import save_tiny
+
+    out = tmp_path / "latency.json"
+    assert latency.main(["--model", str(save_tiny(tmp_path / "tiny")), "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["width"] for r in result["latency"]["widths"]] == list(latency.WIDTHS)
+    assert all(r["step_ms"] > 0 and r["graph_ms"] is None for r in result["latency"]["widths"])
+    assert result["meta"]["device"] == "cpu" and result["meta"]["command"].startswith("python -m decoding.latency --model")
+    args = StaticArgs.from_config(latency.random_config())
+    assert (args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.vocab) == (30, 576, 9, 3, 64, 49152)
+
+
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     prompt=st.lists(st.integers(0, 20), min_size=1, max_size=40),  # a small alphabet: repeats, so candidates
