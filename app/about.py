@@ -7,6 +7,7 @@ from pathlib import Path
 
 from decoding import DEFAULT_ADAPTER, Iteration, adapter_sha256
 from decoding.decoders import default_candidate_len
+from decoding.trace import LOOP_LIMIT, LOOP_PERIOD
 
 from .render import candidates_phrase, step_html
 
@@ -105,7 +106,12 @@ def read_training_runs(folder: Path = RESULTS / "training", protocol: tuple[int,
     """Our CLLM training runs committed as assets/results/training/eval_*.json, one point each; with ``protocol``,
     only those measured on as many prompts as it says (so that every point is comparable)."""
     paths = sorted(folder.glob("eval_*.json")) if folder.is_dir() else []
-    return [run for run in map(training_run, paths) if run is not None and protocol in (None, run["protocol"])]
+    return measured_like([run for run in map(training_run, paths) if run is not None], protocol)
+
+
+def measured_like(runs: list[dict], protocol: tuple[int, int] | None) -> list[dict]:
+    """The runs measured on as many prompts as ``protocol`` says (all of them when it is None)."""
+    return [run for run in runs if protocol in (None, run["protocol"])]
 
 
 def training_runs_markdown(runs: list[dict], ppl_limit: float = 1.10, not_drawn: int = 0) -> str:
@@ -230,7 +236,8 @@ def cllm_markdown(path: Path = CLLM_EVAL) -> str:
         rows = [("Jacobi tokens per forward", base_tpf, cllm["jacobi"]["tokens_per_forward"], ".2f"),
                 ("perplexity of the held-out reference answers", base["ppl"], cllm["ppl"], ".2f"),
                 ("repeated 4-grams in its greedy answers (seq-rep-4)", rep_base, rep_cllm, ".3f"),
-                ("answers stuck in a short loop (1 to 4 tokens, 10 times in a row)", loops_base, loops_cllm, ".1%")]
+                (f"answers stuck in a short loop (1 to {LOOP_PERIOD} tokens, {LOOP_LIMIT} times in a row)", loops_base, loops_cllm,
+                 ".1%")]
         prompts, refs = cllm["jacobi"]["prompts"], r["heldout_prompts"]
         more_repetitive = float(rep_cllm) > float(rep_base)
         more_stuck = _is_number(loops_cllm) and _is_number(loops_base) and loops_cllm > loops_base

@@ -111,7 +111,7 @@ def fast_forward_note(race: Race) -> str:
 
 
 def loop_note(race: Race) -> str:
-    """Which answers fall into a loop (a pattern of 1 to 4 tokens ten times in a row), and why that matters here:
+    """Which answers fall into a loop (a pattern of 1 to LOOP_PERIOD tokens, LOOP_LIMIT times in a row), and why that matters here:
     Jacobi decoding copies a loop several tokens a forward, so a loop raises tokens per forward without adding text
     worth reading."""
     looping = []

@@ -204,8 +204,9 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             gr.Markdown(about.PAPER)
             gr.Markdown(about.cllm_markdown())
             shipped = about.training_run(about.CLLM_EVAL)
-            runs = about.read_training_runs(protocol=shipped["protocol"] if shipped else None)
-            gr.Markdown(about.training_runs_markdown(runs, not_drawn=len(about.read_training_runs()) - len(runs)))
+            every = about.read_training_runs()  # read once: the chart draws those measured like the shipped one
+            runs = about.measured_like(every, shipped["protocol"] if shipped else None)
+            gr.Markdown(about.training_runs_markdown(runs, not_drawn=len(every) - len(runs)))
             gr.Plot(charts.training_runs(runs, shipped), show_label=False, elem_id="jl-runs")
             results = about.read_results()
             gr.Markdown(about.results_overview(results))
