@@ -101,7 +101,7 @@ def pack(samples: list[dict], streams: list[list[list[torch.Tensor]]], n: int, p
     that are planned per shape, such as cuDNN attention's, are then planned once for many steps); the extra pads
     change no loss.
 
-    A sample may end its terms early (``train.mark_loop`` sets these at the onset of a loop): ``cons_end``, the first
+    A sample may end its terms early (``batches.mark_loop`` sets these at the onset of a loop): ``cons_end``, the first
     answer position with no consistency output; ``ar_end``, the first the AR term skips; ``ul_end``, the first the
     unlikelihood term skips."""
     B, S_n = len(samples), len(streams)

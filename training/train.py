@@ -22,25 +22,22 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from decoding import DEFAULT_SPEC, load_model
 from decoding.prompts import read_jsonl
-from decoding.trace import LOOP_PERIOD, loop_onset
 
 from .cli import parse, print_table, save_settings
-from .collect import read_shards, repeats, seq_rep
+from .collect import read_shards
 from .evaluate import generate_greedy
-from .losses import (ar_cross_entropy, hard_ce, jacobi_gain, penalize_loops, penalized, repeat_completions, soft_kl,
-                     unlikelihood)
-from .packing import PackedBatch, align_answers, pack, pick_states, reference_pairs
+from .objective import anchor_step, step_losses, uses_base
+from .packing import reference_pairs
+from .batches import LOOP_ENDS, batch_indices, grouped_indices, make_batch, sample_length, select_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -110,224 +107,6 @@ class TrainSettings:
     seed: int = 0  # data order, curriculum, init
 
 
-def batch_indices(step: int, batch: int, count: int, seed: int) -> list[int]:
-    """Sample indices of a global step: consecutive slices of per-epoch seeded permutations."""
-    out = []
-    start = step * batch
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), count)
-        order = list(range(count))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        out.extend(order[offset: offset + batch - len(out)])
-    return out
-
-
-def grouped_indices(step: int, batch: int, lengths: list[int], seed: int, group: int = 16) -> list[int]:
-    """Sample indices of a global step, batches of similar length: each epoch's seeded permutation is cut into
-    chunks of ``group`` batches, each chunk sorted by length and cut into batches, and the batches shuffled. Every
-    batch holds ``batch`` distinct samples of one epoch (an epoch's remainder, under one batch, is left out)."""
-    count = len(lengths)
-    if count < batch:
-        return batch_indices(step, batch, count, seed)
-    per_epoch = count // batch
-    epoch, k = divmod(step, per_epoch)
-    order = list(range(count))
-    rng = random.Random(seed * 1000 + epoch)
-    rng.shuffle(order)
-    order = order[: per_epoch * batch]
-    batches = []
-    for start in range(0, len(order), group * batch):
-        chunk = sorted(order[start:start + group * batch], key=lambda i: lengths[i])
-        batches += [chunk[j:j + batch] for j in range(0, len(chunk), batch)]
-    rng.shuffle(batches)
-    return batches[k]
-
-
-def sample_length(sample: dict) -> int:
-    """The tokens a sample takes in a packed row before padding: its prompt, its clean answer and one noisy stream."""
-    n = int(sample["states"][0].shape[1])  # block size
-    return len(sample["prompt"]) + 2 * n * len(sample["states"])
-
-
-LOOP_ENDS = {  # --loop-samples: the terms that stop at a caught loop's first token (pack's cons_end, ar_end, ul_end)
-    "anchor": (("cons_end",), "the answer terms only"),
-    "tail": (("cons_end", "ar_end"), "unlikelihood only"),
-    "cut": (("cons_end", "ar_end", "ul_end"), "no term"),
-}
-
-
-def mark_loop(sample: dict, limit: int, mode: str = "anchor") -> dict:
-    """The sample, marked where the terms of ``mode`` (LOOP_ENDS) stop, if its answer holds a loop that
-    ``--repeat-limit`` catches; otherwise the sample itself."""
-    onset = loop_onset(sample["answer"][: sample["valid"]].tolist(), limit, LOOP_PERIOD)
-    return sample if onset is None else {**sample, **dict.fromkeys(LOOP_ENDS[mode][0], onset)}
-
-
-def select_samples(samples: list[dict], s: "TrainSettings", log=print) -> tuple[list[dict], int]:
-    """The samples --repeat-limit, --loop-samples and --max-rep keep (marked by mark_loop where their terms stop), and
-    how many of them loop. A caught answer that is kept is judged by --max-rep on its part before the loop."""
-    collected = len(samples)
-    if s.loop_samples != "drop":
-        samples = [mark_loop(x, s.repeat_limit, s.loop_samples) for x in samples]
-        log(f"--loop-samples {s.loop_samples}: {sum('cons_end' in x for x in samples)} of {len(samples)} samples loop; "
-            f"from the loop on, {LOOP_ENDS[s.loop_samples][1]}")
-    filters = []  # (flag, keep(answer tokens)), applied in this order
-    if s.repeat_limit and s.loop_samples == "drop":
-        filters.append((f"--repeat-limit {s.repeat_limit}", lambda a: not repeats(a, s.repeat_limit, LOOP_PERIOD)))
-    if s.max_rep < 1.0:  # looping answers may teach the CLLM to fast-forward loops (most of its gain is repeated text)
-        filters.append((f"--max-rep {s.max_rep}", lambda a: seq_rep(a) <= s.max_rep))
-    for name, keep in filters:
-        samples = [x for x in samples if keep(x["answer"][: x.get("cons_end", x["valid"])].tolist())]
-        log(f"{name}: kept {len(samples)} of {collected} samples")
-        if not samples:
-            raise SystemExit(f"{name} drops all {collected} samples: raise it")
-    return samples, sum("cons_end" in x for x in samples)
-
-
-def make_batch(samples: list[dict], idx: list[int], s: TrainSettings, step: int, pad_id: int) -> PackedBatch:
-    rng = random.Random(hash((s.seed, step, tuple(idx))))
-    picks = [pick_states(samples[i], s.noise_window, rng, s.use_extra) for i in idx]
-    streams = [[c for c, _ in picks]] + ([[f for _, f in picks]] if s.local_weight > 0 else [])
-    n = samples[idx[0]]["states"][0].shape[1]
-    return pack([samples[i] for i in idx], streams, n, pad_id, s.pad_to)
-
-
-def forward_logits(model, b: PackedBatch) -> torch.Tensor:
-    """Logits at b.keep only: [B, (1 + streams) * L, V] (the LM head never runs on prompt tokens)."""
-    return model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                 logits_to_keep=b.keep, use_cache=False).logits
-
-
-def repeat_weights(b: PackedBatch, s: TrainSettings) -> torch.Tensor | None:
-    """[B, L] weight of each consistency output: ``s.repeat_weight`` where its target repeats a 4-gram, else 1
-    (None when every weight is 1)."""
-    return None if s.repeat_weight == 1.0 else torch.where(b.repeats, s.repeat_weight, 1.0)
-
-
-def live_blocks(b: PackedBatch) -> torch.Tensor:
-    """[B, blocks] bool: the blocks with at least one consistency output that counts (a state not yet fixed)."""
-    return b.cons_mask[0].reshape(b.answer.shape[0], -1, b.n).any(-1)
-
-
-def total_loss(terms: dict[str, torch.Tensor], s: TrainSettings) -> torch.Tensor:
-    """The weighted sum of the main loss terms."""
-    loss = s.ar_weight * terms["ar"] + s.consistency_weight * terms["consistency"]
-    if s.local_weight > 0:
-        loss = loss + s.local_weight * terms["local"]
-    return loss + s.unlikelihood * terms["unlikelihood"] if s.unlikelihood > 0 else loss
-
-
-def compute_losses(logits, base_logits, b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
-    """All loss terms and the training-time Jacobi gain from one packed forward."""
-    L = b.answer.shape[1]
-    clean = logits[:, :L]
-    loops = None  # [B, L, V]: the tokens that would repeat a 4-gram after each answer position
-    if (s.loop_penalty > 0 and base_logits is not None) or s.unlikelihood > 0:
-        loops = repeat_completions(b.input_ids[:, :b.prompt_end + L], b.real(), b.keep[:L], logits.shape[-1])
-    base_clean = None
-    if base_logits is not None:
-        base_clean = penalize_loops(base_logits[:, :L], loops, s.loop_penalty)  # unchanged at penalty 0
-    teacher = (base_clean if s.teacher == "base" else clean).detach()
-    if s.ar_loss == "kl":
-        ar = soft_kl(base_clean[b.ar_mask], clean[b.ar_mask])
-    else:
-        ar = ar_cross_entropy(clean[b.ar_mask], b.answer[b.ar_mask], s.label_smoothing)
-    student = logits[:, L:2 * L]
-    sel = b.cons_mask[0]
-    rw = repeat_weights(b, s)
-    weights = None if rw is None else rw[sel]
-    cons = (hard_ce if s.consistency_loss == "ce" else soft_kl)(teacher[sel], student[sel], weights)
-    out = {"ar": ar, "consistency": cons}
-    if s.local_weight > 0:
-        # Local: the state's outputs matched to the model's own (detached) outputs on the next state.
-        out["local"] = soft_kl(logits[:, 2 * L:3 * L].detach()[sel], student[sel], weights)
-    if s.unlikelihood > 0:
-        out["unlikelihood"] = unlikelihood(clean[b.ul_mask], loops[b.ul_mask])
-    out["loss"] = total_loss(out, s)
-    with torch.no_grad():
-        B = b.answer.shape[0]
-        pred, st, fx = (x.reshape(B, -1, b.n) for x in (student.argmax(-1), b.states[0], b.answer))
-        live = live_blocks(b)
-        out["gain"] = jacobi_gain(pred[live], st[live], fx[live]).mean() if live.any() else torch.zeros(())
-        out["student_acc"] = (student.argmax(-1) == b.answer)[sel].float().mean()
-    return out
-
-
-TERMS = ("ar", "consistency", "local", "unlikelihood", "gain", "student_acc")  # compute_losses' means
-
-
-def active_terms(s: TrainSettings) -> tuple[str, ...]:
-    """The terms compute_losses returns under these settings (the optional ones only when weighted)."""
-    off = {name for name, weight in (("local", s.local_weight), ("unlikelihood", s.unlikelihood)) if weight <= 0}
-    return tuple(t for t in TERMS if t not in off)
-
-
-def row_counts(b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
-    """What each of compute_losses' means averages over, row by row ([B] each): the terms of a few rows at a time
-    then add up, weighted by these, to the whole batch's means."""
-    sel = b.cons_mask[0]
-    rw = repeat_weights(b, s)
-    weights = sel.float() if rw is None else sel * rw
-    cons = weights.sum(1)
-    return {"ar": b.ar_mask.float().sum(1), "consistency": cons, "local": cons, "unlikelihood": b.ul_mask.float().sum(1),
-            "gain": live_blocks(b).float().sum(1), "student_acc": sel.float().sum(1)}
-
-
-@contextmanager
-def heads_skipped(*models):
-    """Inside, each model returns its last hidden states where it would return logits (its LM head skipped)."""
-    heads = list({id(h): h for h in (m.get_output_embeddings() for m in models if m is not None)}.values())
-    before = [head.__dict__.get("forward") for head in heads]  # a hook library may have set one already
-    for head in heads:
-        head.forward = torch.nn.Identity().forward  # an instance attribute hides the class's forward
-    try:
-        yield
-    finally:
-        for head, old in zip(heads, before):
-            if old is None:
-                del head.forward
-            else:
-                head.forward = old
-
-
-def chunked_losses(accelerator, model, base, b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
-    """compute_losses' terms with the LM head run on ``s.loss_rows`` rows at a time under activation checkpointing:
-    only hidden states are kept for the backward pass, never the whole batch's logits. Equal to the one-shot terms
-    up to rounding (the means are recombined with ``row_counts``)."""
-    unwrapped = accelerator.unwrap_model(model)
-    head = unwrapped.get_output_embeddings()
-    base_head = (base if base is not None else unwrapped).get_output_embeddings()  # a LoRA's base shares its head
-    with heads_skipped(unwrapped, base):
-        hidden = forward_logits(model, b)  # through the (DDP) wrapper: gradients still synchronise
-        base_hidden = base_logits_for(accelerator, model, base, b, s)
-    L, B = b.answer.shape[1], b.answer.shape[0]
-    counts = row_counts(b, s)
-    terms = active_terms(s)
-    out = {t: torch.zeros((), device=hidden.device) for t in terms}
-    for r0 in range(0, B, s.loss_rows):
-        rows = slice(r0, r0 + s.loss_rows)
-
-        def part(h, hb, rows=rows):
-            got = compute_losses(head(h), None if hb is None else base_head(hb), b.rows(rows), s)
-            return tuple(got[t] for t in terms)
-
-        values = checkpoint(part, hidden[rows], None if base_hidden is None else base_hidden[rows, :L],
-                            use_reentrant=False)
-        for t, v in zip(terms, values):
-            out[t] = out[t] + v * (counts[t][rows].sum() / counts[t].sum().clamp_min(1e-12))
-    out["loss"] = total_loss(out, s)
-    for t in ("gain", "student_acc"):
-        out[t] = out[t].detach()
-    return out
-
-
-def step_losses(accelerator, model, base, b: PackedBatch, s: TrainSettings) -> dict[str, torch.Tensor]:
-    """The main terms of one step (call under autocast): in one go, or ``s.loss_rows`` rows at a time."""
-    if s.loss_rows:
-        return chunked_losses(accelerator, model, base, b, s)
-    return compute_losses(forward_logits(model, b), base_logits_for(accelerator, model, base, b, s), b, s)
-
-
 def build_model(s: TrainSettings):
     """(trainable model, frozen base or None, pad id, tokenizer, EOS ids). LoRA via peft unless lora_rank == 0."""
     lm = load_model(s.model, device="cpu", dtype="float32")
@@ -379,49 +158,6 @@ def make_schedule(s: TrainSettings, total: dict):
         t = min(1.0, (step - warm) / max(1, steps - warm))
         return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return factor
-
-
-def uses_base(s: TrainSettings) -> bool:
-    return s.ar_loss == "kl" or s.teacher == "base" or s.ref_weight > 0 or s.self_weight > 0
-
-
-def on_base(accelerator, model, base, fn):
-    """fn(frozen base model) without gradients: the frozen copy, or the LoRA model with its adapter disabled."""
-    with torch.no_grad():
-        if base is not None:
-            return fn(base)
-        unwrapped = accelerator.unwrap_model(model)
-        with unwrapped.disable_adapter():
-            return fn(unwrapped)
-
-
-def base_logits_for(accelerator, model, base, b: PackedBatch, s: TrainSettings):
-    return on_base(accelerator, model, base, lambda m: forward_logits(m, b)) if uses_base(s) else None
-
-
-def anchor_kl(accelerator, model, base, pairs, idx: list[int], pad_id: int, penalty: float = 0.0,
-              pad_to: int = 1) -> torch.Tensor:
-    """KL(base || model) at every answer token of the (prompt, answer) rows idx: reference or own answers
-    (one forward of each, LM head on answers only); the base's logits under the loop penalty if not 0."""
-    b = align_answers([pairs[i] for i in idx], pad_id, pad_to).to(accelerator.device)
-
-    def logits(m):
-        return m(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                 logits_to_keep=b.keep, use_cache=False).logits
-
-    target = on_base(accelerator, model, base, lambda m: penalized(logits(m), b.input_ids, b.real(), b.keep, penalty))
-    return soft_kl(target[b.valid], logits(model)[b.valid])
-
-
-def anchor_step(accelerator, models, pairs, idx, pad_id, weight, losses, name, penalty: float = 0.0,
-                pad_to: int = 1) -> None:
-    """One anchor term (KL to the frozen base on given answers) in its own forward and backward: the gradients
-    add up with the main step's, the peak memory does not."""
-    model, base = models
-    with accelerator.autocast():
-        losses[name] = anchor_kl(accelerator, model, base, pairs, idx, pad_id, penalty, pad_to)
-    accelerator.backward(weight * losses[name])
-    losses["loss"] = losses["loss"].detach() + weight * losses[name].detach()
 
 
 def own_answers(accelerator, model, samples, s: TrainSettings, step: int, pad_id: int, eos: set[int]) -> list:
@@ -529,8 +265,8 @@ def log_line(path: Path, row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def main(argv=None) -> None:
-    s = parse(TrainSettings, argv)
+def check_settings(s: TrainSettings) -> None:
+    """Stop with the flag's name and its range when a setting is out of range, before anything is loaded."""
     for name in ("ar_weight", "consistency_weight", "local_weight", "ref_weight", "self_weight", "repeat_weight",
                  "unlikelihood"):
         if getattr(s, name) < 0:
@@ -539,15 +275,24 @@ def main(argv=None) -> None:
         raise SystemExit(f"--loop-penalty must be 0 (off) or more, got {s.loop_penalty}")
     if s.pad_to < 1:
         raise SystemExit(f"--pad-to must be 1 (off) or more, got {s.pad_to}")
-    from accelerate import Accelerator
+    if s.max_samples < 0:
+        raise SystemExit(f"--max-samples must be 0 (all) or more, got {s.max_samples}")
+    if s.repeat_limit < 0:
+        raise SystemExit(f"--repeat-limit must be 0 (keep all) or more, got {s.repeat_limit}")
+    if s.loop_samples not in ("drop", *LOOP_ENDS):
+        raise SystemExit(f"--loop-samples must be drop, {', '.join(LOOP_ENDS)}, got {s.loop_samples!r}")
+    if s.loop_samples != "drop" and not s.repeat_limit:
+        raise SystemExit(f"--loop-samples {s.loop_samples} needs --repeat-limit K (the loops it keeps are those the filter catches)")
+    if s.consistency_loss not in ("kl", "ce"):
+        raise SystemExit(f"--consistency-loss must be kl or ce, got {s.consistency_loss!r}")
+    if s.full_scope not in ("all", "targets"):
+        raise SystemExit(f"--full-scope must be all or targets, got {s.full_scope!r}")
+    if s.loss_rows < 0:
+        raise SystemExit(f"--loss-rows must be 0 (the whole batch at once) or more, got {s.loss_rows}")
 
-    cuda = torch.cuda.is_available() and s.device != "cpu"
-    if cuda and not s.cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
-    torch.manual_seed(s.seed)
-    out = Path(s.out)
-    t_start = time.perf_counter()
+
+def read_samples(s: TrainSettings, log=print) -> tuple[list[dict], int]:
+    """The trajectories of --data (its folders one after another), cut to --max-samples, and how many were read."""
     folders = [f.strip() for f in s.data.split(",") if f.strip()]
     missing = [f for f in folders if not Path(f).is_dir()]
     if missing or not folders:
@@ -557,24 +302,26 @@ def main(argv=None) -> None:
     collected = len(samples)
     if not samples:
         raise SystemExit(f"no trajectories in {s.data}: run python -m training.collect first")
-    if s.max_samples < 0:
-        raise SystemExit(f"--max-samples must be 0 (all) or more, got {s.max_samples}")
     if s.max_samples:
         samples = samples[: s.max_samples]
-        accelerator.print(f"--max-samples {s.max_samples}: training on {len(samples)} of {collected} samples")
-    if s.repeat_limit < 0:
-        raise SystemExit(f"--repeat-limit must be 0 (keep all) or more, got {s.repeat_limit}")
-    if s.loop_samples not in ("drop", *LOOP_ENDS):
-        raise SystemExit(f"--loop-samples must be drop, {', '.join(LOOP_ENDS)}, got {s.loop_samples!r}")
-    if s.loop_samples != "drop" and not s.repeat_limit:
-        raise SystemExit(f"--loop-samples {s.loop_samples} needs --repeat-limit K (the loops it keeps are those the filter catches)")
+        log(f"--max-samples {s.max_samples}: training on {len(samples)} of {collected} samples")
+    return samples, collected
+
+
+def main(argv=None) -> None:
+    s = parse(TrainSettings, argv)
+    check_settings(s)
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available() and s.device != "cpu"
+    if cuda and not s.cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    torch.manual_seed(s.seed)
+    out = Path(s.out)
+    t_start = time.perf_counter()
+    samples, collected = read_samples(s, accelerator.print)
     samples, anchored = select_samples(samples, s, accelerator.print)
-    if s.consistency_loss not in ("kl", "ce"):
-        raise SystemExit(f"--consistency-loss must be kl or ce, got {s.consistency_loss!r}")
-    if s.full_scope not in ("all", "targets"):
-        raise SystemExit(f"--full-scope must be all or targets, got {s.full_scope!r}")
-    if s.loss_rows < 0:
-        raise SystemExit(f"--loss-rows must be 0 (the whole batch at once) or more, got {s.loss_rows}")
     if s.batch < accelerator.num_processes:
         raise SystemExit(f"--batch {s.batch} is smaller than the {accelerator.num_processes} processes: each needs a row")
     model, base, pad_id, tokenizer, eos = build_model(s)
@@ -618,6 +365,16 @@ def agree(accelerator, value: float) -> float:
     return float(accelerator.gather(torch.tensor([float(value)], device=accelerator.device)).max())
 
 
+def log_row(accelerator, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The step's loss terms as means over the processes (each saw its share of the batch), and on a GPU its peak
+    memory (how many runs, or how large a batch, one GPU could take)."""
+    # note: CPU-GPU sync point
+    row = {k: float(accelerator.reduce(v.detach().float(), "mean")) for k, v in losses.items()}
+    if accelerator.device.type == "cuda":
+        row["gpu_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    return row
+
+
 def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens, t_start) -> dict:
     """Optimiser steps until max_steps or the time limit; checkpoints on the way; returns the last log row."""
     from tqdm.auto import tqdm
@@ -636,11 +393,8 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
     profiler = StepProfiler(s.profile_steps, first_step, out, accelerator.is_main_process)
     while step < total["steps"]:
         with profiler.phase("batch"):
-            if lengths:
-                idx = grouped_indices(step, s.batch, lengths, s.seed)[rank::world]
-            else:
-                idx = batch_indices(step, s.batch, len(samples), s.seed)[rank::world]
-            b = make_batch(samples, idx, s, step, pad_id).to(accelerator.device)
+            idx = grouped_indices(step, s.batch, lengths, s.seed) if lengths else batch_indices(step, s.batch, len(samples), s.seed)
+            b = make_batch(samples, idx[rank::world], s, step, pad_id).to(accelerator.device)
         with profiler.phase("main"):
             with accelerator.autocast():
                 losses = step_losses(accelerator, model, base, b, s)
@@ -676,13 +430,10 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
             bar.total = total["steps"]
             accelerator.print(f"{per_step:.3f} s/step -> max_steps = {total['steps']} for {s.budget_minutes} min")
         if step % s.log_every == 0 or step == total["steps"]:
-            # means over the processes (each saw its share of the batch); note: CPU-GPU sync point
-            last = {k: float(accelerator.reduce(v.detach().float(), "mean")) for k, v in losses.items()}
             now = time.perf_counter()
-            last |= {"step": step, "lr": scheduler.get_last_lr()[0], "s_per_step": (now - t_steps) / max(step - first_step, 1),
-                     "s_per_step_recent": (now - t_log) / max(step - log_step, 1), "elapsed_min": (now - t_start) / 60}
-            if accelerator.device.type == "cuda":  # how many runs (or how large a batch) one GPU could take
-                last["gpu_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+            last = {**log_row(accelerator, losses), "step": step, "lr": scheduler.get_last_lr()[0],
+                    "s_per_step": (now - t_steps) / max(step - first_step, 1),
+                    "s_per_step_recent": (now - t_log) / max(step - log_step, 1), "elapsed_min": (now - t_start) / 60}
             t_log, log_step = now, step
             if accelerator.is_main_process:
                 log_line(log_path, last)
