@@ -1,16 +1,14 @@
-"""Layout and wiring of the Gradio app. Callbacks stay short: the work is in race, render, charts and about."""
+"""Layout and wiring of the Gradio app. The callbacks are in callbacks.py; the work is in race, render, charts and about."""
 from __future__ import annotations
 
-import math
-from html import escape
 from pathlib import Path
 
 import gradio as gr
-import torch
 
 from . import about, charts, render
+from .callbacks import Callbacks, header_html, lane_choices
 from .engine import ModelHost, on_zero_gpu
-from .race import DEFAULT_LANES, LANES, MAX_CANDIDATES, MAX_NEW_TOKENS, StopRequests, new_race, race_json, run_race, stop_race
+from .race import DEFAULT_LANES, MAX_CANDIDATES, MAX_NEW_TOKENS
 
 try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU
     import spaces
@@ -22,7 +20,6 @@ except ImportError:
 
 CSS = (Path(__file__).resolve().parent / "style.css").read_text(encoding="utf-8")
 MODEL_GROUP = "model"  # concurrency group: one generation (or model load) at a time
-STOPPED = "Stopped. The app is ready for the next race."
 # The page numbers its races; Stop sends the latest number (see race.StopRequests). The last input is the number.
 NUMBER_RACE_JS = "(...a) => { window.jlRaceNo = (window.jlRaceNo || 0) + 1; a[a.length - 1] = window.jlRaceNo; return a; }"
 LATEST_RACE_JS = "(race, no) => [race, window.jlRaceNo || 0]"
@@ -41,109 +38,28 @@ EXAMPLES = [  # (label, prompt): chat, code, maths, writing
 ]
 
 
-def lane_choices(host: ModelHost) -> list[tuple[str, str]]:
-    return [(lane.label, key) for key, lane in LANES.items() if lane.model == "base" or host.cllm is not None]
-
-
-def header_html(host: ModelHost) -> str:
-    cls = "jl-error" if host.error else "jl-model"
-    return f'<div class="{cls}">{escape(host.describe())}</div>'
+def about_tab() -> None:
+    """The About tab: what AR, Jacobi and CLLMs are, our CLLM's numbers, its training runs and the committed
+    benchmarks (read from assets/ when the page is built)."""
+    with gr.Tab("About"):
+        gr.Markdown(about.INTRO)
+        gr.HTML(about.example_figure())
+        gr.Markdown(about.PAPER)
+        gr.Markdown(about.cllm_markdown())
+        shipped = about.training_run(about.CLLM_EVAL)
+        every = about.read_training_runs()  # read once: the chart draws those measured like the shipped one
+        runs = about.measured_like(every, shipped["protocol"] if shipped else None)
+        gr.Markdown(about.training_runs_markdown(runs, not_drawn=len(every) - len(runs)))
+        gr.Plot(charts.training_runs(runs, shipped), show_label=False, elem_id="jl-runs")
+        results = about.read_results()
+        gr.Markdown(about.results_overview(results))
+        with gr.Accordion("Every benchmark file, lane by lane", open=False):
+            gr.Markdown(about.results_markdown(results))
 
 
 def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS) -> gr.Blocks:
     """The whole app. Models are loaded by the caller (once, at start-up), never here."""
-
-    def token_text(tok: int) -> str:
-        return host.base.tokenizer.decode([tok]) if host.base else f"#{tok}"
-
-    stops = StopRequests()
-
-    @gpu
-    def race_stream(prompt, n, max_new_tokens, init, candidates, lanes, number, request: gr.Request):
-        try:
-            race = new_race(host, prompt, n, max_new_tokens, init, lanes or [], limit=max_new_tokens_limit,
-                            candidates=candidates)
-        except ValueError as exc:
-            raise gr.Error(str(exc), title="Cannot start the race") from None
-        total = len(race.runs)
-        stopped = stops.checker(request.session_hash, number)
-        try:
-            for race in host.stream(run_race(host, race, engine=host.engine, stopped=stopped)):
-                running = next((i for i, r in enumerate(race.runs) if r.status == "running"), None)
-                status = f"Running lane {running + 1} of {total}: **{race.runs[running].lane.label}** …" if running is not None else ""
-                yield render.board_html(race), status, race
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window, and try again.", title="Out of memory") from None
-        yield render.board_html(race), STOPPED if stopped() else render.verdict(race), race
-
-    def after_race(race):
-        jacobi = [(r.lane.label, r.lane.key) for r in (race.finished if race else []) if r.lane.method == "jacobi"]
-        pick = jacobi[-1][1] if jacobi else None
-        return (charts.tokens_over_time(race), charts.accepted_per_iteration(race), charts.speed_summary(race),
-                gr.update(choices=jacobi, value=pick))
-
-    def inspect(race, key, axis):
-        run = race.run(key) if race and key else None
-        total = len(run.trace.iterations) if run and run.trace else 0
-        return convergence(race, key, axis), gr.update(maximum=max(total, 2), value=1, interactive=total > 1)
-
-    def convergence(race, key, axis):
-        return charts.convergence_map(race.run(key) if race and key else None, axis, token_text)
-
-    def step(race, key, index):
-        run = race.run(key) if race and key else None
-        its = run.trace.iterations if run and run.trace else []
-        if not its:
-            return render.step_html(None, 0, token_text)
-        it = its[min(max(int(index), 1), len(its)) - 1]
-        return render.step_html(it, len(its), token_text, "".join(run.pieces[: it.start]))
-
-    def replay(race, speed, nonce):
-        return render.replay_html(race, render.SPEEDS.get(speed, 1.0), nonce + 1), nonce + 1
-
-    def forget_stops(request: gr.Request):
-        stops.forget(request.session_hash)
-
-    def on_stop(race, number, request: gr.Request):
-        stops.stop(request.session_hash, number)
-        stop_race(race)
-        return render.board_html(race), STOPPED
-
-    @gpu
-    def race_api(prompt: str, n: int = 16, max_new_tokens: int = 128, candidates: int = 0) -> dict:
-        """Race AR and Jacobi decoding on one prompt, lanes one after another.
-
-        Args:
-            prompt: the user message (sent through the model's chat template).
-            n: Jacobi window size, 1 to 128.
-            max_new_tokens: tokens to generate at most.
-            candidates: candidate n-grams (each n-1 tokens) checked beside the Jacobi window in every pass, 0 to 4.
-        Returns:
-            JSON whose "lanes" are "base_ar", "base_jacobi" and, when a CLLM is loaded, "cllm_jacobi";
-            each has "text", "tokens", "forwards", "wall_s", "tok_s", "mean_accepted", "speedup" (over base_ar)
-            and "matches_ar" (its tokens equal those of the AR lane it is compared with).
-        """
-        try:
-            race = new_race(host, prompt, n, max_new_tokens, "random", DEFAULT_LANES, limit=max_new_tokens_limit,
-                            candidates=candidates)
-            for race in host.stream(run_race(host, race, stream_every=math.inf, engine=host.engine)):
-                pass
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window.") from None
-        return race_json(race)
-
-    def load_models(spec, adapter):
-        if not allow_custom_models:  # the page hides the controls; refuse here too
-            raise gr.Error("Loading other models is off: start the app with --allow-custom-models.")
-        if not spec or not spec.strip():
-            raise gr.Error("Give a model: a preset name, a local folder or .gguf file, or a hub id.")
-        host.load(spec.strip(), adapter.strip() or None if adapter else None)
-        choices = lane_choices(host)
-        return header_html(host), gr.update(choices=choices, value=[k for _, k in choices if k in DEFAULT_LANES])
+    cb = Callbacks(host, allow_custom_models, max_new_tokens_limit)
 
     with gr.Blocks(title="Jacobi Lens: AR vs Jacobi decoding, live") as demo:
         race_state = gr.State(None)
@@ -191,45 +107,32 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
                 axis = gr.Radio(AXIS_LABELS, value="window", label="Columns", scale=2)
             conv_plot = gr.Plot(charts.convergence_map(None), label="Convergence map", show_label=False, elem_id="jl-conv")
             step_slider = gr.Slider(1, 2, value=1, step=1, label="Iteration", interactive=False, elem_id="jl-step-slider")
-            step_view = gr.HTML(render.step_html(None, 0, token_text), elem_id="jl-step")
+            step_view = gr.HTML(render.step_html(None, 0, cb.token_text), elem_id="jl-step")
             if allow_custom_models:
                 with gr.Accordion("Model (custom models are enabled)", open=False):
                     spec = gr.Textbox(label="Model", value=host.spec, info="smollm2-135m, a preset, a local folder or .gguf, or org/name (online)")
                     adapter = gr.Textbox(label="CLLM adapter folder (optional)", value=host.adapter or "")
                     load_btn = gr.Button("Load")
-                load_btn.click(load_models, [spec, adapter], [header, lanes], concurrency_id=MODEL_GROUP, api_visibility="private")
-        with gr.Tab("About"):
-            gr.Markdown(about.INTRO)
-            gr.HTML(about.example_figure())
-            gr.Markdown(about.PAPER)
-            gr.Markdown(about.cllm_markdown())
-            shipped = about.training_run(about.CLLM_EVAL)
-            every = about.read_training_runs()  # read once: the chart draws those measured like the shipped one
-            runs = about.measured_like(every, shipped["protocol"] if shipped else None)
-            gr.Markdown(about.training_runs_markdown(runs, not_drawn=len(every) - len(runs)))
-            gr.Plot(charts.training_runs(runs, shipped), show_label=False, elem_id="jl-runs")
-            results = about.read_results()
-            gr.Markdown(about.results_overview(results))
-            with gr.Accordion("Every benchmark file, lane by lane", open=False):
-                gr.Markdown(about.results_markdown(results))
+                load_btn.click(cb.load_models, [spec, adapter], [header, lanes], concurrency_id=MODEL_GROUP, api_visibility="private")
+        about_tab()
 
         race_event = go_btn.click(
-            race_stream, [prompt, n, max_new, init, cands, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
+            gpu(cb.race_stream), [prompt, n, max_new, init, cands, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
             concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private",
             # A click while this tab's race is still running (or ending after Stop) starts the next race when it
             # has ended, instead of being ignored.
             trigger_mode="always_last",
         )
-        race_event.then(after_race, race_state, [time_plot, accept_plot, speed_plot, lane_pick], api_visibility="private")
+        race_event.then(cb.after_race, race_state, [time_plot, accept_plot, speed_plot, lane_pick], api_visibility="private")
         # No gradio cancel: the race ends by itself at its next step (race.StopRequests says why). Except on ZeroGPU
         # Spaces, where a race runs in a forked process that does not see the stop requests.
-        stop_btn.click(on_stop, [race_state, race_number], [board, status], js=LATEST_RACE_JS, queue=False,
+        stop_btn.click(cb.on_stop, [race_state, race_number], [board, status], js=LATEST_RACE_JS, queue=False,
                        cancels=[race_event] if on_zero_gpu() else None, api_visibility="private")
-        demo.unload(forget_stops)
-        lane_pick.change(inspect, [race_state, lane_pick, axis], [conv_plot, step_slider], api_visibility="private").then(
-            step, [race_state, lane_pick, step_slider], step_view, api_visibility="private")
-        axis.change(convergence, [race_state, lane_pick, axis], conv_plot, api_visibility="private")
-        step_slider.change(step, [race_state, lane_pick, step_slider], step_view, api_visibility="private", show_progress="hidden")
-        replay_btn.click(replay, [race_state, speed, nonce], [replay_view, nonce], api_visibility="private", queue=False)
-        gr.api(race_api, api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
+        demo.unload(cb.forget_stops)
+        lane_pick.change(cb.inspect, [race_state, lane_pick, axis], [conv_plot, step_slider], api_visibility="private").then(
+            cb.step, [race_state, lane_pick, step_slider], step_view, api_visibility="private")
+        axis.change(cb.convergence, [race_state, lane_pick, axis], conv_plot, api_visibility="private")
+        step_slider.change(cb.step, [race_state, lane_pick, step_slider], step_view, api_visibility="private", show_progress="hidden")
+        replay_btn.click(cb.replay, [race_state, speed, nonce], [replay_view, nonce], api_visibility="private", queue=False)
+        gr.api(gpu(cb.race_api), api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
     return demo

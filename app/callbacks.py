@@ -1,0 +1,121 @@
+"""The app's callbacks: small methods over one ModelHost that take the page's inputs and return its outputs.
+ui.py lays out the page and wires them to it; the work is in race, render, charts and about."""
+from __future__ import annotations
+
+import math
+from html import escape
+
+import gradio as gr
+import torch
+
+from . import charts, render
+from .engine import ModelHost
+from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, StopRequests, new_race, race_json, run_race, stop_race
+
+STOPPED = "Stopped. The app is ready for the next race."
+
+
+def lane_choices(host: ModelHost) -> list[tuple[str, str]]:
+    return [(lane.label, key) for key, lane in LANES.items() if lane.model == "base" or host.cllm is not None]
+
+
+def header_html(host: ModelHost) -> str:
+    cls = "jl-error" if host.error else "jl-model"
+    return f'<div class="{cls}">{escape(host.describe())}</div>'
+
+
+class Callbacks:
+    """What the page's events call. Models are loaded by the caller (once, at start-up), or by ``load_models`` when
+    custom models are allowed."""
+
+    def __init__(self, host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS):
+        self.host, self.allow_custom_models, self.limit = host, allow_custom_models, max_new_tokens_limit
+        self.stops = StopRequests()
+
+    def token_text(self, tok: int) -> str:
+        return self.host.base.tokenizer.decode([tok]) if self.host.base else f"#{tok}"
+
+    def race_stream(self, prompt, n, max_new_tokens, init, candidates, lanes, number, request: gr.Request):
+        try:
+            race = new_race(self.host, prompt, n, max_new_tokens, init, lanes or [], limit=self.limit,
+                            candidates=candidates)
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Cannot start the race") from None
+        total = len(race.runs)
+        stopped = self.stops.checker(request.session_hash, number)
+        try:
+            for race in self.host.stream(run_race(self.host, race, engine=self.host.engine, stopped=stopped)):
+                running = next((i for i, r in enumerate(race.runs) if r.status == "running"), None)
+                status = f"Running lane {running + 1} of {total}: **{race.runs[running].lane.label}** …" if running is not None else ""
+                yield render.board_html(race), status, race
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window, and try again.", title="Out of memory") from None
+        yield render.board_html(race), STOPPED if stopped() else render.verdict(race), race
+
+    def after_race(self, race):
+        jacobi = [(r.lane.label, r.lane.key) for r in (race.finished if race else []) if r.lane.method == "jacobi"]
+        pick = jacobi[-1][1] if jacobi else None
+        return (charts.tokens_over_time(race), charts.accepted_per_iteration(race), charts.speed_summary(race),
+                gr.update(choices=jacobi, value=pick))
+
+    def inspect(self, race, key, axis):
+        run = race.run(key) if race and key else None
+        total = len(run.trace.iterations) if run and run.trace else 0
+        return self.convergence(race, key, axis), gr.update(maximum=max(total, 2), value=1, interactive=total > 1)
+
+    def convergence(self, race, key, axis):
+        return charts.convergence_map(race.run(key) if race and key else None, axis, self.token_text)
+
+    def step(self, race, key, index):
+        run = race.run(key) if race and key else None
+        its = run.trace.iterations if run and run.trace else []
+        if not its:
+            return render.step_html(None, 0, self.token_text)
+        it = its[min(max(int(index), 1), len(its)) - 1]
+        return render.step_html(it, len(its), self.token_text, "".join(run.pieces[: it.start]))
+
+    def replay(self, race, speed, nonce):
+        return render.replay_html(race, render.SPEEDS.get(speed, 1.0), nonce + 1), nonce + 1
+
+    def forget_stops(self, request: gr.Request):
+        self.stops.forget(request.session_hash)
+
+    def on_stop(self, race, number, request: gr.Request):
+        self.stops.stop(request.session_hash, number)
+        stop_race(race)
+        return render.board_html(race), STOPPED
+
+    def race_api(self, prompt: str, n: int = 16, max_new_tokens: int = 128, candidates: int = 0) -> dict:
+        """Race AR and Jacobi decoding on one prompt, lanes one after another.
+
+        Args:
+            prompt: the user message (sent through the model's chat template).
+            n: Jacobi window size, 1 to 128.
+            max_new_tokens: tokens to generate at most.
+            candidates: candidate n-grams (each n-1 tokens) checked beside the Jacobi window in every pass, 0 to 4.
+        Returns:
+            JSON whose "lanes" are "base_ar", "base_jacobi" and, when a CLLM is loaded, "cllm_jacobi";
+            each has "text", "tokens", "forwards", "wall_s", "tok_s", "mean_accepted", "speedup" (over base_ar)
+            and "matches_ar" (its tokens equal those of the AR lane it is compared with).
+        """
+        try:
+            race = new_race(self.host, prompt, n, max_new_tokens, "random", DEFAULT_LANES, limit=self.limit,
+                            candidates=candidates)
+            for race in self.host.stream(run_race(self.host, race, stream_every=math.inf, engine=self.host.engine)):
+                pass
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window.") from None
+        return race_json(race)
+
+    def load_models(self, spec, adapter):
+        if not self.allow_custom_models:  # the page hides the controls; refuse here too
+            raise gr.Error("Loading other models is off: start the app with --allow-custom-models.")
+        if not spec or not spec.strip():
+            raise gr.Error("Give a model: a preset name, a local folder or .gguf file, or a hub id.")
+        self.host.load(spec.strip(), adapter.strip() or None if adapter else None)
+        choices = lane_choices(self.host)
+        return header_html(self.host), gr.update(choices=choices, value=[k for _, k in choices if k in DEFAULT_LANES])
