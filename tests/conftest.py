@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama (fast, exact in fp32) and the real embedded model."""
+"""Shared fixtures: a tiny random Llama (fast, exact in fp32), the real embedded model, and the training tests'
+tiny model with its trajectories."""
 from __future__ import annotations
 
 import os
@@ -6,14 +7,14 @@ import os
 import pytest
 from transformers import LlamaForCausalLM
 
-from training import tiny
+from training import tiny as tiny_lib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
 
 def tiny_llama(vocab_size: int = 97, seed: int = 0, max_positions: int = 512) -> LlamaForCausalLM:
     """A 2-layer random Llama whose logits are peaked enough that fp32 argmax has no near-ties (no EOS)."""
-    return tiny.tiny_model(seed, vocab=vocab_size, max_position_embeddings=max_positions, tie_word_embeddings=False,
+    return tiny_lib.tiny_model(seed, vocab=vocab_size, max_position_embeddings=max_positions, tie_word_embeddings=False,
                            eos_token_id=None, bos_token_id=None, pad_token_id=None).requires_grad_(False)
 
 
@@ -40,3 +41,22 @@ def tiny_model_dir(tmp_path_factory, embedded):
     model.save_pretrained(out)
     embedded.tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """training.tiny's random Llama and its tokenizer (the model the training pipeline's tests run)."""
+    return tiny_lib.tiny_model(0), tiny_lib.tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def samples(tiny):
+    """The tiny model's trajectories of the training tests' prompts (n = 4, 20 tokens): (prompt ids, samples, counts)."""
+    from decoding import encode
+    from training.collect import CollectSettings, collect_batch
+    from training_fixtures import PROMPTS
+
+    model, tok = tiny
+    ids = [encode(tok, p) for p in PROMPTS]
+    out, counts = collect_batch(model, ids, CollectSettings(n=4, max_new_tokens=20, device="cpu"), (2,), 0)
+    return ids, out, counts
