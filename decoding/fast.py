@@ -13,6 +13,7 @@ The engine is built once per model (``prepare``) and shared by its sessions: one
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -26,7 +27,9 @@ from .llama_static import StaticArgs, StaticLlama, UnsupportedModel
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)  # captured window widths (1 = AR); others pad to the next one
 MIN_BUCKET = 64  # smallest attended key length; buckets double up to the cache length
 
+TUNE_ROUNDS = 2  # CPU projection forms: each width's forward is timed this many times in each form, the best kept
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # HF model -> FastEngine
+_CPU_WX: dict[tuple, dict[int, bool]] = {}  # (model shape, dtype, threads) -> StaticLlama.cpu_wx, tuned once a process
 _ENGINES_LOCK = threading.Lock()  # two first requests must not build two engines
 
 
@@ -115,6 +118,32 @@ class FastEngine:
         if progress:
             progress(f"fast engine: {len(pairs)} graphs captured in {seconds:.1f} s")
         return seconds
+
+    @torch.no_grad()
+    def tune(self, progress: Callable[[str], None] | None = _stderr) -> dict[int, bool]:
+        """On the CPU, choose each captured width's projection form (F.linear or w @ x.T, ``llama_static.project``):
+        one forward of that width in each form, ``TUNE_ROUNDS`` times, the faster kept. The best form differs between
+        CPUs by up to 2.4x either way. Once a process for each model shape, dtype and thread count. Nothing on a GPU."""
+        if self.device.type != "cpu":
+            return {}
+        a = self.model.args
+        key = (a.n_layers, a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.vocab, self.model.lm_head.shape, self.model.layers[0]["w2"].shape,
+               self.model.embed.dtype, torch.get_num_threads(), self.widths)
+        if key not in _CPU_WX:
+            if progress:
+                progress(f"fast engine: timing the CPU's projection forms at widths {', '.join(map(str, self.widths))}")
+            best = {W: [math.inf, math.inf] for W in self.widths}  # [F.linear, w @ x.T] seconds
+            for _ in range(TUNE_ROUNDS):
+                for W in self.widths:
+                    # Junk K/V at slots 0..W-1, as the capture's warm-up writes: no sequence is cached yet.
+                    rows = torch.arange(W)
+                    for form in (0, 1):
+                        t0 = time.perf_counter()
+                        self.model(torch.zeros(W, dtype=torch.long), rows, self.plan(0, W)[1], wx=bool(form))
+                        best[W][form] = min(best[W][form], time.perf_counter() - t0)
+            _CPU_WX[key] = {W: wx < linear for W, (linear, wx) in best.items()}
+        self.model.cpu_wx = dict(_CPU_WX[key])
+        return self.model.cpu_wx
 
     def _capture(self, W: int, L: int, pool) -> tuple:
         # The warm-up writes junk KV at positions 0..W-1: harmless, no sequence is cached yet.
@@ -250,14 +279,15 @@ def prepare(model, max_len: int | None = None, widths=WIDTHS, graphs: bool | Non
             progress: Callable[[str], None] | None = _stderr) -> FastEngine:
     """Build the model's fast engine and capture its steps, once; later calls return the same engine.
 
-    Call it at load time so that no request pays for the capture. ``max_len`` defaults to the
-    model's context; ``graphs`` defaults to True on CUDA (CPU runs the same steps uncaptured).
+    Call it at load time so that no request pays for the capture (on CUDA) or the tuning (on the CPU). ``max_len``
+    defaults to the model's context; ``graphs`` defaults to True on CUDA (CPU runs the same steps uncaptured).
     """
     with _ENGINES_LOCK:
         engine = _ENGINES.get(model)
         if engine is None:
             engine = FastEngine(model, max_len=max_len, widths=widths, graphs=graphs)
             engine.capture(progress)
+            engine.tune(progress)
             _ENGINES[model] = engine
     return engine
 

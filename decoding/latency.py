@@ -198,8 +198,8 @@ def format_widths(rows: list[dict]) -> str:
 def report(engine: FastEngine, n: int) -> dict:
     """Per-forward latency by window width and bandwidth achieved; on CUDA also where the AR step and the
     width-``n`` step go (kernel breakdowns) and the LM head alone."""
-    if engine.device.type != "cuda":
-        return {"widths": width_report(engine, iters=10)}
+    if engine.device.type != "cuda":  # with the projection form the CPU's tuning chose for each width
+        return {"widths": width_report(engine, iters=10), "cpu_wx": {str(w): v for w, v in engine.model.cpu_wx.items()}}
     return {
         "widths": width_report(engine),
         "breakdown": [kernel_breakdown(engine, w) for w in sorted({1, n})],
@@ -233,6 +233,9 @@ def describe(lat: dict, n: int) -> list[str]:
         for c in kernel_changes(narrow, wide):
             lines.append(f"width {narrow['width']} -> {wide['width']}: {c['ms'][1] - c['ms'][0]:+.3f} ms, launches "
                          f"{c['launches'][0]:g} -> {c['launches'][1]:g}: {c['name'][:100]}")
+    if lat.get("cpu_wx"):  # CPU only: FastEngine.tune's choice
+        wx = [w for w, v in lat["cpu_wx"].items() if v]
+        lines.append(f"CPU projections as w @ x.T at widths {', '.join(wx) or 'none'}, F.linear at the others")
     if "head_ms" in lat:  # GPU only
         lines.append(f"LM head + argmax alone: {lat['head_ms']:.3f} ms")
     return lines

@@ -116,20 +116,25 @@ def rope_tables(args: StaticArgs, max_len: int, device, dtype) -> tuple[torch.Te
     return emb.cos().to(dtype), signed_sin.to(dtype)
 
 
-def project(x: torch.Tensor, w, residual: torch.Tensor | None = None) -> torch.Tensor:
+def project(x: torch.Tensor, w, residual: torch.Tensor | None = None, wx: bool = False) -> torch.Tensor:
     """x [T, in] -> (residual +) x @ w.T [T, out], w [out, in] as stored by nn.Linear (or, on the CPU, a tuple of
     such weights whose outputs are concatenated: the unfused q|k|v and gate|up).
 
-    On the GPU one F.linear or addmm kernel. On the CPU as w @ x.T, with a lone token doubled: F.linear's GEMV (one
-    token) and small-window GEMM were the slow part there. On a 2-core x86 CPU (float32, SmolLM2-135M + our CLLM) the
-    fast engine with this form ran AR at 23.6 ms a forward against the eager engine's 40.4, and Jacobi (n = 16) at
-    62.5 against 74.5 ms, with the same tokens (assets/results/cpu_engine_fast_vs_eager.json).
+    F.linear (or addmm) by default, on every device. With ``wx`` on the CPU, as w @ x.T with a lone token doubled.
+    Which is faster depends on the CPU and the width, by up to 2.4x either way:
+    - On session 12's 2-core x86 CPU, w @ x.T ran AR at 23.6 ms a forward against the eager engine's 40.4, and
+      Jacobi (n = 16) at 62.5 against 74.5 ms (assets/results/cpu_engine_fast_vs_eager.json).
+    - On session 20's (AVX-512 and AMX), F.linear ran AR at 31.6 ms against 74.6 for w @ x.T.
+    So the fast engine times both forms per window width on the CPU it runs on (``FastEngine.tune``).
     """
-    if x.device.type != "cpu":
+    if wx and x.device.type == "cpu":
+        xt = (x.repeat(2, 1) if x.shape[0] == 1 else x).t()
+        out = torch.cat([torch.mm(wi, xt) for wi in w]) if isinstance(w, tuple) else torch.mm(w, xt)
+        out = out[:, : x.shape[0]].t()  # [T, out], a view
+    elif isinstance(w, tuple):
+        out = torch.cat([F.linear(x, wi) for wi in w], dim=-1)
+    else:
         return F.linear(x, w) if residual is None else torch.addmm(residual, x, w.t())
-    xt = (x.repeat(2, 1) if x.shape[0] == 1 else x).t()
-    out = torch.cat([torch.mm(wi, xt) for wi in w]) if isinstance(w, tuple) else torch.mm(w, xt)
-    out = out[:, : x.shape[0]].t()  # [T, out], a view
     return out if residual is None else residual + out
 
 
@@ -170,6 +175,16 @@ class StaticLlama(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.register_buffer("key_pos", torch.arange(max_len, device=device), persistent=False)
+        # CPU only: window width -> whether its projections run as w @ x.T (project), set by FastEngine.tune; a width
+        # not in it takes the choice of the next width up (past the widest, the widest's). Empty: F.linear everywhere.
+        self.cpu_wx: dict[int, bool] = {}
+
+    def uses_wx(self, T: int) -> bool:
+        """Whether a forward of T tokens computes its projections as w @ x.T (``cpu_wx``)."""
+        if not self.cpu_wx:
+            return False
+        widths = sorted(self.cpu_wx)
+        return self.cpu_wx[next((w for w in widths if w >= T), widths[-1])]
 
     def weight_bytes(self) -> int:
         """Bytes of weights one forward reads (the embedding rows it gathers are negligible)."""
@@ -204,11 +219,11 @@ class StaticLlama(nn.Module):
         # rows in the grouped-query order of attention(): query t, then head r within its KV group
         return bias[:, None, :].expand(T, n_rep, attend_len).reshape(1, 1, T * n_rep, attend_len)
 
-    def attention(self, i: int, x, cos, sin, slots, bias, attend_len: int) -> torch.Tensor:
+    def attention(self, i: int, x, cos, sin, slots, bias, attend_len: int, wx: bool = False) -> torch.Tensor:
         """Attention of block i on x [T, dim] -> [T, H*D]; writes K, V at the cache slots ``slots``."""
         a, w = self.args, self.layers[i]
         T, H, KV, D = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
-        qkv = project(x, w["wqkv"])  # [T, (H+2KV)*D]
+        qkv = project(x, w["wqkv"], wx=wx)  # [T, (H+2KV)*D]
         qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
         # rope on queries and keys at once; [x2, x1] by one cat (torch.roll copies a strided input first, and qk, a
         # column slice of qkv, is strided once T > 1: one kernel a layer more), sin carries the sign of rotate_half
@@ -235,31 +250,31 @@ class StaticLlama(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=D**-0.5)  # [1, KV, T*n_rep, D]
         return o.view(KV, T, n_rep, D).permute(1, 0, 2, 3).reshape(T, H * D)
 
-    def block(self, i: int, x, cos, sin, slots, bias, attend_len: int) -> torch.Tensor:
+    def block(self, i: int, x, cos, sin, slots, bias, attend_len: int, wx: bool = False) -> torch.Tensor:
         w, eps = self.layers[i], self.args.eps
         h = F.rms_norm(x, (x.shape[-1],), w["attn_norm"], eps)
-        x = project(self.attention(i, h, cos, sin, slots, bias, attend_len), w["wo"], residual=x)
+        x = project(self.attention(i, h, cos, sin, slots, bias, attend_len, wx), w["wo"], residual=x, wx=wx)
         h = F.rms_norm(x, (x.shape[-1],), w["mlp_norm"], eps)
         if isinstance(w["w13"], tuple) or x.shape[0] < ROWS_MIN:  # the CPU's unfused weights, or a narrow window
-            gate_up = project(h, w["w13"])  # [T, 2I]
+            gate_up = project(h, w["w13"], wx=wx)  # [T, 2I]
             inter = gate_up.shape[-1] // 2
-            return project(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w["w2"], residual=x)
+            return project(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w["w2"], residual=x, wx=wx)
         # On the GPU gate and up come out as rows, [2I, T]: each half is contiguous, so silu and the product run as
         # vectorised kernels (the halves of a [T, 2I] output are strided once T > 1), and the down projection reads
         # the [I, T] product transposed, without a copy.
         gate_up = torch.mm(w["w13"], h.t())
         inter = gate_up.shape[0] // 2
-        return project((F.silu(gate_up[:inter]) * gate_up[inter:]).t(), w["w2"], residual=x)
+        return project((F.silu(gate_up[:inter]) * gate_up[inter:]).t(), w["w2"], residual=x, wx=wx)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, attend_len: int, last_only: bool = False,
                 slots: torch.Tensor | None = None, anchors: torch.Tensor | None = None,
-                groups: torch.Tensor | None = None):
+                groups: torch.Tensor | None = None, wx: bool | None = None):
         """tokens, input_pos (RoPE positions): [T] int64 -> logits [T, V] (or [1, V] with last_only).
 
         By default row t is written to cache slot input_pos[t] and attends causally. ``slots``, ``anchors`` and
         ``groups`` ([T] int64 each, see ``mask``) let candidate rows share RoPE positions with the window while their
         K/V land in slots of their own. Attends to the first ``attend_len`` cache entries; the caller keeps every slot
-        < attend_len <= max_len.
+        < attend_len <= max_len. ``wx`` forces the CPU's projection form (``project``); by default ``uses_wx``.
         """
         slots = input_pos if slots is None else slots
         anchors = slots if anchors is None else anchors
@@ -268,12 +283,13 @@ class StaticLlama(nn.Module):
         cos = self.cos[input_pos][:, None, :]  # [T, 1, D]
         sin = self.sin[input_pos][:, None, :]
         bias = self.mask(slots, anchors, groups, attend_len)
+        body_wx = self.uses_wx(tokens.shape[0]) if wx is None else wx
         for i in range(self.args.n_layers):
-            x = self.block(i, x, cos, sin, slots, bias, attend_len)
+            x = self.block(i, x, cos, sin, slots, bias, attend_len, body_wx)
         if last_only:
             x = x[-1:]
         x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.args.eps)
-        return project(x, self.lm_head)
+        return project(x, self.lm_head, wx=self.uses_wx(x.shape[0]) if wx is None else wx)
 
     @torch.no_grad()
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:

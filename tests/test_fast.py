@@ -56,21 +56,43 @@ def embedded():
 @pytest.mark.parametrize("rope", list(ROPES))
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("fused", [False, True])  # the CPU's layout, and the GPU's (fused weights, gate|up as rows)
-def test_logits_match_transformers(rope, tied, fused):
+@pytest.mark.parametrize("wx", [False, True])  # the CPU's two projection forms (llama_static.project)
+def test_logits_match_transformers(rope, tied, fused, wx):
     model = llama(rope, tied)
     assert torch.equal(rope_inv_freq(StaticArgs.from_config(model.config)), model.model.rotary_emb.inv_freq)
     static = StaticLlama(model, max_len=256, fused=fused)
     ids = torch.randint(0, 101, (150,))
     with torch.no_grad():
         ref = model(ids[None]).logits[0]  # [T, V]
-        got = static(ids, torch.arange(150), attend_len=256)
+        got = static(ids, torch.arange(150), attend_len=256, wx=wx)
         # the same sequence fed in windows through the cache: wide ones attend as one grouped batch, those of up
         # to PER_TOKEN_MAX tokens token by token (the two attention layouts)
         windows = [(0, 100), (100, 130), (130, 131), (131, 150)]
-        parts = [static(ids[a:b], torch.arange(a, b), attend_len=192) for a, b in windows]
+        parts = [static(ids[a:b], torch.arange(a, b), attend_len=192, wx=wx) for a, b in windows]
     assert 100 > PER_TOKEN_MAX >= 30
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat(parts), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_tuning_picks_a_projection_form_for_every_width(monkeypatch):
+    """FastEngine.tune times both forms at each captured width and keeps the faster, once for each model shape; a width
+    between the tuned ones takes the next one up's choice. The choice changes the time, not the tokens."""
+    model = llama("default", tied=False)
+    prompt, cfg = [5, 9, 2, 77, 31, 4, 60], DecodeConfig(max_new_tokens=60, n=8)
+    ref = run(jacobi_decode, model, prompt, cfg).tokens
+    monkeypatch.setattr(fast, "_CPU_WX", {})
+    engine = fast.FastEngine(model, widths=(1, 2, 8))
+    forms = engine.tune(progress=None)
+    assert set(forms) == {1, 2, 8} and all(isinstance(v, bool) for v in forms.values())
+    assert fast.FastEngine(model, widths=(1, 2, 8)).tune(progress=None) == forms and len(fast._CPU_WX) == 1
+    engine.model.cpu_wx = {1: False, 4: True, 16: False}
+    assert [engine.model.uses_wx(T) for T in (1, 2, 4, 5, 16, 300)] == [False, True, True, False, False, False]
+    for table in ({1: True}, {1: False}, {1: False, 2: True}):  # every width in one form, or two forms mixed
+        fast.release(model)
+        monkeypatch.setitem(fast._CPU_WX, next(iter(fast._CPU_WX)), table)  # what prepare's tuning will find
+        assert fast.prepare(model, widths=(1, 2, 8), progress=None).model.cpu_wx == table
+        assert run(jacobi_decode, model, prompt, cfg, engine="fast").tokens == ref
+    fast.release(model)
 
 
 @pytest.mark.parametrize("rope", list(ROPES))
