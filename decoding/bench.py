@@ -29,6 +29,7 @@ from .models import DEFAULT_SPEC, LoadedModel, adapter_arg, adapter_sha256, load
 from .prompts import encode, read_prompts
 
 LANES = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
+CPU_PROJECTIONS = ("auto", "linear", "wx")  # --cpu-projection (llama_static.project)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class BenchConfig:
     in_thread: bool = False  # time the lanes in a second thread, after this one loaded the models (as a server does)
     candidates: int = 0  # candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)
     candidate_len: int | None = None  # tokens per candidate n-gram (None: n-1)
+    cpu_projection: str = "auto"  # fast engine on the CPU: auto (each width's faster form, timed at load), linear or wx (that form at every width; wx was the engine's only form before session 20)
 
 
 def hf_generate(lm: LoadedModel, ids: list[int], cfg: DecodeConfig) -> dict:
@@ -136,7 +138,9 @@ def pick_engine(bc: BenchConfig, models: list) -> str:
         engine = "fast" if all(fast.default_engine(m) == "fast" for m in models) else "eager"
     if engine == "fast":
         for m in models:
-            fast.prepare(m)
+            e = fast.prepare(m)
+            if e.device.type == "cpu" and bc.cpu_projection != "auto":
+                e.model.cpu_wx = dict.fromkeys(e.widths, bc.cpu_projection == "wx")
     return engine
 
 
@@ -254,6 +258,9 @@ def parse_args(argv=None) -> BenchConfig:
     ap.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
     ap.add_argument("--engine", choices=("auto", "eager", "fast"), default=d.engine,
                     help="decoding session (auto: fast on CUDA and CPU for Llama models, else eager)")
+    ap.add_argument("--cpu-projection", choices=CPU_PROJECTIONS, default=d.cpu_projection,
+                    help="fast engine on the CPU: auto (each width's faster projection form, timed at load), linear "
+                         "(F.linear at every width) or wx (w @ x.T at every width)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", default=None, help="write the JSON result here")
     ap.add_argument("--in-thread", action="store_true",
@@ -273,7 +280,7 @@ def parse_args(argv=None) -> BenchConfig:
         ap.error("the cllm lanes need an adapter (--adapter auto or a folder)")
     return BenchConfig(a.model, adapter, a.prompts, a.raw, a.limit, a.n, a.max_new_tokens, a.init,
                        a.device, a.dtype, a.engine, a.seed, a.out, tuple(x for x in LANES if x in lanes | {"base_ar"}),
-                       a.in_thread, a.candidates, a.candidate_len)
+                       a.in_thread, a.candidates, a.candidate_len, a.cpu_projection)
 
 
 def main(argv=None) -> int:

@@ -65,7 +65,22 @@ def test_bench_on_the_cpu_fast_engine_reports_forward_time_by_width(tiny_model_d
     rows = result["latency"]["widths"]  # no graphs on the CPU: the whole step is the forward
     assert [r["width"] for r in rows] == [1, 2, 4, 8, 16, 32, 64, 128]
     assert all(r["graph_ms"] is None and r["step_ms"] > 0 and r["bandwidth_frac"] is None for r in rows)
+    assert set(result["latency"]["cpu_wx"]) == {"1", "2", "4", "8", "16", "32", "64", "128"}  # the tuned form of each
     assert "one forward by window width" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("form", ["wx", "linear"])
+def test_bench_cpu_projection_sets_one_form_at_every_width(tiny_model_dir, tmp_path, form):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n')
+    out = tmp_path / "r.json"
+    assert bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "8",
+                       "--device", "cpu", "--engine", "fast", "--lanes", "base_jacobi", "--cpu-projection", form,
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["config"]["cpu_projection"] == form
+    assert set(result["latency"]["cpu_wx"].values()) == {form == "wx"}
+    assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
 
 
 def test_bench_in_thread_times_the_lanes_in_a_second_thread(tiny_model_dir, tmp_path, monkeypatch):
