@@ -125,12 +125,12 @@ class FastEngine:
     def tune(self, progress: Callable[[str], None] | None = _stderr) -> dict[int, bool]:
         """On the CPU, choose each captured width's projection form (F.linear or w @ x.T, ``llama_static.project``):
         one forward of that width in each form, ``TUNE_ROUNDS`` times, the faster kept. The best form differs between
-        CPUs by up to 2.4x either way. Once a process for each model shape, dtype and thread count. Nothing on a GPU."""
+        CPUs by about 2x either way. Once a process for each model shape, dtype and thread count. Nothing on a GPU."""
         if self.device.type != "cpu":
             return {}
-        a = self.model.args
-        key = (a.n_layers, a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.vocab, self.model.lm_head.shape, self.model.layers[0]["w2"].shape,
-               self.model.embed.dtype, torch.get_num_threads(), self.widths)
+        a, m = self.model.args, self.model
+        key = (a.n_layers, a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.vocab, m.lm_head.shape, m.layers[0]["w2"].shape,
+               m.embed.dtype, torch.get_num_threads(), self.widths)
         if key not in _CPU_WX:
             if progress:
                 progress(f"fast engine: timing the CPU's projection forms at widths {', '.join(map(str, self.widths))}")

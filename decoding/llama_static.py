@@ -121,10 +121,11 @@ def project(x: torch.Tensor, w, residual: torch.Tensor | None = None, wx: bool =
     such weights whose outputs are concatenated: the unfused q|k|v and gate|up).
 
     F.linear (or addmm) by default, on every device. With ``wx`` on the CPU, as w @ x.T with a lone token doubled.
-    Which is faster depends on the CPU and the width, by up to 2.4x either way:
-    - On session 12's 2-core x86 CPU, w @ x.T ran AR at 23.6 ms a forward against the eager engine's 40.4, and
+    Which is faster depends on the CPU and the width, by about 2x either way:
+    - On one 2-core x86 CPU, w @ x.T ran AR at 23.6 ms a forward against the eager engine's (F.linear) 40.4, and
       Jacobi (n = 16) at 62.5 against 74.5 ms (assets/results/cpu_engine_fast_vs_eager.json).
-    - On session 20's (AVX-512 and AMX), F.linear ran AR at 31.6 ms against 74.6 for w @ x.T.
+    - On another (AVX-512 and AMX), an AR step took 41.1 ms with F.linear and 89.5 with w @ x.T (the latency tables
+      of assets/results/cpu_bench_s20_{auto,wx}_fast_fp32_n4_t256_heldout20.json).
     So the fast engine times both forms per window width on the CPU it runs on (``FastEngine.tune``).
     """
     if wx and x.device.type == "cpu":
