@@ -53,7 +53,7 @@ class BenchConfig:
     in_thread: bool = False  # time the lanes in a second thread, after this one loaded the models (as a server does)
     candidates: int = 0  # candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)
     candidate_len: int | None = None  # tokens per candidate n-gram (None: n-1)
-    cpu_projection: str = "auto"  # fast engine on the CPU: auto (each width's faster form, timed at load), linear or wx (that form at every width; wx was the engine's only form before session 20)
+    cpu_projection: str = "auto"  # fast engine on the CPU: auto (each width's faster form, timed at load), linear or wx (that form at every width; wx was the engine's only form before session 19)
 
 
 def hf_generate(lm: LoadedModel, ids: list[int], cfg: DecodeConfig) -> dict:
