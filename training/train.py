@@ -17,6 +17,8 @@ hence perplexity). Reference KL (optional): KL to the frozen base on human answe
 training prompts (ShareGPT), a second forward and backward each step. Own-answer KL (optional): the same
 KL on the model's own greedy answers to training prompts, regenerated every few steps (on-policy: where the
 adapted model drifts into loops the base model would not enter). Logs go to out/log.jsonl; the adapter (or full model) to out/adapter.
+The terms are computed in training/objective.py, the samples and batches chosen in training/batches.py; this file holds
+the settings, the model, the loop, checkpoints and saving.
 """
 from __future__ import annotations
 
@@ -32,12 +34,12 @@ import torch
 from decoding import DEFAULT_SPEC, load_model
 from decoding.prompts import read_jsonl
 
+from .batches import LOOP_ENDS, batch_indices, grouped_indices, make_batch, sample_length, select_samples
 from .cli import parse, print_table, save_settings
 from .collect import read_shards
 from .evaluate import generate_greedy
 from .objective import anchor_step, step_losses, uses_base
 from .packing import reference_pairs
-from .batches import LOOP_ENDS, batch_indices, grouped_indices, make_batch, sample_length, select_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
