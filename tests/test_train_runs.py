@@ -62,10 +62,15 @@ def test_pipeline_end_to_end(tmp_path):
         collect.main(collecting + ["--parts", "2", "--part", part])
     assert len(list(traj.glob("shard-*.pt"))) == 2 and (traj / "settings.json").exists()
     assert not (traj / "summary.json").exists()
+    (traj / "shard-00001.pt").rename(tmp_path / "shard-00001.pt")
+    collect.main(collecting + ["--max-minutes", "1e-6"])  # out of time before the missing shard: says so
+    assert json.loads((traj / "summary.json").read_text())["complete"] is False
+    (tmp_path / "shard-00001.pt").rename(traj / "shard-00001.pt")
     collect.main(collecting)  # nothing left to collect: writes the summary over both shards
     summary = json.loads((traj / "summary.json").read_text())
     tokenised = json.loads((traj / "settings.json").read_text())["prompts"]
     assert summary["shards"] == 2 and summary["prompts"] == tokenised and summary["samples kept"] >= 1
+    assert summary["complete"] is True
     run_dir = tmp_path / "run"
     common = ["--model", str(folder), "--data", str(traj), "--out", str(run_dir), "--lora-rank", "4",
               "--lora-alpha", "8", "--batch", "4", "--max-steps", "4", "--log-every", "1", "--device", "cpu",

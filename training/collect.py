@@ -271,11 +271,12 @@ def main(argv=None) -> None:
         tmp.rename(path)  # atomic: a killed run never leaves half a shard
         slowest = max(slowest, (time.perf_counter() - t0) / 60)
     if s.parts == 1:  # with several parts, a last run with --parts 1 (nothing left to do) writes the summary
-        summarise(out, time.perf_counter() - t_start)
+        summarise(out, time.perf_counter() - t_start, expected=len(shards))
 
 
-def summarise(out: Path, seconds: float) -> None:
-    """summary.json: totals over every shard in the folder (kept samples and the drop counters)."""
+def summarise(out: Path, seconds: float, expected: int | None = None) -> None:
+    """summary.json: totals over every shard in the folder (kept samples and the drop counters); with ``expected``
+    (the shard count of the whole prompt file), whether the collection is complete."""
     shards, counts = load_shards(out), {}
     samples = [x for shard in shards for x in shard["samples"]]
     for shard in shards:
@@ -286,6 +287,8 @@ def summarise(out: Path, seconds: float) -> None:
     rows = [("shards", len(shards)), ("samples kept", len(samples)), ("blocks", blocks),
             ("states", states), ("states per block", states / max(blocks, 1)),
             ("answer tokens", sum(x["valid"] for x in samples)), ("seconds (this run)", seconds)]
+    if expected is not None:
+        rows.append(("complete", len(shards) >= expected))
     rows += list(counts.items())
     (out / "summary.json").write_text(json.dumps(dict(rows), indent=2) + "\n")
     print_table("collect", rows)

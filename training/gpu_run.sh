@@ -92,7 +92,9 @@ case "$STAGE" in
     done
     wait
     for i in $(seq 0 $((G - 1))); do tail -c 300 "$WORK/collect_$i.log"; echo; done
-    $PY -m training.collect $COLLECT_FLAGS --dtype float32   # nothing left: writes the summary of all shards
+    # Writes the summary of all shards; shards a process left undone are done here, within the same time limit, so the
+    # call never overruns (rerun the stage to continue: summary.json's "complete" says whether every shard is there).
+    $PY -m training.collect $COLLECT_FLAGS --dtype float32 --max-minutes "${COLLECT_MINUTES:-8}"
     collect_out ;;
   sweep)
     # RUNS="name:flags;name:flags;..." -> $WORK/run_<name>, all at once, round-robin over the GPUs; the cores are
