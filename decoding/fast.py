@@ -13,15 +13,20 @@ The engine is built once per model (``prepare``) and shared by its sessions: one
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from .embedded import cache_dir
 from .llama_static import StaticArgs, StaticLlama, UnsupportedModel
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)  # captured window widths (1 = AR); others pad to the next one
@@ -30,6 +35,7 @@ MIN_BUCKET = 64  # smallest attended key length; buckets double up to the cache 
 TUNE_ROUNDS = 2  # CPU projection forms: each width's forward is timed this many times in each form, the best kept
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # HF model -> FastEngine
 _CPU_WX: dict[tuple, dict[int, bool]] = {}  # (model shape, dtype, threads) -> StaticLlama.cpu_wx, tuned once a process
+TUNE_ENV = "CLLM_CPU_TUNE_FILE"  # where the tuned forms are kept across starts ("off": retime at every start)
 _ENGINES_LOCK = threading.Lock()  # two first requests must not build two engines
 
 
@@ -125,12 +131,18 @@ class FastEngine:
     def tune(self, progress: Callable[[str], None] | None = _stderr) -> dict[int, bool]:
         """On the CPU, choose each captured width's projection form (F.linear or w @ x.T, ``llama_static.project``):
         one forward of that width in each form, ``TUNE_ROUNDS`` times, the faster kept. The best form differs between
-        CPUs by about 2x either way. Once a process for each model shape, dtype and thread count. Nothing on a GPU."""
+        CPUs by about 2x either way. Once a process for each model shape, dtype and thread count, and kept in
+        ``tune_file()`` for later starts on the same CPU and torch (about 5 s saved a start for the 135M model).
+        Nothing on a GPU."""
         if self.device.type != "cpu":
             return {}
         a, m = self.model.args, self.model
         key = (a.n_layers, a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.vocab, m.lm_head.shape, m.layers[0]["w2"].shape,
                m.embed.dtype, torch.get_num_threads(), self.widths)
+        if key not in _CPU_WX and (stored := _stored_forms(key)) is not None:
+            _CPU_WX[key] = stored
+            if progress:
+                progress(f"fast engine: the CPU's projection forms from {tune_file()} (delete it to time them again)")
         if key not in _CPU_WX:
             if progress:
                 progress(f"fast engine: timing the CPU's projection forms at widths {', '.join(map(str, self.widths))}")
@@ -144,6 +156,7 @@ class FastEngine:
                         self.model(torch.zeros(W, dtype=torch.long), rows, self.plan(0, W)[1], wx=bool(form))
                         best[W][form] = min(best[W][form], time.perf_counter() - t0)
             _CPU_WX[key] = {W: wx < linear for W, (linear, wx) in best.items()}
+            _store_forms(key, _CPU_WX[key])
         self.model.cpu_wx = dict(_CPU_WX[key])
         return self.model.cpu_wx
 
@@ -275,6 +288,61 @@ class FastSession:
         with self.engine.lock:
             self.engine.move(start + w + sum(lengths[:index]), start + 1, matched)
         self.pos = start + 1 + matched
+
+
+def tune_file() -> Path | None:
+    """The file that keeps FastEngine.tune's choices across starts: $CLLM_CPU_TUNE_FILE, else the model cache's
+    cpu-projection.json; None when the variable is "off"."""
+    path = os.environ.get(TUNE_ENV)
+    if path and path.lower() == "off":
+        return None
+    return Path(path).expanduser() if path else cache_dir() / "cpu-projection.json"
+
+
+def _machine_key(key: tuple) -> str:
+    """A tuning's key in the file: the model's shape, dtype, threads and widths, and what else sets the timings,
+    the CPU's name and torch's version (another CPU, or another build, is timed afresh)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{key} | {cpu} | torch {torch.__version__}"
+
+
+def _read_tune_file(path: Path) -> dict:
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or broken: the forms are timed again and the file rewritten
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _stored_forms(key: tuple) -> dict[int, bool] | None:
+    """The forms a start before this one chose for ``key`` on this machine, if the file has them."""
+    path = tune_file()
+    entry = _read_tune_file(path).get(_machine_key(key)) if path else None
+    try:
+        return {int(W): bool(v) for W, v in entry.items()} if isinstance(entry, dict) and entry else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _store_forms(key: tuple, forms: dict[int, bool]) -> None:
+    """Add this machine's choice to the file (atomically); a folder that cannot be written costs a retiming later."""
+    path = tune_file()
+    if path is None:
+        return
+    table = _read_tune_file(path)
+    table[_machine_key(key)] = {str(W): v for W, v in forms.items()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 def prepare(model, max_len: int | None = None, widths=WIDTHS, graphs: bool | None = None,

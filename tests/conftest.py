@@ -3,6 +3,7 @@ tiny model with its trajectories."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 from transformers import LlamaForCausalLM
@@ -10,6 +11,8 @@ from transformers import LlamaForCausalLM
 from training import tiny as tiny_lib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+# The fast engine's CPU tuning is kept in a file of the test session's own, not the user's model cache.
+os.environ.setdefault("CLLM_CPU_TUNE_FILE", os.path.join(tempfile.mkdtemp(prefix="jl-tune-"), "cpu-projection.json"))
 
 
 def tiny_llama(vocab_size: int = 97, seed: int = 0, max_positions: int = 512) -> LlamaForCausalLM:

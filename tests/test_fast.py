@@ -4,6 +4,7 @@ The GPU-only parts (graph capture and replay, bf16 timings) are checked by ``pyt
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -93,6 +94,31 @@ def test_cpu_tuning_picks_a_projection_form_for_every_width(monkeypatch):
         assert fast.prepare(model, widths=(1, 2, 8), progress=None).model.cpu_wx == table
         assert run(jacobi_decode, model, prompt, cfg, engine="fast").tokens == ref
     fast.release(model)
+
+
+def test_cpu_tuning_is_kept_across_starts(monkeypatch, tmp_path):
+    """A start reads the forms an earlier start chose on this machine; a broken file is timed again and rewritten;
+    "off" keeps nothing."""
+    model = llama("default", tied=False)
+    path = tmp_path / "tune.json"
+    monkeypatch.setenv(fast.TUNE_ENV, str(path))
+    monkeypatch.setattr(fast, "_CPU_WX", {})
+    forms = fast.FastEngine(model, widths=(1, 2, 8)).tune(progress=None)
+    (entry,) = json.loads(path.read_text()).values()
+    assert entry == {str(W): v for W, v in forms.items()}
+    flipped = {W: not v for W, v in forms.items()}
+    path.write_text(json.dumps({k: {str(W): v for W, v in flipped.items()} for k in json.loads(path.read_text())}))
+    monkeypatch.setattr(fast, "_CPU_WX", {})  # a new process
+    said = []
+    assert fast.FastEngine(model, widths=(1, 2, 8)).tune(progress=said.append) == flipped  # read, not timed
+    assert said and str(path) in said[0]
+    path.write_text("{not json")
+    monkeypatch.setattr(fast, "_CPU_WX", {})
+    assert set(fast.FastEngine(model, widths=(1, 2, 8)).tune(progress=None)) == {1, 2, 8}
+    assert len(json.loads(path.read_text())) == 1  # timed again and written back
+    monkeypatch.setenv(fast.TUNE_ENV, "off")
+    monkeypatch.setattr(fast, "_CPU_WX", {})
+    assert fast.tune_file() is None and fast.FastEngine(model, widths=(1, 2, 8)).tune(progress=None)
 
 
 @pytest.mark.parametrize("rope", list(ROPES))
