@@ -375,3 +375,14 @@ def test_merge_mixes_two_adapters_tensor_by_tensor(tmp_path):
         args.update(dict(zip(bad[::2], bad[1::2])))
         with pytest.raises(SystemExit, match=match):
             merge.main([x for kv in args.items() for x in kv])
+
+
+@pytest.mark.parametrize("script", ["gpu_run.sh", "gpu_round.sh"])
+def test_gpu_scripts_parse_and_refuse_an_unknown_stage(script, tmp_path):
+    """The device wrappers are only run on a GPU machine: here, that bash reads them and that a wrong stage is refused
+    before any work (exit 2, with the stages it knows)."""
+    path = Path(__file__).resolve().parents[1] / "training" / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    r = subprocess.run(["bash", str(path), "nope"], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "WORK": str(tmp_path), "PY": sys.executable})
+    assert r.returncode == 2 and "unknown stage" in r.stderr
