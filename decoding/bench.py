@@ -123,7 +123,7 @@ def summarise(per_prompt: list[dict], lanes: list[str]) -> dict:
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else fast.cpu_name()
     return {
         "device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),

@@ -299,16 +299,22 @@ def tune_file() -> Path | None:
     return Path(path).expanduser() if path else cache_dir() / "cpu-projection.json"
 
 
-def _machine_key(key: tuple) -> str:
-    """A tuning's key in the file: the model's shape, dtype, threads and widths, and what else sets the timings,
-    the CPU's name and torch's version (another CPU, or another build, is timed afresh)."""
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo's, e.g. "AMD EPYC 9454 48-Core Processor"), else what platform knows
+    ("x86_64" on Linux): benchmarks record it, and CPU tunings are kept per CPU."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{key} | {cpu} | torch {torch.__version__}"
+    return cpu
+
+
+def _machine_key(key: tuple) -> str:
+    """A tuning's key in the file: the model's shape, dtype, threads and widths, and what else sets the timings,
+    the CPU's name and torch's version (another CPU, or another build, is timed afresh)."""
+    return f"{key} | {cpu_name()} | torch {torch.__version__}"
 
 
 def _read_tune_file(path: Path) -> dict:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from decoding import bench
+from decoding import bench, fast
 
 
 def test_bench_writes_lanes_and_summary(tiny_model_dir, tmp_path, capsys):
@@ -19,6 +19,7 @@ def test_bench_writes_lanes_and_summary(tiny_model_dir, tmp_path, capsys):
     assert set(result["meta"]) >= {"config", "decode", "env", "command", "adapter_sha256"}
     assert result["meta"]["adapter_sha256"] is None  # no adapter on this model
     assert result["meta"]["env"]["dtype"] == "float32" and result["meta"]["config"]["n"] == 8
+    assert result["meta"]["env"]["device_name"] == fast.cpu_name()  # the CPU's model name, so results tell CPUs apart
     assert len(result["prompts"]) == 2
     lanes = result["summary"]["lanes"]
     assert set(lanes) == {"hf_generate", "base_ar", "base_jacobi"}
@@ -178,3 +179,22 @@ def test_paired_compares_two_results_prompt_by_prompt(tmp_path):
     b["prompts"][0]["id"] = "other"
     with pytest.raises(ValueError, match="same prompts"):
         paired.compare(a, b)
+
+
+def test_cpu_name_reads_the_model_name_and_falls_back(monkeypatch, tmp_path):
+    """cpu_name gives /proc/cpuinfo's model name where the file has one, and platform's answer where it cannot be read."""
+    import builtins
+    real_open = builtins.open
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000 16-Core Processor\nflags\t\t: avx512f\n")
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
+    assert fast.cpu_name() == "Example CPU 9000 16-Core Processor"
+
+    def missing(f, *a, **k):
+        if f == "/proc/cpuinfo":
+            raise OSError("no such file")
+        return real_open(f, *a, **k)
+    monkeypatch.setattr(builtins, "open", missing)
+    monkeypatch.setattr(fast.platform, "processor", lambda: "")
+    monkeypatch.setattr(fast.platform, "machine", lambda: "arm64")
+    assert fast.cpu_name() == "arm64"
