@@ -7,6 +7,9 @@
 #   bash training/gpu_round.sh 2   # D1's trajectories ($WORK/traj4); round 2 from D1 on traj4 ($ROUND2_RUNS, at once on the GPU)
 #   bash training/gpu_round.sh 3   # every adapter into $OUT first, then all of them evaluated (fp32, 200 prompts)
 #
+# Other round-2 recipes through ROUND2_RUNS (name:flags added to d_ul05_lr5's, each run from D1), e.g. the own-answer
+# anchor at small weights: ROUND2_RUNS="a10:--self-weight 0.1;a25:--self-weight 0.25" bash training/gpu_round.sh 2
+#
 # Both collections use the first $COLLECT_LIMIT training prompts (4096, 16 shards of 256: about 4.5 min on one H200,
 # against 7.2 min for all 6,892), so that the whole round fits about 25 device minutes. A stage that runs out of time
 # says so and can be run again: collections continue where they stopped, and a stage trains only on a complete
