@@ -299,12 +299,12 @@ def tune_file() -> Path | None:
     return Path(path).expanduser() if path else cache_dir() / "cpu-projection.json"
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo's, e.g. "AMD EPYC 9454 48-Core Processor"), else what platform knows
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name (``cpuinfo``'s, e.g. "AMD EPYC 9454 48-Core Processor"), else what platform knows
     ("x86_64" on Linux): benchmarks record it, and CPU tunings are kept per CPU."""
     cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
