@@ -15,7 +15,9 @@
 # against 7.2 min for all 6,892), so that the whole round fits about 25 device minutes. A stage that runs out of time
 # says so and can be run again: collections continue where they stopped, and a stage trains only on a complete
 # collection. On one H200 (session 21, staged as the guide says, the transformers wheel in a bundle of its own with
-# data/): stage 1 took 487 s, stage 2 513 s, stage 3 262 s; 22.5 device minutes with the staging.
+# data/): stage 1 took 487 s, stage 2 513 s, stage 3 262 s; 22.5 device minutes with the staging. Session 22, from
+# session 21's D1 (D1=/root/work/D1) with four runs at once on a 7-minute schedule (ROUND2_MINUTES=7, 3.3 s a
+# step each): stage 2 543 s (collection 256 s, then steps 1 to 51), again 350 s (to the end), stage 3 384 s.
 # Needs the prompt files of `python -m training.prompts` in $DATA (carry data/ in a staging call and copy it there) and,
 # after ../shared/gpu/stage.sh, the wheels in /tmp/site and the model in /root/stash (both found without settings).
 set -euo pipefail
