@@ -79,11 +79,8 @@ case "$STAGE" in
     SWEEP_EVAL_ARGS="${SWEEP_EVAL_ARGS:---engine fast --speed-prompts 200 --base-speed-prompts 0}${MODEL:+ --model $MODEL}" \
       KEEP_BEST=0 EVAL_PER_GPU=${EVAL_PER_GPU:-3} EVAL_GLOB=adapter WORK=$WORK OUT=$WORK/out \
       timeout $((CALL_SECONDS - SECONDS)) bash training/gpu_run.sh eval-sweep || echo "eval-sweep stopped (rc $?)"
-    cd "$WORK" && for d in run_*; do
-      cp "$d/log.jsonl" "evals/train_log_$d.jsonl" 2>/dev/null || true
-      cp "$d/adapter/training_settings.json" "evals/settings_$d.json" 2>/dev/null || true
-    done
-    tar czf "$OUT/round.tgz" $(ls -d evals train_*.log 2>/dev/null) ;;
+    WORK=$WORK bash training/gpu_run.sh gather   # the logs and settings, also when the evaluation stopped early
+    cd "$WORK" && tar czf "$OUT/round.tgz" $(ls -d evals train_*.log 2>/dev/null) ;;
   *) echo "unknown stage $STAGE (1, 2 or 3)" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -22,6 +22,7 @@
 #   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* and run_*/model evaluated, spread over the GPUs
 #                                           # (EVAL_PER_GPU=2: two at once on each GPU); the KEEP_BEST=2 best adapters
 #                                           # come back as $OUT/adapter_run_<name>.tar
+#   bash training/gpu_run.sh gather         # every run's log and settings into $WORK/evals (eval-sweep does it too)
 #   TRAIN_ARGS="--max-steps 700 ..." bash training/gpu_run.sh train-gpus   # ONE run over every GPU (accelerate launch, DDP over NCCL)
 #   bash training/gpu_run.sh bench-sweep    # decoding.bench (bf16, 40 held-out prompts) of every $WORK/run_*/adapter, one per GPU
 #
@@ -31,7 +32,7 @@
 # Intermediate files live in $WORK (kept between back-to-back commands); results go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep|sweep-eval|extract-sweep|train-gpus|bench-sweep}
+STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep|sweep-eval|gather|extract-sweep|train-gpus|bench-sweep}
 WORK=${WORK:-/root/work}
 OUT=${OUT:-$WORK/out}
 PY=${PY:-python}
@@ -52,6 +53,18 @@ PROMPTS=${PROMPTS:-data/prompts-train.jsonl}  # e.g. data/prompts-train-2x.jsonl
 COLLECT_FLAGS="--prompts $PROMPTS --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER} ${COLLECT_AUGMENT:+--augment $COLLECT_AUGMENT} ${COLLECT_ARGS:-}"   # COLLECT_ARGS: more collect flags, e.g. "--repeat-limit 1000" (the repetition filter off: keep the answers that loop)
 SWEEP_EVAL_ARGS=${SWEEP_EVAL_ARGS:-"--engine fast --speed-prompts 200 --base-speed-prompts 0"}  # all 200 held-out prompts: over the first 60, 130 steps at lr 1e-4 moved the mean by 0.34 (session 12)
 
+# Every run's log, settings, extraction report and profile into $WORK/evals, beside its evaluation.
+gather_runs() {
+  mkdir -p "$WORK/evals"
+  for d in "$WORK"/run_*; do
+    [ -d "$d" ] || continue
+    n=$(basename "$d")
+    cp "$d/log.jsonl" "$WORK/evals/train_log_$n.jsonl" 2>/dev/null || true
+    for f in adapter/training_settings.json model/training_settings.json; do cp "$d/$f" "$WORK/evals/settings_$n.json" 2>/dev/null || true; done
+    cp "$d/adapter/extract_report.json" "$WORK/evals/extract_$n.json" 2>/dev/null || true
+    cp "$d/profile.txt" "$WORK/evals/profile_$n.txt" 2>/dev/null || true   # train --profile-steps K
+  done
+}
 collect_out() { cp "$TRAJ/summary.json" "$OUT/collect_summary.json" 2>/dev/null || true; }
 train_out() {
   cp "$WORK/cllm/log.jsonl" "$OUT/train_log.jsonl" 2>/dev/null || true
@@ -136,15 +149,9 @@ case "$STAGE" in
       tar cf "$OUT/adapter_$(basename "$(dirname "$a")").tar" -C "$a" adapter_model.safetensors adapter_config.json \
         $(cd "$a" && ls training_settings.json 2>/dev/null)
     done
-    # Logs, settings and extraction reports go into the one archive too (a call brings back at most 8 files).
-    for d in "$WORK"/run_*; do
-      n=$(basename "$d")
-      cp "$d/log.jsonl" "$WORK/evals/train_log_$n.jsonl" 2>/dev/null || true
-      for f in adapter/training_settings.json model/training_settings.json; do cp "$d/$f" "$WORK/evals/settings_$n.json" 2>/dev/null || true; done
-      cp "$d/adapter/extract_report.json" "$WORK/evals/extract_$n.json" 2>/dev/null || true
-      cp "$d/profile.txt" "$WORK/evals/profile_$n.txt" 2>/dev/null || true   # train --profile-steps K
-    done
+    gather_runs   # logs and settings go into the one archive too (a call brings back at most 8 files)
     tar czf "$OUT/sweep.tgz" -C "$WORK" evals ;;
+  gather) gather_runs ;;   # the same files without an evaluation (gpu_round.sh 3 runs it when eval-sweep stopped early)
   sweep-eval)
     # Session 15's round 2 ran this way: a machine goes back 30 s after a call, so runs and their evaluation share one.
     bash "$PWD/training/gpu_run.sh" sweep && bash "$PWD/training/gpu_run.sh" eval-sweep ;;
