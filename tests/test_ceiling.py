@@ -30,13 +30,14 @@ def test_branch_rows_give_the_mixture_of_plain_forwards(tiny_model):
     second = int(torch.softmax(tiny_model(torch.tensor([ids[:16]])).logits[0, -1], -1).topk(2).indices[1])
     exclude = [None, None, second, ids[29], None]
     static = StaticLlama(tiny_model, max_len=40 + 4)
-    preds, mass, greedy = two_ahead(static, ids, targets, top_k=3, chunk=4, exclude=exclude)  # chunks split a target
-    assert greedy == tiny_model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
-    for q, g, pred, m in zip(targets, exclude, preds, mass):
+    found = two_ahead(static, ids, targets, top_k=3, chunk=4, exclude=exclude)  # chunks split a target's rows
+    assert found["greedy"] == tiny_model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
+    for i, (q, g) in enumerate(zip(targets, exclude)):
         want, want_mass = brute_mixture(tiny_model, ids, q, 3, g)
-        assert pred == want
-        assert abs(m - want_mass) < 1e-5
-    assert mass[2] < two_ahead(static, ids, [17], top_k=3, chunk=4, exclude=[None])[1][0]
+        assert found["excluding"][i] == want
+        assert abs(found["mass"][i] - want_mass) < 1e-5
+        assert found["plain"][i] == brute_mixture(tiny_model, ids, q, 3, None)[0]
+    assert found["mass"][2] < two_ahead(static, ids, [17], top_k=3, chunk=4, exclude=[None])["mass"][0]
 
 
 def test_skip_events_are_the_guesses_made_behind_the_first_wrong_one():

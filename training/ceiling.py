@@ -57,10 +57,11 @@ class CeilingSettings:
 
 
 def two_ahead(static: StaticLlama, ids: list[int], targets: list[int], top_k: int, chunk: int,
-              exclude: list[int | None]) -> tuple[list[int], list[float], list[int]]:
-    """For each target index q of ``ids`` (q >= 2): the argmax of the two-ahead mixture for token q, leaving the token
-    at q-1 unknown (and never ``exclude[i]``, when it is not None), and the probability mass the top-K candidates
-    covered; also the plain argmax after every token of ``ids`` (row i predicts token i+1).
+              exclude: list[int | None]) -> dict[str, list]:
+    """For each target index q of ``ids`` (q >= 2), leaving the token at q-1 unknown: the argmax of the two-ahead
+    mixture for token q over the top-K candidates (``plain``), the same without the candidate ``exclude[i]`` when it
+    is not None (``excluding``) and the mass of the candidates it kept (``mass``); also ``greedy``, the plain argmax
+    after every token of ``ids`` (row i predicts token i+1).
 
     One forward writes the text's K/V to slots 0..N-1; then branch rows ride in slots N.. in chunks: row (q, z) holds
     z at RoPE position q-1, anchored at slot q-2 (it sees the text before q-1) and alone in its group (it sees itself).
@@ -69,20 +70,23 @@ def two_ahead(static: StaticLlama, ids: list[int], targets: list[int], top_k: in
     first = static(torch.tensor(ids, device=dev), torch.arange(N, device=dev), N)  # [N, V]
     prior = torch.softmax(first[[q - 2 for q in targets]].float(), -1)  # p(token q-1 | text before q-1): [Q, V]
     weights, cands = prior.topk(top_k, dim=-1)  # [Q, K]
+    kept = weights.clone()
     for i, g in enumerate(exclude):
         if g is not None:
-            weights[i] = weights[i].masked_fill(cands[i] == g, 0.0)
+            kept[i] = kept[i].masked_fill(cands[i] == g, 0.0)
     q_rows = torch.tensor(targets, device=dev).repeat_interleave(top_k)  # [Q*K]
-    z_rows = cands.reshape(-1)
-    mixture = torch.zeros(len(targets), first.shape[-1], device=dev)
+    z_rows, owner = cands.reshape(-1), torch.arange(len(targets), device=dev).repeat_interleave(top_k)
+    mixtures = torch.zeros(2, len(targets), first.shape[-1], device=dev)  # plain, excluding
     for lo in range(0, len(z_rows), chunk):
         z, q = z_rows[lo:lo + chunk], q_rows[lo:lo + chunk]
         R = len(z)
         slots = torch.arange(N, N + R, device=dev)
         logits = static(z, q - 1, N + R, slots=slots, anchors=q - 2, groups=torch.arange(1, R + 1, device=dev))
-        probs = torch.softmax(logits.float(), -1) * weights.reshape(-1)[lo:lo + chunk, None]  # [R, V]
-        mixture.index_add_(0, torch.arange(lo, lo + R, device=dev) // top_k, probs)
-    return mixture.argmax(-1).tolist(), weights.sum(-1).tolist(), first.argmax(-1).tolist()  # note: sync point
+        probs = torch.softmax(logits.float(), -1)  # [R, V]
+        for mixture, w in zip(mixtures, (weights, kept)):
+            mixture.index_add_(0, owner[lo:lo + R], probs * w.reshape(-1)[lo:lo + R, None])
+    plain, excluding = mixtures.argmax(-1).tolist()  # note: CPU-GPU sync point
+    return {"plain": plain, "excluding": excluding, "mass": kept.sum(-1).tolist(), "greedy": first.argmax(-1).tolist()}
 
 
 def skip_events(trace: DecodeTrace) -> list[tuple[int, int, int]]:
@@ -120,17 +124,17 @@ def measure_prompt(lm, static: StaticLlama, prompt_ids: list[int], s: CeilingSet
     trace = run(jacobi_decode, lm.model, prompt_ids, cfg, engine=default_engine(lm.model))
     P, answer = len(prompt_ids), trace.tokens
     repeat = repeat_flags(prompt_ids, answer)
-    events = [e for e in skip_events(trace) if e[0] >= 1]  # the unknown token t-1 is an answer token
+    events = {t: (g, own) for t, g, own in skip_events(trace)}  # t >= 2: the unknown token t-1 is in the answer
     positions = list(range(1, len(answer)))
-    targets = [P + t for t, _, _ in events] + [P + t for t in positions]
-    exclude = [g for _, g, _ in events] + [None] * len(positions)
-    preds, covered, greedy = two_ahead(static, prompt_ids + answer, targets, s.top_k, s.chunk, exclude)
-    for (t, _, own), best, cov in zip(events, preds, covered):
-        tallies["own"].add(repeat[t], own == answer[t])
-        tallies["ceiling"].add(repeat[t], best == answer[t])
-        tallies["coverage"].append(cov)
-    for t, best in zip(positions, preds[len(events):]):
-        tallies["every_position"].add(repeat[t], best == answer[t])
+    found = two_ahead(static, prompt_ids + answer, [P + t for t in positions], s.top_k, s.chunk,
+                      [events[t][0] if t in events else None for t in positions])
+    for i, t in enumerate(positions):
+        tallies["every_position"].add(repeat[t], found["plain"][i] == answer[t])
+        if t in events:
+            tallies["own"].add(repeat[t], events[t][1] == answer[t])
+            tallies["ceiling"].add(repeat[t], found["excluding"][i] == answer[t])
+            tallies["coverage"].append(found["mass"][i])
+    greedy = found["greedy"]
     # The answer is the model's greedy text (Jacobi is exact in float32): the static forward must agree.
     agree = sum(greedy[P - 1 + t] == answer[t] for t in range(len(answer)))
     return {"tokens": len(answer), "forwards": len(trace.iterations), "mean_accepted": trace.mean_accepted,
