@@ -369,7 +369,18 @@ def test_merge_mixes_two_adapters_tensor_by_tensor(tmp_path):
     save_tiny(tmp_path / "tiny")
     merged = load_model(str(tmp_path / "tiny"), adapter=str(tmp_path / "m0.25"), device="cpu", dtype="float32")
     assert merged.model is not None  # the merged folder loads as an adapter
+    # --scale alone: A's tensors, its lora_alpha times the scale, so every weight's change is scaled
+    scaled = merge.main(["--a", str(a), "--scale", "1.25", "--out", str(tmp_path / "s125")])
+    assert json.loads((scaled / "adapter_config.json").read_text())["lora_alpha"] == 1.25 * json.loads(
+        (a / "adapter_config.json").read_text())["lora_alpha"]
+    base = load_model(str(tmp_path / "tiny"), device="cpu", dtype="float32").model.state_dict()
+    once, more = (load_model(str(tmp_path / "tiny"), adapter=str(x), device="cpu", dtype="float32").model.state_dict()
+                  for x in (a, scaled))
+    key = next(k for k in base if "q_proj" in k)
+    assert not torch.equal(once[key], base[key])
+    torch.testing.assert_close(more[key] - base[key], 1.25 * (once[key] - base[key]), atol=1e-5, rtol=1e-4)
     for bad, match in ((["--b", str(adapter(3, rank=2))], "same tensors"), (["--alpha", "1.5"], "between 0 and 1"),
+                       (["--scale", "0"], "positive"),
                        (["--b", str(tmp_path)], "not a LoRA adapter folder")):
         args = dict(zip(["--a", "--b", "--alpha", "--out"], [str(a), str(b), "0.5", str(tmp_path / "bad")]))
         args.update(dict(zip(bad[::2], bad[1::2])))
