@@ -37,6 +37,12 @@ def test_branch_rows_give_the_mixture_of_plain_forwards(tiny_model):
         assert found["excluding"][i] == want
         assert abs(found["mass"][i] - want_mass) < 1e-5
         assert found["plain"][i] == brute_mixture(tiny_model, ids, q, 3, None)[0]
+        if g is None:
+            assert found["behind"][i] is None and found["rank"][i] is None
+        else:  # the model's own prediction with g at q-1, and where the true token q ranks in it
+            behind = tiny_model(torch.tensor([ids[: q - 1] + [g]])).logits[0, -1]
+            assert found["behind"][i] == int(behind.argmax())
+            assert found["rank"][i] == int((behind > behind[ids[q]]).sum())
     assert found["mass"][2] < two_ahead(static, ids, [17], top_k=3, chunk=4, exclude=[None])["mass"][0]
 
 
@@ -62,6 +68,10 @@ def test_a_run_counts_every_event_and_position(tiny_model_dir, tmp_path):
     events = sum(r["events"] for r in out["per_prompt"])
     assert out["own_guess_after_wrong_token"]["all"]["total"] == events > 0
     assert out["two_ahead_ceiling_at_events"]["all"]["total"] == events
+    assert out["own_guess_replayed"] == 1.0  # the branch row behind the wrong guess gives the decode's own output
+    top = out["own_top_k_after_wrong_token"]
+    assert top[1] == out["own_guess_after_wrong_token"]
+    assert [top[k]["all"]["right"] for k in (1, 2, 4, 8)] == sorted(top[k]["all"]["right"] for k in (1, 2, 4, 8))
     positions = out["two_ahead_every_position"]
     assert positions["all"]["total"] == sum(r["tokens"] - 1 for r in out["per_prompt"])
     assert positions["new"]["total"] + positions["repeating"]["total"] == positions["all"]["total"]

@@ -38,6 +38,7 @@ from decoding.trace import DecodeTrace, repeat_flags
 from .cli import parse, print_table
 
 ROOT = Path(__file__).resolve().parent.parent
+RANKS = (1, 2, 4, 8)  # top-k sizes of the model's own prediction behind a wrong guess
 
 
 @dataclass
@@ -60,13 +61,15 @@ def two_ahead(static: StaticLlama, ids: list[int], targets: list[int], top_k: in
               exclude: list[int | None]) -> dict[str, list]:
     """For each target index q of ``ids`` (q >= 2), leaving the token at q-1 unknown: the argmax of the two-ahead
     mixture for token q over the top-K candidates (``plain``), the same without the candidate ``exclude[i]`` when it
-    is not None (``excluding``) and the mass of the candidates it kept (``mass``); also ``greedy``, the plain argmax
-    after every token of ``ids`` (row i predicts token i+1).
+    is not None (``excluding``) and the mass of the candidates it kept (``mass``). Where ``exclude[i]`` is a token g,
+    also the model's own prediction for token q with g standing at q-1 (``behind``: its argmax) and the rank of the
+    true token q in it (``rank``: 0 when it is the argmax); None elsewhere. And ``greedy``: the plain argmax after
+    every token of ``ids`` (row i predicts token i+1).
 
     One forward writes the text's K/V to slots 0..N-1; then branch rows ride in slots N.. in chunks: row (q, z) holds
     z at RoPE position q-1, anchored at slot q-2 (it sees the text before q-1) and alone in its group (it sees itself).
     """
-    N, dev = len(ids), static.embed.device
+    N, Q, dev = len(ids), len(targets), static.embed.device
     first = static(torch.tensor(ids, device=dev), torch.arange(N, device=dev), N)  # [N, V]
     prior = torch.softmax(first[[q - 2 for q in targets]].float(), -1)  # p(token q-1 | text before q-1): [Q, V]
     weights, cands = prior.topk(top_k, dim=-1)  # [Q, K]
@@ -74,19 +77,29 @@ def two_ahead(static: StaticLlama, ids: list[int], targets: list[int], top_k: in
     for i, g in enumerate(exclude):
         if g is not None:
             kept[i] = kept[i].masked_fill(cands[i] == g, 0.0)
-    q_rows = torch.tensor(targets, device=dev).repeat_interleave(top_k)  # [Q*K]
-    z_rows, owner = cands.reshape(-1), torch.arange(len(targets), device=dev).repeat_interleave(top_k)
-    mixtures = torch.zeros(2, len(targets), first.shape[-1], device=dev)  # plain, excluding
+    wrong = [i for i, g in enumerate(exclude) if g is not None]
+    # rows 0..Q*K-1: the mixture's branches (row r belongs to target r // K); then one row per wrong guess
+    z_rows = torch.cat([cands.reshape(-1), torch.tensor([exclude[i] for i in wrong], device=dev, dtype=torch.long)])
+    q_rows = torch.tensor([q for q in targets for _ in range(top_k)] + [targets[i] for i in wrong], device=dev)
+    mixtures = torch.zeros(2, Q, first.shape[-1], device=dev)  # plain, excluding
+    behind, rank = [None] * Q, [None] * Q
     for lo in range(0, len(z_rows), chunk):
         z, q = z_rows[lo:lo + chunk], q_rows[lo:lo + chunk]
-        R = len(z)
+        R, mixed = len(z), max(0, min(len(z), Q * top_k - lo))  # the first ``mixed`` rows are mixture branches
         slots = torch.arange(N, N + R, device=dev)
         logits = static(z, q - 1, N + R, slots=slots, anchors=q - 2, groups=torch.arange(1, R + 1, device=dev))
-        probs = torch.softmax(logits.float(), -1)  # [R, V]
+        probs = torch.softmax(logits[:mixed].float(), -1)  # [mixed, V]
+        owner = torch.arange(lo, lo + mixed, device=dev) // top_k
         for mixture, w in zip(mixtures, (weights, kept)):
-            mixture.index_add_(0, owner[lo:lo + R], probs * w.reshape(-1)[lo:lo + R, None])
+            mixture.index_add_(0, owner, probs * w.reshape(-1)[lo:lo + mixed, None])
+        for r in range(mixed, R):
+            i = wrong[lo + r - Q * top_k]
+            row = logits[r]
+            behind[i] = int(row.argmax())  # note: CPU-GPU sync point
+            rank[i] = int((row > row[ids[targets[i]]]).sum())
     plain, excluding = mixtures.argmax(-1).tolist()  # note: CPU-GPU sync point
-    return {"plain": plain, "excluding": excluding, "mass": kept.sum(-1).tolist(), "greedy": first.argmax(-1).tolist()}
+    return {"plain": plain, "excluding": excluding, "mass": kept.sum(-1).tolist(), "behind": behind, "rank": rank,
+            "greedy": first.argmax(-1).tolist()}
 
 
 def skip_events(trace: DecodeTrace) -> list[tuple[int, int, int]]:
@@ -134,6 +147,9 @@ def measure_prompt(lm, static: StaticLlama, prompt_ids: list[int], s: CeilingSet
             tallies["own"].add(repeat[t], events[t][1] == answer[t])
             tallies["ceiling"].add(repeat[t], found["excluding"][i] == answer[t])
             tallies["coverage"].append(found["mass"][i])
+            tallies["replayed"].append(found["behind"][i] == events[t][1])  # the decode's own output, recomputed
+            for k in RANKS:
+                tallies[f"top{k}"].add(repeat[t], found["rank"][i] < k)
     greedy = found["greedy"]
     # The answer is the model's greedy text (Jacobi is exact in float32): the static forward must agree.
     agree = sum(greedy[P - 1 + t] == answer[t] for t in range(len(answer)))
@@ -148,12 +164,13 @@ def measure(s: CeilingSettings) -> dict:
     prompts = [encode(lm.tokenizer, r["prompt"]) for r in rows]
     longest = max(len(p) for p in prompts) + s.max_new_tokens
     static = StaticLlama(lm.model, max_len=longest + s.chunk)
-    tallies = {"own": Tally(), "ceiling": Tally(), "every_position": Tally(), "coverage": []}
+    tallies = {"own": Tally(), "ceiling": Tally(), "every_position": Tally(), "coverage": [], "replayed": []}
+    tallies |= {f"top{k}": Tally() for k in RANKS}
     t0, per_prompt = time.perf_counter(), []
     with torch.no_grad():
         for ids in tqdm(prompts, desc="two-ahead ceiling", unit="prompt"):
             per_prompt.append(measure_prompt(lm, static, ids, s, tallies))
-    coverage = tallies.pop("coverage")
+    coverage, replayed = tallies.pop("coverage"), tallies.pop("replayed")
     return {
         "settings": asdict(s),
         "device": str(lm.model.device), "torch": torch.__version__, "python": platform.python_version(),
@@ -161,6 +178,10 @@ def measure(s: CeilingSettings) -> dict:
         "tokens_per_forward": sum(r["mean_accepted"] for r in per_prompt) / len(per_prompt),
         "own_guess_after_wrong_token": tallies["own"].rates(),
         "two_ahead_ceiling_at_events": tallies["ceiling"].rates(),
+        # how often the true token is among the k likeliest of the model's own prediction behind the wrong guess:
+        # what checking k alternatives for that token (a tree of branches) would make right
+        "own_top_k_after_wrong_token": {k: tallies[f"top{k}"].rates() for k in RANKS},
+        "own_guess_replayed": sum(replayed) / len(replayed) if replayed else None,
         "two_ahead_every_position": tallies["every_position"].rates(),
         "top_k_mass_mean": sum(coverage) / len(coverage) if coverage else None,
         "greedy_agreement": sum(r["greedy_agreement"] for r in per_prompt) / len(per_prompt),
@@ -188,6 +209,8 @@ def main(argv=None) -> dict:
         ("own guess right, repeating", pct(own["repeating"])),
         ("ceiling, repeating", pct(ceil["repeating"])),
         ("every position, new / repeating", f"{pct(every['new'])} / {pct(every['repeating'])}"),
+        *((f"own top-{k}, new / repeating", f"{pct(result['own_top_k_after_wrong_token'][k]['new'])} / "
+           f"{pct(result['own_top_k_after_wrong_token'][k]['repeating'])}") for k in RANKS[1:]),
         ("top-K mass", result["top_k_mass_mean"]),
     ])
     return result
