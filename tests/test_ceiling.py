@@ -44,6 +44,8 @@ def test_branch_rows_give_the_mixture_of_plain_forwards(tiny_model):
             assert found["behind"][i] == int(behind.argmax())
             assert found["rank"][i] == int((behind > behind[ids[q]]).sum())
     assert found["mass"][2] < two_ahead(static, ids, [17], top_k=3, chunk=4, exclude=[None])["mass"][0]
+    none = two_ahead(static, ids[:2], [], top_k=3, chunk=4, exclude=[])  # a one-token answer has no target
+    assert none["plain"] == none["rank"] == [] and len(none["greedy"]) == 2
 
 
 def test_skip_events_are_the_guesses_made_behind_the_first_wrong_one():

