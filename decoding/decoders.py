@@ -38,6 +38,7 @@ class DecodeConfig:
     seed: int = 0  # seed of the random initial guesses (the output does not depend on it)
     candidates: int = 0  # candidate n-grams checked beside the window in each pass (fast engine only; 0: plain Jacobi)
     candidate_len: int | None = None  # tokens per candidate n-gram; None: n-1, as many as the window guesses
+    branches: int = 0  # next likeliest tokens for the window's first guess, each checked beside it (fast engine; 0: none)
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation stops after any of these
 
     @property
@@ -61,9 +62,10 @@ def validate(model, prompt_ids, cfg: DecodeConfig) -> list[int]:
     check_int("max_new_tokens", cfg.max_new_tokens, 1, MAX_NEW_TOKENS)
     check_int("candidates", cfg.candidates, 0, MAX_CANDIDATES)
     check_int("candidate_len", cfg.candidate_tokens, 1, MAX_WINDOW)  # n is an int by then
-    if cfg.n + cfg.candidates * cfg.candidate_tokens > MAX_WINDOW:
-        raise ValueError(f"n + candidates x candidate_len must be at most {MAX_WINDOW} tokens a pass, got "
-                         f"{cfg.n} + {cfg.candidates} x {cfg.candidate_tokens}")
+    check_int("branches", cfg.branches, 0, MAX_CANDIDATES)
+    if cfg.n + cfg.candidates * cfg.candidate_tokens + cfg.branches > MAX_WINDOW:
+        raise ValueError(f"n + candidates x candidate_len + branches must be at most {MAX_WINDOW} tokens a pass, got "
+                         f"{cfg.n} + {cfg.candidates} x {cfg.candidate_tokens} + {cfg.branches}")
     if cfg.init not in INIT_CHOICES:
         raise ValueError(f"init must be one of {INIT_CHOICES}, got {cfg.init!r}")
     vocab = model.config.get_text_config().vocab_size
@@ -256,19 +258,40 @@ def verify_candidates(outputs: list[int], candidates: list[list[int]], cand_outp
     return best, best_matched
 
 
+def branch_candidates(alternatives: list[int], window: list[int], cands: list[list[int]], count: int) -> list[list[int]]:
+    """One-token candidates for the window's first guess: up to ``count`` of ``alternatives`` (the next likeliest
+    tokens of the output that guess came from) that neither the window nor a candidate n-gram already starts with.
+    When one is right, its own output is right too: the pass gains two tokens where the window's guess gains one."""
+    taken = set(window[1:2]) | {c[0] for c in cands}
+    return [[z] for z in alternatives if z not in taken][:count]
+
+
+def guess_source(k: int, width: int, kept: int, matched: int, cands: list[list[int]]) -> int | None:
+    """Which output of a pass (the window's, then each candidate's) became the next window's first guess: the one
+    after the accepted prefix, in the window (``kept`` = 0) or in candidate ``kept``, matched for ``matched`` tokens;
+    None when that guess is a fresh one."""
+    if kept == 0:
+        return k if k < width else None
+    cand = cands[kept - 1]
+    if matched < len(cand):
+        return width + sum(len(c) for c in cands[:kept - 1]) + matched
+    return len(cand) + 1 if len(cand) + 1 < width else None
+
+
 def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -> Iterator[DecodeTrace]:
     """Greedy Jacobi decoding with a KV cache (lossless: the fixed point is the greedy AR text).
 
     Each pass feeds ``[last accepted] + n-1 guesses``; the matching prefix of guesses is accepted
     together with the output after it, the cache keeps only the accepted inputs, and the outputs
     not accepted become the next guesses. With ``cfg.candidates``, the same pass also checks that many
-    candidate n-grams (decoding/candidates.py) and keeps one instead when it is right for longer.
+    candidate n-grams (decoding/candidates.py) and keeps one instead when it is right for longer. With
+    ``cfg.branches``, it also checks that many other likely tokens for the window's first guess (``branch_candidates``).
     """
     prompt_ids = validate(model, prompt_ids, cfg)
     session = make_session(model, engine)
-    if cfg.candidates and not hasattr(session, "verify"):
-        raise ValueError("candidate n-grams need the fast engine (a Llama model on the CPU or CUDA): set candidates "
-                         "to 0 or use engine='fast'")
+    if (cfg.candidates or cfg.branches) and not hasattr(session, "verify"):
+        raise ValueError("candidate n-grams and branches need the fast engine (a Llama model on the CPU or CUDA): set "
+                         "them to 0 or use engine='fast'")
     rng = random.Random(cfg.seed)
     trace = DecodeTrace(method="jacobi", n=cfg.n, prompt_ids=prompt_ids)
     t0 = _start(session, trace)
@@ -276,6 +299,7 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
     lookup = ContextLookup(prompt_ids) if cfg.init == "lookup" else None
     pool = NgramPool(prompt_ids, cfg.candidate_tokens) if cfg.candidates else None
     guesses = fresh_guesses(cfg, prompt_ids, trace.tokens, [], cfg.n - 1, rng, lookup)
+    alternatives: list[int] = []  # the next likeliest tokens for guesses[0], when cfg.branches
     while not _stop(trace, cfg):
         # Guesses past the token budget are wasted work: shrink the window (and the candidates) near the end.
         start = len(trace.tokens)
@@ -283,8 +307,9 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
         width = min(cfg.n, budget + 1)
         window = [trace.tokens[-1]] + guesses[: width - 1]
         cands = pool.candidates(trace.tokens, cfg.candidates, window[1:], budget) if pool else []
-        if cands:
-            outputs, cand_outputs = session.verify(window, cands)
+        cands += branch_candidates(alternatives, window, cands, cfg.branches)
+        if cands or cfg.branches:
+            outputs, cand_outputs = session.verify(window, cands, top=cfg.branches + 1 if cfg.branches else 0)
             g, matched = verify_candidates(outputs, cands, cand_outputs)
         else:
             outputs, g, matched = session.forward(window), 0, 0
@@ -295,10 +320,14 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
             session.keep_candidate(g - 1, matched)
             cand, outs = cands[g - 1], cand_outputs[g - 1]
             guesses = outs[matched:] + outputs[len(cand) + 1:]
+            source = guess_source(k, len(window), g, matched, cands)
             window, outputs, k = [window[0]] + cand, [outputs[0]] + outs, matched + 1
         else:
             session.keep(k, len(window))
+            source = guess_source(k, len(window), 0, 0, cands)
             guesses, g = outputs[k:], 0
+        if cfg.branches:
+            alternatives = session.alternatives(source)[1:] if source is not None else []
         trace.iterations.append(
             Iteration(len(trace.iterations) + 1, start, window, outputs, k, time.perf_counter() - t0, candidate=g)
         )

@@ -97,6 +97,7 @@ class FastEngine:
         self.graphs: dict[tuple[int, int], tuple] = {}  # (W, L) -> (graph, static [2, W] in, static [W] out)
         self.lock = threading.Lock()  # one forward at a time
         self.owner = None  # the session whose sequence the cache holds
+        self.last_top: list[list[int]] | None = None  # the last step's likeliest tokens per row, when it asked (top)
 
     def plan(self, pos: int, width: int) -> tuple[int, int]:
         """(W, L) for a window of ``width`` at ``pos``: padded width and key bucket, never past the cache."""
@@ -177,9 +178,13 @@ class FastEngine:
             static_out = self._forward(static_in, L)  # [W]: argmax in the graph
         return graph, static_in, static_out, host
 
+    def _logits(self, rows: torch.Tensor, L: int) -> torch.Tensor:
+        """The logits [W, V] at every row of ``rows`` [5, W] (tokens, RoPE positions, slots, anchors, groups)."""
+        return self.model(rows[0], rows[1], L, slots=rows[2], anchors=rows[3], groups=rows[4])
+
     def _forward(self, rows: torch.Tensor, L: int) -> torch.Tensor:
-        """The argmax at every row of ``rows`` [5, W] (tokens, RoPE positions, slots, anchors, groups)."""
-        return self.model(rows[0], rows[1], L, slots=rows[2], anchors=rows[3], groups=rows[4]).argmax(-1)
+        """The argmax at every row of ``rows`` [5, W]."""
+        return self._logits(rows, L).argmax(-1)
 
     @torch.no_grad()
     def prefill(self, prompt_ids: list[int]) -> int:
@@ -190,12 +195,14 @@ class FastEngine:
         logits = self.model(tokens, torch.arange(P, device=self.device), L, last_only=True)
         return int(logits[0].argmax())  # note: CPU-GPU sync point
 
-    def step(self, window: list[int], pos: int, candidates: list[list[int]] = ()) -> list[int]:
+    def step(self, window: list[int], pos: int, candidates: list[list[int]] = (), top: int = 0) -> list[int]:
         """Feed ``window`` at positions pos.. and return the argmax at each of its positions.
 
         Each of ``candidates`` (guesses for the positions after ``window[0]``, as ``window[1:]`` is) rides in the same
         forward: its tokens take RoPE positions pos+1.., cache slots after the window's, and see the kept tokens,
-        ``window[0]`` and their own earlier tokens. Their argmaxes follow the window's in the returned list."""
+        ``window[0]`` and their own earlier tokens. Their argmaxes follow the window's in the returned list.
+        ``top`` > 0 also keeps the ``top`` likeliest tokens of every row in ``last_top`` (the likeliest first); such a
+        step runs outside the CUDA graphs, which return the argmax only."""
         w = len(window)
         tokens, rope, anchors, groups = list(window), list(range(pos, pos + w)), list(range(pos, pos + w)), [0] * w
         for g, cand in enumerate(candidates, start=1):
@@ -208,10 +215,14 @@ class FastEngine:
         slots = list(range(pos, pos + W))
         pad = W - rows  # padding rows: the last token again, causal at the slots after every real row
         table = [tokens + [tokens[-1]] * pad, rope + slots[rows:], slots, anchors + slots[rows:], groups + [0] * pad]
-        entry = self.graphs.get((W, L))
+        entry = None if top else self.graphs.get((W, L))
+        self.last_top = None
         with torch.no_grad():
             if entry is None:
-                return self._forward(torch.tensor(table, device=self.device), L)[:rows].tolist()  # note: CPU-GPU sync
+                logits = self._logits(torch.tensor(table, device=self.device), L)[:rows]
+                if top:
+                    self.last_top = logits.topk(top, dim=-1).indices.tolist()  # note: CPU-GPU sync point
+                return logits.argmax(-1).tolist()  # note: CPU-GPU sync point
             graph, static_in, static_out, host = entry
             host.copy_(torch.tensor(table))
             # pinned + non_blocking: no sync here; safe to refill next step since tolist() below waits
@@ -233,6 +244,7 @@ class FastSession:
         self.engine = engine
         self.device = engine.device
         self.pos = 0  # cache entries 0..pos-1 hold this sequence's kept tokens
+        self._top: list[list[int]] | None = None  # the last step's likeliest tokens per output row, when asked for
         self._verified: tuple[int, int, list[int]] = (0, 0, [])  # the last verify: start, window width, candidate lengths
 
     @classmethod
@@ -255,11 +267,12 @@ class FastSession:
         """Feed ``window`` right after the kept tokens; like the eager cache, it is kept until ``keep``."""
         return self._feed(window, [])
 
-    def _feed(self, window: list[int], candidates: list[list[int]]) -> list[int]:
+    def _feed(self, window: list[int], candidates: list[list[int]], top: int = 0) -> list[int]:
         """One ``FastEngine.step`` right after the kept tokens: the window's outputs, then the candidates'."""
         with self.engine.lock:
             self._check_owner()
-            outputs = self.engine.step(list(window), self.pos, [list(c) for c in candidates])
+            outputs = self.engine.step(list(window), self.pos, [list(c) for c in candidates], top)
+            self._top = self.engine.last_top
         self.pos += len(window)
         return outputs
 
@@ -268,17 +281,23 @@ class FastSession:
         self._check_owner()
         self.pos -= width - accepted
 
-    def verify(self, window: list[int], candidates: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    def verify(self, window: list[int], candidates: list[list[int]], top: int = 0) -> tuple[list[int], list[list[int]]]:
         """Like ``forward``, with candidate continuations checked in the same pass (``FastEngine.step``): returns the
-        window's outputs and each candidate's. Then either ``keep`` (the window's guesses) or ``keep_candidate``."""
+        window's outputs and each candidate's. Then either ``keep`` (the window's guesses) or ``keep_candidate``.
+        ``top`` > 0: ``alternatives`` then gives the likeliest tokens of any output of this pass."""
         w = len(window)
         self._verified = (self.pos, w, [len(c) for c in candidates])
-        flat = self._feed(window, candidates)
+        flat = self._feed(window, candidates, top)
         outputs, cand_outputs, at = flat[:w], [], w
         for cand in candidates:
             cand_outputs.append(flat[at:at + len(cand)])
             at += len(cand)
         return outputs, cand_outputs
+
+    def alternatives(self, row: int) -> list[int]:
+        """The likeliest tokens of output ``row`` of the last ``verify`` (the window's outputs, then each candidate's),
+        the likeliest first; empty unless it asked for them (``top``)."""
+        return list(self._top[row]) if self._top else []
 
     def keep_candidate(self, index: int, matched: int) -> None:
         """After ``verify``, keep the window's first input and the first ``matched`` tokens of candidate ``index``:

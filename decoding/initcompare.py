@@ -4,7 +4,8 @@
     python -m decoding.initcompare --engine fast --inits random,random+4x4,lookup+4x4
 
 A variant is an init (random, repeat, lookup), optionally with ``+GxL``: G candidate n-grams of L tokens checked
-beside the window in every pass (``+G``: of n-1 tokens; decoding/candidates.py; fast engine). Every variant gives the same text (the fixed
+beside the window in every pass (``+G``: of n-1 tokens; decoding/candidates.py; fast engine), and with ``/bB``: B
+other likely tokens for the window's first guess checked beside it (``DecodeConfig.branches``; fast engine). Every variant gives the same text (the fixed
 point is the greedy answer; checked here token for token), so only the number of forwards differs: per prompt and
 variant, the forwards and tokens per forward, written to JSON as the prompts finish (an interrupted run keeps what
 it measured), with a table printed last.
@@ -24,13 +25,18 @@ from .prompts import encode, read_prompts
 
 
 def parse_variant(text: str) -> dict:
-    """"lookup+4x10" -> {"init": "lookup", "candidates": 4, "candidate_len": 10}; "random+2": 2 candidates of n-1
-    tokens; "random": none. SystemExit with a message if malformed."""
-    init, plus, cands = text.partition("+")
+    """"lookup+4x10" -> {"init": "lookup", "candidates": 4, "candidate_len": 10, "branches": 0}; "random+2": 2
+    candidates of n-1 tokens; "random/b3": 3 branches for the first guess; "random": none. SystemExit with a message
+    if malformed."""
+    head, slash, branches = text.partition("/b")
+    init, plus, cands = head.partition("+")
     count, x, length = cands.partition("x")
-    if init not in INIT_CHOICES or (plus and not (count.isdigit() and (length.isdigit() or not x))):
-        raise SystemExit(f"a variant is INIT, INIT+G or INIT+GxL with INIT one of {INIT_CHOICES}, got {text!r}")
-    return {"init": init, "candidates": int(count) if plus else 0, "candidate_len": int(length) if x else None}
+    if (init not in INIT_CHOICES or (plus and not (count.isdigit() and (length.isdigit() or not x)))
+            or (slash and not branches.isdigit())):
+        raise SystemExit(f"a variant is INIT, INIT+G or INIT+GxL with INIT one of {INIT_CHOICES}, each optionally "
+                         f"followed by /bB, got {text!r}")
+    return {"init": init, "candidates": int(count) if plus else 0, "candidate_len": int(length) if x else None,
+            "branches": int(branches) if slash else 0}
 
 
 def main(argv=None) -> dict:
@@ -41,7 +47,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--inits", default="random,lookup",
                     help=f"comma-separated variants: INIT ({', '.join(INIT_CHOICES)}), or INIT+GxL to check G candidate "
-                         "n-grams of L tokens in every pass (INIT+G: of n-1 tokens; fast engine)")
+                         "n-grams of L tokens in every pass (INIT+G: of n-1 tokens; fast engine); a suffix /bB checks B "
+                         "other likely tokens for the window's first guess (fast engine)")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default="auto")

@@ -115,20 +115,23 @@ def test_initcompare_pairs_the_inits_on_the_same_prompts(tiny_model_dir, tmp_pat
     prompts.write_text('{"prompt": "Hi there"}\n{"prompt": "Count to five."}\n')
     out = tmp_path / "ic.json"
     result = initcompare.main(["--model", str(tiny_model_dir), "--adapter", "none", "--prompts", str(prompts),
-                               "--inits", "random,repeat,lookup,random+2x6", "--n", "8", "--max-new-tokens", "24",
+                               "--inits", "random,repeat,lookup,random+2x6,random/b2,random+2x6/b2", "--n", "8", "--max-new-tokens", "24",
                                "--device", "cpu", "--engine", "fast", "--out", str(out)])
     assert json.loads(out.read_text())["summary"] == result["summary"]
-    assert len(result["prompts"]) == 2 and set(result["summary"]) == {"random", "repeat", "lookup", "random+2x6"}
+    assert len(result["prompts"]) == 2 and set(result["summary"]) == {"random", "repeat", "lookup", "random+2x6",
+                                                                          "random/b2", "random+2x6/b2"}
     for row in result["prompts"]:
         assert len({r["tokens"] for r in row["inits"].values()}) == 1
     assert all(s["tokens_per_forward"] >= 1.0 for s in result["summary"].values())
     assert "lookup" in capsys.readouterr().out
-    for bad in ("zeros", "random+2x", "random+axb", "random+"):
+    for bad in ("zeros", "random+2x", "random+axb", "random+", "random/b", "random/bx", "random+2/b"):
         with pytest.raises(SystemExit, match="a variant is INIT, INIT"):
             initcompare.main(["--model", str(tiny_model_dir), "--adapter", "none", "--inits", bad])
-    assert initcompare.parse_variant("lookup+3x10") == {"init": "lookup", "candidates": 3, "candidate_len": 10}
-    assert initcompare.parse_variant("random+2") == {"init": "random", "candidates": 2, "candidate_len": None}
-    assert initcompare.parse_variant("repeat") == {"init": "repeat", "candidates": 0, "candidate_len": None}
+    assert initcompare.parse_variant("lookup+3x10") == {"init": "lookup", "candidates": 3, "candidate_len": 10, "branches": 0}
+    assert initcompare.parse_variant("random+2") == {"init": "random", "candidates": 2, "candidate_len": None, "branches": 0}
+    assert initcompare.parse_variant("repeat") == {"init": "repeat", "candidates": 0, "candidate_len": None, "branches": 0}
+    assert initcompare.parse_variant("random+2x6/b3") == {"init": "random", "candidates": 2, "candidate_len": 6,
+                                                          "branches": 3}
 
 
 def test_bench_checks_candidate_ngrams_beside_the_window(tiny_model_dir, tmp_path):

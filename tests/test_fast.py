@@ -313,6 +313,75 @@ def test_candidate_ngrams_keep_the_ar_text(tiny, prompt, n, max_new, count, leng
         assert all(it.window[j] == it.outputs[j - 1] for j in range(1, it.accepted))
 
 
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt=st.lists(st.integers(0, 100), min_size=1, max_size=30),
+    n=st.integers(1, 20),
+    max_new=st.integers(1, 48),
+    branches=st.integers(1, 4),
+    count=st.integers(0, 3),
+)
+def test_branches_for_the_first_guess_keep_the_ar_text(tiny, prompt, n, max_new, branches, count):
+    """Jacobi with the first guess's next likeliest tokens checked beside the window (and candidate n-grams) gives
+    the AR text token for token (float32), with every pass's record consistent."""
+    cfg = DecodeConfig(max_new_tokens=max_new, n=n, branches=branches, candidates=count, candidate_len=4)
+    trace = run(jacobi_decode, tiny, prompt, cfg, engine="fast")
+    assert trace.tokens == run(ar_decode, tiny, prompt, cfg).tokens
+    for it in trace.iterations:
+        kept = min(it.accepted, len(trace.tokens) - it.start)
+        assert it.outputs[:kept] == trace.tokens[it.start:it.start + kept]
+        assert all(it.window[j] == it.outputs[j - 1] for j in range(1, it.accepted))
+
+
+def test_branches_are_the_first_guess_s_runners_up_and_save_forwards(tiny, monkeypatch):
+    """Each pass offers, beside the window, the next likeliest tokens of the output its first guess came from (one
+    token each, never the guess itself), read from that output's logits; a right one gains a second token."""
+    from decoding import decoders
+
+    offered = []
+    real = decoders.branch_candidates
+
+    def spy(alternatives, window, cands, count):
+        got = real(alternatives, window, cands, count)
+        offered.append((list(window), got))
+        return got
+
+    monkeypatch.setattr(decoders, "branch_candidates", spy)
+    prompts = [[3, 14, 15, 92, 65], [1, 2, 3], [50, 60, 70, 80, 90, 11]]
+    plain = [run(jacobi_decode, tiny, p, DecodeConfig(max_new_tokens=48, n=6), engine="fast") for p in prompts]
+    offered.clear()
+    cfg = DecodeConfig(max_new_tokens=48, n=6, branches=3)
+    traced = [run(jacobi_decode, tiny, p, cfg, engine="fast") for p in prompts]
+    assert [t.tokens for t in traced] == [t.tokens for t in plain]
+    assert sum(len(t.iterations) for t in traced) < sum(len(t.iterations) for t in plain)
+    won = [it for t in traced for it in t.iterations if it.candidate and len(it.window) == 2]
+    assert won and all(it.accepted == 2 for it in won)  # a one-token branch that wins gains exactly two tokens
+    assert all(len(got) <= 3 and all(len(c) == 1 and c[0] != window[1] for c in got) for window, got in offered)
+    # the branches are the runners-up of the model's prediction for that token, behind the same inputs
+    t, checked = traced[0], 0
+    for prev, it in zip(t.iterations, t.iterations[1:]):
+        window, got = offered[it.index - 1]
+        if prev.candidate or not got or prev.accepted >= len(prev.window):
+            continue
+        seen = prompts[0] + t.tokens[:prev.start] + prev.window[1:prev.accepted + 1]  # row k saw window[:k+1]
+        logits = tiny(torch.tensor([seen])).logits[0, -1]
+        assert [c[0] for c in got] == [z for z in logits.topk(4).indices.tolist() if z != window[1]][:3]
+        checked += 1
+    assert checked >= 3
+
+
+def test_guess_source_points_at_the_output_that_became_the_first_guess():
+    from decoding.decoders import guess_source
+
+    cands = [[7, 8, 9], [5]]
+    assert guess_source(2, 6, 0, 0, cands) == 2  # the window kept 2: its output 2 is the next first guess
+    assert guess_source(6, 6, 0, 0, cands) is None  # all kept: the next first guess is a fresh one
+    assert guess_source(1, 6, 1, 2, cands) == 6 + 2  # candidate 1 right for 2 of 3: its own output 2
+    assert guess_source(1, 6, 1, 3, cands) == 4  # right for all 3: the window's output after them
+    assert guess_source(1, 6, 2, 1, cands) == 2  # candidate 2 (one token) right: the window's output 2
+    assert guess_source(1, 2, 2, 1, cands) is None  # ... unless the window is too short to hold it
+
+
 def test_right_candidates_are_kept_and_their_cache_moved(tiny, monkeypatch):
     """Offered the AR text's next tokens as one candidate among wrong ones, a pass keeps it (its K/V moved to the
     slots after the last accepted token), and later passes, which attend to those slots, still give the AR text."""
