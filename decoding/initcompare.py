@@ -5,10 +5,10 @@
 
 A variant is an init (random, repeat, lookup), optionally with ``+GxL``: G candidate n-grams of L tokens checked
 beside the window in every pass (``+G``: of n-1 tokens; decoding/candidates.py; fast engine), and with ``/bB``: B
-other likely tokens for the window's first guess checked beside it (``DecodeConfig.branches``; fast engine). Every variant gives the same text (the fixed
-point is the greedy answer; checked here token for token), so only the number of forwards differs: per prompt and
-variant, the forwards and tokens per forward, written to JSON as the prompts finish (an interrupted run keeps what
-it measured), with a table printed last.
+other likely tokens for the window's first guess checked beside it (``DecodeConfig.branches``; fast engine). Every
+variant gives the same text (the fixed point is the greedy answer; checked here token for token), so only the number
+of forwards differs: per prompt and variant, the forwards and tokens per forward, written to JSON as the prompts
+finish (an interrupted run keeps what it measured), with a table printed last.
 """
 from __future__ import annotations
 
