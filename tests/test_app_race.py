@@ -95,7 +95,8 @@ def test_race_json_names_lanes_as_the_benchmark(host):
     for lane in out["lanes"].values():
         assert lane["tokens"] >= 1 and 1 <= lane["forwards"] <= lane["tokens"] and lane["tok_s"] > 0
         assert lane["mean_accepted"] >= 1 and lane["wall_s"] > 0 and lane["status"] == "done"
-    assert out["settings"] == {"max_new_tokens": 24, "n": 8, "init": "random", "seed": 0, "candidates": 0, "candidate_len": 7}
+    assert out["settings"] == {"max_new_tokens": 24, "n": 8, "init": "random", "seed": 0, "candidates": 0, "candidate_len": 7,
+                               "branches": 0}
 
 
 def test_stopping_mid_lane_leaves_the_host_ready(host):

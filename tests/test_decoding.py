@@ -117,6 +117,9 @@ def test_window_never_passes_the_budget(tiny_model):
         ([1, 2], {"candidates": 2, "candidate_len": 0}, "candidate_len must be"),
         ([1, 2], {"n": 64, "candidates": 8, "candidate_len": 9}, "at most 128 tokens a pass"),
         ([1, 2], {"n": 64, "candidates": 2}, "at most 128 tokens a pass"),  # 2 candidates of n-1 = 63 tokens
+        ([1, 2], {"branches": -1}, "branches must be"),
+        ([1, 2], {"branches": 17}, "branches must be"),
+        ([1, 2], {"n": 120, "branches": 9}, "at most 128 tokens a pass"),
     ],
 )
 def test_bad_input_raises_before_work(tiny_model, prompt, kwargs, message):
@@ -211,8 +214,9 @@ def test_candidate_length_defaults_to_the_windows_guesses():
 
 
 def test_candidates_need_the_fast_engine(tiny_model):
-    with pytest.raises(ValueError, match="fast engine"):
-        run(jacobi_decode, tiny_model, [1, 2, 3], DecodeConfig(max_new_tokens=8, n=4, candidates=2), engine="eager")
+    for extra in ({"candidates": 2}, {"branches": 2}):
+        with pytest.raises(ValueError, match="fast engine"):
+            run(jacobi_decode, tiny_model, [1, 2, 3], DecodeConfig(max_new_tokens=8, n=4, **extra), engine="eager")
 
 
 def test_ngram_pool_offers_text_continuations_then_recycled_ones():
