@@ -299,7 +299,7 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
     lookup = ContextLookup(prompt_ids) if cfg.init == "lookup" else None
     pool = NgramPool(prompt_ids, cfg.candidate_tokens) if cfg.candidates else None
     guesses = fresh_guesses(cfg, prompt_ids, trace.tokens, [], cfg.n - 1, rng, lookup)
-    alternatives: list[int] = []  # the next likeliest tokens for guesses[0], when cfg.branches
+    alternatives: list[int] = []  # the likeliest tokens where guesses[0] came from (guesses[0] first), when cfg.branches
     while not _stop(trace, cfg):
         # Guesses past the token budget are wasted work: shrink the window (and the candidates) near the end.
         start = len(trace.tokens)
@@ -327,7 +327,7 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
             source = guess_source(k, len(window), 0, 0, cands)
             guesses, g = outputs[k:], 0
         if cfg.branches:
-            alternatives = session.alternatives(source)[1:] if source is not None else []
+            alternatives = session.alternatives(source) if source is not None else []  # guesses[0] among them
         trace.iterations.append(
             Iteration(len(trace.iterations) + 1, start, window, outputs, k, time.perf_counter() - t0, candidate=g)
         )
