@@ -320,13 +320,12 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
             session.keep_candidate(g - 1, matched)
             cand, outs = cands[g - 1], cand_outputs[g - 1]
             guesses = outs[matched:] + outputs[len(cand) + 1:]
-            source = guess_source(k, len(window), g, matched, cands)
             window, outputs, k = [window[0]] + cand, [outputs[0]] + outs, matched + 1
         else:
             session.keep(k, len(window))
-            source = guess_source(k, len(window), 0, 0, cands)
             guesses, g = outputs[k:], 0
-        if cfg.branches:
+        if cfg.branches:  # k counts only when the window's guesses were kept (g = 0), and then it is the window's
+            source = guess_source(k, width, g, matched, cands)
             alternatives = session.alternatives(source) if source is not None else []  # guesses[0] among them
         trace.iterations.append(
             Iteration(len(trace.iterations) + 1, start, window, outputs, k, time.perf_counter() - t0, candidate=g)
