@@ -6,6 +6,7 @@ from html import escape
 from pathlib import Path
 
 from decoding import DEFAULT_ADAPTER, Iteration, adapter_sha256
+from decoding.bench import read_bench
 from decoding.decoders import default_candidate_len
 from decoding.trace import LOOP_LIMIT, LOOP_PERIOD
 
@@ -71,17 +72,27 @@ def example_figure() -> str:
     return step_html(EXAMPLE_STEP, 1, lambda tok: WORDS[tok], context="The cat sat on the")
 
 
-RESULT_GLOBS = ("*.json", "candidates/*.json")  # the folder's own benches, then those with candidate n-grams
+RESULT_FOLDERS = (".", "candidates")  # the folder's own benches, then those with candidate n-grams
+
+
+def result_files(folder: Path = RESULTS) -> list[Path]:
+    """The bench files of ``folder`` and its candidates/ folder, plain (.json) or gzipped (.json.gz, as the big ones
+    are kept), in each folder by name."""
+    paths = []
+    for sub in RESULT_FOLDERS:
+        here = folder / sub
+        if here.is_dir():
+            paths += sorted([*here.glob("*.json"), *here.glob("*.json.gz")], key=lambda p: p.name.removesuffix(".gz"))
+    return paths
 
 
 def read_results(folder: Path = RESULTS) -> list[dict]:
     """Benchmark results (``python -m decoding.bench --out``) committed under assets/results, by file name."""
     found = []
-    paths = [p for pattern in RESULT_GLOBS for p in sorted(folder.glob(pattern))] if folder.is_dir() else []
-    for path in paths:
+    for path in result_files(folder):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = read_bench(path)
+        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(data, dict) and isinstance(data.get("summary", {}).get("lanes"), dict):
             found.append(data | {"_file": path.relative_to(folder).as_posix()})

@@ -11,6 +11,7 @@ synchronised around every timed run (the decoders synchronise at every step anyw
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import platform
 import statistics
@@ -54,6 +55,14 @@ class BenchConfig:
     candidates: int = 0  # candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)
     candidate_len: int | None = None  # tokens per candidate n-gram (None: n-1)
     cpu_projection: str = "auto"  # fast engine on the CPU: auto (each width's faster form, timed at load), linear or wx (that form at every width; wx was the engine's only form before session 19)
+
+
+def read_bench(path: str | Path) -> dict:
+    """A benchmark result (``--out``), plain JSON or gzipped (``.json.gz``, as the big committed ones are kept)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
 
 
 def hf_generate(lm: LoadedModel, ids: list[int], cfg: DecodeConfig) -> dict:

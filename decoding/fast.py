@@ -60,7 +60,7 @@ def default_engine(model) -> str:
 
     On a 2-core CPU the fast engine ran AR 1.7x and Jacobi 1.2x as fast as eager, with the same tokens
     (assets/results/cpu_engine_fast_vs_eager.json); on another, with the projection form it tuned there, 1.09x and
-    1.13x (n = 4; assets/results/cpu_bench_s20_{auto_fast,eager}_fp32_n4_t256_heldout20.json). On the CPU it holds a
+    1.13x (n = 4; assets/results/cpu_bench_s20_{auto_fast,eager}_fp32_n4_t256_heldout20.json.gz). On the CPU it holds a
     cache of the model's whole context."""
     device = next(model.parameters()).device.type
     return "fast" if device in ("cuda", "cpu") and supports(model) is None else "eager"

@@ -125,7 +125,7 @@ def project(x: torch.Tensor, w, residual: torch.Tensor | None = None, wx: bool =
     - On one 2-core x86 CPU, w @ x.T ran AR at 23.6 ms a forward against the eager engine's (F.linear) 40.4, and
       Jacobi (n = 16) at 62.5 against 74.5 ms (assets/results/cpu_engine_fast_vs_eager.json).
     - On another (AVX-512 and AMX), an AR step took 41.1 ms with F.linear and 89.5 with w @ x.T (the latency tables
-      of assets/results/cpu_bench_s20_{auto,wx}_fast_fp32_n4_t256_heldout20.json).
+      of assets/results/cpu_bench_s20_{auto,wx}_fast_fp32_n4_t256_heldout20.json.gz).
     So the fast engine times both forms per window width on the CPU it runs on (``FastEngine.tune``).
     """
     if wx and x.device.type == "cpu":

@@ -10,18 +10,8 @@ lane's wall time per forward against base AR's in each file, which is what turns
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import statistics
-from pathlib import Path
-
-
-def read_bench(path: str | Path) -> dict:
-    """A benchmark result, plain or gzipped JSON."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return json.load(f)
+from .bench import read_bench
 
 
 def ms_per_forward(result: dict, lane: str) -> float | None:

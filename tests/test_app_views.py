@@ -1,4 +1,5 @@
 """HTML renderers and plotly chart builders, from traces of the real decoders on a tiny model (no Gradio)."""
+import gzip
 import json
 import re
 from html import unescape
@@ -258,8 +259,12 @@ def test_results_are_read_from_benchmark_json(tmp_path):
     (tmp_path / "candidates").mkdir()
     with_candidates = result | {"meta": result["meta"] | {"decode": {"n": 16, "max_new_tokens": 128, "candidates": 2}}}
     (tmp_path / "candidates" / "c2.json").write_text(json.dumps(with_candidates))
+    with gzip.open(tmp_path / "candidates" / "c1.json.gz", "wt") as f:  # the big committed results are gzipped
+        json.dump(with_candidates, f)
+    (tmp_path / "candidates" / "c3.json.gz").write_bytes(b"not gzip")
     results = about.read_results(tmp_path)
-    assert [r["_file"] for r in results] == ["a-cpu.json", "candidates/c2.json"]
+    assert [r["_file"] for r in results] == ["a-cpu.json", "candidates/c1.json.gz", "candidates/c2.json"]
+    results.pop(1)
     assert "n = 16, 2 candidate n-grams of 15 tokens, 128 new tokens" in about.results_markdown(results[1:])
     results = results[:1]
     md = about.results_markdown(results)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from decoding import DEFAULT_ADAPTER, DEFAULT_SPEC, DecodeConfig, encode, load_model
 from decoding.decoders import fresh_guesses, make_session
-from decoding.paired import read_bench
+from decoding.bench import read_bench
 from decoding.prompts import read_prompts
 
 from .cli import parse, print_table
