@@ -177,6 +177,14 @@ def _candidates_label(decode: dict) -> str | None:
     return f"{candidates_phrase(count, length)} tokens"
 
 
+def _branches_label(decode: dict) -> str | None:
+    """"3 branches for the first guess" for a bench that checked them (``--branches``), else None."""
+    count = decode.get("branches") or 0
+    if not isinstance(count, int) or count <= 0:
+        return None
+    return f"{count} branch{'es' if count > 1 else ''} for the first guess"
+
+
 def _projection_label(config: dict) -> str | None:
     """The CPU fast engine's projection form when the bench forced one (``--cpu-projection``), else None."""
     forms = {"linear": "F.linear", "wx": "w @ x.T"}
@@ -194,7 +202,7 @@ def _setting(res: dict, shipped_sha: str | None) -> str:
                                       "timed in a second thread" if config.get("in_thread") else None,
                                       _projection_label(config),
                                       f"n = {decode['n']}" if "n" in decode else None,
-                                      _candidates_label(decode),
+                                      _candidates_label(decode), _branches_label(decode),
                                       f"{decode['max_new_tokens']} new tokens" if "max_new_tokens" in decode else None) if x)
 
 

@@ -54,6 +54,7 @@ class BenchConfig:
     in_thread: bool = False  # time the lanes in a second thread, after this one loaded the models (as a server does)
     candidates: int = 0  # candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)
     candidate_len: int | None = None  # tokens per candidate n-gram (None: n-1)
+    branches: int = 0  # next likeliest tokens for the window's first guess, checked beside it in each pass (fast engine; 0: none)
     cpu_projection: str = "auto"  # fast engine on the CPU: auto (each width's faster form, timed at load), linear or wx (that form at every width; wx was the engine's only form before session 19)
 
 
@@ -195,7 +196,7 @@ def bench(bc: BenchConfig) -> dict:
     bc = replace(bc, engine=pick_engine(bc, [lm.model for lm in (base, cllm) if lm is not None]))
     prompts = read_prompts(bc.prompts, bc.limit)
     cfg = DecodeConfig(max_new_tokens=bc.max_new_tokens, n=bc.n, init=bc.init, seed=bc.seed, eos_token_ids=base.eos_token_ids,
-                       candidates=bc.candidates, candidate_len=bc.candidate_len)
+                       candidates=bc.candidates, candidate_len=bc.candidate_len, branches=bc.branches)
     lanes = lane_runners(base, cllm, bc)
     warm_ids = encode(base.tokenizer, prompts[0]["prompt"], chat=not bc.raw)
     for _, fn in tqdm(lanes.values(), desc="warm-up", leave=False):
@@ -225,9 +226,20 @@ def bench(bc: BenchConfig) -> dict:
     if bc.engine == "fast":
         result["latency"] = latency_report(base, bc.n)
     if bc.out:
-        Path(bc.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(bc.out).write_text(json.dumps(result, indent=1))
+        write_bench(bc.out, result)
     return result
+
+
+def write_bench(path: str | Path, result: dict) -> None:
+    """Write a result as JSON, gzipped when ``path`` ends in .gz (``read_bench`` reads both)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=1)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
 
 
 def format_table(result: dict) -> str:
@@ -263,6 +275,9 @@ def parse_args(argv=None) -> BenchConfig:
                     help="candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)")
     ap.add_argument("--candidate-len", type=int, default=d.candidate_len,
                     help="tokens per candidate n-gram (default: n-1, as many as the window guesses)")
+    ap.add_argument("--branches", type=int, default=d.branches,
+                    help="next likeliest tokens for the window's first guess, each checked beside the window in the "
+                         "same pass (fast engine; 0: none). Same text; a right one gains a second token")
     ap.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
     ap.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
     ap.add_argument("--engine", choices=("auto", "eager", "fast"), default=d.engine,
@@ -271,7 +286,7 @@ def parse_args(argv=None) -> BenchConfig:
                     help="fast engine on the CPU: auto (each width's faster projection form, timed at load), linear "
                          "(F.linear at every width) or wx (w @ x.T at every width)")
     ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("--out", default=None, help="write the JSON result here (gzipped if it ends in .gz)")
     ap.add_argument("--in-thread", action="store_true",
                     help="time the lanes in a second thread after the main one loaded the models, as a web server "
                          "does (on a CPU, torch's threads serve the first thread that used them fastest)")
@@ -289,7 +304,7 @@ def parse_args(argv=None) -> BenchConfig:
         ap.error("the cllm lanes need an adapter (--adapter auto or a folder)")
     return BenchConfig(a.model, adapter, a.prompts, a.raw, a.limit, a.n, a.max_new_tokens, a.init,
                        a.device, a.dtype, a.engine, a.seed, a.out, tuple(x for x in LANES if x in lanes | {"base_ar"}),
-                       a.in_thread, a.candidates, a.candidate_len, a.cpu_projection)
+                       a.in_thread, a.candidates, a.candidate_len, branches=a.branches, cpu_projection=a.cpu_projection)
 
 
 def main(argv=None) -> int:

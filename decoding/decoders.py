@@ -292,6 +292,8 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
     if (cfg.candidates or cfg.branches) and not hasattr(session, "verify"):
         raise ValueError("candidate n-grams and branches need the fast engine (a Llama model on the CPU or CUDA): set "
                          "them to 0 or use engine='fast'")
+    if cfg.branches:  # on a GPU, the graphs that also return each row's likeliest tokens: captured once, untimed
+        session.prepare_top(cfg.branches + 1)
     rng = random.Random(cfg.seed)
     trace = DecodeTrace(method="jacobi", n=cfg.n, prompt_ids=prompt_ids)
     t0 = _start(session, trace)

@@ -4,7 +4,9 @@ A step feeds a window of width w at cache position ``pos``. It is padded to the 
 width W >= w (powers of two up to 128 by default: W = 1 is the AR step, W = n the Jacobi step) and
 attends to the smallest key bucket L >= pos + W, so that attention reads only the keys in use. Each
 (W, L) pair is captured once at load as a CUDA graph with argmax inside, so one step is one graph
-replay and only W int64s cross to the CPU. Padding outputs are ignored; their KV lands beyond the
+replay and only W int64s cross to the CPU. A decode with branches (``DecodeConfig.branches``) also needs each row's
+K likeliest tokens: the first such decode captures, once per K, a second set of graphs that return them beside the
+argmax (``capture_top``), before its clock starts. Padding outputs are ignored; their KV lands beyond the
 kept tokens, where the causal mask hides it until it is overwritten. Prefill, and any step no
 graph fits, runs the same module uncaptured. On CPU every step runs uncaptured, so CI tests the
 same padding, buckets and position pointer as the GPU.
@@ -94,7 +96,9 @@ class FastEngine:
         self.widths = tuple(sorted(w for w in set(widths) if 1 <= w <= self.max_len))
         self.buckets = kv_buckets(self.max_len)
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
-        self.graphs: dict[tuple[int, int], tuple] = {}  # (W, L) -> (graph, static [2, W] in, static [W] out)
+        self.graphs: dict[tuple, tuple] = {}  # (W, L) or (W, L, K) -> (graph, static [5, W] in, static out, host)
+        self.top_sizes: set[int] = set()  # K of the graphs captured with each row's K likeliest tokens (capture_top)
+        self.pool = None  # the graphs' memory pool
         self.lock = threading.Lock()  # one forward at a time
         self.owner = None  # the session whose sequence the cache holds
         self.last_top: list[list[int]] | None = None  # the last step's likeliest tokens per row, when it asked (top)
@@ -115,17 +119,33 @@ class FastEngine:
         """Capture every (width, bucket) step as a CUDA graph; returns the seconds it took."""
         if not self.use_graphs:
             return 0.0
+        return self._capture_all(self.widths, 0, progress)
+
+    @torch.no_grad()
+    def capture_top(self, top: int, progress: Callable[[str], None] | None = _stderr) -> float:
+        """Capture, once for each ``top``, the steps of width 2 and more as graphs that also return every row's ``top``
+        likeliest tokens (a pass with branches; AR steps never need them). Returns the seconds it took (0 when they
+        exist already, or without graphs)."""
+        if not self.use_graphs or top in self.top_sizes:
+            return 0.0
+        seconds = self._capture_all([W for W in self.widths if W >= 2], top, progress)
+        self.top_sizes.add(top)
+        return seconds
+
+    def _capture_all(self, widths, top: int, progress) -> float:
         t0 = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()  # one memory pool: steps never run concurrently
-        pairs = [(W, L) for W in self.widths for L in self.buckets if W <= L]
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()  # one memory pool: steps never run concurrently
+        pairs = [(W, L) for W in widths for L in self.buckets if W <= L]
+        what = f" with each row's {top} likeliest tokens" if top else ""
         for k, (W, L) in enumerate(pairs):
             if progress and (k % 8 == 0 or k == len(pairs) - 1):
-                progress(f"fast engine: capturing CUDA graphs {k + 1}/{len(pairs)} (width {W}, keys {L})")
-            self.graphs[(W, L)] = self._capture(W, L, pool)
+                progress(f"fast engine: capturing CUDA graphs{what} {k + 1}/{len(pairs)} (width {W}, keys {L})")
+            self.graphs[(W, L, top) if top else (W, L)] = self._capture(W, L, self.pool, top)
         torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         if progress:
-            progress(f"fast engine: {len(pairs)} graphs captured in {seconds:.1f} s")
+            progress(f"fast engine: {len(pairs)} graphs{what} captured in {seconds:.1f} s")
         return seconds
 
     @torch.no_grad()
@@ -161,7 +181,7 @@ class FastEngine:
         self.model.cpu_wx = dict(_CPU_WX[key])
         return self.model.cpu_wx
 
-    def _capture(self, W: int, L: int, pool) -> tuple:
+    def _capture(self, W: int, L: int, pool, top: int = 0) -> tuple:
         # The warm-up writes junk KV at positions 0..W-1: harmless, no sequence is cached yet.
         rows = torch.arange(W)
         static_in = torch.stack([torch.zeros(W, dtype=torch.long), rows, rows, rows, torch.zeros(W, dtype=torch.long)])
@@ -171,20 +191,24 @@ class FastEngine:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
             for _ in range(2):
-                self._forward(static_in, L)
+                self._forward(static_in, L, top)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            static_out = self._forward(static_in, L)  # [W]: argmax in the graph
+            static_out = self._forward(static_in, L, top)  # [W] or [W, 1 + top]: argmax (and top tokens) in the graph
         return graph, static_in, static_out, host
 
     def _logits(self, rows: torch.Tensor, L: int) -> torch.Tensor:
         """The logits [W, V] at every row of ``rows`` [5, W] (tokens, RoPE positions, slots, anchors, groups)."""
         return self.model(rows[0], rows[1], L, slots=rows[2], anchors=rows[3], groups=rows[4])
 
-    def _forward(self, rows: torch.Tensor, L: int) -> torch.Tensor:
-        """The argmax at every row of ``rows`` [5, W]."""
-        return self._logits(rows, L).argmax(-1)
+    def _forward(self, rows: torch.Tensor, L: int, top: int = 0) -> torch.Tensor:
+        """The argmax at every row of ``rows`` [5, W]; with ``top`` > 0, [W, 1 + top]: the argmax, then the row's
+        ``top`` likeliest tokens, the likeliest first (kept apart from the argmax, which alone decides the text)."""
+        logits = self._logits(rows, L)
+        if not top:
+            return logits.argmax(-1)
+        return torch.cat([logits.argmax(-1, keepdim=True), logits.topk(top, dim=-1).indices], dim=-1)
 
     @torch.no_grad()
     def prefill(self, prompt_ids: list[int]) -> int:
@@ -202,7 +226,7 @@ class FastEngine:
         forward: its tokens take RoPE positions pos+1.., cache slots after the window's, and see the kept tokens,
         ``window[0]`` and their own earlier tokens. Their argmaxes follow the window's in the returned list.
         ``top`` > 0 also keeps the ``top`` likeliest tokens of every row in ``last_top`` (the likeliest first); such a
-        step runs outside the CUDA graphs, which return the argmax only."""
+        step replays the graphs ``capture_top`` made for that ``top``, and runs uncaptured where there are none."""
         w = len(window)
         tokens, rope, anchors, groups = list(window), list(range(pos, pos + w)), list(range(pos, pos + w)), [0] * w
         for g, cand in enumerate(candidates, start=1):
@@ -215,20 +239,22 @@ class FastEngine:
         slots = list(range(pos, pos + W))
         pad = W - rows  # padding rows: the last token again, causal at the slots after every real row
         table = [tokens + [tokens[-1]] * pad, rope + slots[rows:], slots, anchors + slots[rows:], groups + [0] * pad]
-        entry = None if top else self.graphs.get((W, L))
-        self.last_top = None
+        entry = self.graphs.get((W, L, top) if top else (W, L))
         with torch.no_grad():
             if entry is None:
-                logits = self._logits(torch.tensor(table, device=self.device), L)[:rows]
-                if top:
-                    self.last_top = logits.topk(top, dim=-1).indices.tolist()  # note: CPU-GPU sync point
-                return logits.argmax(-1).tolist()  # note: CPU-GPU sync point
-            graph, static_in, static_out, host = entry
-            host.copy_(torch.tensor(table))
-            # pinned + non_blocking: no sync here; safe to refill next step since tolist() below waits
-            static_in.copy_(host, non_blocking=True)
-            graph.replay()
-            return static_out[:rows].tolist()  # note: CPU-GPU sync point
+                out = self._forward(torch.tensor(table, device=self.device), L, top)
+            else:
+                graph, static_in, out, host = entry
+                host.copy_(torch.tensor(table))
+                # pinned + non_blocking: no sync here; safe to refill next step since tolist() below waits
+                static_in.copy_(host, non_blocking=True)
+                graph.replay()
+            out = out[:rows].tolist()  # note: CPU-GPU sync point
+        if not top:
+            self.last_top = None
+            return out
+        self.last_top = [row[1:] for row in out]
+        return [row[0] for row in out]
 
     def move(self, src: int, dst: int, count: int) -> None:
         """Copy the K/V of ``count`` cache slots from ``src`` on to ``dst`` on (a verified candidate's tokens)."""
@@ -255,6 +281,14 @@ class FastSession:
     def _check_owner(self) -> None:
         if self.engine.owner is not self:
             raise RuntimeError("another decode has taken over this model's fast engine: run decodes one at a time")
+
+    def prepare_top(self, top: int) -> None:
+        """Make sure passes that ask for each row's ``top`` likeliest tokens replay CUDA graphs too (captured once; a
+        decode with branches calls it before its clock starts). Capturing writes junk K/V at the first slots, so this
+        session takes the engine over, as ``prefill`` does: a decode it displaces fails at its next step."""
+        with self.engine.lock:
+            self.engine.owner = self
+            self.engine.capture_top(top)
 
     def prefill(self, prompt_ids: list[int]) -> int:
         with self.engine.lock:

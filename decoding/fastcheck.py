@@ -4,8 +4,8 @@
     python -m decoding.fastcheck --device cpu --limit 1 --tokens 8 --bench-limit 1   # smoke test of this script
 
 1. float32, TF32 off: for each prompt, eager AR (transformers) is the reference; fast AR and fast
-   Jacobi at n = 1, 4, 16, 64, and with candidate n-grams (2 x 15 at n = 16, 3 x 8 at n = 4), must give the
-   same tokens.
+   Jacobi at n = 1, 4, 16, 64, with candidate n-grams (2 x 15 at n = 16, 3 x 8 at n = 4), and with branches for the
+   first guess (3 at n = 16; 2 beside 2 x 3 candidates at n = 4; their own graphs), must give the same tokens.
 2. bfloat16: ``decoding.bench`` with the fast engine (hf_generate baseline, base and CLLM lanes,
    n = 16, 256 new tokens, the default prompt file) and its per-width latency report.
 Writes ``$OUT/fastcheck.json`` and ``$OUT/bench_fast_bf16.json`` when OUT is set; prints a table last.
@@ -28,7 +28,8 @@ from .models import default_adapter, load_model
 from .prompts import encode, read_prompts
 
 WINDOWS = (1, 4, 16, 64)  # Jacobi window sizes checked for exactness
-CANDIDATES = ((16, 2, 15), (4, 3, 8))  # (n, candidate n-grams, their length) checked for exactness too
+CANDIDATES = ((16, 2, 15, 0), (4, 3, 8, 0), (16, 0, None, 3), (4, 2, 3, 2))  # (n, candidate n-grams, their length,
+# branches) checked for exactness too
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -55,10 +56,11 @@ def check_exactness(device: str, limit: int, tokens: int) -> dict:
         for n in WINDOWS:
             jcfg = DecodeConfig(max_new_tokens=tokens, n=n, eos_token_ids=lm.eos_token_ids)
             got[f"fast_jacobi_n{n}"] = run(jacobi_decode, lm.model, ids, jcfg, engine="fast").tokens
-        for n, count, length in CANDIDATES:  # candidate rows in the captured graphs, kept candidates' K/V moved
+        for n, count, length, branches in CANDIDATES:  # candidate rows in the graphs, kept candidates' K/V moved
             jcfg = DecodeConfig(max_new_tokens=tokens, n=n, eos_token_ids=lm.eos_token_ids, candidates=count,
-                                candidate_len=length)
-            got[f"fast_jacobi_n{n}_c{count}x{length}"] = run(jacobi_decode, lm.model, ids, jcfg, engine="fast").tokens
+                                candidate_len=length, branches=branches)
+            name = f"fast_jacobi_n{n}" + (f"_c{count}x{length}" if count else "") + (f"_b{branches}" if branches else "")
+            got[name] = run(jacobi_decode, lm.model, ids, jcfg, engine="fast").tokens
         rows.append({"id": p["id"], "prompt_tokens": len(ids), "tokens": len(ref),
                      "first_difference": {k: first_difference(v, ref) for k, v in got.items()}})
     fast.release(lm.model)

@@ -147,6 +147,26 @@ def test_bench_checks_candidate_ngrams_beside_the_window(tiny_model_dir, tmp_pat
     assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
 
 
+def test_bench_checks_branches_for_the_first_guess_and_writes_gzip(tiny_model_dir, tmp_path):
+    """--branches reaches the decodes (same text as AR), is saved with the result, and --out .gz writes gzipped JSON
+    that read_bench and the About tab's label read back."""
+    from app import about
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n')
+    out = tmp_path / "r.json.gz"
+    code = bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "24",
+                       "--device", "cpu", "--engine", "fast", "--lanes", "base_jacobi", "--branches", "3",
+                       "--out", str(out)])
+    assert code == 0 and out.read_bytes()[:2] == b"\x1f\x8b"  # gzip's magic number
+    result = bench.read_bench(out)
+    assert result["meta"]["decode"]["branches"] == 3 and result["meta"]["config"]["branches"] == 3
+    assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
+    assert "n = 4, 3 branches for the first guess, 24 new tokens" in about.results_markdown([result | {"_file": "r"}])
+    assert bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--device", "cpu",
+                       "--engine", "eager", "--lanes", "base_jacobi", "--branches", "2"]) == 2  # fast engine only
+
+
 def test_adapter_sha256_names_the_weights_a_result_measured(tmp_path):
     import hashlib
 

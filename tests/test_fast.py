@@ -370,6 +370,59 @@ def test_branches_are_the_first_guess_s_runners_up_and_save_forwards(tiny, monke
     assert checked >= 3
 
 
+def test_branch_passes_replay_graphs_that_return_the_top_tokens(monkeypatch):
+    """The graph path of a step, on the CPU: stand-in graphs that run the captured function when replayed. A decode
+    with branches captures the top-token graphs once (widths 2 and up, before its clock starts) and replays them; the
+    text stays the AR text, and each graph returns the argmax beside the row's likeliest tokens."""
+    model = llama(seed=5)
+    engine = fast.prepare(model, graphs=False, progress=None)
+    replays = []
+
+    class StandIn:  # what torch.cuda.CUDAGraph does for one captured step: the same function, on its static tensors
+        def __init__(self, key, static_in, out, L, top):
+            self.key, self.static_in, self.out, self.L, self.top = key, static_in, out, L, top
+
+        def replay(self):
+            replays.append(self.key)
+            self.out.copy_(engine._forward(self.static_in, self.L, self.top))
+
+    def capture(W, L, pool, top=0):
+        static_in = torch.zeros(5, W, dtype=torch.long)
+        out = torch.zeros((W, 1 + top) if top else (W,), dtype=torch.long)
+        return StandIn((W, L, top), static_in, out, L, top), static_in, out, torch.zeros(5, W, dtype=torch.long)
+
+    monkeypatch.setattr(engine, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    engine.use_graphs = True
+    engine.capture(progress=None)
+    plain = len(engine.graphs)
+    prompt = [7, 8, 9, 10]
+    ref = run(ar_decode, model, prompt, DecodeConfig(max_new_tokens=40)).tokens
+    cfg = DecodeConfig(max_new_tokens=40, n=6, branches=3)
+    for _ in range(2):
+        replays.clear()
+        assert run(jacobi_decode, model, prompt, cfg, engine="fast").tokens == ref
+        assert engine.top_sizes == {4} and len(engine.graphs) == plain + sum(
+            W <= L for W in engine.widths if W >= 2 for L in engine.buckets)  # captured once, never again
+        assert replays and all(top == 4 for W, L, top in replays if W > 1)  # every branch pass in a graph
+    rows = torch.tensor([[7, 8, 9], [0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 0, 0]])
+    out = engine._forward(rows, 64, 4)
+    logits = engine._logits(rows, 64)
+    assert out[:, 0].tolist() == logits.argmax(-1).tolist() and out[:, 1:].tolist() == logits.topk(4).indices.tolist()
+    fast.release(model)
+
+
+def test_preparing_top_graphs_takes_the_engine_over(tiny):
+    """Capturing writes junk K/V at the first slots: a decode it displaces must fail, not read them."""
+    cfg = DecodeConfig(max_new_tokens=10, n=4)
+    first = jacobi_decode(tiny, [1, 2, 3], cfg, engine="fast")
+    next(first)
+    fast.FastSession.for_model(tiny).prepare_top(4)
+    with pytest.raises(RuntimeError, match="one at a time"):
+        next(first)
+
+
 def test_guess_source_points_at_the_output_that_became_the_first_guess():
     from decoding.decoders import guess_source
 
