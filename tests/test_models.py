@@ -97,6 +97,46 @@ def test_adapter_is_merged_and_mismatch_is_reported(tiny_model_dir, tmp_path):
         load_model(str(tiny_model_dir), adapter=str(tmp_path), device="cpu")
 
 
+def test_sharded_adapter_loads_as_the_single_file_does(tiny_model_dir, tmp_path):
+    """An adapter over 16 MiB is kept in shards (decoding.adapters): the same tensors, the same merged model, the
+    same training start; a broken set of shards is refused with a message."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    from decoding import adapters
+
+    base = load_model(str(tiny_model_dir), device="cpu").model
+    lora = get_peft_model(base, LoraConfig(r=64, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "one")
+    shutil.copytree(tmp_path / "one", tmp_path / "split")
+    size = (tmp_path / "one" / adapters.WEIGHTS).stat().st_size
+    limit = size // 3 + 8192
+    assert size > limit
+    files = adapters.split_weights(tmp_path / "split", max_bytes=limit)
+    assert len(files) >= 2 and [f.name for f in adapters.weight_files(tmp_path / "split")] == [f.name for f in files]
+    assert not (tmp_path / "split" / adapters.WEIGHTS).exists() and all(f.stat().st_size <= limit for f in files)
+    one, split = adapters.read_weights(tmp_path / "one"), adapters.read_weights(tmp_path / "split")
+    assert one.keys() == split.keys() and all(torch.equal(one[k], split[k]) for k in one)
+    merged = [load_model(str(tiny_model_dir), adapter=str(tmp_path / f), device="cpu").model for f in ("one", "split")]
+    assert all(torch.equal(a, b) for a, b in zip(merged[0].state_dict().values(), merged[1].state_dict().values()))
+    trainable = adapters.attach(load_model(str(tiny_model_dir), device="cpu").model, tmp_path / "split", trainable=True)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in trainable.named_parameters())
+    sha = adapters.weights_sha256(tmp_path / "split")
+    assert sha and sha != adapters.weights_sha256(tmp_path / "one")
+    from decoding.embedded import sha256
+    assert adapters.weights_sha256(tmp_path / "one") == sha256(tmp_path / "one" / adapters.WEIGHTS)  # as results recorded it
+    files[-1].unlink()
+    with pytest.raises(ModelLoadError, match="incomplete set"):
+        load_model(str(tiny_model_dir), adapter=str(tmp_path / "split"), device="cpu")
+    shutil.copy(tmp_path / "one" / adapters.WEIGHTS, tmp_path / "split")
+    with pytest.raises(ValueError, match="both"):
+        adapters.weight_files(tmp_path / "split")
+    written = adapters.save_weights(one, tmp_path / "split", max_bytes=limit)  # replaces whatever was there
+    assert [f.name for f in adapters.weight_files(tmp_path / "split")] == [f.name for f in written] and len(written) >= 2
+
+
 def _export(folder, text):
     folder.mkdir()
     (folder / "model.safetensors").write_text(text)

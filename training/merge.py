@@ -5,7 +5,7 @@
 
 A knob between two adapters trained from the same start (for example a faster one that loops more and the one it
 was trained from). The product of the merged LoRA matrices is not exactly the mix of the two products, so measure
-the result (``training.evaluate``); it keeps A's adapter_config.json and file size.
+the result (``training.evaluate``); it keeps A's adapter_config.json and size (one file, or shards of at most 16 MiB).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import parse, save_settings
+from decoding.adapters import CONFIG, WEIGHTS, read_weights, save_weights, weight_files
 
-WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+from .cli import parse, save_settings
 
 
 @dataclass
@@ -31,11 +31,13 @@ class MergeSettings:
 
 
 def read_adapter(folder: Path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    if not (folder / WEIGHTS).exists() or not (folder / CONFIG).exists():
-        raise SystemExit(f"{folder} is not a LoRA adapter folder (it needs {WEIGHTS} and {CONFIG})")
-    return load_file(folder / WEIGHTS), json.loads((folder / CONFIG).read_text())
+    try:
+        files = weight_files(folder)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    if not files or not (folder / CONFIG).exists():
+        raise SystemExit(f"{folder} is not a LoRA adapter folder (it needs {WEIGHTS} or its shards, and {CONFIG})")
+    return read_weights(folder), json.loads((folder / CONFIG).read_text())
 
 
 def main(argv=None) -> Path:
@@ -53,12 +55,9 @@ def main(argv=None) -> Path:
     if any(config_a.get(k) != config_b.get(k) for k in same) or set(config_a.get("target_modules") or []) != set(
             config_b.get("target_modules") or []):
         raise SystemExit(f"{s.a} and {s.b} differ in rank, scaling, base model or target modules")
-    from safetensors.torch import save_file
-
     out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
     merged = {k: ((1 - s.alpha) * a[k].float() + s.alpha * b[k].float()).to(a[k].dtype) for k in a}
-    save_file(merged, out / WEIGHTS)
+    save_weights(merged, out, metadata={"format": "pt"})  # shards when over 16 MiB, as A may be
     if s.scale == 1.0:
         shutil.copy(Path(s.a) / CONFIG, out / CONFIG)
     else:  # PEFT adds (lora_alpha / r) * B @ A to each weight: scaling lora_alpha scales the whole change

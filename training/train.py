@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from decoding import DEFAULT_SPEC, load_model
+from decoding import DEFAULT_SPEC, adapters, load_model
 from decoding.prompts import read_jsonl
 
 from .batches import LOOP_ENDS, batch_indices, grouped_indices, make_batch, sample_length, select_samples
@@ -116,9 +116,7 @@ def build_model(s: TrainSettings):
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     needs_base = uses_base(s)
     if s.init_adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, s.init_adapter, is_trainable=True)
+        model = adapters.attach(model, s.init_adapter, trainable=True)
     elif s.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -209,6 +207,7 @@ def save_final(accelerator, model, tokenizer, s: TrainSettings, out: Path, summa
             dtype = getattr(torch, s.save_dtype)
             state = {k: v.detach().to("cpu", dtype) for k, v in unwrapped.state_dict().items() if "lora_" in k}
             unwrapped.save_pretrained(str(target), state_dict=state)
+            adapters.split_weights(target)  # shards of at most 16 MiB, a committed file's limit (high ranks)
         else:
             unwrapped.save_pretrained(str(target))
             if tokenizer is not None:
