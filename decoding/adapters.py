@@ -1,7 +1,7 @@
-"""LoRA adapter folders: peft's ``adapter_model.safetensors``, or that file split into shards of at most 16 MiB.
+"""LoRA adapter folders: peft's ``adapter_model.safetensors``, or that file split into shards of at most 15 MiB.
 
 A committed file may be at most 16 MiB, and a LoRA of rank 24 on every linear layer of the embedded model is 14 MB in
-bf16. A higher rank is kept as ``adapter_model-00001-of-00003.safetensors`` and so on (``split_weights``); the loader
+bf16. A larger adapter is kept as ``adapter_model-00001-of-00003.safetensors`` and so on (``split_weights``); the loader
 (``attach``) reads either form. peft itself reads only the single file, so a sharded folder is attached through its
 public state-dict API (``set_peft_model_state_dict``).
 """
@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
-MAX_FILE_BYTES = 16 * 1024 * 1024  # the most a committed file may hold
+MAX_FILE_BYTES = 15 * 1024 * 1024  # a shard's most: under the 16 MiB a committed file (or one brought back from a GPU
+# machine) may hold, with room for a tar header around it
 _SHARD = re.compile(r"adapter_model-(\d{5})-of-(\d{5})\.safetensors")
 
 

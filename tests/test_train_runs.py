@@ -397,3 +397,32 @@ def test_gpu_scripts_parse_and_refuse_an_unknown_stage(script, tmp_path):
     r = subprocess.run(["bash", str(path), "nope"], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "WORK": str(tmp_path), "PY": sys.executable})
     assert r.returncode == 2 and "unknown stage" in r.stderr
+
+
+def test_gpu_pack_brings_a_sharded_adapter_back_in_files_under_16_mib(tmp_path):
+    """gpu_run.sh pack: the config, settings and first weight file in adapter_NAME.tar, every further shard in a tar of
+    its own (a file brought back from a GPU machine holds at most 16 MiB); unpacked together they load as the folder."""
+    import tarfile
+
+    from decoding import adapters
+
+    folder = tmp_path / "run_x" / "adapter"
+    random_lora(["q_proj", "v_proj"], 1, 64).save_pretrained(folder)
+    (folder / "training_settings.json").write_text("{}")
+    size = (folder / adapters.WEIGHTS).stat().st_size
+    shards = adapters.split_weights(folder, max_bytes=size // 2 + 8192)
+    assert len(shards) >= 2
+    path = Path(__file__).resolve().parents[1] / "training" / "gpu_run.sh"
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(path), "pack", str(folder), "run_x"], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "WORK": str(tmp_path / "w"), "OUT": str(out), "PY": sys.executable})
+    assert r.returncode == 0, r.stderr
+    tars = sorted(out.glob("adapter_run_x*.tar"))
+    assert len(tars) == len(shards) and out / "adapter_run_x.tar" in tars
+    back = tmp_path / "back"
+    for t in tars:
+        with tarfile.open(t) as f:
+            f.extractall(back, filter="data")
+    assert sorted(p.name for p in back.iterdir()) == sorted([s.name for s in shards] + ["adapter_config.json",
+                                                                                          "training_settings.json"])
+    assert adapters.weights_sha256(back) == adapters.weights_sha256(folder)

@@ -54,11 +54,11 @@ collect() {  # collect ADAPTER TRAJ: unfiltered float32 trajectories, stopping b
 case "$STAGE" in
   1)
     collect "$INIT" "$WORK/traj3"
-    if [ ! -f "$D1/adapter_model.safetensors" ]; then
+    if ! compgen -G "$D1/adapter_model*.safetensors" > /dev/null; then
       OMP_NUM_THREADS=8 $PY -m training.train --data "$WORK/traj3" --out "$WORK/run_D1" --batch 32 --max-steps 159 \
         --max-minutes "$(minutes_left 0.5)" --resume true ${INIT:+--init-adapter $INIT} $R > "$WORK/train_D1.log" 2>&1 || true
       tail -c 700 "$WORK/train_D1.log"
-      [ -f "$D1/adapter_model.safetensors" ] || { echo "D1 did not finish: run this stage again (it resumes)"; exit 1; }
+      compgen -G "$D1/adapter_model*.safetensors" > /dev/null || { echo "D1 did not finish: run this stage again (it resumes)"; exit 1; }
     fi ;;
   2)
     collect "$D1" "$WORK/traj4"
@@ -73,8 +73,8 @@ case "$STAGE" in
     WORK=$WORK TRAJ=$WORK/traj4 TRAIN_MINUTES=$T RUNS="$runs" bash training/gpu_run.sh sweep ;;
   3)
     for d in "$WORK"/run_*; do
-      [ -f "$d/adapter/adapter_model.safetensors" ] || continue
-      tar cf "$OUT/adapter_$(basename "$d").tar" -C "$d/adapter" adapter_model.safetensors adapter_config.json training_settings.json
+      compgen -G "$d/adapter/adapter_model*.safetensors" > /dev/null || continue   # one file or shards
+      OUT=$OUT bash training/gpu_run.sh pack "$d/adapter" "$(basename "$d")"
     done
     SWEEP_EVAL_ARGS="${SWEEP_EVAL_ARGS:---engine fast --speed-prompts 200 --base-speed-prompts 0}${MODEL:+ --model $MODEL}" \
       KEEP_BEST=0 EVAL_PER_GPU=${EVAL_PER_GPU:-3} EVAL_GLOB=adapter WORK=$WORK OUT=$WORK/out \

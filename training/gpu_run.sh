@@ -32,7 +32,7 @@
 # Intermediate files live in $WORK (kept between back-to-back commands); results go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep|sweep-eval|gather|extract-sweep|train-gpus|bench-sweep}
+STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep|sweep-eval|gather|extract-sweep|train-gpus|bench-sweep|pack}
 WORK=${WORK:-/root/work}
 OUT=${OUT:-$WORK/out}
 PY=${PY:-python}
@@ -65,11 +65,24 @@ gather_runs() {
     cp "$d/profile.txt" "$WORK/evals/profile_$n.txt" 2>/dev/null || true   # train --profile-steps K
   done
 }
+has_weights() { compgen -G "$1/adapter_model*.safetensors" > /dev/null; }   # one file or shards (decoding/adapters.py)
+pack_adapter() {  # pack_adapter DIR NAME: $OUT/adapter_NAME.tar (config, settings, first weight file), then one
+  # adapter_NAME.partK.tar a further shard: a file brought back from the machine holds at most 16 MiB
+  local k=0 f
+  for f in $(cd "$1" && ls adapter_model*.safetensors); do
+    k=$((k + 1))
+    if [ $k = 1 ]; then
+      tar cf "$OUT/adapter_$2.tar" -C "$1" "$f" adapter_config.json $(cd "$1" && ls training_settings.json 2>/dev/null)
+    else
+      tar cf "$OUT/adapter_$2.part$k.tar" -C "$1" "$f"
+    fi
+  done
+}
 collect_out() { cp "$TRAJ/summary.json" "$OUT/collect_summary.json" 2>/dev/null || true; }
 train_out() {
   cp "$WORK/cllm/log.jsonl" "$OUT/train_log.jsonl" 2>/dev/null || true
-  for f in adapter_config.json adapter_model.safetensors training_settings.json; do
-    cp "$WORK/cllm/adapter/$f" "$OUT/$f" 2>/dev/null || true
+  for f in "$WORK"/cllm/adapter/{adapter_config.json,adapter_model*.safetensors,training_settings.json}; do
+    cp "$f" "$OUT/" 2>/dev/null || true
   done
 }
 
@@ -145,13 +158,13 @@ case "$STAGE" in
     # The KEEP_BEST best adapters (quality targets met first, then speed) come back in this call, one tar each: the
     # machine goes back 30 s after a call, and with it every adapter not fetched (session 14 lost its best run so).
     for a in $($PY -m training.compare --best "${KEEP_BEST:-2}" "$WORK"/evals/*.json); do
-      [ -f "$a/adapter_model.safetensors" ] || continue   # full models (run_*/model) are too big to bring back
-      tar cf "$OUT/adapter_$(basename "$(dirname "$a")").tar" -C "$a" adapter_model.safetensors adapter_config.json \
-        $(cd "$a" && ls training_settings.json 2>/dev/null)
+      has_weights "$a" || continue   # full models (run_*/model) are too big to bring back
+      pack_adapter "$a" "$(basename "$(dirname "$a")")"
     done
     gather_runs   # logs and settings go into the one archive too (a call brings back at most 8 files)
     tar czf "$OUT/sweep.tgz" -C "$WORK" evals ;;
-  gather) gather_runs ;;   # the same files without an evaluation (gpu_round.sh 3 runs it when eval-sweep stopped early)
+  gather) gather_runs ;;
+  pack) pack_adapter "${2:?usage: gpu_run.sh pack DIR NAME}" "${3:?usage: gpu_run.sh pack DIR NAME}" ;;   # for gpu_round.sh   # the same files without an evaluation (gpu_round.sh 3 runs it when eval-sweep stopped early)
   sweep-eval)
     # Session 15's round 2 ran this way: a machine goes back 30 s after a call, so runs and their evaluation share one.
     bash "$PWD/training/gpu_run.sh" sweep && bash "$PWD/training/gpu_run.sh" eval-sweep ;;
