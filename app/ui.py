@@ -8,7 +8,7 @@ import gradio as gr
 from . import about, charts, render
 from .callbacks import Callbacks, header_html, lane_choices
 from .engine import ModelHost, on_zero_gpu
-from .race import DEFAULT_LANES, MAX_CANDIDATES, MAX_NEW_TOKENS
+from .race import DEFAULT_LANES, MAX_BRANCHES, MAX_CANDIDATES, MAX_NEW_TOKENS
 
 try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU
     import spaces
@@ -84,6 +84,11 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
                                       info="Continuations of the last accepted token, found in the text or in earlier passes, "
                                            "checked beside the window in the same forward (n-1 tokens each); the longest "
                                            "right one is kept. Same text, fewer passes. 0: plain Jacobi")
+                    branches = gr.Slider(0, MAX_BRANCHES, value=0, step=1, label="Branches for the first guess",
+                                         elem_id="jl-branches",
+                                         info="The model's next likeliest tokens for the window's first guess, each "
+                                              "checked beside the window in the same forward; a right one gains a second "
+                                              "token. Same text. 0: none")
                     choices = lane_choices(host)
                     lanes = gr.CheckboxGroup(choices, value=[k for _, k in choices if k in DEFAULT_LANES], label="Lanes (run one after another)", elem_id="jl-lanes")
                     with gr.Row():
@@ -117,7 +122,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
         about_tab()
 
         race_event = go_btn.click(
-            gpu(cb.race_stream), [prompt, n, max_new, init, cands, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
+            gpu(cb.race_stream), [prompt, n, max_new, init, cands, branches, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
             concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private",
             # A click while this tab's race is still running (or ending after Stop) starts the next race when it
             # has ended, instead of being ignored.

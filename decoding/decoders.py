@@ -309,6 +309,7 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
         width = min(cfg.n, budget + 1)
         window = [trace.tokens[-1]] + guesses[: width - 1]
         cands = pool.candidates(trace.tokens, cfg.candidates, window[1:], budget) if pool else []
+        ngrams = len(cands)  # the candidate n-grams come first, then the branches
         cands += branch_candidates(alternatives, window, cands, cfg.branches)
         if cands or cfg.branches:
             outputs, cand_outputs = session.verify(window, cands, top=cfg.branches + 1 if cfg.branches else 0)
@@ -330,7 +331,8 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
             source = guess_source(k, width, g, matched, cands)
             alternatives = session.alternatives(source) if source is not None else []  # guesses[0] among them
         trace.iterations.append(
-            Iteration(len(trace.iterations) + 1, start, window, outputs, k, time.perf_counter() - t0, candidate=g)
+            Iteration(len(trace.iterations) + 1, start, window, outputs, k, time.perf_counter() - t0, candidate=g,
+                      branch=g > ngrams)
         )
         trace.tokens.extend(outputs[:k])
         guesses += fresh_guesses(cfg, prompt_ids, trace.tokens, guesses, cfg.n - 1 - len(guesses), rng, lookup)

@@ -80,6 +80,7 @@ class Iteration:
     # 0: the window's own guesses were kept. g >= 1: candidate n-gram g (decoding/candidates.py), checked in the same
     # pass, was right for longer; window and outputs are then [last accepted] + that candidate and its outputs.
     candidate: int = 0
+    branch: bool = False  # the kept candidate was a branch: another likely token for the window's first guess
     output_correct: list[bool] = field(default_factory=list)  # outputs[j] equals the final token (set at the end)
 
     @property

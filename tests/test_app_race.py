@@ -42,6 +42,10 @@ def finish(host, race):
     (dict(candidates=5), "candidate n-grams must be between 0 and 4"),
     (dict(candidates=1.5), "candidate n-grams must be a whole number"),
     (dict(candidates=2), "need the fast engine"),  # this host runs the eager engine
+    (dict(branches=-1), "branches must be between 0 and 3"),
+    (dict(branches=4), "branches must be between 0 and 3"),
+    (dict(branches=0.5), "branches must be a whole number"),
+    (dict(branches=1), "need the fast engine"),
 ])
 def test_bad_requests_are_refused_before_any_work(host, kwargs, message):
     args = dict(prompt=PROMPT, n=8, max_new_tokens=16, init="random", lanes=("base_ar", "base_jacobi"))
@@ -222,3 +226,21 @@ def test_candidate_ngrams_keep_every_jacobi_lane_exact():
     assert base_jacobi.trace.tokens == base_ar.trace.tokens
     assert cllm_jacobi.trace.tokens == cllm_ar.trace.tokens
     assert race_json(race)["lanes"]["base_jacobi"]["matches_ar"]
+
+
+def test_branches_keep_every_jacobi_lane_exact_and_are_marked():
+    """Branches for the first guess in the app: the same texts as AR, and a pass that kept one says so (a branch, not
+    an n-gram) in the trace the charts read."""
+    fast_host = TinyHost()
+    fast_host.engine = "fast"
+    with pytest.raises(ValueError, match="over 128 tokens a pass"):
+        new_race(fast_host, PROMPT, 128, 16, branches=1)
+    race = new_race(fast_host, PROMPT, 6, 48, lanes=list(LANES), candidates=1, branches=3)
+    assert race.settings.branches == 3 and race_json(race)["settings"]["branches"] == 3
+    for _ in run_race(fast_host, race, stream_every=0, engine="fast"):
+        pass
+    base_ar, base_jacobi, cllm_ar, cllm_jacobi = race.runs
+    assert base_jacobi.trace.tokens == base_ar.trace.tokens and cllm_jacobi.trace.tokens == cllm_ar.trace.tokens
+    kept = [it for r in (base_jacobi, cllm_jacobi) for it in r.trace.iterations if it.candidate]
+    assert any(it.branch for it in kept)
+    assert all(len(it.window) == 2 for it in kept if it.branch)  # one token beside the last accepted one

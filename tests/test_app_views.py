@@ -79,6 +79,9 @@ def test_verdict_after_a_race(race):
             f"answer's tokens that repeat a 4-gram") in line and f"and {split.new_rate:.0%} of its new text" in line
     with_candidates = Race(race.prompt, DecodeConfig(n=race.settings.n, candidates=2), race.model_name, race.device, race.runs)
     assert f"one Jacobi pass (a window of {race.settings.n} and 2 candidate n-grams of {race.settings.n - 1}) took" in render.verdict(with_candidates)
+    both = Race(race.prompt, DecodeConfig(n=race.settings.n, candidates=2, branches=1), race.model_name, race.device, race.runs)
+    assert (f"(a window of {race.settings.n} and 2 candidate n-grams of {race.settings.n - 1} and 1 branch for the first "
+            "guess) took") in render.verdict(both)
     only_jacobi = Race(race.prompt, race.settings, race.model_name, race.device, [race.run("base_jacobi")])
     assert race_mod.pass_cost(only_jacobi) is None and "outruns" not in render.verdict(only_jacobi)
     assert "fast-forwarded (got after" not in render.verdict(only_jacobi)  # it fast-forwarded nothing
@@ -189,7 +192,7 @@ def test_accepted_chart_marks_candidate_passes():
     race = Race("p", DecodeConfig(), "m", "cpu", [LaneRun(LANES["base_jacobi"], "done", trace)])
     line = charts.accepted_per_iteration(race).data[0]
     assert list(line.marker.symbol) == ["circle", "diamond"]
-    assert list(line.customdata) == ["", " (candidate n-gram 2)"]
+    assert list(line.customdata) == ["", " (kept candidate n-gram 2)"]
 
 
 def test_convergence_map_marks_candidate_rows():
@@ -200,8 +203,13 @@ def test_convergence_map_marks_candidate_rows():
     fig = charts.convergence_map(run, "window")
     heat, marks = fig.data
     assert "candidate n-gram" not in heat.text[0][0] and "candidate n-gram 2, kept" in heat.text[1][0]
-    assert list(marks.x) == [-1] and list(marks.y) == [2] and list(marks.customdata) == [2]
+    assert list(marks.x) == [-1] and list(marks.y) == [2] and list(marks.customdata) == ["candidate n-gram 2"]
     assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]  # the diamonds' column gets no tick
+    trace.iterations.append(Iteration(3, 6, [10, 11], [11, 12], 2, 0.04, candidate=1, branch=True))  # a kept branch
+    heat, marks = charts.convergence_map(run, "window").data
+    assert "this row is a branch (another likely token" in heat.text[2][0] and marks.name == "kept a candidate"
+    assert list(marks.customdata)[1].startswith("a branch")
+    assert render.explain_step(trace.iterations[2], lambda t: f"[{t}]")[0].startswith("A branch, checked beside")
     trace.iterations = trace.iterations[:1]  # plain passes only: the heatmap alone
     assert len(charts.convergence_map(run, "window").data) == 1
 
