@@ -86,6 +86,21 @@ def test_example_race_shows_lanes_charts_and_steps(page):
     page.locator("#jl-step").screenshot(path=SHOTS / "step.png")
 
 
+def test_branches_slider_keeps_the_text(page):
+    """The Branches slider reaches the decoders: the Jacobi lanes still write the AR lane's text."""
+    set_slider(page, "jl-branches", 2)
+    try:
+        race(page, "Write a haiku about the sea.", 32)
+        lanes = page.locator("#jl-board .jl-lane")
+        texts = {lanes.nth(i).get_attribute("data-lane"): lanes.nth(i).locator(".jl-text").inner_text()
+                 for i in range(lanes.count())}
+        assert texts["base_ar"].strip() and texts["base_jacobi"] == texts["base_ar"]
+        assert "same text as base_ar" in lanes.nth(1).inner_text()
+        page.locator("#jl-branches").screenshot(path=SHOTS / "branches-slider.png")
+    finally:
+        set_slider(page, "jl-branches", 0)
+
+
 def test_html_in_a_prompt_shows_as_text(page):
     race(page, XSS, 8)
     echo = page.locator("#jl-board .jl-prompt-echo")
