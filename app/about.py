@@ -37,13 +37,13 @@ the final answer. Two things then happen, which the convergence map shows: *fast
 tokens become right in one pass) and *stationary tokens* (a token is right early and stays right while
 tokens before it are still being fixed).
 
-**Candidate n-grams** (the "Candidate n-grams per pass" slider) add a second source of guesses: besides the
+**Candidate n-grams** (the "Candidate n-grams per pass" slider, under "Decoding extras") add a second source of guesses: besides the
 window, each pass checks a few continuations of the last accepted token that the text already holds (what
 followed it before, in the prompt or the answer) or that earlier passes produced. They are checked exactly
 like the window's guesses, in the same pass, and the one right for longest is kept; the answer is unchanged. In
 the "accepted per forward" chart a diamond marks a pass whose tokens came from a candidate.
 
-**Branches for the first guess** (the "Branches" slider) attack the commonest way a pass stops early: its first
+**Branches for the first guess** (the "Branches for the first guess" slider, under "Decoding extras") attack the commonest way a pass stops early: its first
 guess was written behind a wrong token, and it is wrong too. The model's runner-up tokens for that guess are then
 often right, so each pass also checks the next likeliest ones beside the window, a token each. When one of them is
 right the pass gains two tokens instead of one; the map shows that row with a diamond, as a kept branch.

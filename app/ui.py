@@ -80,15 +80,17 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
                                        "forward passes, so the page starts at 4 there (16 on a GPU)")
                     max_new = gr.Slider(1, max_new_tokens_limit, value=min(128, max_new_tokens_limit), step=1, label="Max new tokens", elem_id="jl-max-new")
                     init = gr.Radio(INIT_LABELS, value="random", label="Initial guesses")
-                    cands = gr.Slider(0, MAX_CANDIDATES, value=0, step=1, label="Candidate n-grams per pass", elem_id="jl-cands",
-                                      info="Continuations of the last accepted token, found in the text or in earlier passes, "
-                                           "checked beside the window in the same forward (n-1 tokens each); the longest "
-                                           "right one is kept. Same text, fewer passes. 0: plain Jacobi")
-                    branches = gr.Slider(0, MAX_BRANCHES, value=0, step=1, label="Branches for the first guess",
-                                         elem_id="jl-branches",
-                                         info="The model's next likeliest tokens for the window's first guess, each "
-                                              "checked beside the window in the same forward; a right one gains a second "
-                                              "token. Same text. 0: none")
+                    with gr.Accordion("Decoding extras: more guesses checked in the same pass (same text)", open=False,
+                                      elem_id="jl-extras"):
+                        cands = gr.Slider(0, MAX_CANDIDATES, value=0, step=1, label="Candidate n-grams per pass", elem_id="jl-cands",
+                                          info="Continuations of the last accepted token, found in the text or in earlier passes, "
+                                               "checked beside the window in the same forward (n-1 tokens each); the longest "
+                                               "right one is kept. Same text, fewer passes. 0: plain Jacobi")
+                        branches = gr.Slider(0, MAX_BRANCHES, value=0, step=1, label="Branches for the first guess",
+                                             elem_id="jl-branches",
+                                             info="The model's next likeliest tokens for the window's first guess, each "
+                                                  "checked beside the window in the same forward; a right one gains a second "
+                                                  "token. Same text. 0: none")
                     choices = lane_choices(host)
                     lanes = gr.CheckboxGroup(choices, value=[k for _, k in choices if k in DEFAULT_LANES], label="Lanes (run one after another)", elem_id="jl-lanes")
                     with gr.Row():

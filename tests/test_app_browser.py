@@ -87,7 +87,11 @@ def test_example_race_shows_lanes_charts_and_steps(page):
 
 
 def test_branches_slider_keeps_the_text(page):
-    """The Branches slider reaches the decoders: the Jacobi lanes still write the AR lane's text."""
+    """The Branches slider (in the closed "Decoding extras" accordion) reaches the decoders: the Jacobi lanes still write
+    the AR lane's text."""
+    assert not page.locator("#jl-branches").is_visible()  # the page opens with plain Jacobi and the extras folded away
+    page.locator("#jl-extras").get_by_text("Decoding extras").first.click()
+    expect(page.locator("#jl-branches")).to_be_visible()
     set_slider(page, "jl-branches", 2)
     try:
         race(page, "Write a haiku about the sea.", 32)
@@ -96,7 +100,7 @@ def test_branches_slider_keeps_the_text(page):
                  for i in range(lanes.count())}
         assert texts["base_ar"].strip() and texts["base_jacobi"] == texts["base_ar"]
         assert "same text as base_ar" in lanes.nth(1).inner_text()
-        page.locator("#jl-branches").screenshot(path=SHOTS / "branches-slider.png")
+        page.locator("#jl-extras").screenshot(path=SHOTS / "extras.png")
     finally:
         set_slider(page, "jl-branches", 0)
 
