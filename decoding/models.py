@@ -193,9 +193,17 @@ def _merge_adapter(model, adapter: str):
     if not (path / adapters.CONFIG).exists():
         raise ModelLoadError(f"adapter folder {path} has no {adapters.CONFIG}")
     try:
+        files = adapters.weight_files(path)
+    except ValueError as exc:  # both forms, or an incomplete set of shards
+        raise ModelLoadError(f"could not read adapter {path}: {exc}") from exc
+    if not files:
+        raise ModelLoadError(f"adapter folder {path} holds no weights ({adapters.WEIGHTS} or its shards)")
+    try:
         merged = adapters.attach(model, path).merge_and_unload()
-    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+    except (ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"adapter {path} does not match the base model: {exc}") from exc
+    except Exception as exc:  # a missing or corrupt weights file: safetensors raises its own error type
+        raise ModelLoadError(f"could not read adapter {path} (missing or corrupt weights?): {exc}") from exc
     return merged
 
 

@@ -95,6 +95,13 @@ def test_adapter_is_merged_and_mismatch_is_reported(tiny_model_dir, tmp_path):
         load_model(str(tiny_model_dir), adapter=str(tmp_path / "wrong"), device="cpu")
     with pytest.raises(ModelLoadError, match="adapter_config.json"):
         load_model(str(tiny_model_dir), adapter=str(tmp_path), device="cpu")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text((tmp_path / "adapter" / "adapter_config.json").read_text())
+    with pytest.raises(ModelLoadError, match="holds no weights"):
+        load_model(str(tiny_model_dir), adapter=str(tmp_path / "broken"), device="cpu")
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="missing or corrupt weights"):
+        load_model(str(tiny_model_dir), adapter=str(tmp_path / "broken"), device="cpu")
 
 
 def test_sharded_adapter_loads_as_the_single_file_does(tiny_model_dir, tmp_path):
