@@ -198,12 +198,15 @@ def cell_state(it: Iteration, j: int) -> str:
 def explain_step(it: Iteration, piece) -> list[str]:
     """Why this iteration accepted what it did, in plain words."""
     w = it.window
-    lines = [f"A branch, checked beside the window in this same forward (the model's runner-up for the window's first "
-             f"guess, {piece(it.window[1])}), was right where that guess was not: it is shown here in place of the "
-             "window, and its tokens are kept."] if it.branch else [
-        f"Candidate n-gram {it.candidate}, checked beside the window in this same forward (a continuation found in "
-        "the text or in an earlier pass), was right for longer than the window's own guesses: it is shown here "
-        "in their place, and its tokens are kept."] if it.candidate else []
+    lines = []
+    if it.branch:
+        lines.append(f"A branch, {piece(w[1])}, one of the model's runners-up for the window's first guess, was checked "
+                     "beside the window in this same forward and was right where that guess was not: it is shown here in "
+                     "place of the window, and its tokens are kept.")
+    elif it.candidate:
+        lines.append(f"Candidate n-gram {it.candidate}, checked beside the window in this same forward (a continuation "
+                     "found in the text or in an earlier pass), was right for longer than the window's own guesses: it is "
+                     "shown here in their place, and its tokens are kept.")
     lines.append(f"Output 0 {piece(it.outputs[0])} follows the last accepted token, so it is exactly what AR would produce: accepted.")
     for j in range(1, len(w)):
         if w[j] == it.outputs[j - 1]:

@@ -209,7 +209,7 @@ def test_convergence_map_marks_candidate_rows():
     heat, marks = charts.convergence_map(run, "window").data
     assert "this row is a branch (another likely token" in heat.text[2][0] and marks.name == "kept a candidate"
     assert list(marks.customdata)[1].startswith("a branch")
-    assert render.explain_step(trace.iterations[2], lambda t: f"[{t}]")[0].startswith("A branch, checked beside")
+    assert render.explain_step(trace.iterations[2], lambda t: f"[{t}]")[0].startswith("A branch, [11], one of the model")
     trace.iterations = trace.iterations[:1]  # plain passes only: the heatmap alone
     assert len(charts.convergence_map(run, "window").data) == 1
 
