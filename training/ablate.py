@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 
 from decoding import DEFAULT_SPEC, adapters, encode, fast, load_model
+from decoding.paired import paired_rates
+from decoding.trace import FastForwardSplit
 
 from .cli import parse, print_table, save_settings
 from .evaluate import EvalSettings, heldout_rows, jacobi_speed, repetition
@@ -81,21 +82,13 @@ def measure(s: AblateSettings, adapter: str, prompts: list[list[int]], label: st
     es = EvalSettings(n=s.n, max_new_tokens=s.max_new_tokens, engine=s.engine)
     speed, answers = jacobi_speed(lm, prompts, es, label)
     fast.release(lm.model)
-    counts = speed["fast_forward_counts"]
-    new = counts["tokens"] - counts["repeating"]
+    split = FastForwardSplit(**speed["fast_forward_counts"])
     rep = repetition(answers)
     return {"tokens_per_forward": speed["tokens_per_forward"], "tokens_per_forward_pooled": speed["tokens_per_forward_pooled"],
             "per_prompt": [t / f if f else 0.0 for t, f in speed["per_prompt"]],
-            "new_fast_forwarded": (counts["fast_forwarded"] - counts["fast_forwarded_repeating"]) / max(new, 1),
-            "repeating_fast_forwarded": counts["fast_forwarded_repeating"] / max(counts["repeating"], 1),
+            "new_fast_forwarded": split.new_rate or 0.0, "repeating_fast_forwarded": split.repeating_rate or 0.0,
             "answer_tokens_repeating": speed["answer_tokens_repeating"],
             "seq_rep_4": rep["seq_rep_4"], "loop_rate": rep["filter_rate"], "seconds": speed["seconds"]}
-
-
-def paired(a: list[float], b: list[float]) -> dict:
-    """Mean of a - b over prompts and its standard error."""
-    d = [x - y for x, y in zip(a, b)]
-    return {"mean_diff": statistics.fmean(d), "se": statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0}
 
 
 def main(argv=None) -> dict:
@@ -122,14 +115,14 @@ def main(argv=None) -> dict:
             shutil.copy(Path(s.adapter) / adapters.CONFIG, folder / adapters.CONFIG)
             r = measure(s, str(folder), prompts, f"without {name}")
             r["modules_removed"] = count
-            r["vs_whole"] = paired(r["per_prompt"], full["per_prompt"])
+            r["vs_whole"] = paired_rates(r["per_prompt"], full["per_prompt"])  # a: this variant, b: the whole adapter
             result["variants"][f"without {name}"] = r
             result["seconds"] = time.perf_counter() - t0
             if s.out:
                 save_settings(s, s.out, **result)
     print_table("ablate", [(f"{k} ({v['modules_removed']} modules)",
                             f"{v['tokens_per_forward']:.2f} tok/fwd"
-                            + (f" ({v['vs_whole']['mean_diff']:+.2f} +- {v['vs_whole']['se']:.2f})" if "vs_whole" in v else "")
+                            + (f" ({v['vs_whole']['mean_diff']:+.2f} +- {v['vs_whole']['se_diff']:.2f})" if "vs_whole" in v else "")
                             + f", new ff {v['new_fast_forwarded']:.3f}, repeated ff {v['repeating_fast_forwarded']:.3f}, "
                               f"seq-rep-4 {v['seq_rep_4']:.3f}, loops {v['loop_rate']:.0%}")
                            for k, v in result["variants"].items()])
