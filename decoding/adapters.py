@@ -7,9 +7,10 @@ public state-dict API (``set_peft_model_state_dict``).
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
+
+from .embedded import sha256
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MAX_FILE_BYTES = 15 * 1024 * 1024  # a shard's most: under the 16 MiB a committed file (or one brought back from a GPU
@@ -58,14 +59,7 @@ def weights_sha256(folder: str | Path) -> str | None:
         files = weight_files(folder) if folder else []
     except ValueError:
         return None
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return sha256(*files) if files else None
 
 
 def split_weights(folder: str | Path, max_bytes: int = MAX_FILE_BYTES) -> list[Path]:
@@ -102,14 +96,15 @@ def split_weights(folder: str | Path, max_bytes: int = MAX_FILE_BYTES) -> list[P
 
 
 def save_weights(state: dict, folder: str | Path, metadata: dict | None = None, max_bytes: int = MAX_FILE_BYTES) -> list[Path]:
-    """Write an adapter's tensors into ``folder``: one file, or shards when they are over ``max_bytes``."""
+    """Write an adapter's tensors into ``folder``: one file, or shards when they are over ``max_bytes``. ``metadata``
+    defaults to what peft writes."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in [folder / WEIGHTS, *(p for p in folder.glob("adapter_model-*.safetensors") if _SHARD.fullmatch(p.name))]:
         old.unlink(missing_ok=True)  # an earlier adapter's weights, in either form
-    save_file(state, folder / WEIGHTS, metadata=metadata)
+    save_file(state, folder / WEIGHTS, metadata={"format": "pt"} if metadata is None else metadata)
     return split_weights(folder, max_bytes)
 
 

@@ -292,8 +292,9 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
     if (cfg.candidates or cfg.branches) and not hasattr(session, "verify"):
         raise ValueError("candidate n-grams and branches need the fast engine (a Llama model on the CPU or CUDA): set "
                          "them to 0 or use engine='fast'")
-    if cfg.branches:  # on a GPU, the graphs that also return each row's likeliest tokens: captured once, untimed
-        session.prepare_top(cfg.branches + 1)
+    top = cfg.branches + 1 if cfg.branches else 0  # each row's likeliest tokens a pass returns: the guess and its branches
+    if top:  # on a GPU, the graphs that also return them: captured once, untimed
+        session.prepare_top(top)
     rng = random.Random(cfg.seed)
     trace = DecodeTrace(method="jacobi", n=cfg.n, prompt_ids=prompt_ids)
     t0 = _start(session, trace)
@@ -312,7 +313,7 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
         ngrams = len(cands)  # the candidate n-grams come first, then the branches
         cands += branch_candidates(alternatives, window, cands, cfg.branches)
         if cands or cfg.branches:
-            outputs, cand_outputs = session.verify(window, cands, top=cfg.branches + 1 if cfg.branches else 0)
+            outputs, cand_outputs = session.verify(window, cands, top=top)
             g, matched = verify_candidates(outputs, cands, cand_outputs)
         else:
             outputs, g, matched = session.forward(window), 0, 0

@@ -36,11 +36,13 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(path).expanduser()
 
 
-def sha256(path: Path) -> str:
+def sha256(*paths: Path) -> str:
+    """sha256 of the files' bytes, one file after the other (an adapter's shards; usually one file)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

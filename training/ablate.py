@@ -13,7 +13,6 @@ is written after every variant (an interrupted run keeps what it measured); a ta
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import sys
@@ -75,12 +74,12 @@ def without(state: dict, pattern: re.Pattern) -> tuple[dict, int]:
     return {k: torch.zeros_like(v) if k in hit else v for k, v in state.items()}, len(hit)
 
 
-def measure(s: AblateSettings, adapter: str, prompts: list[list[int]], label: str) -> dict:
-    """Jacobi on the prompts with ``adapter`` merged: per-prompt tokens per forward, the fast-forward split, and the
-    repetition of the answers (which are the model's greedy answers)."""
+def measure(s: AblateSettings, adapter: str, texts: list[str], label: str) -> dict:
+    """Jacobi on the prompts (through the chat template) with ``adapter`` merged: per-prompt tokens per forward, the
+    fast-forward split, and the repetition of the answers (which are the model's greedy answers)."""
     lm = load_model(s.model, adapter=adapter, device=s.device, dtype="float32")
     es = EvalSettings(n=s.n, max_new_tokens=s.max_new_tokens, engine=s.engine)
-    speed, answers = jacobi_speed(lm, prompts, es, label)
+    speed, answers = jacobi_speed(lm, [encode(lm.tokenizer, t) for t in texts], es, label)
     fast.release(lm.model)
     split = FastForwardSplit(**speed["fast_forward_counts"])
     rep = repetition(answers)
@@ -96,8 +95,7 @@ def main(argv=None) -> dict:
     groups = parse_groups(s.groups)
     state = adapters.read_weights(s.adapter)
     rows = heldout_rows(s.heldout, s.limit)
-    tokenizer = load_model(s.model, device="cpu", dtype="float32").tokenizer
-    prompts = [encode(tokenizer, r["prompt"]) for r in rows]
+    prompts = [r["prompt"] for r in rows]
     result = {"command": "python -m training.ablate " + " ".join(sys.argv[1:] if argv is None else argv),
               "env": {"cpu": fast.cpu_name(), "device": s.device, "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "dtype": "float32"},
@@ -111,7 +109,7 @@ def main(argv=None) -> dict:
             ablated, count = without(state, pattern)
             if count == 0:
                 raise SystemExit(f"group {name!r} matches no LoRA module of {s.adapter}")
-            adapters.save_weights(ablated, folder, metadata={"format": "pt"})
+            adapters.save_weights(ablated, folder)
             shutil.copy(Path(s.adapter) / adapters.CONFIG, folder / adapters.CONFIG)
             r = measure(s, str(folder), prompts, f"without {name}")
             r["modules_removed"] = count

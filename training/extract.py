@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     settings = Path(s.model) / "training_settings.json"
     if settings.exists():
         shutil.copy(settings, out / "training_settings.json")
-    files = adapters.split_weights(out)  # shards of at most 16 MiB each when it is larger
+    files = adapters.split_weights(out)  # shards of at most 15 MiB each when it is larger
     size = sum(f.stat().st_size for f in files)
     report = {
         "file_mib": size / MIB,

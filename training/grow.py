@@ -79,7 +79,7 @@ def main(argv=None) -> Path:
     except (ValueError, re.error) as exc:
         raise SystemExit(str(exc)) from None
     out = Path(s.out)
-    files = save_weights(grown, out, metadata={"format": "pt"})
+    files = save_weights(grown, out)
     (out / CONFIG).write_text(json.dumps(new_config, indent=2) + "\n")
     settings = Path(s.adapter) / "training_settings.json"
     if settings.exists():

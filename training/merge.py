@@ -5,7 +5,7 @@
 
 A knob between two adapters trained from the same start (for example a faster one that loops more and the one it
 was trained from). The product of the merged LoRA matrices is not exactly the mix of the two products, so measure
-the result (``training.evaluate``); it keeps A's adapter_config.json and size (one file, or shards of at most 16 MiB).
+the result (``training.evaluate``); it keeps A's adapter_config.json and size (one file, or shards of at most 15 MiB).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def main(argv=None) -> Path:
         raise SystemExit(f"{s.a} and {s.b} differ in rank, scaling, base model or target modules")
     out = Path(s.out)
     merged = {k: ((1 - s.alpha) * a[k].float() + s.alpha * b[k].float()).to(a[k].dtype) for k in a}
-    save_weights(merged, out, metadata={"format": "pt"})  # shards when over 16 MiB, as A may be
+    save_weights(merged, out)  # in shards when it is over one file's limit, as A may be
     if s.scale == 1.0:
         shutil.copy(Path(s.a) / CONFIG, out / CONFIG)
     else:  # PEFT adds (lora_alpha / r) * B @ A to each weight: scaling lora_alpha scales the whole change

@@ -207,7 +207,7 @@ def save_final(accelerator, model, tokenizer, s: TrainSettings, out: Path, summa
             dtype = getattr(torch, s.save_dtype)
             state = {k: v.detach().to("cpu", dtype) for k, v in unwrapped.state_dict().items() if "lora_" in k}
             unwrapped.save_pretrained(str(target), state_dict=state)
-            adapters.split_weights(target)  # shards of at most 16 MiB, a committed file's limit (high ranks)
+            adapters.split_weights(target)  # shards of at most 15 MiB, under a committed file's 16 (high ranks)
         else:
             unwrapped.save_pretrained(str(target))
             if tokenizer is not None:
