@@ -43,7 +43,7 @@ def parse(cls, argv=None, description: str | None = None):
         elif isinstance(default, (list, tuple)):
             kind = str
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=default,
-                            help=f"{helps.get(f.name, '')} (default: {default})")
+                            help=f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%"))
     args = vars(parser.parse_args(argv))
     return cls(**args)
 
