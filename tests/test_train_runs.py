@@ -388,7 +388,7 @@ def test_merge_mixes_two_adapters_tensor_by_tensor(tmp_path):
             merge.main([x for kv in args.items() for x in kv])
 
 
-@pytest.mark.parametrize("script", ["gpu_run.sh", "gpu_round.sh"])
+@pytest.mark.parametrize("script", ["gpu_run.sh", "gpu_round.sh", "gpu_capacity.sh"])
 def test_gpu_scripts_parse_and_refuse_an_unknown_stage(script, tmp_path):
     """The device wrappers are only run on a GPU machine: here, that bash reads them and that a wrong stage is refused
     before any work (exit 2, with the stages it knows)."""

@@ -35,21 +35,25 @@ R="--ref-data $DATA/references-train.jsonl --ref-weight 3 --use-extra false --lr
 
 minutes_left() { $PY -c "print(round(max(0.2, ($CALL_SECONDS - $SECONDS) / 60 - ${1:-0}), 2))"; }
 complete() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/summary.json')).get('complete') else 1)" 2>/dev/null; }
+finished() {  # a run's adapter is saved at a time-limit stop too: done only at its last step
+  $PY -c "import json, sys; d = json.load(open('$1/adapter/training_settings.json')); sys.exit(0 if d['step'] >= d['max_steps'] else 1)" 2>/dev/null
+}
 train_all() {  # every run, all at once on the GPU, until STEPS or this call's limit (each stops after a checkpoint)
   local runs="" r
   IFS=';' read -ra specs <<< "$CAP_RUNS"
   for r in "${specs[@]}"; do runs+="${runs:+;}${r%%:*}:$R --init-adapter ${r#*:}"; done
   WORK=$WORK TRAJ=$WORK/traj TRAIN_MINUTES=$(minutes_left 0.4) RUNS="$runs" bash training/gpu_run.sh sweep
   for r in "${specs[@]}"; do
-    compgen -G "$WORK/run_${r%%:*}/adapter/adapter_model*.safetensors" > /dev/null || { echo "not all runs are done: run stage 2 again"; return 0; }
+    finished "$WORK/run_${r%%:*}" || { echo "not all runs are done: run stage 2 again"; return 0; }
   done
   echo "all runs reached $STEPS steps: run stage 3"
 }
 
 case "$STAGE" in
   1)
-    [ -d "$WORK/g_all48" ] || $PY -m training.grow --adapter "$SHIPPED" --rank 48 --out "$WORK/g_all48"
-    [ -d "$WORK/g_mid96" ] || $PY -m training.grow --adapter "$SHIPPED" --rank 96 --modules 'layers\.1[0-9]\.' --out "$WORK/g_mid96"
+    case "$CAP_RUNS" in *"$WORK/g_all48"*) [ -d "$WORK/g_all48" ] || $PY -m training.grow --adapter "$SHIPPED" --rank 48 --out "$WORK/g_all48";; esac
+    case "$CAP_RUNS" in *"$WORK/g_mid96"*) [ -d "$WORK/g_mid96" ] ||
+      $PY -m training.grow --adapter "$SHIPPED" --rank 96 --modules 'layers\.1[0-9]\.' --out "$WORK/g_mid96";; esac
     OMP_NUM_THREADS=8 $PY -m training.collect --prompts "$DATA/prompts-train.jsonl" --batch 256 --n 16 --max-new-tokens 256 \
       --dtype float32 --limit "$COLLECT_LIMIT" ${MODEL:+--model $MODEL} --out "$WORK/traj" --max-minutes "$(minutes_left 1)" 2>&1 | tail -4
     cp "$WORK/traj/summary.json" "$OUT/collect_summary_capacity.json"

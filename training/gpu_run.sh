@@ -154,10 +154,10 @@ case "$STAGE" in
       done) &
     done
     wait
-    $PY -m training.compare "$WORK"/evals/*.json | tee "$WORK/evals/table.txt"
+    $PY -m training.compare "$WORK"/evals/run_*.json | tee "$WORK/evals/table.txt"
     # The KEEP_BEST best adapters (quality targets met first, then speed) come back in this call, one tar each: the
     # machine goes back 30 s after a call, and with it every adapter not fetched (session 14 lost its best run so).
-    for a in $($PY -m training.compare --best "${KEEP_BEST:-2}" "$WORK"/evals/*.json); do
+    for a in $($PY -m training.compare --best "${KEEP_BEST:-2}" "$WORK"/evals/run_*.json); do
       has_weights "$a" || continue   # full models (run_*/model) are too big to bring back
       pack_adapter "$a" "$(basename "$(dirname "$a")")"
     done
