@@ -112,7 +112,8 @@ def main(argv=None) -> int:
                   "latency": result.get("latency"), "env": result["meta"]["env"]}
         (out / "fastcheck.json").write_text(json.dumps(report, indent=1))
     print(f"\nfp32 exactness: {exact['equal']}/{exact['checks']} decodes equal eager AR "
-          f"(prompts x [fast AR, fast Jacobi n={list(WINDOWS)}]); fp32 engine built in {exact['engine_build_s']:.1f} s")
+          f"(prompts x [{', '.join(exact['prompts'][0]['first_difference']) if exact['prompts'] else ''}]); "
+          f"fp32 engine built in {exact['engine_build_s']:.1f} s")
     for row in exact["prompts"]:
         bad = {k: d for k, d in row["first_difference"].items() if d is not None}
         if bad:
