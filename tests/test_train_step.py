@@ -305,3 +305,16 @@ def test_grouped_batches_cover_each_epoch_once_with_similar_lengths():
     assert batches.grouped_indices(5, batch, lengths, seed=3) == batches.grouped_indices(5, batch, lengths, seed=3)
     assert batches.grouped_indices(5, batch, lengths, seed=3) != batches.grouped_indices(5, batch, lengths, seed=4)
     assert batches.grouped_indices(0, 8, [3, 1], seed=0) == batches.batch_indices(0, 8, 2, 0)  # fewer samples than a batch
+
+
+@pytest.mark.parametrize("step", ["ablate", "ceiling", "collect", "evaluate", "extract", "forced", "grow",
+                                  "loop_teacher", "merge", "prompts", "stepprobe", "train"])
+def test_every_training_step_prints_its_help(step, capsys):
+    """--help lists every flag of a step with its comment; a % in a comment once broke argparse's help of train."""
+    import importlib
+    module = importlib.import_module(f"training.{step}")
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "(default:" in out
