@@ -179,7 +179,7 @@ case "$STAGE" in
     gather_runs   # the logs and settings, also when the evaluation stopped early
     (cd "$WORK" && tar czf "$OUT/${3:?usage: gpu_run.sh eval-runs SECONDS NAME}.tgz" $(ls -d evals train_*.log 2>/dev/null)) ;;
   gather) gather_runs ;;
-  pack) pack_adapter "${2:?usage: gpu_run.sh pack DIR NAME}" "${3:?usage: gpu_run.sh pack DIR NAME}" ;;   # for gpu_round.sh   # the same files without an evaluation (gpu_round.sh 3 runs it when eval-sweep stopped early)
+  pack) pack_adapter "${2:?usage: gpu_run.sh pack DIR NAME}" "${3:?usage: gpu_run.sh pack DIR NAME}" ;;   # one adapter into $OUT, a tar a weight file
   sweep-eval)
     # Session 15's round 2 ran this way: a machine goes back 30 s after a call, so runs and their evaluation share one.
     bash "$PWD/training/gpu_run.sh" sweep && bash "$PWD/training/gpu_run.sh" eval-sweep ;;
