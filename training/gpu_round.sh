@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:?usage: gpu_round.sh 1|2|3}
-source training/gpu_stage_env.sh   # WORK, OUT, DATA, CALL_SECONDS, COLLECT_LIMIT, PY; minutes_left, complete
+source training/gpu_stage_env.sh   # WORK, OUT, DATA, CALL_SECONDS, COLLECT_LIMIT, PY; minutes_left, complete, finished
 
 # d_ul05_lr5 (session 17, assets/results/README.md), with --max-steps 159 in place of its --budget-minutes 3.6.
 R="--save-every 1000 --ref-data $DATA/references-train.jsonl --ref-weight 3 --use-extra false --lr 5e-4 --loss-rows 4 \
@@ -43,11 +43,11 @@ collect() {  # collect ADAPTER TRAJ: unfiltered float32 trajectories, stopping b
 case "$STAGE" in
   1)
     collect "$INIT" "$WORK/traj3"
-    if ! compgen -G "$D1/adapter_model*.safetensors" > /dev/null; then
+    if ! finished "$D1"; then   # also a D1 that stopped at the call's limit before its last step
       OMP_NUM_THREADS=8 $PY -m training.train --data "$WORK/traj3" --out "$WORK/run_D1" --batch 32 --max-steps 159 \
         --max-minutes "$(minutes_left 0.5)" --resume true ${INIT:+--init-adapter $INIT} $R > "$WORK/train_D1.log" 2>&1 || true
       tail -c 700 "$WORK/train_D1.log"
-      compgen -G "$D1/adapter_model*.safetensors" > /dev/null || { echo "D1 did not finish: run this stage again (it resumes)"; exit 1; }
+      finished "$D1" || { echo "D1 did not finish: run this stage again (it resumes)"; exit 1; }
     fi ;;
   2)
     collect "$D1" "$WORK/traj4"

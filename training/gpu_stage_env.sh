@@ -15,3 +15,9 @@ mkdir -p "$WORK" "$OUT"
 minutes_left() { $PY -c "print(round(max(0.2, ($CALL_SECONDS - $SECONDS) / 60 - ${1:-0}), 2))"; }
 # Whether the trajectory folder $1 holds every shard (training.collect's summary says so).
 complete() { $PY -c "import json, sys; sys.exit(0 if json.load(open('$1/summary.json')).get('complete') else 1)" 2>/dev/null; }
+# Whether $1 is a finished run's adapter folder: weights (one file or shards) and, when it has training settings, their
+# last step reached (train saves an adapter at a time-limit stop too, with step < max_steps).
+finished() {
+  compgen -G "$1/adapter_model*.safetensors" > /dev/null && $PY -c "import json, os, sys; p = '$1/training_settings.json'
+d = json.load(open(p)) if os.path.exists(p) else {}; sys.exit(0 if d.get('step', 0) >= d.get('max_steps', 0) else 1)"
+}
