@@ -9,7 +9,7 @@ import gradio as gr
 import torch
 
 from . import charts, render
-from .engine import ModelHost
+from .host import ModelHost
 from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, StopRequests, new_race, race_json, run_race, stop_race
 
 STOPPED = "Stopped. The app is ready for the next race."

@@ -1,54 +1,42 @@
 """Command line: parse flags, load the models once, build the page, launch."""
 from __future__ import annotations
 
-import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from decoding import DEFAULT_SPEC, default_adapter
-from decoding.models import DEVICES, DTYPES
+from decoding.cli import parse
+from decoding.decoders import ENGINES
+from decoding.models import DTYPES
 
-from .engine import ENGINES, NO_ADAPTER, ModelHost
+from .host import ModelHost
 from .race import MAX_NEW_TOKENS
 
 
 @dataclass
 class AppConfig:
-    """Settings of one app process; every flag parses into one field."""
+    """Jacobi Lens: AR vs Jacobi decoding, live, in the browser. Every flag parses into one field."""
 
     model: str = DEFAULT_SPEC  # base model: smollm2-135m, a preset, a local folder or .gguf, or a hub id
-    adapter: str | None = None  # CLLM LoRA folder; None: the shipped one when present; "none": no CLLM lanes
-    cllm_model: str | None = None  # a full CLLM checkpoint instead of an adapter (e.g. a published preset)
-    device: str = "auto"  # auto picks CUDA, then MPS, then CPU
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
-    engine: str = "auto"  # auto: the fast engine on CUDA and CPU for Llama models, else eager
+    adapter: str | None = None  # CLLM LoRA adapter folder; default: the shipped one when present; "none": no CLLM lanes
+    cllm_model: str | None = None  # a full CLLM checkpoint to race instead of base + adapter (e.g. a published preset)
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu
+    dtype: str = field(default="auto", metadata={"choices": tuple(DTYPES)})  # auto: float32 on CPU, bfloat16 on GPU
+    engine: str = field(default="auto", metadata={"choices": ENGINES})  # auto: the fast engine on CUDA and CPU for Llama models, else eager
     cache_dir: str | None = None  # where the embedded model is prepared (default $CLLM_CACHE_DIR or ~/.cache/jacobi-lens)
-    host: str | None = None  # None: Gradio's default (127.0.0.1, or $GRADIO_SERVER_NAME)
-    port: int | None = None  # None: Gradio's default (7860, or $GRADIO_SERVER_PORT)
-    share: bool = False  # a public gradio.live link
+    host: str | None = None  # address to listen on (default 127.0.0.1, or $GRADIO_SERVER_NAME)
+    port: int | None = None  # port (default 7860, or $GRADIO_SERVER_PORT)
+    share: bool = False  # create a public gradio.live link
     allow_custom_models: bool = False  # let visitors load other models from the page
-    max_queue: int = 20  # requests waiting at most; more are refused with a message
+    max_queue: int = 20  # requests that may wait at once; more are refused with a message
     max_new_tokens_limit: int = MAX_NEW_TOKENS  # the largest "max new tokens" a request may ask for
+
+    def __post_init__(self):
+        if self.max_queue < 1 or self.max_new_tokens_limit < 1:
+            raise ValueError("--max-queue and --max-new-tokens-limit must be at least 1")
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:
-    p = argparse.ArgumentParser(prog="python app.py", description="Jacobi Lens: AR vs Jacobi decoding, live, in the browser.")
-    p.add_argument("--model", default=DEFAULT_SPEC, help=f"base model spec (default {DEFAULT_SPEC})")
-    p.add_argument("--adapter", default=None, help=f"CLLM LoRA adapter folder (default: the shipped one if present; '{NO_ADAPTER}' for none)")
-    p.add_argument("--cllm-model", default=None, help="a full CLLM checkpoint to race instead of base + adapter")
-    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=list(DTYPES))
-    p.add_argument("--engine", default="auto", choices=ENGINES, help="decoding engine (auto: fast on CUDA and CPU for Llama models)")
-    p.add_argument("--cache-dir", default=None, help="folder for the prepared embedded model")
-    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; $GRADIO_SERVER_NAME works too)")
-    p.add_argument("--port", type=int, default=None, help="port (default 7860; $GRADIO_SERVER_PORT works too)")
-    p.add_argument("--share", action="store_true", help="create a public share link")
-    p.add_argument("--allow-custom-models", action="store_true", help="let the page load other models (off by default)")
-    p.add_argument("--max-queue", type=int, default=20, help="requests that may wait at once")
-    p.add_argument("--max-new-tokens-limit", type=int, default=MAX_NEW_TOKENS, help="cap on max new tokens per request")
-    args = p.parse_args(argv)
-    if args.max_queue < 1 or args.max_new_tokens_limit < 1:
-        p.error("--max-queue and --max-new-tokens-limit must be at least 1")
-    return AppConfig(**vars(args))
+    return parse(AppConfig, argv, prog="python app.py")
 
 
 def theme():

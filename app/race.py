@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from decoding import DecodeConfig, DecodeTrace, encode, validate
-from decoding.decoders import DECODERS, INIT_CHOICES, MAX_WINDOW, default_candidate_len
+from decoding.decoders import DECODERS, Limits, context_length, default_candidate_len
 
 from .text import Detokenizer
 
@@ -59,6 +59,7 @@ class Race:
     model_name: str
     device: str
     runs: list[LaneRun]
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt through the chat template, encoded once
 
     def run(self, key: str) -> LaneRun | None:
         return next((r for r in self.runs if r.lane.key == key), None)
@@ -77,58 +78,41 @@ class Race:
         return [r for r in self.runs if r.status == "done"]
 
 
-def whole_number(name: str, value, lo: int, hi: int) -> int:
-    """``value`` as an int if it is a whole number from ``lo`` to ``hi`` (a slider may send 8.0), else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if not lo <= int(value) <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}, got {int(value)}")
-    return int(value)
-
-
-def check_settings(n, max_new_tokens, init: str = "random", limit: int = MAX_NEW_TOKENS) -> tuple[int, int]:
-    """Validate the numbers a user or an API client sent; returns them as ints or raises ValueError."""
-    n, max_new_tokens = whole_number("window size n", n, 1, MAX_WINDOW), whole_number("max new tokens", max_new_tokens, 1, limit)
-    if init not in INIT_CHOICES:
-        raise ValueError(f"initial guesses must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
-    return n, max_new_tokens
-
-
-def check_candidates(candidates, n: int, engine: str, branches=0) -> tuple[int, int]:
-    """Validate the candidate n-grams (each as long as the window's n-1 guesses) and the branches for the first guess
-    a request asks for; returns them as ints."""
-    candidates = whole_number("candidate n-grams", candidates, 0, MAX_CANDIDATES)
-    branches = whole_number("branches", branches, 0, MAX_BRANCHES)
-    length = default_candidate_len(n)
-    if n + candidates * length + branches > MAX_WINDOW:
-        raise ValueError(f"a window of {n} with {candidates} candidate n-grams of {length} tokens and {branches} "
-                         f"branches is over {MAX_WINDOW} tokens a pass: use fewer of them or a smaller window")
-    if (candidates or branches) and engine != "fast":
-        raise ValueError("candidate n-grams and branches need the fast engine, which this model does not run on: set "
-                         "them to 0")
-    return candidates, branches
+def whole(value):
+    """A slider or an API client may send a whole number as a float (8.0): that float as an int, anything else as it
+    came (``validate`` then says what is wrong with it)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def new_race(host, prompt: str, n, max_new_tokens, init: str = "random", lanes=DEFAULT_LANES, limit: int = MAX_NEW_TOKENS,
              candidates=0, branches=0) -> Race:
-    """Check a request against the loaded models and set up its lanes; raises ValueError with a message for people."""
+    """Check a request against the loaded models and set up its lanes; raises ValueError with a message for people.
+    The prompt is encoded and the settings validated here, once for every lane."""
     if host.error:
         raise ValueError(f"no model is loaded: {host.error}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: type one or pick an example")
-    n, max_new_tokens = check_settings(n, max_new_tokens, init, limit)
-    candidates, branches = check_candidates(candidates, n, host.engine, branches)
     unknown = [k for k in lanes if k not in LANES]
     if unknown:
         raise ValueError(f"unknown lane {unknown[0]!r}: choose from {', '.join(LANES)}")
     chosen = [LANES[k] for k in LANES if k in lanes and (LANES[k].model == "base" or host.cllm is not None)]
     if not chosen:
         raise ValueError("no lane to run: tick at least one lane (the CLLM lanes need a CLLM adapter)")
-    cfg = DecodeConfig(max_new_tokens=max_new_tokens, n=n, init=init, eos_token_ids=host.base.eos_token_ids,
-                       candidates=candidates, candidate_len=default_candidate_len(n), branches=branches)
+    n = whole(n)
+    cfg = DecodeConfig(max_new_tokens=whole(max_new_tokens), n=n, init=init, eos_token_ids=host.base.eos_token_ids,
+                       candidates=whole(candidates), candidate_len=default_candidate_len(n) if isinstance(n, int) else None,
+                       branches=whole(branches))
     prompt_ids = encode(host.base.tokenizer, prompt)  # raises on an oversized prompt
-    validate(host.base.model, prompt_ids, cfg)  # context length and the rest, before any work
-    return Race(prompt, cfg, host.base.name, str(host.base.device), [LaneRun(lane) for lane in chosen])
+    limits = Limits(max_new_tokens=limit, candidates=MAX_CANDIDATES, branches=MAX_BRANCHES)
+    shapes = set()  # a full CLLM checkpoint may have another vocabulary or context than the base model
+    for loaded in filter(None, (host.base, host.cllm)):
+        shape = (loaded.model.config.get_text_config().vocab_size, context_length(loaded.model))
+        if shape not in shapes:
+            validate(loaded.model, prompt_ids, cfg, limits, engine=host.engine)
+            shapes.add(shape)
+    return Race(prompt, cfg, host.base.name, str(host.base.device), [LaneRun(lane) for lane in chosen], prompt_ids)
 
 
 def clean_timing(steps: Iterator[DecodeTrace]) -> Iterator[DecodeTrace]:
@@ -165,7 +149,6 @@ def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str
     true (the Stop button, see ``StopRequests``), or ``stop_race`` on the same race: the race ends at its next
     step, marks the running lane stopped and starts no later lane.
     """
-    prompt_ids = encode(host.base.tokenizer, race.prompt)
     for run in race.runs:
         if stopped() or any(r.status == "stopped" for r in race.runs):
             return
@@ -174,7 +157,8 @@ def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str
         run.status = "running"
         yield race
         last = time.perf_counter()
-        for trace in clean_timing(DECODERS[run.lane.method](loaded.model, prompt_ids, race.settings, engine=engine)):
+        for trace in clean_timing(DECODERS[run.lane.method](loaded.model, race.prompt_ids, race.settings, engine=engine,
+                                                            checked=True)):
             if stopped() or run.status == "stopped":
                 run.status = "stopped"
                 return

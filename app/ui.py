@@ -7,7 +7,7 @@ import gradio as gr
 
 from . import about, charts, render
 from .callbacks import Callbacks, header_html, lane_choices
-from .engine import ModelHost, on_zero_gpu
+from .host import ModelHost, on_zero_gpu
 from .race import DEFAULT_LANES, MAX_BRANCHES, MAX_CANDIDATES, MAX_NEW_TOKENS
 
 try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU

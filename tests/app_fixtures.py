@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from app.engine import ModelHost
+from app.host import ModelHost
 from decoding import LoadedModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def tiny_model(vocab: int, seed: int = 0):
 
 
 class TinyHost:
-    """Stands in for app.engine.ModelHost: a base model and, optionally, a different 'CLLM'."""
+    """Stands in for app.host.ModelHost: a base model and, optionally, a different 'CLLM'."""
 
     def __init__(self, with_cllm: bool = True):
         tok = tiny_tokenizer()

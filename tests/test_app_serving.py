@@ -1,7 +1,7 @@
 """Serving without a browser: model loading at start-up (and its failures), flags, and the page's controls."""
 import pytest
 
-from app.engine import ModelHost
+from app.host import ModelHost
 from app.main import parse_args
 from app.race import new_race
 from app.ui import build_demo, header_html

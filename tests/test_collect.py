@@ -71,12 +71,12 @@ def test_aligned_answers_give_each_row_its_own_logits(tiny):
 
 
 def test_prompts_split_and_later_turns(tmp_path):
-    """training.prompts on a small ShareGPT-like file (cut off at its end, as the real one): first turns split into
+    """training.dataset on a small ShareGPT-like file (cut off at its end, as the real one): first turns split into
     training and held-out prompts; --later-turns adds later turns to training only, never from a held-out
     conversation, and leaves the held-out set and the references as they were."""
     import zipfile
 
-    from training import prompts as tp
+    from training import dataset as tp
 
     def convo(i, k, turns):
         msgs = []

@@ -8,6 +8,7 @@ import torch
 
 from decoding.trace import repeat_flags
 from training import batches, objective, packing, train
+from training.settings import TrainSettings
 from training.losses import soft_kl
 from training.packing import align_answers, pack, pick_states
 from training.tiny import tiny_model
@@ -38,7 +39,7 @@ def test_caught_loops_stop_the_chosen_terms_at_their_onset(samples):
     assert [torch.equal(b.ar_mask[i], full) for i in range(4)] == [True, True, False, False]
     assert [torch.equal(b.ul_mask[i], full) for i in range(4)] == [True, True, True, False]
     assert torch.equal(b.ar_mask[2], stopped) and torch.equal(b.ar_mask[3], stopped) and torch.equal(b.ul_mask[3], stopped)
-    counts = objective.row_counts(b, train.TrainSettings(unlikelihood=0.5))  # what the chunked means weight rows by
+    counts = objective.row_counts(b, TrainSettings(unlikelihood=0.5))  # what the chunked means weight rows by
     assert counts["ar"].tolist() == [full.sum().item()] * 2 + [cut] * 2
     assert counts["unlikelihood"].tolist() == [full.sum().item()] * 3 + [cut]
 
@@ -53,13 +54,13 @@ def test_max_rep_judges_a_kept_loop_by_its_clean_start():
     repetitive = sample([1, 2, 3, 4] * 5)  # no 10-fold loop, but 13 of its 17 4-grams repeat
     plain = sample(list(range(40, 60)))
     data = [clean_then_loop, repetitive, plain]
-    kept, looping = batches.select_samples(data, train.TrainSettings(repeat_limit=10, loop_samples="cut", max_rep=0.5),
+    kept, looping = batches.select_samples(data, TrainSettings(repeat_limit=10, loop_samples="cut", max_rep=0.5),
                                          log=lambda _: None)
     assert [x["answer"][0].item() for x in kept] == [10, 40] and looping == 1
     assert kept[0]["cons_end"] == kept[0]["ar_end"] == kept[0]["ul_end"] == 20
-    kept, looping = batches.select_samples(data, train.TrainSettings(repeat_limit=10, max_rep=0.5), log=lambda _: None)
+    kept, looping = batches.select_samples(data, TrainSettings(repeat_limit=10, max_rep=0.5), log=lambda _: None)
     assert [x["answer"][0].item() for x in kept] == [40] and looping == 0
-    kept, _ = batches.select_samples(data, train.TrainSettings(), log=lambda _: None)
+    kept, _ = batches.select_samples(data, TrainSettings(), log=lambda _: None)
     assert kept == data
 
 
@@ -69,7 +70,7 @@ def test_padding_to_a_multiple_changes_the_shapes_not_the_losses(tiny, samples):
 
     model, _ = tiny
     _, out, _ = samples
-    s = train.TrainSettings(loop_penalty=2.0)
+    s = TrainSettings(loop_penalty=2.0)
     got, widths = [], []
     for pad_to in (1, 16):
         rng = random.Random(0)
@@ -98,7 +99,7 @@ def test_padding_to_a_multiple_changes_the_shapes_not_the_losses(tiny, samples):
 def test_one_training_step_lowers_the_loss(samples, consistency):
     _, out, _ = samples
     model = tiny_model(0).train()
-    s = train.TrainSettings(ar_loss="ce", teacher="self", batch=len(out), noise_window=4, consistency_loss=consistency)
+    s = TrainSettings(ar_loss="ce", teacher="self", batch=len(out), noise_window=4, consistency_loss=consistency)
     b = batches.make_batch(out, list(range(len(out))), s, 0, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     before = objective.compute_losses(objective.forward_logits(model, b), None, b, s)["loss"]
@@ -134,7 +135,7 @@ def test_losses_a_few_rows_at_a_time_equal_the_whole_batch(samples, consistency,
     model = acc.prepare(model)
     results = []
     for rows in (0, 1, 3):
-        s = train.TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5, repeat_weight=0.5, local_weight=0.5,
+        s = TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5, repeat_weight=0.5, local_weight=0.5,
                                 consistency_loss=consistency, loss_rows=rows, unlikelihood=0.3)
         b = batches.make_batch(out, list(range(len(out))), s, 0, 2)
         model.zero_grad()
@@ -177,7 +178,7 @@ def test_recompute_gives_the_same_gradients(samples):
 
     _, out, _ = samples
     acc = Accelerator(cpu=True)
-    s = train.TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5, loss_rows=2)
+    s = TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5, loss_rows=2)
     b = batches.make_batch(out, list(range(len(out))), s, 0, 2)
     grads = []
     for recompute in (False, True):
@@ -200,7 +201,7 @@ def test_recompute_gives_the_same_gradients(samples):
 
 def test_repeat_weight_moves_the_consistency_weight_off_repeated_text(samples):
     _, out, _ = samples
-    s = train.TrainSettings(batch=len(out), noise_window=4)
+    s = TrainSettings(batch=len(out), noise_window=4)
     b = batches.make_batch(out, list(range(len(out))), s, 0, 2)
     for i, x in enumerate(out):  # the packed flags are those of each answer after its prompt
         valid = x["valid"]
@@ -217,14 +218,14 @@ def test_repeat_weight_moves_the_consistency_weight_off_repeated_text(samples):
     teacher, student = base[:, :L][sel], logits[:, L:][sel]
     plain = objective.compute_losses(logits, base, b, s)["consistency"]
     assert plain.item() == pytest.approx(soft_kl(teacher, student).item(), rel=1e-6)
-    new_only = objective.compute_losses(logits, base, b, train.TrainSettings(repeat_weight=0.0))["consistency"]
+    new_only = objective.compute_losses(logits, base, b, TrainSettings(repeat_weight=0.0))["consistency"]
     fresh = ~b.repeats[sel]
     assert new_only.item() == pytest.approx(soft_kl(teacher[fresh], student[fresh]).item(), rel=1e-6)
 
 
 def test_loop_penalty_reaches_the_targets_of_every_answer_position(samples, tiny):
     out = looping(samples[1])
-    s = train.TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5)
+    s = TrainSettings(batch=len(out), noise_window=4, loop_penalty=1.5)
     b = batches.make_batch(out, list(range(len(out))), s, 0, 2)
     L, V = b.answer.shape[1], int(b.input_ids.max()) + 5
     g = torch.Generator().manual_seed(0)
@@ -244,7 +245,7 @@ def test_loop_penalty_reaches_the_targets_of_every_answer_position(samples, tiny
     assert "unlikelihood" not in got
     # --unlikelihood: the student's own probability of the same loop tokens, at every answer token
     marked = want != base[:, :L]
-    got = objective.compute_losses(logits, base, b, train.TrainSettings(batch=len(out), noise_window=4, unlikelihood=0.5))
+    got = objective.compute_losses(logits, base, b, TrainSettings(batch=len(out), noise_window=4, unlikelihood=0.5))
     p_loop = (logits[:, :L].softmax(-1) * marked)[b.ar_mask].sum(-1)
     assert got["unlikelihood"].item() == pytest.approx(-torch.log1p(-p_loop).mean().item(), rel=1e-5)
     assert got["loss"].item() == pytest.approx(got["ar"].item() + got["consistency"].item() + 0.5 * got["unlikelihood"].item(), rel=1e-5)
@@ -307,12 +308,13 @@ def test_grouped_batches_cover_each_epoch_once_with_similar_lengths():
     assert batches.grouped_indices(0, 8, [3, 1], seed=0) == batches.batch_indices(0, 8, 2, 0)  # fewer samples than a batch
 
 
-@pytest.mark.parametrize("step", ["ablate", "ceiling", "collect", "evaluate", "extract", "forced", "grow",
-                                  "loop_teacher", "merge", "prompts", "stepprobe", "train"])
+@pytest.mark.parametrize("step", ["training.collect", "training.evaluate", "training.dataset", "training.train",
+                                  "experiments.ablate", "experiments.ceiling", "experiments.extract", "experiments.forced",
+                                  "experiments.grow", "experiments.merge", "experiments.stepprobe"])
 def test_every_training_step_prints_its_help(step, capsys):
     """--help lists every flag of a step with its comment; a % in a comment once broke argparse's help of train."""
     import importlib
-    module = importlib.import_module(f"training.{step}")
+    module = importlib.import_module(step)
     with pytest.raises(SystemExit) as done:
         module.main(["--help"])
     assert done.value.code == 0

@@ -3,15 +3,12 @@ marks (--loop-samples), the seeded batch order (optionally grouped by length) an
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
 
 from decoding.trace import LOOP_PERIOD, loop_onset
 
 from .collect import repeats, seq_rep
 from .packing import PackedBatch, pack, pick_states
-
-if TYPE_CHECKING:
-    from .train import TrainSettings
+from .settings import TrainSettings
 
 
 def batch_indices(step: int, batch: int, count: int, seed: int) -> list[int]:
@@ -67,7 +64,7 @@ def mark_loop(sample: dict, limit: int, mode: str = "anchor") -> dict:
     return sample if onset is None else {**sample, **dict.fromkeys(LOOP_ENDS[mode][0], onset)}
 
 
-def select_samples(samples: list[dict], s: "TrainSettings", log=print) -> tuple[list[dict], int]:
+def select_samples(samples: list[dict], s: TrainSettings, log=print) -> tuple[list[dict], int]:
     """The samples --repeat-limit, --loop-samples and --max-rep keep (marked by mark_loop where their terms stop), and
     how many of them loop. A caught answer that is kept is judged by --max-rep on its part before the loop."""
     collected = len(samples)

@@ -26,7 +26,7 @@ from decoding import DEFAULT_SPEC, encode, load_model
 from decoding.prompts import read_jsonl
 from decoding.trace import LOOP_LIMIT, LOOP_PERIOD, loop_onset, repeat_flags
 
-from .cli import parse, print_table, save_settings
+from decoding.cli import parse, print_table, save_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

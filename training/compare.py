@@ -1,7 +1,7 @@
 """One table from several evaluation JSONs (training.evaluate --out), best recipe first.
 
     python -m training.compare runs/*/eval.json
-    python -m training.compare --paired A.json B.json   # two evaluations (or training.forced results) prompt by prompt
+    python -m training.compare --paired A.json B.json   # two evaluations (or per-prompt counts of experiments.forced) prompt by prompt
     python -m training.compare --best 2 runs/*/eval.json   # the adapter folders of the first 2 rows, one a line
     python -m training.compare --loops runs/*/eval.json    # the loop tail of each, answer by answer (from session 14)
 
@@ -27,7 +27,6 @@ import statistics
 import sys
 from pathlib import Path
 
-from decoding.paired import paired_rates, print_paired
 from decoding.trace import FastForwardSplit
 
 PPL_LIMIT = 1.10
@@ -124,16 +123,37 @@ def format_loops(name: str, x: dict) -> str:
 
 
 def per_prompt(r: dict, path: Path) -> list[list[int]]:
-    """[tokens, forwards] per prompt of an evaluation (its CLLM's Jacobi) or of a ``training.forced`` result."""
+    """[tokens, forwards] per prompt of an evaluation (its CLLM's Jacobi) or of a ``experiments.forced`` result."""
     rows = r.get("cllm", {}).get("jacobi", {}).get("per_prompt", r.get("per_prompt"))
     if rows is None:
         raise ValueError(f"{path} has no per-prompt counts (evaluations written before session 12 do not)")
     return rows
 
 
+def paired_rates(ra: list[float], rb: list[float]) -> dict:
+    """Two lists of per-prompt rates on the same prompts: their means, the mean of the differences a - b with its
+    standard error, and on how many prompts each side is higher."""
+    if len(ra) != len(rb) or not ra:
+        raise ValueError(f"need the same, non-zero number of prompts on both sides, got {len(ra)} and {len(rb)}")
+    diff = [x - y for x, y in zip(ra, rb)]
+    se = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+    return {"prompts": len(diff), "mean_a": statistics.mean(ra), "mean_b": statistics.mean(rb),
+            "mean_diff": statistics.mean(diff), "se_diff": se,
+            "a_more": sum(d > 0 for d in diff), "b_more": sum(d < 0 for d in diff)}
+
+
+def print_paired(c: dict, a: str, b: str, what: str) -> None:
+    """The lines ``main`` prints for a paired comparison ``c`` of files a and b."""
+    print(f"{what}, {c['prompts']} prompts, tokens per forward (mean over prompts)")
+    print(f"  a: {c['mean_a']:.3f}   {a}")
+    print(f"  b: {c['mean_b']:.3f}   {b}")
+    print(f"  a - b: {c['mean_diff']:+.3f} (standard error {c['se_diff']:.3f}); "
+          f"a more on {c['a_more']} prompts, b more on {c['b_more']}")
+
+
 def paired(a: Path, b: Path) -> dict:
-    """Tokens per forward of two evaluations (their CLLM's Jacobi) or ``training.forced`` results, compared prompt by
-    prompt (``decoding.paired``'s statistics); both must hold per-prompt counts for the same prompts."""
+    """Tokens per forward of two evaluations (their CLLM's Jacobi) or ``experiments.forced`` results, compared prompt by
+    prompt (``paired_rates``); both must hold per-prompt counts for the same prompts."""
     ra, rb = (json.loads(p.read_text()) for p in (a, b))
     rows = [per_prompt(ra, a), per_prompt(rb, b)]
     if Path(ra["settings"].get("heldout", "")).name != Path(rb["settings"].get("heldout", "")).name:  # paths differ between machines

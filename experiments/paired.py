@@ -1,6 +1,6 @@
 """Two benchmark results compared prompt by prompt: which adapter gains more tokens per forward, and by how much.
 
-    python -m decoding.paired A.json B.json [--lane cllm_jacobi]
+    python -m experiments.paired A.json B.json [--lane cllm_jacobi]
 
 Both files come from ``python -m decoding.bench`` on the same prompts (``.json`` or gzipped ``.json.gz``). Tokens per
 forward vary a lot from prompt to prompt (1.2 to 8 for our CLLMs), so two adapters are compared on the same prompts:
@@ -10,8 +10,9 @@ lane's wall time per forward against base AR's in each file, which is what turns
 from __future__ import annotations
 
 import argparse
-import statistics
-from .bench import read_bench
+
+from decoding.bench import read_bench
+from training.compare import paired_rates, print_paired
 
 
 def ms_per_forward(result: dict, lane: str) -> float | None:
@@ -31,27 +32,6 @@ def compare(a: dict, b: dict, lane: str = "cllm_jacobi") -> dict:
     return {"lane": lane, **paired_rates(ra, rb),
             "ms_per_forward": {name: {"lane": ms_per_forward(r, lane), "base_ar": ms_per_forward(r, "base_ar")}
                                for name, r in (("a", a), ("b", b))}}
-
-
-def paired_rates(ra: list[float], rb: list[float]) -> dict:
-    """Two lists of per-prompt rates on the same prompts: their means, the mean of the differences a - b with its
-    standard error, and on how many prompts each side is higher."""
-    if len(ra) != len(rb) or not ra:
-        raise ValueError(f"need the same, non-zero number of prompts on both sides, got {len(ra)} and {len(rb)}")
-    diff = [x - y for x, y in zip(ra, rb)]
-    se = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
-    return {"prompts": len(diff), "mean_a": statistics.mean(ra), "mean_b": statistics.mean(rb),
-            "mean_diff": statistics.mean(diff), "se_diff": se,
-            "a_more": sum(d > 0 for d in diff), "b_more": sum(d < 0 for d in diff)}
-
-
-def print_paired(c: dict, a: str, b: str, what: str) -> None:
-    """The lines ``main`` prints for a paired comparison ``c`` of files a and b."""
-    print(f"{what}, {c['prompts']} prompts, tokens per forward (mean over prompts)")
-    print(f"  a: {c['mean_a']:.3f}   {a}")
-    print(f"  b: {c['mean_b']:.3f}   {b}")
-    print(f"  a - b: {c['mean_diff']:+.3f} (standard error {c['se_diff']:.3f}); "
-          f"a more on {c['a_more']} prompts, b more on {c['b_more']}")
 
 
 def main(argv=None) -> dict:

@@ -1,4 +1,4 @@
-"""training.grow: a LoRA adapter grown to a higher rank, the same model until it is trained further."""
+"""experiments.grow: a LoRA adapter grown to a higher rank, the same model until it is trained further."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from decoding import adapters, load_model
-from training import collect, grow, train
+from experiments import grow
+from training import collect, train
 from training.tiny import save_tiny
 from training_fixtures import random_lora, tiny_inputs
 

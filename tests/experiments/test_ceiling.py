@@ -7,7 +7,7 @@ import torch
 
 from decoding.llama_static import StaticLlama
 from decoding.trace import DecodeTrace, Iteration
-from training.ceiling import CeilingSettings, measure, skip_events, two_ahead
+from experiments.ceiling import CeilingSettings, measure, skip_events, two_ahead
 
 
 def brute_mixture(model, ids: list[int], q: int, top_k: int, exclude: int | None) -> tuple[int, float]:

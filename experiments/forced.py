@@ -1,6 +1,6 @@
 """How well a model's Jacobi decoding fast-forwards a given text: Jacobi toward a fixed point that is given.
 
-    python -m training.forced --bench RESULT.json --lane base_ar --heldout assets/heldout.jsonl --out forced.json
+    python -m experiments.forced --bench RESULT.json --lane base_ar --heldout assets/heldout.jsonl --out forced.json
 
 Real Jacobi decoding runs toward the model's own greedy answer. Here the answer is given: the texts of one lane of
 a ``decoding.bench`` result (``base_ar``: the base model's greedy answers, the fixed points that training distils
@@ -26,8 +26,8 @@ from decoding.decoders import fresh_guesses, make_session
 from decoding.bench import read_bench
 from decoding.prompts import read_prompts
 
-from .cli import parse, print_table
-from .evaluate import write_result
+from decoding.cli import parse, print_table
+from training.evaluate import write_result
 
 
 @dataclass

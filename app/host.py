@@ -17,7 +17,6 @@ NO_ADAPTER = "none"  # --adapter none: no CLLM lanes even when the shipped adapt
 # a narrow window is faster: on a 2-core CPU our CLLM ran Jacobi at 1.20x base AR with n = 4, 0.97x with 8 and 0.84x
 # with 16 (float32, fast engine, 20 held-out prompts, 256 tokens; assets/results/cpu_bench_shipped_s12_*_heldout20.json.gz).
 GPU_WINDOW, CPU_WINDOW = 16, 4
-ENGINES = ("auto", "eager", "fast")  # auto: the fast engine (static cache; CUDA graphs on a GPU) on CUDA and CPU for Llama models
 
 
 def _log(msg: str) -> None:

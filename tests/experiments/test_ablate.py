@@ -1,4 +1,4 @@
-"""training.ablate: variants of an adapter with groups of its LoRA modules removed, measured on the same prompts."""
+"""experiments.ablate: variants of an adapter with groups of its LoRA modules removed, measured on the same prompts."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from decoding import DecodeConfig, encode, jacobi_decode, load_model, run
-from training import ablate
+from experiments import ablate
 from training.tiny import save_tiny
 from training_fixtures import random_lora
 

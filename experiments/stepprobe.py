@@ -1,7 +1,7 @@
 """Time and memory of training steps, with no model to download: a random model of SmolLM2-135M's shape on
 synthetic trajectories (prompts of the held-out set's lengths, 16-token blocks), through ``training.train``.
 
-    python -m training.stepprobe --variants "b32:--batch 32;b64_rows4:--batch 64 --loss-rows 4 --recompute true" \\
+    python -m experiments.stepprobe --variants "b32:--batch 32;b64_rows4:--batch 64 --loss-rows 4 --recompute true" \\
         --out step_probe.json
 
 Each variant is a training run of ``--steps`` steps in its own process (so peak memory is its own). It prints one
@@ -24,8 +24,8 @@ import torch
 
 from decoding.latency import SMOLLM2_135M
 
-from .cli import parse, print_table
-from .evaluate import ROOT, heldout_rows
+from decoding.cli import parse, print_table
+from training.evaluate import ROOT, heldout_rows
 
 SHAPES = {  # model shapes, as changes to the tests' tiny Llama (training.tiny.tiny_config): the embedded model's, and the tiny one
     "smollm2-135m": SMOLLM2_135M,
@@ -52,7 +52,7 @@ def make_inputs(work: Path, samples: int, shape: str, seed: int = 0) -> None:
     """The random model (with the tiny test tokenizer), trajectories and reference rows, once."""
     from transformers import LlamaForCausalLM
 
-    from .tiny import tiny_config, tiny_tokenizer
+    from training.tiny import tiny_config, tiny_tokenizer
 
     if (work / "traj" / "shard-00000.pt").exists():
         return
@@ -89,7 +89,7 @@ def make_inputs(work: Path, samples: int, shape: str, seed: int = 0) -> None:
 
 def run_variant(argv: list[str]) -> None:
     """In a child process: one training run, then its peak memory on stdout."""
-    from . import train
+    from training import train
 
     train.main(argv)
     cuda = torch.cuda.is_available() and "cpu" not in argv
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
                 "--out", str(run), "--max-steps", str(s.steps), "--log-every", "1", "--save-every", str(10 * s.steps),
                 "--device", s.device, *shlex.split(s.common), *shlex.split(flags)]
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "training.stepprobe", "--child", json.dumps(args)],
+        proc = subprocess.run([sys.executable, "-m", "experiments.stepprobe", "--child", json.dumps(args)],
                               capture_output=True, text=True, cwd=ROOT)
         peak = [line.split() for line in proc.stdout.splitlines() if line.startswith("PEAK_GIB")]
         row = {"flags": flags, "returncode": proc.returncode, "seconds": time.perf_counter() - t0}

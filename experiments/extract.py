@@ -1,7 +1,7 @@
 """A LoRA adapter from a fully fine-tuned model: the truncated SVD of each weight's change.
 
-    python -m training.extract --model runs/full/model --out runs/full/adapter --max-mib 15.5
-    python -m training.extract --model runs/full/model --out runs/full/adapter --rank 24
+    python -m experiments.extract --model runs/full/model --out runs/full/adapter --max-mib 15.5
+    python -m experiments.extract --model runs/full/model --out runs/full/adapter --rank 24
 
 Full fine-tuning trains best, but a whole model is far over the 16 MiB of a committed file. For each
 target matrix, delta = W_tuned - W_base = U S V^T is cut to its first r singular values and stored as
@@ -23,8 +23,9 @@ import torch
 
 from decoding import DEFAULT_SPEC, adapters, load_model
 
-from .cli import parse, print_table, save_settings
-from .train import ALL_LINEAR, MIB, target_modules, target_names
+from decoding.cli import parse, print_table, save_settings
+from training.settings import ALL_LINEAR
+from training.train import MIB, target_modules, target_names
 
 LOW_ENERGY = 0.5  # below this share of the change's squared norm, extract warns that the adapter needs an evaluation
 
