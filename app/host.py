@@ -13,9 +13,8 @@ import torch
 from decoding import DecodeConfig, LoadedModel, ModelLoadError, ar_decode, jacobi_decode, load_model, run
 
 NO_ADAPTER = "none"  # --adapter none: no CLLM lanes even when the shipped adapter exists
-# The window the page starts with. On a GPU a window of 16 costs about 1.1 AR steps; on a CPU it costs about 3, so there
-# a narrow window is faster: on a 2-core CPU our CLLM ran Jacobi at 1.20x base AR with n = 4, 0.97x with 8 and 0.84x
-# with 16 (float32, fast engine, 20 held-out prompts, 256 tokens; assets/results/cpu_bench_shipped_s12_*_heldout20.json.gz).
+# The window the page starts with. On a GPU a window of 16 costs little more than an AR step; on a CPU every row of a
+# pass costs time, so there a narrow window is faster (docs/findings.md has the measurements).
 GPU_WINDOW, CPU_WINDOW = 16, 4
 
 
@@ -28,10 +27,7 @@ class TorchThread:
 
     Why: torch's CPU threads (OpenMP) serve the first thread that uses them at full speed; another thread that
     uses them later (a web server's handler, after the main thread loaded the models) gets them with slow
-    wake-ups, which costs most on the many small matrix products of a 135M model's decode. On this project's
-    2-core CPU (float32, 8 prompts, n = 16, 128 tokens) a second thread ran CLLM Jacobi at 15.7 tok/s against 18.5
-    on the eager engine, and AR at 29.6 against 49.6 on the fast engine with fused weights
-    (assets/results/cpu_bench_thread_*.json against cpu_bench_eager_... and history/cpu_bench_fast_fused_...).
+    wake-ups, which costs most on the many small matrix products of a 135M model's decode (docs/findings.md).
     """
 
     def __init__(self):

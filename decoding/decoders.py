@@ -193,8 +193,8 @@ def _finish(trace: DecodeTrace, t0: float) -> DecodeTrace:
 
 def ar_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager", checked: bool = False) -> Iterator[DecodeTrace]:
     """Greedy autoregressive decoding with a KV cache: one token per forward. ``checked``: the caller has already
-    validated these inputs for this model (a race validates once for all its lanes)."""
-    prompt_ids = list(prompt_ids) if checked else validate(model, prompt_ids, cfg, engine=engine)
+    validated these inputs for this model (a race validates once for all its lanes). AR ignores the Jacobi extras."""
+    prompt_ids = list(prompt_ids) if checked else validate(model, prompt_ids, cfg)
     session = make_session(model, engine)
     trace = DecodeTrace(method="ar", n=1, prompt_ids=prompt_ids)
     t0 = _start(session, trace)

@@ -164,8 +164,7 @@ def main(argv=None) -> dict:
     if len(files) > 1:
         print(f"{size / MIB:.1f} MiB, over the 16 MiB limit of a committed file: written as {len(files)} shards")
     if report["kept_energy"] < LOW_ENERGY:
-        # Session 8: an extraction keeping 34% of a full fine-tuning (lr 1e-3) looped far more than the full model
-        # (seq-rep-4 0.584 -> 0.726, assets/results/training/eval_s9_lr10_*.json).
+        # An extraction that keeps a small share of the change can loop far more than the full model (docs/findings.md).
         print(f"warning: the adapter keeps only {report['kept_energy']:.0%} of the weight change, so it may not behave "
               "like the tuned model: run training.evaluate on it before shipping it")
     return report

@@ -46,14 +46,14 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 gpus() { $PY -c "import torch; print(max(1, torch.cuda.device_count()))"; }
 # One process per GPU: sets G (the GPU count) and gives each process its share of the cores. Left at the default, every process starts a thread per
-# core and they fight over them: 16.8 s per training step instead of 0.5 s (4 processes on 64 cores, H100 x4).
+# core and they fight over them, and a training step takes many times as long.
 share_cores() { export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / $1 > 1 ? $(nproc) / $1 : 1 ))}; }   # $1 processes at once
 per_gpu() { G=$(gpus); share_cores "$G"; }
 TRAJ=${TRAJ:-$WORK/traj}                  # trajectory folder of collect-gpus and sweep
 # COLLECT_ADAPTER=DIR collects with a CLLM instead of the base model (progressive distillation; use another TRAJ).
 PROMPTS=${PROMPTS:-data/prompts-train.jsonl}  # e.g. data/prompts-train-2x.jsonl (python -m training.dataset --later-turns N)
 COLLECT_FLAGS="--prompts $PROMPTS --out $TRAJ --batch ${COLLECT_BATCH:-256} --n 16 --max-new-tokens 256 ${COLLECT_ADAPTER:+--adapter $COLLECT_ADAPTER} ${COLLECT_AUGMENT:+--augment $COLLECT_AUGMENT} ${COLLECT_ARGS:-}"   # COLLECT_ARGS: more collect flags, e.g. "--repeat-limit 1000" (the repetition filter off: keep the answers that loop)
-SWEEP_EVAL_ARGS=${SWEEP_EVAL_ARGS:-"--engine fast --speed-prompts 200 --base-speed-prompts 0"}  # all 200 held-out prompts: over the first 60, 130 steps at lr 1e-4 moved the mean by 0.34 (session 12)
+SWEEP_EVAL_ARGS=${SWEEP_EVAL_ARGS:-"--engine fast --speed-prompts 200 --base-speed-prompts 0"}  # all 200 held-out prompts: the first 60 alone gave means that moved more than the runs differed
 
 # Every run's log, settings, extraction report and profile into $WORK/evals, beside its evaluation.
 gather_runs() {
@@ -107,7 +107,7 @@ case "$STAGE" in
     train_out; collect_out ;;
   bench)
     # The benchmark on the fast engine with the chosen CLLM adapter (bf16, as users run it).
-    # hf_generate (model.generate, ~27 tok/s) is left out by default: it would take most of the time.
+    # hf_generate (model.generate, about 20 times slower than the fast engine) is left out by default.
     $PY -m decoding.bench --engine fast --adapter "${BENCH_ADAPTER:-$WORK/cllm/adapter}" --n 16 --max-new-tokens 256 \
       --prompts "${BENCH_PROMPTS:-assets/prompts.jsonl}" --limit "${BENCH_LIMIT:-24}" \
       --lanes "${BENCH_LANES:-base_ar,base_jacobi,cllm_ar,cllm_jacobi}" --out "$OUT/bench_h100_bf16_cllm.json" ;;
@@ -127,9 +127,8 @@ case "$STAGE" in
   sweep)
     # RUNS="name:flags;name:flags;..." -> $WORK/run_<name>, all at once, round-robin over the GPUs; the cores are
     # shared out between the runs. Several runs fit one GPU only with less memory each: a batch-32 run takes 39 GiB
-    # of an 80 GB H100 (two at once ran out of memory); with --loss-rows 4 --recompute true it took 5.8 GiB, and two
-    # such runs a GPU (H200) went at 1.58 s a step each; one plain run alone on an H100 took 1.22 (session 14: eval_s15_*).
-    # With cuDNN attention off (train's default since session 15) and --pad-to 64: 1.41 to 1.49 s (H200, eval_s16_*).
+    # of an 80 GB H100 (two at once ran out of memory); with --loss-rows 4 --recompute true one takes about 6 GiB, and
+    # several such runs share a GPU at little cost in step time each.
     IFS=';' read -ra runs <<< "${RUNS:?set RUNS, e.g. RUNS='a:--ar-weight 1;b:--ar-weight 3'}"
     G=$(gpus); share_cores "${#runs[@]}"
     i=0

@@ -88,13 +88,13 @@ def test_on_a_cpu_machine_loads_and_decodes_run_on_one_torch_thread(tiny_model_d
 
     import torch
 
-    from app import engine
+    from app import host as hosting
     from app.race import run_race
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
-    thread = engine.torch_thread()
-    assert thread is not None and engine.torch_thread() is thread  # one per process
+    thread = hosting.torch_thread()
+    assert thread is not None and hosting.torch_thread() is thread  # one per process
     names = []
     host = ModelHost(str(tiny_model_dir), None, device="cpu", dtype="float32")
     real_load = host._load
@@ -120,6 +120,6 @@ def test_on_a_cpu_machine_loads_and_decodes_run_on_one_torch_thread(tiny_model_d
     assert host.call(lambda: host.call(lambda: threading.current_thread().name)) == names[0]  # nested: no deadlock
     # where a GPU may hold the models (or on ZeroGPU Spaces), everything stays on the caller's thread
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    assert engine.torch_thread() is None
+    assert hosting.torch_thread() is None
     gen = iter([1, 2])
     assert host.stream(gen) is gen and host.call(lambda: threading.current_thread().name) == threading.current_thread().name

@@ -17,7 +17,7 @@ def generate_ids(model, ids, max_new_tokens, eos=None):
 
 
 # derandomize: the same examples on every run. A random tiny model has rare exact ties between two logits in
-# float32, and two forwards that sum in another order may break one differently (session 15 drew one such case).
+# float32, and two forwards that sum in another order may break one differently (one drawn example once hit such a case).
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     prompt=st.lists(st.integers(0, 96), min_size=1, max_size=24),

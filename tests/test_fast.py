@@ -133,7 +133,7 @@ def test_texts_equal_eager_across_rope_types(rope):
 
 
 # derandomize: the same examples on every run. A random tiny model has rare exact ties between two logits in
-# float32, and two forwards that sum in another order may break one differently (session 15 drew one such case).
+# float32, and two forwards that sum in another order may break one differently (one drawn example once hit such a case).
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     prompt=st.lists(st.integers(0, 100), min_size=1, max_size=40),

@@ -12,9 +12,8 @@ import torch
 
 from decoding import DecodeConfig, ar_decode, encode, jacobi_decode, run
 from training import collect, evaluate, train
-from training.tiny import save_tiny
 
-from training_fixtures import PROMPTS, random_lora, tiny_inputs
+from training_fixtures import PROMPTS, tiny_inputs
 
 
 def test_loop_penalty_processor_penalises_the_token_that_would_repeat_a_4_gram():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from decoding.trace import repeat_flags
-from training import batches, objective, packing, train
+from training import batches, objective, packing
 from training.settings import TrainSettings
 from training.losses import soft_kl
 from training.packing import align_answers, pack, pick_states

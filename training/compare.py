@@ -3,7 +3,7 @@
     python -m training.compare runs/*/eval.json
     python -m training.compare --paired A.json B.json   # two evaluations (or per-prompt counts of experiments.forced) prompt by prompt
     python -m training.compare --best 2 runs/*/eval.json   # the adapter folders of the first 2 rows, one a line
-    python -m training.compare --loops runs/*/eval.json    # the loop tail of each, answer by answer (from session 14)
+    python -m training.compare --loops runs/*/eval.json    # the loop tail of each, answer by answer
 
 A run meets the quality targets when its reference perplexity is at most 1.10x the base model's
 and its greedy answers are no more repetitive (seq-rep-4) than the base model's. Rows are sorted:
@@ -98,10 +98,10 @@ def loop_report(r: dict) -> dict:
     """The loop tail of one evaluation, answer by answer: how many of the CLLM's and of the base model's greedy
     answers the 10x filter catches, to the same prompts or not; where those loops begin (token index); and for the
     loops only the CLLM falls into, how far past the text it shares with the base's answer they begin (below 0: on
-    that shared text). Needs the per-answer fields evaluations record from session 14 on."""
+    that shared text). Needs the per-answer fields of an evaluation (older ones lack them)."""
     base, cllm = r["base"]["repetition"].get("per_answer"), r.get("cllm", {}).get("repetition", {}).get("per_answer")
     if base is None or cllm is None:
-        raise ValueError("no per-answer repetition (evaluations written before session 14 do not record it)")
+        raise ValueError("no per-answer repetition (older evaluations do not record it: evaluate the adapter again)")
     b_on, c_on = base["loop_onset"], cllm["loop_onset"]
     shared = r["cllm"]["agreement_with_base"]["shared_prefix"]
     pairs = list(zip(b_on, c_on, shared))
@@ -126,7 +126,7 @@ def per_prompt(r: dict, path: Path) -> list[list[int]]:
     """[tokens, forwards] per prompt of an evaluation (its CLLM's Jacobi) or of a ``experiments.forced`` result."""
     rows = r.get("cllm", {}).get("jacobi", {}).get("per_prompt", r.get("per_prompt"))
     if rows is None:
-        raise ValueError(f"{path} has no per-prompt counts (evaluations written before session 12 do not)")
+        raise ValueError(f"{path} has no per-prompt counts (older evaluations do not record them: evaluate again)")
     return rows
 
 

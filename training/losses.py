@@ -72,8 +72,8 @@ def jacobi_gain(student_argmax: torch.Tensor, state: torch.Tensor, fixed: torch.
     student_argmax, state, fixed: [K, n] (blocks whose state is not yet the fixed point). A training-time
     proxy of the tokens accepted per forward at decode time (which is this gain, at least 1).
     Caveat: ``fixed`` is the collecting model's fixed point. Once training moves the model's own greedy
-    answer away from it, the proxy falls (even below 0) while real Jacobi gains can still grow (seen on
-    the H100: -0.16 at the end of the run that reached 2.6 tokens per forward). Judge with training.evaluate.
+    answer away from it, the proxy falls (even below 0) while real Jacobi gains can still grow. Judge with
+    training.evaluate.
     """
     return (first_wrong(student_argmax, fixed) - first_wrong(state, fixed)).float()
 

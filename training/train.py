@@ -39,7 +39,7 @@ from .collect import read_shards
 from .evaluate import generate_greedy
 from .objective import anchor_step, step_losses, uses_base
 from .packing import reference_pairs
-from .settings import ALL_LINEAR, TrainSettings
+from .settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -160,7 +160,7 @@ def save_final(accelerator, model, tokenizer, s: TrainSettings, out: Path, summa
 class StepProfiler:
     """``--profile-steps K``: torch.profiler over K steps after the first ``BUDGET_WARMUP`` (allocator and first
     launches), each phase of a step labelled ``phase:<name>``. At the end it writes out/profile.txt: the operators by
-    their own device time (the GPU's hot spots) and by total CPU time (the phases, and what waits on the host)."""
+    their own time on the device (the GPU's hot spots) and by total CPU time (the phases, and what waits on the host)."""
 
     def __init__(self, steps: int, first_step: int, out: Path, enabled: bool):
         self.start, self.stop = first_step + BUDGET_WARMUP, first_step + BUDGET_WARMUP + steps

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from decoding import DecodeConfig, ar_decode, encode, jacobi_decode, run
-from training import train
+from training import collect, train
 from training.tiny import save_tiny
 
 from training_fixtures import PROMPTS, random_lora, tiny_inputs

@@ -5,8 +5,6 @@ import json
 
 import pytest
 
-from decoding import bench
-
 def test_initcompare_pairs_the_inits_on_the_same_prompts(tiny_model_dir, tmp_path, capsys):
     """experiments.initcompare: every init on every prompt, the same text under each (it checks), forwards per init."""
 

@@ -1,10 +1,10 @@
 """experiments.forced: Jacobi decoding forced along a given answer."""
 import json
-from pathlib import Path
+import random
 
 import pytest
 
-from decoding import DecodeConfig, encode, jacobi_decode, run
+from decoding import DecodeConfig, ar_decode, encode, jacobi_decode, run
 
 from training_fixtures import PROMPTS, tiny_inputs
 
