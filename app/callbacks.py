@@ -1,18 +1,33 @@
 """The app's callbacks: small methods over one ModelHost that take the page's inputs and return its outputs.
-ui.py lays out the page and wires them to it; the work is in race, render, charts and about."""
+ui.py lays out the page and wires them to it; the work is in race, render, explain, charts and record."""
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import uuid
 from html import escape
+from pathlib import Path
+from urllib.parse import urlencode
 
 import gradio as gr
 import torch
 
 from . import charts, render
+from .explain import running_status, verdict
 from .host import ModelHost
-from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, StopRequests, new_race, race_json, run_race, stop_race
+from .race import (DEFAULT_LANES, LANES, MAX_BRANCHES, MAX_CANDIDATES, MAX_NEW_TOKENS, MAX_ROUNDS, ROUNDS, Race,
+                   StopRequests, new_race, race_json, run_race, stop_race)
+from .record import race_record
 
-STOPPED = "Stopped. The app is ready for the next race."
+READY = "The app is ready for the next race."
+INITS = ("random", "repeat", "lookup")  # the "Initial guesses" choices, in the page's order
+# Every view drawn from a race, in the order ``Callbacks.views`` returns them (ui.py lists the components so).
+VIEWS = ("time_plot", "accept_plot", "speed_plot", "lane_pick", "conv_plot", "step_slider", "step_view", "replay_view",
+         "race_file", "charts_file", "share")
+# The settings a shared link restores: query parameter -> (lowest, highest) for numbers, None for the others.
+LINK_PARAMS = {"prompt": None, "n": (1, 128), "max_new_tokens": (1, None), "init": None, "candidates": (0, MAX_CANDIDATES),
+               "branches": (0, MAX_BRANCHES), "lanes": None, "rounds": (1, MAX_ROUNDS)}
 
 
 def lane_choices(host: ModelHost) -> list[tuple[str, str]]:
@@ -24,6 +39,45 @@ def header_html(host: ModelHost) -> str:
     return f'<div class="{cls}">{escape(host.describe())}</div>'
 
 
+def share_link(race: Race | None) -> str:
+    """A link that opens the page with this race's prompt and settings (query parameters; ``Callbacks.restore``)."""
+    if race is None:
+        return ""
+    cfg = race.settings
+    query = urlencode({"prompt": race.prompt, "n": cfg.n, "max_new_tokens": cfg.max_new_tokens, "init": cfg.init,
+                       "candidates": cfg.candidates, "branches": cfg.branches,
+                       "lanes": ",".join(r.lane.key for r in race.runs), "rounds": race.rounds})
+    return (f'<a class="jl-share" href="?{escape(query)}" target="_blank" rel="noopener">Link to this prompt and '
+            "these settings</a>: copy it to share; it opens the page ready to race.")
+
+
+class Downloads:
+    """The files the Download buttons give, written once per race into gradio's upload folder (so it serves them
+    without a copy); the oldest races' files are removed beyond KEEP."""
+
+    KEEP = 32
+
+    def __init__(self):
+        from gradio.utils import get_upload_folder
+
+        self.folder = Path(get_upload_folder()) / "jacobi-lens"
+
+    def write(self, race: Race) -> tuple[str, str]:
+        """(race JSON, charts HTML) of a race, as paths."""
+        folder = self.folder / ("example" if race.recorded else uuid.uuid4().hex[:12])
+        folder.mkdir(parents=True, exist_ok=True)
+        data, page = folder / "jacobi-lens-race.json", folder / "jacobi-lens-charts.html"
+        data.write_text(json.dumps(race_record(race), ensure_ascii=False), encoding="utf-8")
+        page.write_text(charts.charts_html(race), encoding="utf-8")
+        self.prune()
+        return str(data), str(page)
+
+    def prune(self) -> None:
+        races = sorted((p for p in self.folder.iterdir() if p.is_dir() and p.name != "example"), key=lambda p: p.stat().st_mtime)
+        for old in races[: max(0, len(races) - self.KEEP)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 class Callbacks:
     """What the page's events call. Models are loaded by the caller (once, at start-up), or by ``load_models`` when
     custom models are allowed."""
@@ -31,33 +85,47 @@ class Callbacks:
     def __init__(self, host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS):
         self.host, self.allow_custom_models, self.limit = host, allow_custom_models, max_new_tokens_limit
         self.stops = StopRequests()
+        self.downloads = Downloads()
 
-    def token_text(self, tok: int) -> str:
-        return self.host.base.tokenizer.decode([tok]) if self.host.base else f"#{tok}"
-
-    def race_stream(self, prompt, n, max_new_tokens, init, candidates, branches, lanes, number, request: gr.Request):
+    def race_stream(self, prompt, n, max_new_tokens, init, candidates, branches, lanes, rounds, number,
+                    request: gr.Request):
+        """Run a race, yielding board, status, state and the other views (VIEWS): cleared at the start, drawn once
+        the lanes have run (while the timed runs go on), left to ``after_race`` at the end."""
         try:
             race = new_race(self.host, prompt, n, max_new_tokens, init, lanes or [], limit=self.limit,
-                            candidates=candidates, branches=branches)
+                            candidates=candidates, branches=branches, rounds=rounds)
         except ValueError as exc:
+            yield (render.board_html(None, f"No race: {escape(str(exc))}."), f'<span class="jl-bad">Cannot start the race: '
+                   f"{escape(str(exc))}.</span>", None, *self.views(None))
             raise gr.Error(str(exc), title="Cannot start the race") from None
-        total = len(race.runs)
         stopped = self.stops.checker(request.session_hash, number)
+        views, drawn = self.views(race), False
         try:
             for race in self.host.stream(run_race(self.host, race, engine=self.host.engine, stopped=stopped)):
-                running = next((i for i, r in enumerate(race.runs) if r.status == "running"), None)
-                status = f"Running lane {running + 1} of {total}: **{race.runs[running].lane.label}** …" if running is not None else ""
-                yield render.board_html(race), status, race
+                if race.timing and not drawn:  # every lane has run once: draw them while the timed runs go on
+                    views, drawn = self.views(race), True
+                yield render.board_html(race), running_status(race), race, *views
+                views = (gr.skip(),) * len(VIEWS)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window, and try again.", title="Out of memory") from None
-        yield render.board_html(race), STOPPED if stopped() else render.verdict(race), race
+        race.stopped = race.stopped or stopped()
+        yield render.board_html(race), verdict(race) + (f" {READY}" if race.stopped else ""), race, *views
 
-    def after_race(self, race):
+    def views(self, race: Race | None, axis: str = "window") -> tuple:
+        """Every view drawn from a race, in VIEWS order; for no race (or one without a finished lane) each says it
+        is empty. Called after every race, Stop and error, so no view ever shows an older race."""
         jacobi = [(r.lane.label, r.lane.key) for r in (race.finished if race else []) if r.lane.method == "jacobi"]
         pick = jacobi[-1][1] if jacobi else None
+        conv, slider = self.inspect(race, pick, axis)
+        files = self.downloads.write(race) if race and race.finished else (None, None)
         return (charts.tokens_over_time(race), charts.accepted_per_iteration(race), charts.speed_summary(race),
-                gr.update(choices=jacobi, value=pick))
+                gr.update(choices=jacobi, value=pick), conv, slider, self.step(race, pick, 1),
+                render.replay_placeholder(race), *(gr.update(value=f, interactive=f is not None) for f in files),
+                share_link(race))
+
+    def after_race(self, race, axis):
+        return self.views(race, axis)
 
     def inspect(self, race, key, axis):
         run = race.run(key) if race and key else None
@@ -65,18 +133,41 @@ class Callbacks:
         return self.convergence(race, key, axis), gr.update(maximum=max(total, 2), value=1, interactive=total > 1)
 
     def convergence(self, race, key, axis):
-        return charts.convergence_map(race.run(key) if race and key else None, axis, self.token_text)
+        return charts.convergence_map(race.run(key) if race and key else None, axis)
 
     def step(self, race, key, index):
         run = race.run(key) if race and key else None
         its = run.trace.iterations if run and run.trace else []
         if not its:
-            return render.step_html(None, 0, self.token_text)
+            return render.step_html(None, 0, str)
         it = its[min(max(int(index), 1), len(its)) - 1]
-        return render.step_html(it, len(its), self.token_text, "".join(run.pieces[: it.start]))
+        context = "".join(p for p, special in zip(run.pieces[: it.start], run.special) if not special)
+        return render.step_html(it, len(its), charts.answer_token_text(run), context)
 
     def replay(self, race, speed, nonce):
         return render.replay_html(race, render.SPEEDS.get(speed, 1.0), nonce + 1), nonce + 1
+
+    def restore(self, request: gr.Request):
+        """Page load: the settings a shared link carries (query parameters, LINK_PARAMS), each one checked; a
+        missing or unusable one leaves its control as it is."""
+        query = dict(request.query_params) if request is not None else {}
+        out = []
+        for name, bounds in LINK_PARAMS.items():
+            value = query.get(name)
+            out.append(gr.skip() if value is None else self.link_value(name, value, bounds))
+        return tuple(out)
+
+    def link_value(self, name: str, value: str, bounds):
+        if name == "prompt":
+            return value[:20_000] if value.strip() else gr.skip()
+        if name == "init":
+            return value if value in INITS else gr.skip()
+        if name == "lanes":
+            keys = [k for k in value.split(",") if k in {key for _, key in lane_choices(self.host)}]
+            return keys if keys else gr.skip()
+        lo, hi = bounds
+        hi = self.limit if hi is None else hi
+        return int(value) if value.strip().isdigit() and lo <= int(value) <= hi else gr.skip()
 
     def forget_stops(self, request: gr.Request):
         self.stops.forget(request.session_hash)
@@ -84,9 +175,10 @@ class Callbacks:
     def on_stop(self, race, number, request: gr.Request):
         self.stops.stop(request.session_hash, number)
         stop_race(race)
-        return render.board_html(race), STOPPED
+        return render.board_html(race), f"Stopped. {READY}"
 
-    def race_api(self, prompt: str, n: int = 16, max_new_tokens: int = 128, candidates: int = 0, branches: int = 0) -> dict:
+    def race_api(self, prompt: str, n: int = 16, max_new_tokens: int = 128, candidates: int = 0, branches: int = 0,
+                 rounds: int = ROUNDS) -> dict:
         """Race AR and Jacobi decoding on one prompt, lanes one after another.
 
         Args:
@@ -95,14 +187,23 @@ class Callbacks:
             max_new_tokens: tokens to generate at most.
             candidates: candidate n-grams (each n-1 tokens) checked beside the Jacobi window in every pass, 0 to 4.
             branches: other likely tokens for the window's first guess, each checked beside it in every pass, 0 to 3.
+            rounds: timed runs of every lane, 1 to 5; after the first, the lanes run again in alternating order.
         Returns:
-            JSON whose "lanes" are "base_ar", "base_jacobi" and, when a CLLM is loaded, "cllm_jacobi";
-            each has "text", "tokens", "forwards", "wall_s", "tok_s", "mean_accepted", "speedup" (over base_ar)
-            and "matches_ar" (its tokens equal those of the AR lane it is compared with).
+            JSON with "prompt", "model", "device", "settings", "rounds", "stopped" and "lanes": "base_ar",
+            "base_jacobi" and, when a CLLM is loaded, "cllm_ar" and "cllm_jacobi". Each lane has "label", "text",
+            "status", "n", "tokens", "forwards" (the prefill included), "mean_accepted" (tokens per pass after the
+            prefill: exact, the same every run), "ttft_s", "stop_reason", "walls" (seconds of each timed run),
+            "wall_s" (their median), "tok_s" (tokens / wall_s), "loop_from" (index of the token where the answer
+            starts to loop, or null) and, for Jacobi lanes, "repeated_per_forward" (the part of mean_accepted that came
+            from fast-forwarding repeated text). A Jacobi lane is measured against "reference", the AR lane of its own
+            model (else the other model's, when its own did not run); "same_text": its tokens equal the reference's;
+            "first_difference": index of the first token where they differ (null when equal); "speedup": the median
+            over the timed runs of its tokens per second over the reference's in the same run, "speedup_runs" each
+            run's, "speedup_min" and "speedup_max" their range. AR lanes have null in these.
         """
         try:
             race = new_race(self.host, prompt, n, max_new_tokens, "random", DEFAULT_LANES, limit=self.limit,
-                            candidates=candidates, branches=branches)
+                            candidates=candidates, branches=branches, rounds=rounds)
             for race in self.host.stream(run_race(self.host, race, stream_every=math.inf, engine=self.host.engine)):
                 pass
         except ValueError as exc:

@@ -5,8 +5,9 @@ from html import escape
 
 import plotly.graph_objects as go
 
+from .explain import no_gain
 from .race import Race, LaneRun, lane_numbers
-from .render import cell_state, kept_phrase, show_token
+from .render import cell_state, kept_phrase
 
 COLORS = {"base_ar": "#64748b", "base_jacobi": "#f59e0b", "cllm_ar": "#8b5cf6", "cllm_jacobi": "#10b981"}
 CELL_COLORS = {"wrong": "#fca5a5", "stationary": "#fde047", "accepted": "#22c55e"}
@@ -14,11 +15,26 @@ CELL_CODES = {"wrong": 0, "stationary": 1, "accepted": 2}
 AXES = ("window", "answer")  # convergence map: position in the window, or in the whole answer
 
 
+def plot_text(text: str) -> str:
+    """Text from a model or a user, for a plotly hover or label. Plotly draws these as its own small HTML: ``<`` and
+    ``&`` must be escaped, but it turns named entities it does not know (``&quot;``) into literal text, so quotes are
+    left as they are (they are safe there: plotly never puts this text in an attribute)."""
+    return escape(text, quote=False)
+
+
+def show_piece(piece: str) -> str:
+    """A token's text for a hover: spaces and newlines made visible, escaped for plotly."""
+    return plot_text(piece.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥")) or "∅"
+
+
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 340) -> go.Figure:
+    """The common look; the legend sits under the plot, where a narrow screen has room for it to wrap without
+    covering the title."""
     fig.update_layout(
-        title=dict(text=title, x=0.01, font=dict(size=15)), template="plotly_white", height=height,
-        margin=dict(l=60, r=20, t=50, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right"),
-        xaxis_title=x, yaxis_title=y,
+        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=15)), template="plotly_white", height=height,
+        margin=dict(l=10, r=10, t=45, b=10),
+        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, xanchor="left"),
+        xaxis=dict(title=dict(text=x), automargin=True), yaxis=dict(title=dict(text=y), automargin=True),
     )
     return fig
 
@@ -42,56 +58,83 @@ def tokens_over_time(race: Race | None) -> go.Figure:
         times = run.trace.token_times()
         fig.add_trace(go.Scatter(
             x=[0.0] + times, y=list(range(len(times) + 1)), mode="lines", line_shape="hv", name=run.lane.label,
-            line=dict(color=COLORS[run.lane.key], width=3), hovertemplate="%{y} tokens at %{x:.2f} s<extra>" + escape(run.lane.label) + "</extra>",
+            line=dict(color=COLORS[run.lane.key], width=3),
+            hovertemplate="%{y} tokens at %{x:.2f} s<extra>" + plot_text(run.lane.label) + "</extra>",
         ))
-    return _layout(fig, title, "seconds since the lane started", "tokens")
+    return _layout(fig, title, "seconds since the lane started", "tokens", height=380)
 
 
 def accepted_per_iteration(race: Race | None) -> go.Figure:
     """Tokens accepted by each forward of each Jacobi lane; AR is always 1. A diamond marks a forward whose tokens came
     from a candidate n-gram or a branch checked beside the window."""
-    title = "Tokens accepted per forward (Jacobi lanes)"
+    title = "Tokens accepted per pass (Jacobi lanes)"
     runs = [r for r in (race.finished if race else []) if r.lane.method == "jacobi"]
     if not runs:
         return _empty(title, "Run a race with a Jacobi lane to see this chart.")
     fig = go.Figure()
+    # AR's one token a pass: a faint band drawn under the lanes, so a lane that mostly gains 1 stays visible on it
+    fig.add_hrect(y0=0.9, y1=1.1, fillcolor="rgba(100, 116, 139, 0.15)", line_width=0, layer="below",
+                  annotation_text="AR: 1 per pass", annotation_position="bottom right", annotation_font_color="#64748b")
     for run in runs:
         its = run.trace.iterations
+        ring = "-open" if run.lane.model == "base" else ""  # base: rings around the CLLM's dots, so both show where equal
         fig.add_trace(go.Scatter(
             x=[it.index for it in its], y=[it.accepted for it in its], mode="lines+markers", name=run.lane.label,
             line=dict(color=COLORS[run.lane.key], width=2),
-            marker=dict(size=[8 if it.candidate else 5 for it in its], symbol=["diamond" if it.candidate else "circle" for it in its]),
+            marker=dict(size=[(10 if it.candidate else 9) if ring else (8 if it.candidate else 5) for it in its],
+                        symbol=[("diamond" if it.candidate else "circle") + ring for it in its], line=dict(width=2)),
             customdata=[f" (kept {kept_phrase(it)})" if it.candidate else "" for it in its],
-            hovertemplate="iteration %{x}: %{y} accepted%{customdata}<extra>" + escape(run.lane.label) + "</extra>",
+            hovertemplate="pass %{x}: %{y} accepted%{customdata}<extra>" + plot_text(run.lane.label) + "</extra>",
         ))
-    fig.add_hline(y=1, line_dash="dot", line_color=COLORS["base_ar"], annotation_text="AR: 1 per forward", annotation_position="top left")
-    fig = _layout(fig, title, "iteration (forward pass after the prefill)", "tokens accepted")
+    fig = _layout(fig, title, "pass (after the one over the prompt)", "tokens accepted", height=380)
     fig.update_yaxes(rangemode="tozero", dtick=1 if max(it.accepted for r in runs for it in r.trace.iterations) <= 8 else None)
     return fig
 
 
+def speed_label(race: Race, run: LaneRun, num: dict) -> str:
+    """A bar's words: the lane, its tokens per pass, and its clock ratio against its reference (or why it has none,
+    or why it is no gain)."""
+    head = f"<b>{plot_text(run.lane.label)}</b> · {num['mean_accepted']:.2f} tokens/pass"
+    if run.lane.method == "ar":
+        return head + ("<br>the reference" if any(race.reference(r) is run for r in race.runs) else "")
+    if num["speedup"] is None:
+        return head + "<br>no AR lane to compare with"
+    ratio = f"{num['speedup']:.2f}× {plot_text(race.reference(run).lane.label)}"
+    if no_gain(num):
+        return head + f"<br>{ratio}: not a Jacobi gain"
+    return head + f"<br>{ratio}" + ("" if num["same_text"] else " (another text)")
+
+
 def speed_summary(race: Race | None) -> go.Figure:
-    """Tokens per second per lane, labelled with the speedup over base AR and tokens per forward."""
-    title = "Speed per lane"
+    """Tokens per second per lane (the median of its timed runs, the whisker their range), one bar a lane, each
+    headed by its tokens per pass and its clock ratio against its reference AR lane."""
+    title = "Speed per lane (whisker: range of the runs)"
     runs = race.finished if race else []
     if not runs:
         return _empty(title, "Run a race to see this chart.")
     nums = [lane_numbers(race, r) for r in runs]
-    labels = [
-        (f"{num['speedup']:.2f}× AR" if num["speedup"] else "—") + f" · {num['mean_accepted']:.2f} tok/fwd" for num in nums
-    ]
+    rates = [[len(r.trace.tokens) / w for w in num["walls"] if w > 0] or [num["tok_s"]] for r, num in zip(runs, nums)]
+    keys = [r.lane.key for r in runs]
     fig = go.Figure(go.Bar(
-        x=[r.lane.label for r in runs], y=[num["tok_s"] for num in nums], text=labels, textposition="outside",
-        marker_color=[COLORS[r.lane.key] for r in runs], hovertemplate="%{x}: %{y:.1f} tok/s<extra></extra>",
+        y=keys, x=[num["tok_s"] for num in nums], orientation="h", width=0.32,
+        error_x=dict(type="data", symmetric=False, array=[max(rs) - num["tok_s"] for rs, num in zip(rates, nums)],
+                     arrayminus=[num["tok_s"] - min(rs) for rs, num in zip(rates, nums)], color="#334155"),
+        marker_color=[COLORS[k] for k in keys], customdata=[plot_text(r.lane.label) for r in runs],
+        hovertemplate="%{customdata}: %{x:.1f} tokens/s<extra></extra>",
     ))
-    fig = _layout(fig, title, "", "tokens per second")
-    fig.update_yaxes(range=[0, max(num["tok_s"] for num in nums) * 1.25 or 1])
+    for key, run, num in zip(keys, runs, nums):  # the words above each bar, as wide as the chart (phones too)
+        fig.add_annotation(x=0, xref="paper", y=key, text=speed_label(race, run, num), showarrow=False, xanchor="left",
+                           yanchor="bottom", yshift=16, align="left", font=dict(size=12, color="#334155"))
+    fig = _layout(fig, title, "tokens per second (median of the runs)", "", height=80 + 100 * len(runs))
+    fig.update_yaxes(autorange="reversed", showticklabels=False)
+    fig.update_xaxes(range=[0, max(max(rs) for rs in rates) * 1.05 or 1])
     return fig
 
 
 def answer_token_text(run: LaneRun):
-    """A token id's text from the lane's own answer (ids that never made it into the answer show as #id)."""
-    known = dict(zip(run.trace.tokens, run.pieces))
+    """A token id's text, from the lane's own record of the tokens its passes saw (else from its answer; ids
+    found in neither show as #id)."""
+    known = dict(zip(run.trace.tokens, run.pieces)) | run.vocab
     return lambda tok: known.get(tok, f"#{tok}")
 
 
@@ -119,8 +162,8 @@ def convergence_cells(run: LaneRun, axis: str = "window", token_text=None) -> tu
             hover[r][col] = (
                 f"iteration {it.index}, window slot {j}, answer token {it.start + j + 1}<br>"
                 + (f"this row is {kept_phrase(it)}, kept over the window<br>" if it.candidate else "") +
-                f"fed in {show_token(token_text(inp))} → out {show_token(token_text(out))}<br>"
-                f"{state}" + (f" (final token {show_token(final)})" if state == "wrong" and final else "")
+                f"fed in {show_piece(token_text(inp))} → out {show_piece(token_text(out))}<br>"
+                f"{state}" + (f" (final token {show_piece(final)})" if state == "wrong" and final else "")
             )
     return codes, hover, width
 
@@ -136,7 +179,8 @@ def convergence_map(run: LaneRun | None, axis: str = "window", token_text=None) 
     fig = go.Figure(go.Heatmap(
         z=codes, text=hover, hovertemplate="%{text}<extra></extra>", zmin=-0.5, zmax=2.5, colorscale=scale, xgap=1, ygap=1,
         x=list(range(width)), y=[it.index for it in run.trace.iterations],
-        colorbar=dict(tickvals=[0, 1, 2], ticktext=["wrong guess", "right, waiting (stationary)", "accepted"], len=0.8, thickness=14),
+        colorbar=dict(tickvals=[0, 1, 2], ticktext=["wrong", "right, waiting", "accepted"], orientation="h", thickness=12,
+                      len=1, x=0, xanchor="left", y=1.0, yanchor="bottom"),
     ))
     kept = [it for it in run.trace.iterations if it.candidate]
     if kept:  # a diamond left of a row: that pass kept a candidate n-gram or a branch, and the row shows it
@@ -151,11 +195,33 @@ def convergence_map(run: LaneRun | None, axis: str = "window", token_text=None) 
         fig.update_layout(showlegend=True)
         step = next((s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if width / s <= 16), max(1, width // 16))
         fig.update_xaxes(tickvals=list(range(0, width, step)))  # no tick at the diamonds' -1
-    x = "position in the window (0 = last accepted token)" if axis == "window" else "position in the answer"
+    x = "window position (0: last accepted)" if axis == "window" else "position in the answer"
     rows = len(run.trace.iterations)
-    fig = _layout(fig, f"{title} · {escape(run.lane.label)}", x, "iteration", height=min(900, max(320, 60 + 14 * rows)))
+    fig = _layout(fig, f"{title} · {plot_text(run.lane.label)}", x, "pass", height=min(900, max(340, 100 + 14 * rows)))
+    fig.update_layout(margin_t=85)  # room for the colour key between the title and the map
     fig.update_yaxes(autorange="reversed")
     return fig
+
+
+def race_figures(race: Race) -> list[go.Figure]:
+    """Every chart of a race: tokens over time, accepted per pass, speed, and each Jacobi lane's convergence map."""
+    jacobi = [r for r in race.finished if r.lane.method == "jacobi"]
+    return [tokens_over_time(race), accepted_per_iteration(race), speed_summary(race)] + [convergence_map(r) for r in jacobi]
+
+
+def charts_html(race: Race) -> str:
+    """The race's charts as one HTML page that needs no network (plotly.js is inside it, once), headed by the
+    prompt and the settings."""
+    cfg = race.settings
+    where = "recorded example, " if race.recorded else ""
+    head = (f"<h1>Jacobi Lens: one race</h1><p><b>Prompt:</b> {escape(race.prompt)}</p>"
+            f"<p>{where}{escape(race.model_name)} on {escape(race.device)}; window {cfg.n}, up to {cfg.max_new_tokens} "
+            f"tokens, {race.rounds} timed run(s) per lane.</p>")
+    plots = [fig.to_html(full_html=False, include_plotlyjs=i == 0, config={"responsive": True})
+             for i, fig in enumerate(race_figures(race))]
+    return ('<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, '
+            'initial-scale=1"><title>Jacobi Lens race</title></head><body style="font-family:sans-serif;max-width:1100px;'
+            f'margin:auto;padding:8px">{head}{"".join(plots)}</body></html>')
 
 
 def _run_hover(label: str, run: dict) -> str:
@@ -189,7 +255,7 @@ def training_runs(runs: list[dict], shipped: dict | None, ppl_limit: float = 1.1
             fig.add_trace(go.Scatter(
                 x=[r["tokens_per_forward"] for r in group], y=[r["seq_rep_4"] for r in group], mode="markers", name=name,
                 marker=dict(size=9, color=color, line=dict(width=1, color="#334155")),
-                hovertext=[_run_hover(escape(r["name"]), r) for r in group], hoverinfo="text"))
+                hovertext=[_run_hover(plot_text(r["name"]), r) for r in group], hoverinfo="text"))
     if shipped is not None:
         fig.add_trace(go.Scatter(x=[shipped["tokens_per_forward"]], y=[shipped["seq_rep_4"]], mode="markers", name="shipped adapter",
                                  marker=dict(size=18, symbol="star", color="#f59e0b", line=dict(width=1, color="#334155")),

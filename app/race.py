@@ -1,16 +1,20 @@
 """A race: the same prompt through several lanes (AR / Jacobi on the base model or the CLLM), one after another.
 
+Each Jacobi lane is measured against the AR lane of its own model (same text, token for token): its tokens per pass
+are exact; its clock ratio comes from timed rounds that alternate the lanes, with their spread.
 No Gradio here: the UI, the ``/race`` API and the tests all drive ``run_race`` and read its ``Race``.
 """
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from decoding import DecodeConfig, DecodeTrace, encode, validate
-from decoding.decoders import DECODERS, Limits, context_length, default_candidate_len
+from decoding.decoders import DECODERS, Limits, check_int, context_length, default_candidate_len
+from decoding.trace import LOOP_LIMIT, LOOP_PERIOD, loop_onset
 
 from .text import Detokenizer
 
@@ -18,6 +22,8 @@ MAX_NEW_TOKENS = 1024  # default cap of one request in the app (the engine allow
 MAX_CANDIDATES = 4  # candidate n-grams a pass may check in the app (each as long as the window's guesses)
 MAX_BRANCHES = 3  # other likely tokens for the window's first guess a pass may check in the app
 STREAM_EVERY_S = 0.1  # the UI gets a fresh frame at most this often while a lane runs
+ROUNDS, MAX_ROUNDS = 3, 5  # timed runs of every lane (the one you watch, then unseen ones), for the clock ratio's spread
+GAIN_MIN = 1.1  # below this many tokens per pass Jacobi saved too few passes for a clock ratio to be its gain
 
 
 @dataclass(frozen=True)
@@ -28,14 +34,15 @@ class Lane:
     method: str  # "ar" or "jacobi"
 
 
-# The order is the running order: AR first, so every later lane has its speedup at once.
+# The order is the running order: each model's AR before its Jacobi, so a Jacobi lane has its reference at once.
 LANES = {
     "base_ar": Lane("base_ar", "AR · base model", "base", "ar"),
     "base_jacobi": Lane("base_jacobi", "Jacobi · base model", "base", "jacobi"),
     "cllm_ar": Lane("cllm_ar", "AR · CLLM", "cllm", "ar"),
     "cllm_jacobi": Lane("cllm_jacobi", "Jacobi · CLLM", "cllm", "jacobi"),
 }
-DEFAULT_LANES = ("base_ar", "base_jacobi", "cllm_jacobi")  # what a race runs when not told otherwise
+# What a race runs when not told otherwise: both pairs, so each Jacobi lane is measured against its own model's AR.
+DEFAULT_LANES = ("base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
 
 
 @dataclass
@@ -48,6 +55,8 @@ class LaneRun:
     pieces: list[str] = field(default_factory=list)  # text of each generated token
     special: list[bool] = field(default_factory=list)  # token is a special one (EOS, ...)
     text: str = ""  # the answer, special tokens left out
+    walls: list[float] = field(default_factory=list)  # seconds of each timed run: the streamed one, then the rounds
+    vocab: dict[int, str] = field(default_factory=dict)  # text of every token id in its passes (special: a marker)
 
 
 @dataclass
@@ -60,18 +69,21 @@ class Race:
     device: str
     runs: list[LaneRun]
     prompt_ids: list[int] = field(default_factory=list)  # the prompt through the chat template, encoded once
+    rounds: int = ROUNDS  # timed runs of every lane (1: only the streamed one)
+    stopped: bool = False  # Stop reached this race
+    recorded: dict | None = None  # a race read from a file: its meta (device, command, commit), shown as recorded
+    timing: tuple[int, str] | None = None  # while timed rounds run: (round, lane key) being timed
 
     def run(self, key: str) -> LaneRun | None:
         return next((r for r in self.runs if r.lane.key == key), None)
 
     def reference(self, run: LaneRun) -> LaneRun | None:
-        """The AR lane a lane is compared with: same model's AR if it ran, else the base AR."""
-        if run.lane.method == "ar" and run.lane.model == "base":
+        """The AR lane a Jacobi lane is measured against: its own model's AR when that lane is in the race (same
+        text), else the other model's AR (a different text); None for an AR lane."""
+        if run.lane.method == "ar":
             return None
-        own = self.run(f"{run.lane.model}_ar")
-        if own is not None and own is not run:
-            return own
-        return self.run("base_ar") if run.lane.key != "base_ar" else None
+        other = "cllm" if run.lane.model == "base" else "base"
+        return self.run(f"{run.lane.model}_ar") or self.run(f"{other}_ar")
 
     @property
     def finished(self) -> list[LaneRun]:
@@ -87,7 +99,7 @@ def whole(value):
 
 
 def new_race(host, prompt: str, n, max_new_tokens, init: str = "random", lanes=DEFAULT_LANES, limit: int = MAX_NEW_TOKENS,
-             candidates=0, branches=0) -> Race:
+             candidates=0, branches=0, rounds=ROUNDS) -> Race:
     """Check a request against the loaded models and set up its lanes; raises ValueError with a message for people.
     The prompt is encoded and the settings validated here, once for every lane."""
     if host.error:
@@ -100,6 +112,7 @@ def new_race(host, prompt: str, n, max_new_tokens, init: str = "random", lanes=D
     chosen = [LANES[k] for k in LANES if k in lanes and (LANES[k].model == "base" or host.cllm is not None)]
     if not chosen:
         raise ValueError("no lane to run: tick at least one lane (the CLLM lanes need a CLLM adapter)")
+    check_int("timed runs", whole(rounds), 1, MAX_ROUNDS)
     n = whole(n)
     cfg = DecodeConfig(max_new_tokens=whole(max_new_tokens), n=n, init=init, eos_token_ids=host.base.eos_token_ids,
                        candidates=whole(candidates), candidate_len=default_candidate_len(n) if isinstance(n, int) else None,
@@ -112,7 +125,8 @@ def new_race(host, prompt: str, n, max_new_tokens, init: str = "random", lanes=D
         if shape not in shapes:
             validate(loaded.model, prompt_ids, cfg, limits, engine=host.engine)
             shapes.add(shape)
-    return Race(prompt, cfg, host.base.name, str(host.base.device), [LaneRun(lane) for lane in chosen], prompt_ids)
+    return Race(prompt, cfg, host.base.name, str(host.base.device), [LaneRun(lane) for lane in chosen], prompt_ids,
+                whole(rounds))
 
 
 def clean_timing(steps: Iterator[DecodeTrace]) -> Iterator[DecodeTrace]:
@@ -140,36 +154,94 @@ def never() -> bool:
     return False
 
 
+def lane_model(host, run: LaneRun):
+    return host.base if run.lane.model == "base" else host.cllm
+
+
+def warm_up(host, race: Race, engine: str) -> None:
+    """A few untimed passes of each model the race uses, so the first lane is not timed on cold threads and caches."""
+    cfg = replace(race.settings, max_new_tokens=4)
+    for loaded in {id(lane_model(host, r)): lane_model(host, r) for r in race.runs}.values():
+        for method in ("ar", "jacobi"):
+            for _ in DECODERS[method](loaded.model, race.prompt_ids[-16:], cfg, engine=engine, checked=True):
+                pass
+
+
+def stream_lane(host, race: Race, run: LaneRun, stream_every: float, engine: str,
+                halted: Callable[[], bool]) -> Iterator[Race]:
+    """Run one lane, yielding the race at most every ``stream_every`` seconds and when the lane ends."""
+    loaded = lane_model(host, run)
+    detok = Detokenizer(loaded.tokenizer, loaded.eos_token_ids)
+    run.status = "running"
+    yield race
+    last = time.perf_counter()
+    for trace in clean_timing(DECODERS[run.lane.method](loaded.model, race.prompt_ids, race.settings, engine=engine,
+                                                        checked=True)):
+        if halted() or run.status == "stopped":
+            run.status = "stopped"
+            return
+        run.trace = trace
+        if trace.done or time.perf_counter() - last >= stream_every:
+            run.pieces, run.special = detok.update(trace.tokens)
+            yield race
+            last = time.perf_counter()
+    run.text = detok.text(run.trace.tokens)
+    run.vocab = detok.names({t for it in run.trace.iterations for t in it.window + it.outputs} | set(run.trace.tokens))
+    run.walls = [run.trace.wall_s]
+    run.status = "done"
+    yield race
+
+
+def time_lane(host, race: Race, run: LaneRun, engine: str, halted: Callable[[], bool]) -> float | None:
+    """One more unseen run of a finished lane: its seconds, or None when Stop came first."""
+    loaded = lane_model(host, run)
+    trace = None
+    for trace in DECODERS[run.lane.method](loaded.model, race.prompt_ids, race.settings, engine=engine, checked=True):
+        if halted():
+            return None
+    return trace.wall_s
+
+
+def round_order(race: Race, number: int) -> list[LaneRun]:
+    """The lanes of timed round ``number`` (2, 3, ...): reversed in even rounds, so that no lane always runs first
+    and each Jacobi lane sits next to its AR lane (AR, Jacobi | Jacobi, AR | ...)."""
+    done = [r for r in race.runs if r.status == "done"]
+    return done[::-1] if number % 2 == 0 else done
+
+
 def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str = "eager",
              stopped: Callable[[], bool] = never) -> Iterator[Race]:
-    """Run the lanes one after another (never at once, so each timing is clean), yielding the race as it goes.
+    """Run the lanes one after another (never at once, so each timing is clean), yielding the race as it goes; then
+    ``race.rounds - 1`` unseen timed rounds of every lane, alternating their order (see ``round_order``).
 
-    Yields at most every ``stream_every`` seconds while a lane runs, and once when each lane ends.
-    Closing the generator stops the race (the running lane is left as it was). So does ``stopped()`` turning
-    true (the Stop button, see ``StopRequests``), or ``stop_race`` on the same race: the race ends at its next
-    step, marks the running lane stopped and starts no later lane.
+    Yields at most every ``stream_every`` seconds while a lane runs, once when each lane ends, and before each
+    timed run (``race.timing`` then names it). Closing the generator stops the race (the running lane is left as it
+    was). So does ``stopped()`` turning true (the Stop button, see ``StopRequests``), or ``stop_race`` on the same
+    race: the race ends at its next step, marks the running lane stopped and starts no later lane or round.
     """
+    def halted() -> bool:
+        return race.stopped or stopped()
+
+    if halted():
+        return
+    warm_up(host, race, engine)
     for run in race.runs:
-        if stopped() or any(r.status == "stopped" for r in race.runs):
+        if halted():
             return
-        loaded = host.base if run.lane.model == "base" else host.cllm
-        detok = Detokenizer(loaded.tokenizer)
-        run.status = "running"
-        yield race
-        last = time.perf_counter()
-        for trace in clean_timing(DECODERS[run.lane.method](loaded.model, race.prompt_ids, race.settings, engine=engine,
-                                                            checked=True)):
-            if stopped() or run.status == "stopped":
-                run.status = "stopped"
+        yield from stream_lane(host, race, run, stream_every, engine, halted)
+        if run.status != "done":
+            return
+    for number in range(2, race.rounds + 1):
+        for run in round_order(race, number):
+            race.timing = (number, run.lane.key)
+            yield race
+            wall = time_lane(host, race, run, engine, halted)
+            if wall is None:
+                race.timing = None
                 return
-            run.trace = trace
-            if trace.done or time.perf_counter() - last >= stream_every:
-                run.pieces, run.special = detok.update(trace.tokens)
-                yield race
-                last = time.perf_counter()
-        run.text = detok.text(run.trace.tokens)
-        run.status = "done"
-        yield race
+            run.walls.append(wall)
+    race.timing = None
+    yield race
 
 
 class StopRequests:
@@ -203,29 +275,54 @@ class StopRequests:
 
 
 def stop_race(race: Race | None) -> None:
-    """Mark what was running as stopped (what the page shows at once when Stop is clicked)."""
+    """Mark the race and what was running as stopped (what the page shows at once when Stop is clicked)."""
+    if race is not None:
+        race.stopped = True
     for run in race.runs if race else []:
         if run.status == "running":
             run.status = "stopped"
 
 
 def lane_numbers(race: Race, run: LaneRun) -> dict:
-    """The numbers under a lane and in the API: the trace's summary plus speedup and agreement with AR."""
-    out = run.trace.summary() if run.trace else {}
+    """The numbers under a lane and in the API (``Callbacks.race_api`` documents each): the trace's summary with the
+    median of the timed runs, the comparison with the lane's reference, and the loop flag."""
+    trace = run.trace
+    out = trace.summary() if trace else {}
     out.pop("method", None)
-    base = race.run("base_ar")
-    ar_tok_s = base.trace.tok_s if base and base.status == "done" else 0.0
-    out["speedup"] = out["tok_s"] / ar_tok_s if ar_tok_s and out.get("tok_s") else None
-    ref = race.reference(run)
-    if ref is not None and ref.status == "done" and run.status == "done":
-        out["compared_with"] = ref.lane.key
-        out["matches_ar"] = ref.trace.tokens == run.trace.tokens
-        out["first_difference"] = first_difference(ref.trace.tokens, run.trace.tokens)
-    else:
-        out["compared_with"] = None
-        out["matches_ar"] = None
-        out["first_difference"] = None
+    out["walls"] = list(run.walls)
+    if run.walls:
+        out["wall_s"] = statistics.median(run.walls)
+        out["tok_s"] = len(trace.tokens) / out["wall_s"] if out["wall_s"] > 0 else 0.0
+    out |= comparison(race, run)
+    out["loop_from"] = loop_onset(trace.tokens, LOOP_LIMIT, LOOP_PERIOD) if trace else None
+    out["repeated_per_forward"] = repeated_per_forward(trace) if trace and run.lane.method == "jacobi" else None
     return out
+
+
+def comparison(race: Race, run: LaneRun) -> dict:
+    """A Jacobi lane against its reference AR lane: whether the texts are equal (and where they first differ), and
+    the tokens-per-second ratio of each timed round both made (their median, min and max)."""
+    ref = race.reference(run)
+    out = {"reference": ref.lane.key if ref else None, "same_text": None, "first_difference": None, "speedup": None,
+           "speedup_runs": [], "speedup_min": None, "speedup_max": None}
+    if ref is None or ref.status != "done" or run.status != "done":
+        return out
+    out["same_text"] = ref.trace.tokens == run.trace.tokens
+    out["first_difference"] = first_difference(ref.trace.tokens, run.trace.tokens)
+    ratios = [(len(run.trace.tokens) / mine) / (len(ref.trace.tokens) / theirs)
+              for mine, theirs in zip(run.walls, ref.walls) if mine > 0 and theirs > 0]
+    if ratios:
+        out.update(speedup=statistics.median(ratios), speedup_runs=ratios, speedup_min=min(ratios),
+                   speedup_max=max(ratios))
+    return out
+
+
+def repeated_per_forward(trace: DecodeTrace) -> float | None:
+    """How much of a Jacobi lane's tokens per forward came from fast-forwarding repeated text (tokens that end a
+    4-gram already in the prompt or the answer, accepted after the first token of their pass)."""
+    if not trace.iterations:
+        return None
+    return trace.fast_forward_split().fast_forwarded_repeating / len(trace.iterations)
 
 
 def pass_cost(race: Race) -> float | None:
@@ -256,6 +353,8 @@ def race_json(race: Race) -> dict:
         "model": race.model_name,
         "device": race.device,
         "settings": {k: v for k, v in race.settings.to_dict().items() if k != "eos_token_ids"},
+        "rounds": race.rounds,
+        "stopped": race.stopped,
         "lanes": {
             run.lane.key: {"label": run.lane.label, "text": run.text, "status": run.status} | lane_numbers(race, run)
             for run in race.runs

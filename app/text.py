@@ -3,18 +3,21 @@ from __future__ import annotations
 
 CONTEXT = 6  # tokens decoded before the new one, so tokenizers that strip a leading space still give it back
 REPLACEMENT = "\ufffd"  # what a decode gives for a token that ends in the middle of a UTF-8 character
+END_MARK = "⟨end⟩"  # how views that show single tokens (step view, hovers) name the model's end-of-answer token
 
 
 class Detokenizer:
     """Incremental per-token text: ``update(tokens)`` returns one piece per token, their join is the answer.
 
     A token that ends inside a multi-byte character gets an empty piece and the character goes to the
-    token that completes it, so no piece shows a broken character. Special tokens (EOS) get their name.
+    token that completes it, so no piece shows a broken character. Special tokens (EOS) get their name, and a
+    True in ``special``: they are not text, and the views leave them out.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, end_ids=()):
         self.tokenizer = tokenizer
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.end_ids = set(end_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         self._reset()
 
     def _reset(self) -> None:
@@ -49,6 +52,19 @@ class Detokenizer:
             self.special.append(False)
             self._done = i + 1
         return list(self.pieces), list(self.special)
+
+    def names(self, ids) -> dict[int, str]:
+        """Each token id's own text, for views that show tokens one at a time; a special token is not text and gets
+        a marker: END_MARK for the end of the answer, ⟨name⟩ for any other."""
+        out = {}
+        for tok in ids:
+            if tok in self.end_ids:
+                out[tok] = END_MARK
+            elif tok in self.special_ids:
+                out[tok] = "⟨" + self._decode([tok]).strip("<|>") + "⟩"
+            else:
+                out[tok] = self._decode([tok])
+        return out
 
     def text(self, tokens: list[int]) -> str:
         """The answer as a person reads it: special tokens left out."""

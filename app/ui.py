@@ -1,4 +1,5 @@
-"""Layout and wiring of the Gradio app. The callbacks are in callbacks.py; the work is in race, render, charts and about."""
+"""Layout and wiring of the Gradio app. The callbacks are in callbacks.py; the work is in race, render, explain, charts,
+record and about."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +7,11 @@ from pathlib import Path
 import gradio as gr
 
 from . import about, charts, render
-from .callbacks import Callbacks, header_html, lane_choices
+from .callbacks import VIEWS, Callbacks, header_html, lane_choices
+from .explain import verdict
 from .host import ModelHost, on_zero_gpu
-from .race import DEFAULT_LANES, MAX_BRANCHES, MAX_CANDIDATES, MAX_NEW_TOKENS
+from .race import DEFAULT_LANES, MAX_BRANCHES, MAX_CANDIDATES, MAX_NEW_TOKENS, MAX_ROUNDS, ROUNDS
+from .record import EXAMPLE, read_example
 
 try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU
     import spaces
@@ -57,89 +60,127 @@ def about_tab() -> None:
             gr.Markdown(about.results_markdown(results))
 
 
-def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS) -> gr.Blocks:
-    """The whole app. Models are loaded by the caller (once, at start-up), never here."""
+def props(update: dict) -> dict:
+    """A gr.update(...) as a component's constructor arguments (to build a control already showing a view)."""
+    return {k: v for k, v in update.items() if k != "__type__"}
+
+
+INTRO = ("# Jacobi Lens\nEach model answers the same prompt twice: once **autoregressively** (AR: one token per "
+         "pass through the network) and once with **Jacobi decoding** (a window of guesses checked in one pass). Both "
+         "write exactly the same text; Jacobi may need fewer passes. The **base model** was trained only for AR; the "
+         "**CLLM** was fine-tuned so that its Jacobi passes gain more tokens. Watch which tokens arrive together, how "
+         "many passes each lane needs, and how the guesses converge.")
+
+
+def race_controls(host: ModelHost, max_new_tokens_limit: int) -> dict:
+    """The Race tab's settings column (the prompt is beside it); returns its components by name."""
+    c = {}
+    c["n"] = gr.Slider(1, 128, value=host.default_window(), step=1, label="Window size n", elem_id="jl-n",
+                       info="Jacobi guesses n-1 tokens ahead; n = 1 is AR. On a CPU a wide window costs several "
+                            "passes' time, so the page starts at 4 there (16 on a GPU)")
+    c["max_new"] = gr.Slider(1, max_new_tokens_limit, value=min(128, max_new_tokens_limit), step=1, label="Max new tokens",
+                             elem_id="jl-max-new")
+    c["init"] = gr.Radio(INIT_LABELS, value="random", label="Initial guesses")
+    with gr.Accordion("Decoding extras: more guesses checked in the same pass (same text)", open=False, elem_id="jl-extras"):
+        c["cands"] = gr.Slider(0, MAX_CANDIDATES, value=0, step=1, label="Candidate n-grams per pass", elem_id="jl-cands",
+                               info="Continuations of the last accepted token, found in the text or in earlier passes, "
+                                    "checked beside the window in the same pass (n-1 tokens each); the longest right one "
+                                    "is kept. Same text, fewer passes. 0: plain Jacobi")
+        c["branches"] = gr.Slider(0, MAX_BRANCHES, value=0, step=1, label="Branches for the first guess", elem_id="jl-branches",
+                                  info="The model's next likeliest tokens for the window's first guess, each checked "
+                                       "beside the window in the same pass; a right one gains a second token. Same text. "
+                                       "0: none")
+    choices = lane_choices(host)
+    c["lanes"] = gr.CheckboxGroup(choices, value=[k for _, k in choices if k in DEFAULT_LANES], elem_id="jl-lanes",
+                                  label="Lanes (run one after another; each Jacobi lane is measured against the AR lane "
+                                        "of its own model, which writes the same text)")
+    c["rounds"] = gr.Slider(1, MAX_ROUNDS, value=ROUNDS, step=1, label="Timed runs per lane", elem_id="jl-rounds",
+                            info="After the run you watch, every lane runs again unseen, AR and Jacobi taking turns to "
+                                 "go first, so the clock ratio comes with its range. Tokens per pass are the same in "
+                                 "every run")
+    return c
+
+
+def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS,
+               example: str | Path | None = EXAMPLE) -> gr.Blocks:
+    """The whole app. Models are loaded by the caller (once, at start-up), never here. The page opens showing the
+    recorded race in ``example`` (no model runs for it), or empty when there is none."""
     cb = Callbacks(host, allow_custom_models, max_new_tokens_limit)
+    shown = read_example(example) if example else None
+    first = dict(zip(VIEWS, cb.views(shown)))
 
     with gr.Blocks(title="Jacobi Lens: AR vs Jacobi decoding, live") as demo:
-        race_state = gr.State(None)
+        race_state = gr.State(shown)
         race_number = gr.Number(0, visible=False)  # filled in by the page's script: see NUMBER_RACE_JS
         nonce = gr.State(0)
-        gr.Markdown("# Jacobi Lens\nThe same model answers the same prompt twice: once **autoregressively** (one token per "
-                    "forward pass) and once with **Jacobi decoding** (a window of guesses refined in parallel). "
-                    "Watch which tokens arrive together, how fast each lane goes, and how the guesses converge.")
+        gr.Markdown(INTRO)
         header = gr.HTML(header_html(host), elem_id="jl-header")
         with gr.Tab("Race"):
             with gr.Row():
-                with gr.Column(scale=3):
+                with gr.Column(scale=3, min_width=280):
                     prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, placeholder="Ask anything…", elem_id="jl-prompt")
                     gr.Examples([[p] for _, p in EXAMPLES], inputs=prompt, example_labels=[label for label, _ in EXAMPLES], label="Examples")
-                with gr.Column(scale=2):
-                    n = gr.Slider(1, 128, value=host.default_window(), step=1, label="Window size n", elem_id="jl-n",
-                                  info="Jacobi guesses n-1 tokens ahead; n = 1 is AR. On a CPU a wide window costs several "
-                                       "forward passes, so the page starts at 4 there (16 on a GPU)")
-                    max_new = gr.Slider(1, max_new_tokens_limit, value=min(128, max_new_tokens_limit), step=1, label="Max new tokens", elem_id="jl-max-new")
-                    init = gr.Radio(INIT_LABELS, value="random", label="Initial guesses")
-                    with gr.Accordion("Decoding extras: more guesses checked in the same pass (same text)", open=False,
-                                      elem_id="jl-extras"):
-                        cands = gr.Slider(0, MAX_CANDIDATES, value=0, step=1, label="Candidate n-grams per pass", elem_id="jl-cands",
-                                          info="Continuations of the last accepted token, found in the text or in earlier passes, "
-                                               "checked beside the window in the same forward (n-1 tokens each); the longest "
-                                               "right one is kept. Same text, fewer passes. 0: plain Jacobi")
-                        branches = gr.Slider(0, MAX_BRANCHES, value=0, step=1, label="Branches for the first guess",
-                                             elem_id="jl-branches",
-                                             info="The model's next likeliest tokens for the window's first guess, each "
-                                                  "checked beside the window in the same forward; a right one gains a second "
-                                                  "token. Same text. 0: none")
-                    choices = lane_choices(host)
-                    lanes = gr.CheckboxGroup(choices, value=[k for _, k in choices if k in DEFAULT_LANES], label="Lanes (run one after another)", elem_id="jl-lanes")
+                with gr.Column(scale=2, min_width=280):
+                    c = race_controls(host, max_new_tokens_limit)
                     with gr.Row():
                         go_btn = gr.Button("Race", variant="primary", elem_id="jl-race")
                         stop_btn = gr.Button("Stop", variant="stop", elem_id="jl-stop")
-            status = gr.Markdown("", elem_id="jl-status")
-            board = gr.HTML(render.board_html(None), elem_id="jl-board")
+            status = gr.HTML(verdict(shown) if shown else "", elem_id="jl-status")
+            board = gr.HTML(render.board_html(shown), elem_id="jl-board")
+            with gr.Row(elem_id="jl-downloads"):
+                race_file = gr.DownloadButton("Download the race (JSON)", elem_id="jl-download-json", size="sm",
+                                              **props(first["race_file"]))
+                charts_file = gr.DownloadButton("Download the charts (HTML)", elem_id="jl-download-html", size="sm",
+                                                **props(first["charts_file"]))
+            share = gr.HTML(first["share"], elem_id="jl-share")
             with gr.Row():
-                replay_btn = gr.Button("▶ Replay side by side", elem_id="jl-replay-btn", scale=1)
-                speed = gr.Radio(list(render.SPEEDS), value=render.DEFAULT_SPEED, label="Replay speed", scale=3)
-            replay_view = gr.HTML(render.replay_html(None), elem_id="jl-replay")
+                replay_btn = gr.Button("▶ Replay side by side", elem_id="jl-replay-btn", scale=1, min_width=160)
+                speed = gr.Radio(list(render.SPEEDS), value=render.DEFAULT_SPEED, label="Replay speed", scale=3, min_width=240)
+            replay_view = gr.HTML(first["replay_view"], elem_id="jl-replay")
             with gr.Row():
-                time_plot = gr.Plot(charts.tokens_over_time(None), label="Tokens over time", show_label=False, elem_id="jl-time")
-                speed_plot = gr.Plot(charts.speed_summary(None), label="Speed", show_label=False, elem_id="jl-speed")
-            accept_plot = gr.Plot(charts.accepted_per_iteration(None), label="Accepted per forward", show_label=False, elem_id="jl-accept")
-            gr.Markdown("### Inspect a Jacobi lane\nEach row of the map is one forward pass; each cell one output: red where the "
+                time_plot = gr.Plot(first["time_plot"], label="Tokens over time", show_label=False, elem_id="jl-time", min_width=300)
+                speed_plot = gr.Plot(first["speed_plot"], label="Speed", show_label=False, elem_id="jl-speed", min_width=300)
+            accept_plot = gr.Plot(first["accept_plot"], label="Accepted per pass", show_label=False, elem_id="jl-accept")
+            gr.Markdown("### Inspect a Jacobi lane\nEach row of the map is one pass; each cell one output: red where the "
                         "guess was wrong, yellow where it was already right but stuck behind a wrong one, green when accepted. "
                         "Hover a cell for its tokens. Below, step through the passes one by one.")
             with gr.Row():
-                lane_pick = gr.Dropdown([], label="Jacobi lane", scale=1)
-                axis = gr.Radio(AXIS_LABELS, value="window", label="Columns", scale=2)
-            conv_plot = gr.Plot(charts.convergence_map(None), label="Convergence map", show_label=False, elem_id="jl-conv")
-            step_slider = gr.Slider(1, 2, value=1, step=1, label="Iteration", interactive=False, elem_id="jl-step-slider")
-            step_view = gr.HTML(render.step_html(None, 0, cb.token_text), elem_id="jl-step")
+                lane_pick = gr.Dropdown(label="Jacobi lane", scale=1, min_width=200, elem_id="jl-lane-pick", **props(first["lane_pick"]))
+                axis = gr.Radio(AXIS_LABELS, value="window", label="Columns", scale=2, min_width=240)
+            conv_plot = gr.Plot(first["conv_plot"], label="Convergence map", show_label=False, elem_id="jl-conv")
+            step_slider = gr.Slider(1, step=1, label="Pass", elem_id="jl-step-slider", **props(first["step_slider"]))
+            step_view = gr.HTML(first["step_view"], elem_id="jl-step")
             if allow_custom_models:
                 with gr.Accordion("Model (custom models are enabled)", open=False):
                     spec = gr.Textbox(label="Model", value=host.spec, info="smollm2-135m, a preset, a local folder or .gguf, or org/name (online)")
                     adapter = gr.Textbox(label="CLLM adapter folder (optional)", value=host.adapter or "")
                     load_btn = gr.Button("Load")
-                load_btn.click(cb.load_models, [spec, adapter], [header, lanes], concurrency_id=MODEL_GROUP, api_visibility="private")
+                load_btn.click(cb.load_models, [spec, adapter], [header, c["lanes"]], concurrency_id=MODEL_GROUP, api_visibility="private")
         about_tab()
 
+        views = [time_plot, accept_plot, speed_plot, lane_pick, conv_plot, step_slider, step_view, replay_view,
+                 race_file, charts_file, share]
+        settings = [prompt, c["n"], c["max_new"], c["init"], c["cands"], c["branches"], c["lanes"], c["rounds"]]
         race_event = go_btn.click(
-            gpu(cb.race_stream), [prompt, n, max_new, init, cands, branches, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
-            concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private",
+            gpu(cb.race_stream), [*settings, race_number], [board, status, race_state, *views], js=NUMBER_RACE_JS,
+            concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private", show_progress_on=[status],
             # A click while this tab's race is still running (or ending after Stop) starts the next race when it
             # has ended, instead of being ignored.
             trigger_mode="always_last",
         )
-        race_event.then(cb.after_race, race_state, [time_plot, accept_plot, speed_plot, lane_pick], api_visibility="private")
+        # after a race, a Stop or an error alike (then runs either way): every view shows this race, or says it is empty
+        race_event.then(cb.after_race, [race_state, axis], views, api_visibility="private")
         # No gradio cancel: the race ends by itself at its next step (race.StopRequests says why). Except on ZeroGPU
         # Spaces, where a race runs in a forked process that does not see the stop requests.
         stop_btn.click(cb.on_stop, [race_state, race_number], [board, status], js=LATEST_RACE_JS, queue=False,
                        cancels=[race_event] if on_zero_gpu() else None, api_visibility="private")
         demo.unload(cb.forget_stops)
-        lane_pick.change(cb.inspect, [race_state, lane_pick, axis], [conv_plot, step_slider], api_visibility="private").then(
+        demo.load(cb.restore, None, settings, api_visibility="private", queue=False)
+        # .input, not .change: the views above set these controls after every race and draw their views themselves
+        lane_pick.input(cb.inspect, [race_state, lane_pick, axis], [conv_plot, step_slider], api_visibility="private").then(
             cb.step, [race_state, lane_pick, step_slider], step_view, api_visibility="private")
         axis.change(cb.convergence, [race_state, lane_pick, axis], conv_plot, api_visibility="private")
-        step_slider.change(cb.step, [race_state, lane_pick, step_slider], step_view, api_visibility="private", show_progress="hidden")
+        step_slider.input(cb.step, [race_state, lane_pick, step_slider], step_view, api_visibility="private", show_progress="hidden")
         replay_btn.click(cb.replay, [race_state, speed, nonce], [replay_view, nonce], api_visibility="private", queue=False)
         gr.api(gpu(cb.race_api), api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
     return demo

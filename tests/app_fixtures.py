@@ -66,6 +66,9 @@ class TinyHost:
     def describe(self) -> str:
         return "tiny"
 
+    def stream(self, steps):
+        return steps  # ModelHost advances a race on its torch thread; here, on the caller's
+
     default_window = ModelHost.default_window  # the page's starting n, as the real host picks it
 
 

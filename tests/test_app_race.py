@@ -1,11 +1,13 @@
 """Races on a tiny random Llama: validation, running order, exactness, timing, stopping, the API's JSON."""
+import statistics
 import time
 
 import pytest
 
-from app.race import LANES, StopRequests, clean_timing, first_difference, new_race, race_json, run_race, stop_race
-from app.text import Detokenizer
-from decoding import DecodeTrace, Iteration
+from app.race import (LANES, LaneRun, Race, StopRequests, clean_timing, first_difference, lane_numbers, new_race,
+                      race_json, round_order, run_race, stop_race)
+from app.text import END_MARK, Detokenizer
+from decoding import DecodeConfig, DecodeTrace, Iteration
 
 from app_fixtures import TinyHost
 
@@ -46,6 +48,9 @@ def finish(host, race):
     (dict(branches=4), "branches must be between 0 and 3"),
     (dict(branches=0.5), "branches must be a whole number"),
     (dict(branches=1), "need the fast engine"),
+    (dict(rounds=0), "timed runs must be between 1 and 5"),
+    (dict(rounds=6), "timed runs must be between 1 and 5"),
+    (dict(rounds=1.5), "timed runs must be a whole number"),
 ])
 def test_bad_requests_are_refused_before_any_work(host, kwargs, message):
     args = dict(prompt=PROMPT, n=8, max_new_tokens=16, init="random", lanes=("base_ar", "base_jacobi"))
@@ -59,6 +64,7 @@ def test_cllm_lanes_need_a_cllm():
         new_race(host, PROMPT, 8, 16, lanes=["cllm_jacobi"])
     race = new_race(host, PROMPT, 8, 16)  # the default lanes quietly leave the CLLM out
     assert [r.lane.key for r in race.runs] == ["base_ar", "base_jacobi"]
+    assert race.reference(race.run("base_jacobi")) is race.run("base_ar")
 
 
 def test_a_failed_load_is_reported(host):
@@ -87,20 +93,88 @@ def test_lanes_run_one_at_a_time_in_order_and_jacobi_is_exact(host):
     assert "".join(p for p, s in zip(base_ar.pieces, base_ar.special) if not s) == base_ar.text
 
 
-def test_race_json_names_lanes_as_the_benchmark(host):
+def test_race_json_names_lanes_as_the_benchmark_and_measures_each_jacobi_lane_against_its_own_ar(host):
     race = new_race(host, PROMPT, 8, 24)
     finish(host, race)
     out = race_json(race)
-    assert list(out["lanes"]) == ["base_ar", "base_jacobi", "cllm_jacobi"]
-    ar, jac, cllm = (out["lanes"][k] for k in ("base_ar", "base_jacobi", "cllm_jacobi"))
-    assert jac["text"] == ar["text"] and jac["matches_ar"] is True and jac["compared_with"] == "base_ar"
-    assert ar["speedup"] == pytest.approx(1.0) and jac["speedup"] > 0
-    assert cllm["compared_with"] == "base_ar"
-    for lane in out["lanes"].values():
+    assert list(out["lanes"]) == ["base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi"]  # both pairs by default
+    ar, jac, cllm_ar, cllm = (out["lanes"][k] for k in ("base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi"))
+    assert jac["text"] == ar["text"] and jac["same_text"] is True and jac["reference"] == "base_ar"
+    assert cllm["text"] == cllm_ar["text"] and cllm["same_text"] is True and cllm["reference"] == "cllm_ar"
+    for lane in (ar, cllm_ar):  # AR lanes are the references, measured against nothing
+        assert lane["reference"] is None and lane["same_text"] is None and lane["speedup"] is None
+    for lane in (jac, cllm):
+        assert len(lane["speedup_runs"]) == 3 and lane["speedup_min"] <= lane["speedup"] <= lane["speedup_max"]
+        assert lane["first_difference"] is None
+    for key, lane in out["lanes"].items():
         assert lane["tokens"] >= 1 and 1 <= lane["forwards"] <= lane["tokens"] and lane["tok_s"] > 0
-        assert lane["mean_accepted"] >= 1 and lane["wall_s"] > 0 and lane["status"] == "done"
+        assert lane["mean_accepted"] >= 1 and lane["status"] == "done" and len(lane["walls"]) == 3
+        assert lane["wall_s"] == pytest.approx(sorted(lane["walls"])[1])  # the median run
+        assert lane["loop_from"] is None
     assert out["settings"] == {"max_new_tokens": 24, "n": 8, "init": "random", "seed": 0, "candidates": 0, "candidate_len": 7,
                                "branches": 0}
+    assert out["rounds"] == 3 and out["stopped"] is False
+
+
+def test_timed_rounds_alternate_the_lanes_and_give_each_ratio_its_spread(host):
+    race = new_race(host, PROMPT, 8, 16, rounds=4)
+    timed = [r.timing for r in run_race(host, race, stream_every=0) if r.timing]
+    # rounds 2..4, each lane once a round; even rounds reversed, so AR and Jacobi take turns to go first
+    keys = [r.lane.key for r in race.runs]
+    assert timed == [(k, key) for k in (2, 3, 4) for key in (keys[::-1] if k % 2 == 0 else keys)]
+    assert [r.lane.key for r in round_order(race, 2)] == keys[::-1] and race.timing is None
+    jac, ar = race.run("base_jacobi"), race.run("base_ar")
+    num = lane_numbers(race, jac)
+    expected = [(len(jac.trace.tokens) / a) / (len(ar.trace.tokens) / b) for a, b in zip(jac.walls, ar.walls)]
+    assert num["speedup_runs"] == pytest.approx(expected) and len(expected) == 4
+    assert num["speedup"] == pytest.approx(statistics.median(expected))
+    assert (num["speedup_min"], num["speedup_max"]) == (min(expected), max(expected))
+    one = new_race(host, PROMPT, 8, 16, rounds=1)  # one run: the one you watch, no spread
+    assert all(r.timing is None for r in run_race(host, one, stream_every=0))
+    assert all(len(r.walls) == 1 for r in one.runs) and len(lane_numbers(one, one.run("cllm_jacobi"))["speedup_runs"]) == 1
+
+
+def test_stop_during_the_timed_rounds_keeps_the_finished_lanes(host):
+    race = new_race(host, PROMPT, 8, 16, rounds=3)
+    stream = run_race(host, race, stream_every=0)
+    for r in stream:
+        if r.timing:
+            break
+    stop_race(race)
+    assert list(stream) == [] and race.stopped
+    assert all(r.status == "done" for r in race.runs) and any(len(r.walls) < 3 for r in race.runs)
+    assert lane_numbers(race, race.run("base_jacobi"))["speedup"] is not None  # from the runs both lanes made
+
+
+def test_a_jacobi_lane_without_its_own_ar_is_measured_against_the_other_models_ar(host):
+    race = new_race(host, PROMPT, 8, 24, lanes=["base_ar", "cllm_jacobi"], rounds=1)
+    finish(host, race)
+    num = race_json(race)["lanes"]["cllm_jacobi"]
+    assert num["reference"] == "base_ar" and num["same_text"] is False  # another model, another text
+    assert num["first_difference"] == first_difference(race.run("base_ar").trace.tokens, race.run("cllm_jacobi").trace.tokens)
+    alone = new_race(host, PROMPT, 8, 8, lanes=["cllm_jacobi"], rounds=1)
+    finish(host, alone)
+    assert race_json(alone)["lanes"]["cllm_jacobi"]["reference"] is None
+
+
+def test_a_loop_is_flagged_with_the_tokens_per_pass_it_gave():
+    """lane_numbers flags an answer that ends in a loop (a pattern of 1 to 4 tokens, 10 times in a row): where it
+    starts, and how much of the lane's tokens per pass came from fast-forwarding repeated text."""
+    tokens = [5, 6, 7] + [3, 4] * 10 + [2]
+    trace = DecodeTrace("jacobi", 4, [1], tokens=tokens, prefill_s=0.01, wall_s=0.1, done=True)
+    starts = [1, 2, 3, 5, 9, 13, 17, 21]  # passes of 1, 1, 2, 4, 4, 4, 4, 3 tokens
+    trace.iterations = [Iteration(i + 1, s, tokens[s - 1:s + 3], tokens[s:s + 4], e - s, 0.01 * (i + 1))
+                        for i, (s, e) in enumerate(zip(starts, starts[1:] + [len(tokens)]))]
+    run = LaneRun(LANES["cllm_jacobi"], "done", trace, walls=[0.1])
+    num = lane_numbers(Race("p", DecodeConfig(), "m", "cpu", [run]), run)
+    assert num["loop_from"] == 3
+    split = trace.fast_forward_split()
+    assert split.fast_forwarded_repeating > 0
+    assert num["repeated_per_forward"] == pytest.approx(split.fast_forwarded_repeating / len(trace.iterations))
+    assert num["repeated_per_forward"] <= num["mean_accepted"] - 1
+    plain = DecodeTrace("jacobi", 4, [1], tokens=[5, 6, 7] + [3, 4] * 9 + [2], prefill_s=0.01, wall_s=0.1, done=True)
+    run.trace = plain  # nine times: not a loop
+    assert lane_numbers(Race("p", DecodeConfig(), "m", "cpu", [run]), run)["loop_from"] is None
 
 
 def test_stopping_mid_lane_leaves_the_host_ready(host):
@@ -203,6 +277,8 @@ def test_detokenizer_pieces_join_to_the_text_whatever_the_chunking(host):
     pieces, special = Detokenizer(tok).update(ids[:3] + [eos])
     assert special == [False, False, False, True] and pieces[-1] == "<eos>"
     assert Detokenizer(tok).text(ids[:3] + [eos]) == tok.decode(ids[:3])
+    names = Detokenizer(tok).names([eos, ids[0]])  # for views of single tokens: the end is a marker, not text
+    assert names == {eos: END_MARK, ids[0]: tok.decode([ids[0]])}
 
 
 def test_detokenizer_starts_over_when_the_answer_is_trimmed(host):
@@ -225,7 +301,7 @@ def test_candidate_ngrams_keep_every_jacobi_lane_exact():
     base_ar, base_jacobi, cllm_ar, cllm_jacobi = race.runs
     assert base_jacobi.trace.tokens == base_ar.trace.tokens
     assert cllm_jacobi.trace.tokens == cllm_ar.trace.tokens
-    assert race_json(race)["lanes"]["base_jacobi"]["matches_ar"]
+    assert race_json(race)["lanes"]["base_jacobi"]["same_text"]
 
 
 def test_branches_keep_every_jacobi_lane_exact_and_are_marked():

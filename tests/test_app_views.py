@@ -7,7 +7,7 @@ from html import unescape
 import plotly.graph_objects as go
 import pytest
 
-from app import about, charts, render
+from app import about, charts, explain, render
 from app import race as race_mod
 from app.race import LaneRun, Race, LANES, new_race, run_race
 from app.text import Detokenizer
@@ -42,8 +42,8 @@ def test_lane_tokens_are_coloured_by_how_they_arrived(race):
     for run in race.runs:
         html = render.lane_html(race, run)
         tags = spans(html)
-        assert len(tags) == len(run.trace.tokens)
-        arrivals = run.trace.token_arrivals()
+        assert len(tags) == len(run.trace.tokens) - sum(run.special)  # special tokens (the end) are not text
+        arrivals = [a for a, special in zip(run.trace.token_arrivals(), run.special) if not special]
         grouped = sum(1 for _, size in arrivals if size >= 2)
         assert sum(("jl-g2" in t) or ("jl-g4" in t) for t in tags) == grouped
         assert [int(re.search(r'data-it="(\d+)"', t).group(1)) for t in tags] == [it for it, _ in arrivals]
@@ -51,55 +51,67 @@ def test_lane_tokens_are_coloured_by_how_they_arrived(race):
     assert any("jl-g4" in t for t in spans(render.lane_html(race, race.run("cllm_jacobi"))))
 
 
-def test_lane_numbers_under_each_lane(race):
+def test_lane_sentence_under_each_lane(race):
+    """One plain sentence a lane (tokens, passes, tokens per pass, time, same text as its own AR or not), the
+    numbers behind it folded away; no internal lane key is shown."""
     html = render.lane_html(race, race.run("base_jacobi"))
-    assert "tok/s" in html and "forwards" in html and "tokens/forward" in html and "×</b> vs AR" in html
-    assert "same text as base_ar" in html
-    assert "same text as cllm_ar" in render.lane_html(race, race.run("cllm_jacobi"))
+    num = race_mod.lane_numbers(race, race.run("base_jacobi"))
+    assert f"{num['tokens']} tokens in {num['forwards']} passes ({num['mean_accepted']:.2f} tokens per pass)" in html
+    assert f"{num['wall_s']:.2f} s." in html and "Same text as AR · base model" in html
+    assert '<details class="jl-details"><summary>Numbers</summary>' in html and "tokens per second" in html
+    assert "Same text as AR · CLLM" in render.lane_html(race, race.run("cllm_jacobi"))
+    assert "The reference for Jacobi · base model." in render.lane_html(race, race.run("base_ar"))
     board = render.board_html(race)
     assert board.count('class="jl-lane ') == 4 and 'data-status="done"' in board
+    visible = re.sub(r"<[^>]+>", "", board)
+    assert not any(key in visible for key in LANES)
 
 
 def test_verdict_after_a_race(race):
-    line = render.verdict(race)
+    line = explain.verdict(race)
     jac = race.run("base_jacobi").trace
-    assert line.startswith("Done. ") and f"Jacobi · base model: {jac.mean_accepted:.2f} tokens per forward" in line
-    assert "Jacobi · CLLM" in line and "AR · base model" not in line and "Replay" in line
+    assert line.startswith('<div class="jl-verdict"><b>Done.</b>') and "<b>Jacobi · base model</b>" in line
+    assert f"{jac.mean_accepted:.2f} tokens per pass" in line
+    assert "<b>Jacobi · CLLM</b>" in line and "<b>AR · base model</b>" not in line and "Replay" in line
+    assert '<details class="jl-details"><summary>How to read these numbers</summary>' in line
     # the break-even: a Jacobi pass's time over an AR pass's, from the lanes' own clocks
     runs = [race.run(k).trace for k in ("base_ar", "cllm_ar", "base_jacobi", "cllm_jacobi")]
     per = [sum(t.wall_s - t.prefill_s for t in pair) / sum(len(t.iterations) for t in pair) for pair in (runs[:2], runs[2:])]
     cost = race_mod.pass_cost(race)
     assert cost == pytest.approx(per[1] / per[0])
-    assert f"took {cost:.1f}× the time of an AR pass, so Jacobi outruns AR only above {cost:.1f} tokens per forward" in line
-    # where the fastest Jacobi lane's extra tokens came from, by kind of text (here 1 of 25 repeating tokens and
-    # 2 of 23 new ones were fast-forwarded)
+    assert f"took {cost:.1f}× the time of an AR pass, so Jacobi outruns AR only above {cost:.1f} tokens per pass" in line
+    # where the fastest Jacobi lane's extra tokens came from, by kind of text
     split = race.run("cllm_jacobi").trace.fast_forward_split()
     assert split.fast_forwarded == 3 and split.repeating_rate is not None and split.new_rate is not None
-    assert (f"Jacobi · CLLM fast-forwarded (got after the first token of a pass) {split.repeating_rate:.0%} of the "
-            f"answer's tokens that repeat a 4-gram") in line and f"and {split.new_rate:.0%} of its new text" in line
+    assert (f"Jacobi · CLLM got a token for free (after the first of its pass) for {split.repeating_rate:.0%} of the "
+            "tokens that repeat earlier text") in line and f"and for {split.new_rate:.0%} of the new ones" in line
+    assert "each lane ran 3 times" in line
     with_candidates = Race(race.prompt, DecodeConfig(n=race.settings.n, candidates=2), race.model_name, race.device, race.runs)
-    assert f"one Jacobi pass (a window of {race.settings.n} and 2 candidate n-grams of {race.settings.n - 1}) took" in render.verdict(with_candidates)
+    assert f"one Jacobi pass (a window of {race.settings.n} and 2 candidate n-grams of {race.settings.n - 1}) took" in explain.verdict(with_candidates)
     both = Race(race.prompt, DecodeConfig(n=race.settings.n, candidates=2, branches=1), race.model_name, race.device, race.runs)
     assert (f"(a window of {race.settings.n} and 2 candidate n-grams of {race.settings.n - 1} and 1 branch for the first "
-            "guess) took") in render.verdict(both)
+            "guess) took") in explain.verdict(both)
     only_jacobi = Race(race.prompt, race.settings, race.model_name, race.device, [race.run("base_jacobi")])
-    assert race_mod.pass_cost(only_jacobi) is None and "outruns" not in render.verdict(only_jacobi)
-    assert "fast-forwarded (got after" not in render.verdict(only_jacobi)  # it fast-forwarded nothing
+    assert race_mod.pass_cost(only_jacobi) is None and "outruns" not in explain.verdict(only_jacobi)
+    assert "got a token for free" not in explain.verdict(only_jacobi)  # it fast-forwarded nothing
 
 
 def test_verdict_points_out_answers_that_fall_into_a_loop():
     def lane(key, tokens):
         trace = DecodeTrace("jacobi", 4, [1], tokens=tokens, prefill_s=0.01, wall_s=0.1, done=True)
         trace.iterations = [Iteration(1, 1, tokens[:4], tokens[1:5], 4, 0.02)]
-        return LaneRun(LANES[key], "done", trace)
+        return LaneRun(LANES[key], "done", trace, walls=[0.1])
 
     plain, looping = [5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7] + [3, 4] * 10 + [2]
     race = Race("p", DecodeConfig(), "m", "cpu", [lane("base_jacobi", plain), lane("cllm_jacobi", looping)])
-    line = render.verdict(race)
+    line = explain.verdict(race)
     assert "Loop: a pattern of 1 to 4 tokens repeats 10 times or more in a row in Jacobi · CLLM from token 4." in line
     assert "Jacobi · base model from" not in line
+    sentence = explain.lane_sentence(race, race.run("cllm_jacobi"))
+    assert "⚠ From token 4 the answer goes round in a loop." in sentence and "tokens per pass came from repeated text" in sentence
+    assert "loop" not in explain.lane_sentence(race, race.run("base_jacobi"))
     race.runs[1] = lane("cllm_jacobi", [5, 6, 7] + [3, 4] * 9 + [2])  # nine times: not a loop
-    assert "Loop:" not in render.verdict(race)
+    assert "Loop:" not in explain.verdict(race)
 
 
 def test_board_before_a_race_and_while_waiting(host):
@@ -132,7 +144,7 @@ def test_step_view_shows_window_outputs_and_why(race, host):
     assert html.count('<td class="jl-in">') == len(big.window)
     assert html.count('<td class="jl-c-accepted">') == 2 * big.accepted  # output cell + verdict cell
     assert f"{big.accepted} tokens gained in this forward" in html
-    assert f"Iteration {big.index} of {len(run.trace.iterations)}" in html
+    assert f"Pass {big.index} of {len(run.trace.iterations)}" in html
     assert "Run a race with a Jacobi lane" in render.step_html(None, 0, text)
 
 
@@ -182,7 +194,10 @@ def test_accepted_per_iteration_chart(race):
     for t, run in zip(fig.data, jacobi):
         assert list(t.y) == [it.accepted for it in run.trace.iterations]
         assert sum(t.y) + 1 == len(run.trace.tokens)  # + the prefill's token
-        assert set(t.marker.symbol) == {"circle"}  # plain Jacobi: no candidate n-grams
+        # plain Jacobi (no candidate n-grams): the base model's rings show around the CLLM's dots where both gain 1
+        assert set(t.marker.symbol) == ({"circle-open"} if run.lane.model == "base" else {"circle"})
+    band = fig.layout.shapes[0]  # AR's one token a pass is drawn under the lanes, not over them
+    assert band.layer == "below" and band.y0 < 1 < band.y1
 
 
 def test_accepted_chart_marks_candidate_passes():
@@ -191,7 +206,7 @@ def test_accepted_chart_marks_candidate_passes():
                         Iteration(2, 2, [6, 7, 8, 9], [7, 8, 9, 10], 4, 0.03, candidate=2)]
     race = Race("p", DecodeConfig(), "m", "cpu", [LaneRun(LANES["base_jacobi"], "done", trace)])
     line = charts.accepted_per_iteration(race).data[0]
-    assert list(line.marker.symbol) == ["circle", "diamond"]
+    assert list(line.marker.symbol) == ["circle-open", "diamond-open"]
     assert list(line.customdata) == ["", " (kept candidate n-gram 2)"]
 
 
@@ -215,11 +230,21 @@ def test_convergence_map_marks_candidate_rows():
 
 
 def test_speed_summary_chart(race):
+    """A bar a lane: tokens per second over the median run, whiskers over the range of the timed runs, and words that
+    lead with tokens per pass and name the reference (Jacobi lanes that saved no passes get no credit)."""
     fig = charts.speed_summary(race)
     bar = fig.data[0]
-    assert list(bar.x) == [r.lane.label for r in race.runs]
-    assert list(bar.y) == pytest.approx([r.trace.tok_s for r in race.runs])
-    assert bar.text[0].startswith("1.00× AR")
+    assert list(bar.y) == [r.lane.key for r in race.runs] and bar.orientation == "h"
+    nums = [race_mod.lane_numbers(race, r) for r in race.runs]
+    assert list(bar.x) == pytest.approx([n["tok_s"] for n in nums])
+    for run, num, plus, minus in zip(race.runs, nums, bar.error_x.array, bar.error_x.arrayminus):
+        rates = [len(run.trace.tokens) / w for w in run.walls]
+        assert num["tok_s"] + plus == pytest.approx(max(rates)) and num["tok_s"] - minus == pytest.approx(min(rates))
+    words = [a.text for a in fig.layout.annotations]
+    assert words[0] == "<b>AR · base model</b> · 1.00 tokens/pass<br>the reference"
+    jac = nums[3]
+    assert words[3].startswith(f"<b>Jacobi · CLLM</b> · {jac['mean_accepted']:.2f} tokens/pass<br>{jac['speedup']:.2f}× AR · CLLM")
+    assert words[3].endswith(": not a Jacobi gain") == (jac["mean_accepted"] < race_mod.GAIN_MIN)
 
 
 def test_convergence_map_window_axis(race):
