@@ -86,6 +86,16 @@ def git_commit() -> str | None:
     return sha + ("+changes" if dirty else "")
 
 
+def repo_path(path: str | None) -> str | None:
+    """A path inside the repository as the repository names it (machine-independent); others as given."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
 def recording_meta(host, settings: RecordSettings) -> dict:
     """What the page says about a recorded race: where and how it ran, and the command that records it again."""
     import torch
@@ -100,7 +110,7 @@ def recording_meta(host, settings: RecordSettings) -> dict:
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "dtype": str(host.base.dtype).removeprefix("torch."), "engine": host.engine,
-        "model": host.base.name, "adapter": host.adapter, "adapter_sha256": adapter_sha256(host.adapter),
+        "model": host.base.name, "adapter": repo_path(host.adapter), "adapter_sha256": adapter_sha256(host.adapter),
         "torch": torch.__version__, "transformers": transformers.__version__,
     }
 

@@ -17,18 +17,21 @@ def client():
     return Client(shared_app().url, verbose=False)
 
 
-def test_race_api_returns_equal_ar_and_jacobi_text_and_sane_numbers(client):
+def test_race_api_measures_each_jacobi_lane_against_its_own_ar(client):
     out = client.predict(PROMPT, 8, 32, api_name="/race")
-    assert list(out["lanes"]) == ["base_ar", "base_jacobi", "cllm_jacobi"]
-    ar, jac, cllm = (out["lanes"][k] for k in ("base_ar", "base_jacobi", "cllm_jacobi"))
-    assert ar["text"].strip() and jac["text"] == ar["text"] and jac["matches_ar"] is True
+    assert list(out["lanes"]) == ["base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi"]
+    ar, jac, cllm_ar, cllm = (out["lanes"][k] for k in ("base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi"))
+    assert ar["text"].strip() and jac["text"] == ar["text"] and cllm["text"] == cllm_ar["text"]
+    assert (jac["reference"], jac["same_text"], cllm["reference"], cllm["same_text"]) == ("base_ar", True, "cllm_ar", True)
     assert cllm["text"] == ar["text"]  # the test adapter's LoRA update is zero
-    for lane in (ar, jac, cllm):
-        assert lane["status"] == "done" and 1 <= lane["tokens"] <= 32
+    for lane in out["lanes"].values():
+        assert lane["status"] == "done" and 1 <= lane["tokens"] <= 32 and len(lane["walls"]) == 3
         assert 1 <= lane["forwards"] <= lane["tokens"] and lane["mean_accepted"] >= 1
-        assert lane["tok_s"] > 0 and 0 < lane["wall_s"] < 60 and lane["speedup"] > 0
-    assert ar["forwards"] == ar["tokens"] and ar["speedup"] == pytest.approx(1.0)
-    assert out["settings"]["n"] == 8 and out["device"] == "cpu"
+        assert lane["tok_s"] > 0 and 0 < lane["wall_s"] < 60 and lane["loop_from"] is None
+    for lane in (jac, cllm):
+        assert len(lane["speedup_runs"]) == 3 and 0 < lane["speedup_min"] <= lane["speedup"] <= lane["speedup_max"]
+    assert ar["forwards"] == ar["tokens"] and ar["speedup"] is None and ar["reference"] is None
+    assert out["settings"]["n"] == 8 and out["device"] == "cpu" and out["rounds"] == 3
 
 
 @pytest.mark.parametrize("args, message", [
@@ -36,15 +39,16 @@ def test_race_api_returns_equal_ar_and_jacobi_text_and_sane_numbers(client):
     ((PROMPT, 0, 32), "between 1 and 128"),
     ((PROMPT, 16, 100000), "between 1 and 1024"),
     (("x" * 9000, 16, 32), "too long"),
+    ((PROMPT, 16, 32, 0, 0, 9), "timed runs must be between 1 and 5"),
 ])
 def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(client, args, message):
     with pytest.raises(AppError, match=message):
         client.predict(*args, api_name="/race")
-    assert client.predict("Hi", 4, 4, api_name="/race")["lanes"]["base_ar"]["tokens"] >= 1
+    assert client.predict("Hi", 4, 4, 0, 0, 1, api_name="/race")["lanes"]["base_ar"]["tokens"] >= 1
 
 
 def test_requests_queue_one_at_a_time_and_the_queue_is_bounded(client):
-    jobs = [client.submit(PROMPT, 8, 24, api_name="/race") for _ in range(6)]  # the app runs with --max-queue 3
+    jobs = [client.submit(PROMPT, 8, 24, 0, 0, 1, api_name="/race") for _ in range(6)]  # the app runs with --max-queue 3
     ranks, refused, done = set(), 0, 0
     deadline = time.time() + 240
     while time.time() < deadline and not all(j.done() for j in jobs):
