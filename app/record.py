@@ -126,10 +126,11 @@ def record(settings: RecordSettings) -> dict:
     host = ModelHost(DEFAULT_SPEC, default_adapter(DEFAULT_SPEC), device=settings.device)
     if not host.load(DEFAULT_SPEC, default_adapter(DEFAULT_SPEC)):
         raise SystemExit(f"could not load the models: {host.error}")
+    meta = recording_meta(host, settings)  # before the race: the commit the code was at when it started
     race = new_race(host, settings.prompt, host.default_window(), settings.max_new_tokens, rounds=settings.rounds)
     for race in host.stream(run_race(host, race, engine=host.engine)):
         pass
-    race.recorded = recording_meta(host, settings)
+    race.recorded = meta
     return race_record(race)
 
 
