@@ -101,18 +101,46 @@ def race_controls(host: ModelHost, max_new_tokens_limit: int) -> dict:
     return c
 
 
+def race_views(first: dict) -> dict:
+    """The Race tab's views under the board, each built showing ``first`` (``Callbacks.views``' values by name);
+    returns them by name, with the replay's controls and the map's axis."""
+    v = {}
+    with gr.Row(elem_id="jl-downloads"):
+        v["race_file"] = gr.DownloadButton("Download the race (JSON)", elem_id="jl-download-json", size="sm",
+                                           **props(first["race_file"]))
+        v["charts_file"] = gr.DownloadButton("Download the charts (HTML)", elem_id="jl-download-html", size="sm",
+                                             **props(first["charts_file"]))
+    v["share"] = gr.HTML(first["share"], elem_id="jl-share")
+    with gr.Row():
+        v["replay_btn"] = gr.Button("▶ Replay side by side", elem_id="jl-replay-btn", scale=1, min_width=160)
+        v["speed"] = gr.Radio(list(render.SPEEDS), value=render.DEFAULT_SPEED, label="Replay speed", scale=3, min_width=240)
+    v["replay_view"] = gr.HTML(first["replay_view"], elem_id="jl-replay")
+    with gr.Row():
+        v["time_plot"] = gr.Plot(first["time_plot"], label="Tokens over time", show_label=False, elem_id="jl-time", min_width=300)
+        v["speed_plot"] = gr.Plot(first["speed_plot"], label="Speed", show_label=False, elem_id="jl-speed", min_width=300)
+    v["accept_plot"] = gr.Plot(first["accept_plot"], label="Accepted per pass", show_label=False, elem_id="jl-accept")
+    gr.Markdown("### Inspect a Jacobi lane\nEach row of the map is one pass; each cell one output: red where the "
+                "guess was wrong, yellow where it was already right but stuck behind a wrong one, green when accepted. "
+                "Hover a cell for its tokens. Below, step through the passes one by one.")
+    with gr.Row():
+        v["lane_pick"] = gr.Dropdown(label="Jacobi lane", scale=1, min_width=200, elem_id="jl-lane-pick", **props(first["lane_pick"]))
+        v["axis"] = gr.Radio(AXIS_LABELS, value="window", label="Columns", scale=2, min_width=240)
+    v["conv_plot"] = gr.Plot(first["conv_plot"], label="Convergence map", show_label=False, elem_id="jl-conv")
+    v["step_slider"] = gr.Slider(1, step=1, label="Pass", elem_id="jl-step-slider", **props(first["step_slider"]))
+    v["step_view"] = gr.HTML(first["step_view"], elem_id="jl-step")
+    return v
+
+
 def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS,
                example: str | Path | None = EXAMPLE) -> gr.Blocks:
     """The whole app. Models are loaded by the caller (once, at start-up), never here. The page opens showing the
     recorded race in ``example`` (no model runs for it), or empty when there is none."""
     cb = Callbacks(host, allow_custom_models, max_new_tokens_limit)
     shown = read_example(example) if example else None
-    first = dict(zip(VIEWS, cb.views(shown)))
 
     with gr.Blocks(title="Jacobi Lens: AR vs Jacobi decoding, live") as demo:
         race_state = gr.State(shown)
         race_number = gr.Number(0, visible=False)  # filled in by the page's script: see NUMBER_RACE_JS
-        nonce = gr.State(0)
         gr.Markdown(INTRO)
         header = gr.HTML(header_html(host), elem_id="jl-header")
         with gr.Tab("Race"):
@@ -127,29 +155,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
                         stop_btn = gr.Button("Stop", variant="stop", elem_id="jl-stop")
             status = gr.HTML(verdict(shown) if shown else "", elem_id="jl-status")
             board = gr.HTML(render.board_html(shown), elem_id="jl-board")
-            with gr.Row(elem_id="jl-downloads"):
-                race_file = gr.DownloadButton("Download the race (JSON)", elem_id="jl-download-json", size="sm",
-                                              **props(first["race_file"]))
-                charts_file = gr.DownloadButton("Download the charts (HTML)", elem_id="jl-download-html", size="sm",
-                                                **props(first["charts_file"]))
-            share = gr.HTML(first["share"], elem_id="jl-share")
-            with gr.Row():
-                replay_btn = gr.Button("▶ Replay side by side", elem_id="jl-replay-btn", scale=1, min_width=160)
-                speed = gr.Radio(list(render.SPEEDS), value=render.DEFAULT_SPEED, label="Replay speed", scale=3, min_width=240)
-            replay_view = gr.HTML(first["replay_view"], elem_id="jl-replay")
-            with gr.Row():
-                time_plot = gr.Plot(first["time_plot"], label="Tokens over time", show_label=False, elem_id="jl-time", min_width=300)
-                speed_plot = gr.Plot(first["speed_plot"], label="Speed", show_label=False, elem_id="jl-speed", min_width=300)
-            accept_plot = gr.Plot(first["accept_plot"], label="Accepted per pass", show_label=False, elem_id="jl-accept")
-            gr.Markdown("### Inspect a Jacobi lane\nEach row of the map is one pass; each cell one output: red where the "
-                        "guess was wrong, yellow where it was already right but stuck behind a wrong one, green when accepted. "
-                        "Hover a cell for its tokens. Below, step through the passes one by one.")
-            with gr.Row():
-                lane_pick = gr.Dropdown(label="Jacobi lane", scale=1, min_width=200, elem_id="jl-lane-pick", **props(first["lane_pick"]))
-                axis = gr.Radio(AXIS_LABELS, value="window", label="Columns", scale=2, min_width=240)
-            conv_plot = gr.Plot(first["conv_plot"], label="Convergence map", show_label=False, elem_id="jl-conv")
-            step_slider = gr.Slider(1, step=1, label="Pass", elem_id="jl-step-slider", **props(first["step_slider"]))
-            step_view = gr.HTML(first["step_view"], elem_id="jl-step")
+            v = race_views(dict(zip(VIEWS, cb.views(shown))))
             if allow_custom_models:
                 with gr.Accordion("Model (custom models are enabled)", open=False):
                     spec = gr.Textbox(label="Model", value=host.spec, info="smollm2-135m, a preset, a local folder or .gguf, or org/name (online)")
@@ -157,30 +163,39 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
                     load_btn = gr.Button("Load")
                 load_btn.click(cb.load_models, [spec, adapter], [header, c["lanes"]], concurrency_id=MODEL_GROUP, api_visibility="private")
         about_tab()
-
-        views = [time_plot, accept_plot, speed_plot, lane_pick, conv_plot, step_slider, step_view, replay_view,
-                 race_file, charts_file, share]
         settings = [prompt, c["n"], c["max_new"], c["init"], c["cands"], c["branches"], c["lanes"], c["rounds"]]
-        race_event = go_btn.click(
-            gpu(cb.race_stream), [*settings, race_number], [board, status, race_state, *views], js=NUMBER_RACE_JS,
-            concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private", show_progress_on=[status],
-            # A click while this tab's race is still running (or ending after Stop) starts the next race when it
-            # has ended, instead of being ignored.
-            trigger_mode="always_last",
-        )
-        # after a race, a Stop or an error alike (then runs either way): every view shows this race, or says it is empty
-        race_event.then(cb.after_race, [race_state, axis], views, api_visibility="private")
-        # No gradio cancel: the race ends by itself at its next step (race.StopRequests says why). Except on ZeroGPU
-        # Spaces, where a race runs in a forked process that does not see the stop requests.
-        stop_btn.click(cb.on_stop, [race_state, race_number], [board, status], js=LATEST_RACE_JS, queue=False,
-                       cancels=[race_event] if on_zero_gpu() else None, api_visibility="private")
-        demo.unload(cb.forget_stops)
-        demo.load(cb.restore, None, settings, api_visibility="private", queue=False)
-        # .input, not .change: the views above set these controls after every race and draw their views themselves
-        lane_pick.input(cb.inspect, [race_state, lane_pick, axis], [conv_plot, step_slider], api_visibility="private").then(
-            cb.step, [race_state, lane_pick, step_slider], step_view, api_visibility="private")
-        axis.change(cb.convergence, [race_state, lane_pick, axis], conv_plot, api_visibility="private")
-        step_slider.input(cb.step, [race_state, lane_pick, step_slider], step_view, api_visibility="private", show_progress="hidden")
-        replay_btn.click(cb.replay, [race_state, speed, nonce], [replay_view, nonce], api_visibility="private", queue=False)
-        gr.api(gpu(cb.race_api), api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
+        wire(demo, cb, settings, (go_btn, stop_btn), (race_state, race_number, board, status), v)
     return demo
+
+
+def wire(demo: gr.Blocks, cb: Callbacks, settings: list, buttons: tuple, race: tuple, v: dict) -> None:
+    """Connect the page's events to the callbacks: ``settings`` are a race's inputs, ``buttons`` Race and Stop,
+    ``race`` the state, race number, board and status, ``v`` the views (``race_views``)."""
+    go_btn, stop_btn = buttons
+    race_state, race_number, board, status = race
+    views = [v[name] for name in VIEWS]
+    race_event = go_btn.click(
+        gpu(cb.race_stream), [*settings, race_number], [board, status, race_state, *views], js=NUMBER_RACE_JS,
+        concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private", show_progress_on=[status],
+        # A click while this tab's race is still running (or ending after Stop) starts the next race when it
+        # has ended, instead of being ignored.
+        trigger_mode="always_last",
+    )
+    # after a race, a Stop or an error alike (then runs either way): every view shows this race, or says it is empty
+    race_event.then(cb.after_race, [race_state, v["axis"]], views, api_visibility="private")
+    # No gradio cancel: the race ends by itself at its next step (race.StopRequests says why). Except on ZeroGPU
+    # Spaces, where a race runs in a forked process that does not see the stop requests.
+    stop_btn.click(cb.on_stop, [race_state, race_number], [board, status], js=LATEST_RACE_JS, queue=False,
+                   cancels=[race_event] if on_zero_gpu() else None, api_visibility="private")
+    demo.unload(cb.forget_stops)
+    demo.load(cb.restore, None, settings, api_visibility="private", queue=False)
+    # .input, not .change: the views set these controls after every race and draw what they show themselves
+    pick, axis, step = v["lane_pick"], v["axis"], v["step_slider"]
+    pick.input(cb.inspect, [race_state, pick, axis], [v["conv_plot"], step], api_visibility="private").then(
+        cb.step, [race_state, pick, step], v["step_view"], api_visibility="private")
+    axis.change(cb.convergence, [race_state, pick, axis], v["conv_plot"], api_visibility="private")
+    step.input(cb.step, [race_state, pick, step], v["step_view"], api_visibility="private", show_progress="hidden")
+    nonce = gr.State(0)
+    v["replay_btn"].click(cb.replay, [race_state, v["speed"], nonce], [v["replay_view"], nonce], api_visibility="private",
+                          queue=False)
+    gr.api(gpu(cb.race_api), api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
