@@ -229,7 +229,7 @@ OVERFLOW = """() => {
   const vw = document.documentElement.clientWidth, bad = [];
   for (const e of document.querySelectorAll('body *')) {
     const r = e.getBoundingClientRect();
-    if (!r.width || !r.height || e.closest('.js-plotly-tester') || (r.right <= vw + 1 && r.left >= -1)) continue;
+    if (!r.width || !r.height || e.closest('#js-plotly-tester') || (r.right <= vw + 1 && r.left >= -1)) continue;
     let a = e.parentElement;  // inside a box that scrolls sideways (a wide table), and that box fits: fine
     for (; a; a = a.parentElement) {
       const s = getComputedStyle(a), ar = a.getBoundingClientRect();
@@ -254,6 +254,7 @@ def overlap(a, b) -> bool:
 def test_a_phone_sized_page_is_usable(page):
     """At 420 px: nothing wider than the screen, no legend over a chart title, axis titles inside their chart, the step
     table scrolling sideways rather than clipped; the About tab too. Screenshots go to screenshots/."""
+    race(page, "Write a haiku about the sea.", 16)  # every view drawn, the step table too
     page.set_viewport_size({"width": 420, "height": 900})
     try:
         page.wait_for_timeout(1500)  # the charts redraw at the new width
