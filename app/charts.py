@@ -5,7 +5,7 @@ from html import escape
 
 import plotly.graph_objects as go
 
-from .explain import no_gain
+from .explain import beyond_passes, no_gain
 from .race import Race, LaneRun, lane_numbers
 from .render import cell_state, kept_phrase
 
@@ -74,7 +74,7 @@ def accepted_per_iteration(race: Race | None) -> go.Figure:
     fig = go.Figure()
     # AR's one token a pass: a faint band drawn under the lanes, so a lane that mostly gains 1 stays visible on it
     fig.add_hrect(y0=0.9, y1=1.1, fillcolor="rgba(100, 116, 139, 0.15)", line_width=0, layer="below",
-                  annotation_text="AR: 1 per pass", annotation_position="bottom right", annotation_font_color="#64748b")
+                  annotation_text="AR: 1 per pass", annotation_position="top right", annotation_font_color="#64748b")
     for run in runs:
         its = run.trace.iterations
         ring = "-open" if run.lane.model == "base" else ""  # base: rings around the CLLM's dots, so both show where equal
@@ -102,7 +102,9 @@ def speed_label(race: Race, run: LaneRun, num: dict) -> str:
     ratio = f"{num['speedup']:.2f}× {plot_text(race.reference(run).lane.label)}"
     if no_gain(num):
         return head + f"<br>{ratio}: not a Jacobi gain"
-    return head + f"<br>{ratio}" + ("" if num["same_text"] else " (another text)")
+    if not num["same_text"]:
+        return head + f"<br>{ratio} (another text)"
+    return head + f"<br>{ratio}" + (": beyond its saved passes" if beyond_passes(race, run, num) else "")
 
 
 def speed_summary(race: Race | None) -> go.Figure:

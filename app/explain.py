@@ -11,7 +11,7 @@ from html import escape
 
 from decoding.trace import LOOP_LIMIT, LOOP_PERIOD
 
-from .race import GAIN_MIN, LaneRun, Race, lane_numbers, pass_cost
+from .race import CLOCK_SLACK, GAIN_MIN, LaneRun, Race, lane_numbers, pass_cost
 
 STOP_REASONS = {"eos": "the model ended its answer", "length": "it reached the token limit"}
 
@@ -31,6 +31,21 @@ def ratio_phrase(num: dict) -> str:
 def no_gain(num: dict) -> bool:
     """Jacobi saved too few passes for its clock ratio to be a Jacobi gain."""
     return num["mean_accepted"] < GAIN_MIN
+
+
+def passes_ratio(race: Race, run: LaneRun) -> float:
+    """How many times fewer passes a Jacobi lane made than its reference AR lane (the most its clock ratio can be
+    when a Jacobi pass costs as much as an AR pass)."""
+    return race.reference(run).trace.forwards / run.trace.forwards
+
+
+def beyond_passes(race: Race, run: LaneRun, num: dict) -> str:
+    """A caveat when the clock ratio is more than the saved passes explain, else ""."""
+    fewer = passes_ratio(race, run)
+    if num["speedup"] is None or num["speedup"] <= CLOCK_SLACK * fewer:
+        return ""
+    return (f" That is more than its {fewer:.2f}× fewer passes explain: the rest is timing noise, or a slower AR path "
+            "on this machine.")
 
 
 def comparison_sentence(race: Race, run: LaneRun, num: dict) -> str:
@@ -56,7 +71,7 @@ def comparison_sentence(race: Race, run: LaneRun, num: dict) -> str:
         return (f'<span class="jl-ok">✓ Same text as {name}.</span> It saved almost no passes, so its clock ratio, '
                 f"{ratio_phrase(num)}, is not a Jacobi gain: it is timing noise, or how this machine runs the two "
                 "kinds of pass.")
-    return f'<span class="jl-ok">✓ Same text as {name},</span> {ratio_phrase(num)} its speed.'
+    return f'<span class="jl-ok">✓ Same text as {name},</span> {ratio_phrase(num)} its speed.' + beyond_passes(race, run, num)
 
 
 def loop_sentence(run: LaneRun, num: dict) -> str:
@@ -121,7 +136,8 @@ def verdict_line(race: Race, run: LaneRun) -> str:
         return f"{name} wrote the same text as {escape(ref.lane.label)} but saved almost no passes ({passes}): no real gain."
     clock = f", {ratio_phrase(num)} as fast on the clock" if num["speedup"] else ""
     return (f"{name} wrote the same {plural(num['tokens'], 'token')} as {escape(ref.lane.label)} in "
-            f"{plural(num['forwards'], 'pass')} instead of {ref.trace.forwards}: {passes}{clock}.")
+            f"{plural(num['forwards'], 'pass')} instead of {ref.trace.forwards}: {passes}{clock}."
+            + beyond_passes(race, run, num))
 
 
 def verdict(race: Race) -> str:

@@ -24,6 +24,9 @@ MAX_BRANCHES = 3  # other likely tokens for the window's first guess a pass may 
 STREAM_EVERY_S = 0.1  # the UI gets a fresh frame at most this often while a lane runs
 ROUNDS, MAX_ROUNDS = 3, 5  # timed runs of every lane (the one you watch, then unseen ones), for the clock ratio's spread
 GAIN_MIN = 1.1  # below this many tokens per pass Jacobi saved too few passes for a clock ratio to be its gain
+# A Jacobi pass costs at least an AR pass, so a clock ratio above the ratio of passes (AR's over Jacobi's) by more than
+# this factor is more than the saved passes explain: timing noise, or a slower AR path on the machine
+CLOCK_SLACK = 1.15
 
 
 @dataclass(frozen=True)

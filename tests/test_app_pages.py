@@ -69,6 +69,12 @@ def test_each_jacobi_lane_is_judged_against_the_ar_of_its_own_model():
     line = explain.lane_sentence(race, gain)
     assert "(2.00 tokens per pass)" in line and "2.00× (2.00–2.00 over 3 runs) its speed" in line
     assert "wrote the same 21 tokens as AR · base model in 11 passes instead of 21" in explain.verdict(race)
+    assert "more than its" not in line
+    lucky = fake_lane("base_jacobi", toks, [2] * 10, [0.5, 0.6, 0.4])  # 4× the clock from 1.9× fewer passes
+    race.runs[1] = lucky
+    assert "That is more than its 1.91× fewer passes explain" in explain.lane_sentence(race, lucky)
+    assert "more than its 1.91× fewer passes explain" in explain.verdict(race)
+    assert charts.speed_summary(race).layout.annotations[1].text.endswith("beyond its saved passes")
     cllm = fake_lane("cllm_jacobi", list(range(40, 61)), [2] * 10, [1.0])  # its own AR did not run
     other = Race("p", DecodeConfig(), "m", "cpu", [ar, cllm])
     line = explain.lane_sentence(other, cllm)
