@@ -49,7 +49,7 @@ def _empty(title: str, note: str) -> go.Figure:
 
 def tokens_over_time(race: Race | None) -> go.Figure:
     """Tokens generated against wall-clock time, one line per lane: steeper is faster."""
-    title = "Tokens generated over time"
+    title = "Tokens over time (the runs you watched)"
     runs = race.finished if race else []
     if not runs:
         return _empty(title, "Run a race to see this chart.")

@@ -71,6 +71,10 @@ def comparison_sentence(race: Race, run: LaneRun, num: dict) -> str:
         return (f'<span class="jl-ok">✓ Same text as {name}.</span> It saved almost no passes, so its clock ratio, '
                 f"{ratio_phrase(num)}, is not a Jacobi gain: it is timing noise, or how this machine runs the two "
                 "kinds of pass.")
+    if num["speedup"] < 1:
+        cost = pass_cost(race)
+        why = f": a Jacobi pass cost {cost:.1f} AR passes here, more than the passes it saved" if cost else ""
+        return f'<span class="jl-ok">✓ Same text as {name},</span> but slower on the clock: {ratio_phrase(num)} its speed{why}.'
     return f'<span class="jl-ok">✓ Same text as {name},</span> {ratio_phrase(num)} its speed.' + beyond_passes(race, run, num)
 
 
@@ -135,6 +139,8 @@ def verdict_line(race: Race, run: LaneRun) -> str:
     if no_gain(num):
         return f"{name} wrote the same text as {escape(ref.lane.label)} but saved almost no passes ({passes}): no real gain."
     clock = f", {ratio_phrase(num)} as fast on the clock" if num["speedup"] else ""
+    if num["speedup"] and num["speedup"] < 1:
+        clock = f", but slower on the clock: {ratio_phrase(num)} as fast (see what a pass costs, below)"
     return (f"{name} wrote the same {plural(num['tokens'], 'token')} as {escape(ref.lane.label)} in "
             f"{plural(num['forwards'], 'pass')} instead of {ref.trace.forwards}: {passes}{clock}."
             + beyond_passes(race, run, num))

@@ -75,6 +75,10 @@ def test_each_jacobi_lane_is_judged_against_the_ar_of_its_own_model():
     assert "That is more than its 1.91× fewer passes explain" in explain.lane_sentence(race, lucky)
     assert "more than its 1.91× fewer passes explain" in explain.verdict(race)
     assert charts.speed_summary(race).layout.annotations[1].text.endswith("beyond its saved passes")
+    slow = fake_lane("base_jacobi", toks, [2] * 10, [2.5, 2.4, 2.6])  # fewer passes, but each cost more
+    race.runs[1] = slow
+    assert "but slower on the clock: 0.80× (0.69–0.92 over 3 runs) its speed: a Jacobi pass cost 2.5 AR passes here" in explain.lane_sentence(race, slow)
+    assert "but slower on the clock" in explain.verdict(race)
     cllm = fake_lane("cllm_jacobi", list(range(40, 61)), [2] * 10, [1.0])  # its own AR did not run
     other = Race("p", DecodeConfig(), "m", "cpu", [ar, cllm])
     line = explain.lane_sentence(other, cllm)
