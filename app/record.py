@@ -73,6 +73,8 @@ class RecordSettings:
     max_new_tokens: int = 128  # tokens per lane at most (the page's default)
     rounds: int = field(default=ROUNDS, metadata={"choices": tuple(range(1, MAX_ROUNDS + 1))})  # timed runs of every lane
     device: str = "cpu"  # where the models run (the example shows a CPU race: what a free Space has)
+    max_spread: float = 0.25  # a race with a lane whose timed runs stray further than this share from their median is raced again (another process had the CPU)
+    attempts: int = 5  # races at most, to get one within max_spread (the last is kept either way)
 
 
 def git_commit() -> str | None:
@@ -115,9 +117,18 @@ def recording_meta(host, settings: RecordSettings) -> dict:
     }
 
 
+def spread(race: Race) -> float:
+    """How far the timed runs of the race's lanes stray from their lane's median, at most (a share of it)."""
+    import statistics
+
+    return max((abs(w - statistics.median(r.walls)) / statistics.median(r.walls) for r in race.runs for w in r.walls),
+               default=0.0)
+
+
 def record(settings: RecordSettings) -> dict:
-    """Load the embedded model and the shipped CLLM, race ``settings.prompt`` with the page's defaults, and return
-    the race as ``race_record`` JSON with its meta."""
+    """Load the embedded model and the shipped CLLM, race ``settings.prompt`` with the page's defaults (again, up to
+    ``settings.attempts`` times, while another process disturbed its clock beyond ``settings.max_spread``), and
+    return the race as ``race_record`` JSON with its meta."""
     from decoding import DEFAULT_SPEC, default_adapter
 
     from .host import ModelHost
@@ -127,10 +138,14 @@ def record(settings: RecordSettings) -> dict:
     if not host.load(DEFAULT_SPEC, default_adapter(DEFAULT_SPEC)):
         raise SystemExit(f"could not load the models: {host.error}")
     meta = recording_meta(host, settings)  # before the race: the commit the code was at when it started
-    race = new_race(host, settings.prompt, host.default_window(), settings.max_new_tokens, rounds=settings.rounds)
-    for race in host.stream(run_race(host, race, engine=host.engine)):
-        pass
-    race.recorded = meta
+    for attempt in range(1, settings.attempts + 1):
+        race = new_race(host, settings.prompt, host.default_window(), settings.max_new_tokens, rounds=settings.rounds)
+        for race in host.stream(run_race(host, race, engine=host.engine)):
+            pass
+        print(f"race {attempt}: the timed runs stray up to {spread(race):.0%} from their lane's median", flush=True)
+        if spread(race) <= settings.max_spread:
+            break
+    race.recorded = meta | {"attempts": attempt, "max_spread": settings.max_spread, "spread": spread(race)}
     return race_record(race)
 
 
