@@ -161,7 +161,7 @@ def eval_row(data: dict) -> dict | None:
     meta = data.get("meta") or {}
     device = meta.get("device_name") or settings.get("device") or data.get("device") or "unknown device"
     return {"what": (f"The CLLM's Jacobi decoding on {prompts} held-out ShareGPT prompts, n = {settings.get('n', '?')}, "
-                     f"and its quality against the base model (a loop: {LOOP_PERIOD} tokens or fewer repeated "
+                     f"and its quality against the base model (a loop: a pattern of 1 to {LOOP_PERIOD} tokens, "
                      f"{LOOP_LIMIT} times in a row)"),
             "device": f"{device}, {settings.get('dtype', 'float32')}", "result": result,
             "command": str(meta.get("command") or ""), "date": ""}
