@@ -39,22 +39,14 @@ EXAMPLES = [  # (label, prompt): chat, code, maths, writing
 
 
 def about_tab() -> None:
-    """The About tab: what AR, Jacobi and CLLMs are, our CLLM's numbers, its training runs and the committed
-    benchmarks (read from assets/ when the page is built)."""
+    """The About tab: what AR, Jacobi and CLLMs are, and the headline results (read from their files when the page is
+    built)."""
     with gr.Tab("About"):
         gr.Markdown(about.INTRO)
         gr.HTML(about.example_figure())
-        gr.Markdown(about.PAPER)
-        gr.Markdown(about.cllm_markdown())
-        shipped = about.training_run(about.CLLM_EVAL)
-        every = about.read_training_runs()  # read once: the chart draws those measured like the shipped one
-        runs = about.measured_like(every, shipped["protocol"] if shipped else None)
-        gr.Markdown(about.training_runs_markdown(runs, not_drawn=len(every) - len(runs)))
-        gr.Plot(charts.training_runs(runs, shipped), show_label=False, elem_id="jl-runs")
-        results = about.read_results()
-        gr.Markdown(about.results_overview(results))
-        with gr.Accordion("Every benchmark file, lane by lane", open=False):
-            gr.Markdown(about.results_markdown(results))
+        gr.Markdown(about.RESULTS_HEAD)
+        gr.HTML(about.headline_html(about.headline_rows()), elem_id="jl-headline")
+        gr.Markdown(about.results_footer())
 
 
 def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS) -> gr.Blocks:

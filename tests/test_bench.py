@@ -121,7 +121,7 @@ def test_bench_checks_candidate_ngrams_beside_the_window(tiny_model_dir, tmp_pat
 
 def test_bench_checks_branches_for_the_first_guess_and_writes_gzip(tiny_model_dir, tmp_path):
     """--branches reaches the decodes (same text as AR), is saved with the result, and --out .gz writes gzipped JSON
-    that read_bench and the About tab's label read back."""
+    that read_bench and the About tab's setting words read back."""
     from app import about
 
     prompts = tmp_path / "p.jsonl"
@@ -134,7 +134,7 @@ def test_bench_checks_branches_for_the_first_guess_and_writes_gzip(tiny_model_di
     result = bench.read_bench(out)
     assert result["meta"]["decode"]["branches"] == 3 and result["meta"]["config"]["branches"] == 3
     assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
-    assert "n = 4, 3 branches for the first guess, 24 new tokens" in about.results_markdown([result | {"_file": "r"}])
+    assert about.bench_setting(result["meta"]) == "n = 4, 3 branches for the first guess, 24 new tokens"
     assert bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--device", "cpu",
                        "--engine", "eager", "--lanes", "base_jacobi", "--branches", "2"]) == 2  # fast engine only
 
