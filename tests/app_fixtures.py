@@ -62,6 +62,7 @@ class TinyHost:
         self.error = None
         self.spec, self.adapter = "tiny", None
         self.engine = "eager"  # what ModelHost resolved at load time
+        self.zero_gpu = False
 
     def describe(self) -> str:
         return "tiny"
