@@ -19,7 +19,8 @@ from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, StopRequests, new_race, 
 STOPPED = "Stopped. The app is ready for the next race."
 MAX_PROMPT_TOKENS = 1024  # default cap of a request's prompt, chat template included (--max-prompt-tokens)
 RACE_BUDGET_S = 60.0  # default wall-clock budget of one race, all lanes (--race-budget-s; 0: none)
-API_STREAM_EVERY_S = 0.25  # /race yields its progress this often, so a cancelled job ends within about this long
+MAX_NUMBER = 2**31  # larger request numbers are refused before any other check (their message would print them whole)
+API_STREAM_EVERY_S = 0.1  # /race yields its progress this often, so a cancelled job ends within about this long
 
 
 def lane_choices(host: ModelHost) -> list[tuple[str, str]]:
@@ -35,7 +36,8 @@ def check_request(prompt, **numbers) -> None:
     """ValueError with a message for people when a request's values are not what a form would send: a prompt that
     is not text or not valid Unicode (a lone surrogate), a number that is not a finite number (NaN, Infinity)."""
     if not isinstance(prompt, str):
-        raise ValueError(f"the prompt must be text, not {type(prompt).__name__}")
+        raise ValueError("the prompt is missing (null)" if prompt is None else
+                         f"the prompt must be text, not {type(prompt).__name__}")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -44,6 +46,8 @@ def check_request(prompt, **numbers) -> None:
     for name, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name.replace('_', ' ')} must be a whole number, not {value!r}")
+        if abs(value) > MAX_NUMBER:
+            raise ValueError(f"{name.replace('_', ' ')} is out of range: {value:.3g}")
 
 
 class Callbacks:
@@ -85,7 +89,7 @@ class Callbacks:
         try:
             race = self.start_race(prompt, n, max_new_tokens, init, lanes or [], candidates, branches)
         except ValueError as exc:
-            raise gr.Error(str(exc), title="Cannot start the race") from None
+            raise gr.Error(str(exc), title="Cannot start the race", print_exception=False) from None
         total = len(race.runs)
         stopped = self.stops.checker(request.session_hash, number)
         deadline = self.deadline()
@@ -147,7 +151,7 @@ class Callbacks:
             JSON whose "lanes" are "base_ar", "base_jacobi" and, when a CLLM is loaded, "cllm_jacobi";
             each has "text", "tokens", "forwards", "wall_s", "tok_s", "mean_accepted", "speedup" (over base_ar)
             and "matches_ar" (its tokens equal those of the AR lane it is compared with). The race streams: every
-            quarter second the JSON so far (lanes "running" or "waiting"), the last one final. Cancelling the job
+            tenth of a second the JSON so far (lanes "running" or "waiting"), the last one final. Cancelling the job
             stops the decoding at its next step. "stopped" says why a race ended early (the server's time budget).
         """
         try:
@@ -157,7 +161,7 @@ class Callbacks:
                                                   engine=self.host.engine, deadline=deadline)):
                 yield race_json(race)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window.") from None
@@ -173,7 +177,7 @@ class Callbacks:
             source = custom_spec(spec, self.model_root)
             folder = custom_adapter(adapter if isinstance(adapter, str) else None, source, self.model_root)
         except ModelLoadError as exc:
-            raise gr.Error(str(exc), title="Cannot load that model") from None
+            raise gr.Error(str(exc), title="Cannot load that model", print_exception=False) from None
         if not self.host.load(source, folder or "none"):
             kept = " The models that were serving are still loaded." if self.host.base else ""
             raise gr.Error(hide_paths(self.host.load_error or "") + kept, title="Could not load the model")

@@ -45,13 +45,19 @@ class TorchThread:
         return self._pool.submit(fn, *args).result()
 
     def stream(self, steps: Iterator) -> Iterator:
-        """Advance a generator on the torch thread, yielding what it yields; closing this closes it there too."""
+        """Advance a generator on the torch thread, yielding what it yields; closing this closes it there too.
+
+        The close is queued, not waited for: Gradio closes a cancelled job's generator on its event loop, which
+        must not wait while the torch thread finishes a step of the next job."""
         done = object()
         try:
             while (item := self.call(next, steps, done)) is not done:
                 yield item
         finally:
-            self.call(steps.close)
+            if threading.get_ident() == self._ident:
+                steps.close()
+            else:
+                self._pool.submit(steps.close)
 
 
 _TORCH_THREAD: TorchThread | None = None

@@ -90,11 +90,11 @@ def make_adapter(folder: Path) -> Path:
 class AppProcess:
     """`python app.py` in a subprocess, on a free port; ``url`` once it serves."""
 
-    def __init__(self, *args: str, timeout: float = 300):
+    def __init__(self, *args: str, timeout: float = 300, script: str = "app.py", env: dict | None = None):
         self.port = free_port()
         self.log = []
-        env = os.environ | {"PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-        self.proc = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port), *args], cwd=ROOT, env=env,
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"} | (env or {})
+        self.proc = subprocess.Popen([sys.executable, script, "--port", str(self.port), *args], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the app
         deadline = time.time() + timeout
