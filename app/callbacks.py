@@ -18,7 +18,7 @@ from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, StopRequests, new_race, 
 
 STOPPED = "Stopped. The app is ready for the next race."
 MAX_PROMPT_TOKENS = 1024  # default cap of a request's prompt, chat template included (--max-prompt-tokens)
-RACE_BUDGET_S = 60.0  # default wall-clock budget of one race, all lanes (--race-budget-s; 0: none)
+RACE_BUDGET_S = 120.0  # default wall-clock budget of one race, all lanes (--race-budget-s; 0: none)
 MAX_NUMBER = 2**31  # larger request numbers are refused before any other check (their message would print them whole)
 API_STREAM_EVERY_S = 0.1  # /race yields its progress this often, so a cancelled job ends within about this long
 

@@ -69,6 +69,9 @@ class TinyHost:
 
     default_window = ModelHost.default_window  # the page's starting n, as the real host picks it
 
+    def stream(self, steps):  # decodes on the caller's thread
+        return steps
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -131,7 +134,8 @@ def shared_app() -> AppProcess:
     global _SHARED
     if _SHARED is None:
         folder = Path(tempfile.mkdtemp(prefix="jl-adapter-"))
-        _SHARED = AppProcess("--adapter", str(make_adapter(folder / "zero-lora")), "--max-queue", "3")
+        # No time budget: on a loaded test machine a race may be slow (the budget is tested in test_app_bounds.py).
+        _SHARED = AppProcess("--adapter", str(make_adapter(folder / "zero-lora")), "--max-queue", "3", "--race-budget-s", "0")
         atexit.register(shutil.rmtree, folder, True)
         atexit.register(_SHARED.stop)
     return _SHARED
