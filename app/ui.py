@@ -32,6 +32,7 @@ def gpu_task(host: ModelHost, fn, budget_s: float):
 
     return spaces.GPU(task, duration=int(budget_s or 600) + GPU_MARGIN_S)
 
+
 CSS = (Path(__file__).resolve().parent / "style.css").read_text(encoding="utf-8")
 MODEL_GROUP = "model"  # concurrency group: one generation (or model load) at a time
 # The page numbers its races; Stop sends the latest number (see race.StopRequests). The last input is the number.
