@@ -19,6 +19,9 @@ from .race import DEFAULT_LANES, LANES, MAX_NEW_TOKENS, StopRequests, new_race, 
 STOPPED = "Stopped. The app is ready for the next race."
 MAX_PROMPT_TOKENS = 1024  # default cap of a request's prompt, chat template included (--max-prompt-tokens)
 RACE_BUDGET_S = 120.0  # default wall-clock budget of one race, all lanes (--race-budget-s; 0: none)
+# On ZeroGPU a race runs as a GPU task of ZEROGPU_TASK_S (the platform's default duration; a shorter one queues
+# sooner); the first task also moves the models and builds the engine, so a race there gets at most this budget.
+ZEROGPU_TASK_S, ZEROGPU_BUDGET_S = 60, 30.0
 MAX_NUMBER = 2**31  # larger request numbers are refused before any other check (their message would print them whole)
 API_STREAM_EVERY_S = 0.1  # /race yields its progress this often, so a cancelled job ends within about this long
 
@@ -58,6 +61,8 @@ class Callbacks:
                  max_prompt_tokens: int = MAX_PROMPT_TOKENS, race_budget_s: float = RACE_BUDGET_S,
                  model_root: str | None = None):
         self.host, self.allow_custom_models, self.limit = host, allow_custom_models, max_new_tokens_limit
+        if getattr(host, "zero_gpu", False):
+            race_budget_s = min(race_budget_s or ZEROGPU_BUDGET_S, ZEROGPU_BUDGET_S)
         self.max_prompt_tokens, self.race_budget_s, self.model_root = max_prompt_tokens, race_budget_s, model_root
         self.stops = StopRequests()
 
@@ -171,6 +176,8 @@ class Callbacks:
         """Load a visitor's choice of models; the models that were serving stay when it fails."""
         if not self.allow_custom_models:  # the page hides the controls; refuse here too
             raise gr.Error("Loading other models is off: start the app with --allow-custom-models.")
+        if getattr(self.host, "zero_gpu", False):  # a GPU worker keeps the models it was forked with
+            raise gr.Error("Loading other models is not available on ZeroGPU: restart the Space with other flags.")
         if not isinstance(spec, str) or not spec.strip():
             raise gr.Error("Give a model: a preset name, a hub id, or a folder under the model root.")
         try:

@@ -7,14 +7,11 @@ from pathlib import Path
 import gradio as gr
 
 from . import about, charts, render
-from .callbacks import Callbacks, header_html, lane_choices
+from .callbacks import ZEROGPU_TASK_S, Callbacks, header_html, lane_choices
 from .host import ModelHost, on_zero_gpu
 from .race import DEFAULT_LANES, MAX_BRANCHES, MAX_CANDIDATES, MAX_NEW_TOKENS
 
-GPU_MARGIN_S = 30  # a ZeroGPU task asks for the race budget plus this (moving the models, the first capture)
-
-
-def gpu_task(host: ModelHost, fn, budget_s: float):
+def gpu_task(host: ModelHost, fn):
     """A race callback (a generator) as a ZeroGPU task: on ZeroGPU Spaces ``spaces.GPU`` runs it in a GPU worker
     process, where the models move to the GPU and get their engine at the first task (``ModelHost.attach_gpu``).
     Elsewhere it is the callback itself, and attach_gpu does nothing."""
@@ -30,7 +27,7 @@ def gpu_task(host: ModelHost, fn, budget_s: float):
         return fn
     import spaces  # app.py imported it before torch
 
-    return spaces.GPU(task, duration=int(budget_s or 600) + GPU_MARGIN_S)
+    return spaces.GPU(task, duration=ZEROGPU_TASK_S)
 
 
 CSS = (Path(__file__).resolve().parent / "style.css").read_text(encoding="utf-8")
@@ -142,7 +139,7 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
         about_tab()
 
         race_event = go_btn.click(
-            gpu_task(host, cb.race_stream, cb.race_budget_s), [prompt, n, max_new, init, cands, branches, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
+            gpu_task(host, cb.race_stream), [prompt, n, max_new, init, cands, branches, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
             concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private",
             # A click while this tab's race is still running (or ending after Stop) starts the next race when it
             # has ended, instead of being ignored.
@@ -159,5 +156,5 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
         axis.change(cb.convergence, [race_state, lane_pick, axis], conv_plot, api_visibility="private")
         step_slider.change(cb.step, [race_state, lane_pick, step_slider], step_view, api_visibility="private", show_progress="hidden")
         replay_btn.click(cb.replay, [race_state, speed, nonce], [replay_view, nonce], api_visibility="private", queue=False)
-        gr.api(gpu_task(host, cb.race_api, cb.race_budget_s), api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
+        gr.api(gpu_task(host, cb.race_api), api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
     return demo

@@ -88,3 +88,13 @@ def test_a_failed_load_keeps_the_models_that_were_serving_and_names_no_server_pa
         cb.load_models(str(tiny_model_dir), "")
     with pytest.raises(GradioError, match="start the app with --allow-custom-models"):
         Callbacks(host).load_models("smollm2-135m", "")
+
+
+def test_on_zero_gpu_a_race_fits_in_a_gpu_task_and_models_stay_as_started():
+    host = TinyHost()
+    host.zero_gpu = True
+    cb = Callbacks(host, allow_custom_models=True, race_budget_s=120)
+    assert cb.race_budget_s == 30 and Callbacks(host, race_budget_s=0).race_budget_s == 30
+    assert Callbacks(host, race_budget_s=5).race_budget_s == 5
+    with pytest.raises(GradioError, match="not available on ZeroGPU"):
+        cb.load_models("smollm2-135m", "")
