@@ -141,14 +141,19 @@ def never() -> bool:
 
 
 def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str = "eager",
-             stopped: Callable[[], bool] = never) -> Iterator[Race]:
+             stopped: Callable[[], bool] = never, deadline: float | None = None) -> Iterator[Race]:
     """Run the lanes one after another (never at once, so each timing is clean), yielding the race as it goes.
 
     Yields at most every ``stream_every`` seconds while a lane runs, and once when each lane ends.
     Closing the generator stops the race (the running lane is left as it was). So does ``stopped()`` turning
-    true (the Stop button, see ``StopRequests``), or ``stop_race`` on the same race: the race ends at its next
-    step, marks the running lane stopped and starts no later lane.
+    true (the Stop button, see ``StopRequests``), or ``stop_race`` on the same race, or ``time.perf_counter()``
+    passing ``deadline`` (the server's time budget): the race ends at its next step, marks the running lane stopped
+    and starts no later lane.
     """
+    asked = stopped
+    if deadline is not None:
+        def stopped() -> bool:
+            return asked() or time.perf_counter() > deadline
     for run in race.runs:
         if stopped() or any(r.status == "stopped" for r in race.runs):
             return

@@ -1,22 +1,34 @@
 """Layout and wiring of the Gradio app. The callbacks are in callbacks.py; the work is in race, render, charts and about."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import gradio as gr
 
 from . import about, charts, render
-from .callbacks import Callbacks, header_html, lane_choices
+from .callbacks import ZEROGPU_TASK_S, Callbacks, header_html, lane_choices
 from .host import ModelHost, on_zero_gpu
 from .race import DEFAULT_LANES, MAX_BRANCHES, MAX_CANDIDATES, MAX_NEW_TOKENS
 
-try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU
-    import spaces
+def gpu_task(host: ModelHost, fn):
+    """A race callback (a generator) as a ZeroGPU task: on ZeroGPU Spaces ``spaces.GPU`` runs it in a GPU worker
+    process, where the models move to the GPU and get their engine at the first task (``ModelHost.attach_gpu``).
+    Elsewhere it is the callback itself, and attach_gpu does nothing."""
+    @functools.wraps(fn)
+    def task(*args, **kwargs):
+        try:
+            host.attach_gpu()
+        except Exception as exc:  # a failed move or capture: say so in the page, keep the worker serving
+            raise gr.Error(f"could not prepare the GPU: {type(exc).__name__}: {exc}") from None
+        yield from fn(*args, **kwargs)
 
-    gpu = spaces.GPU(duration=120)
-except ImportError:
-    def gpu(fn):
+    if not on_zero_gpu():
         return fn
+    import spaces  # app.py imported it before torch
+
+    return spaces.GPU(task, duration=ZEROGPU_TASK_S)
+
 
 CSS = (Path(__file__).resolve().parent / "style.css").read_text(encoding="utf-8")
 MODEL_GROUP = "model"  # concurrency group: one generation (or model load) at a time
@@ -49,9 +61,11 @@ def about_tab() -> None:
         gr.Markdown(about.results_footer())
 
 
-def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS) -> gr.Blocks:
-    """The whole app. Models are loaded by the caller (once, at start-up), never here."""
-    cb = Callbacks(host, allow_custom_models, max_new_tokens_limit)
+def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS,
+               **bounds) -> gr.Blocks:
+    """The whole app. Models are loaded by the caller (once, at start-up), never here. ``bounds``: the other
+    per-request limits of ``Callbacks`` (max_prompt_tokens, race_budget_s, model_root)."""
+    cb = Callbacks(host, allow_custom_models, max_new_tokens_limit, **bounds)
 
     with gr.Blocks(title="Jacobi Lens: AR vs Jacobi decoding, live") as demo:
         race_state = gr.State(None)
@@ -109,14 +123,15 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             step_view = gr.HTML(render.step_html(None, 0, cb.token_text), elem_id="jl-step")
             if allow_custom_models:
                 with gr.Accordion("Model (custom models are enabled)", open=False):
-                    spec = gr.Textbox(label="Model", value=host.spec, info="smollm2-135m, a preset, a local folder or .gguf, or org/name (online)")
-                    adapter = gr.Textbox(label="CLLM adapter folder (optional)", value=host.adapter or "")
+                    spec = gr.Textbox(label="Model", value=Path(host.spec).name, info="smollm2-135m, a preset, org/name (online), or a folder under --model-root")
+                    adapter = gr.Textbox(label="CLLM adapter", value="auto" if host.adapter else "none",
+                                         info="auto (the shipped adapter of smollm2-135m), none, or a folder under --model-root")
                     load_btn = gr.Button("Load")
                 load_btn.click(cb.load_models, [spec, adapter], [header, lanes], concurrency_id=MODEL_GROUP, api_visibility="private")
         about_tab()
 
         race_event = go_btn.click(
-            gpu(cb.race_stream), [prompt, n, max_new, init, cands, branches, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
+            gpu_task(host, cb.race_stream), [prompt, n, max_new, init, cands, branches, lanes, race_number], [board, status, race_state], js=NUMBER_RACE_JS,
             concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private",
             # A click while this tab's race is still running (or ending after Stop) starts the next race when it
             # has ended, instead of being ignored.
@@ -133,5 +148,5 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
         axis.change(cb.convergence, [race_state, lane_pick, axis], conv_plot, api_visibility="private")
         step_slider.change(cb.step, [race_state, lane_pick, step_slider], step_view, api_visibility="private", show_progress="hidden")
         replay_btn.click(cb.replay, [race_state, speed, nonce], [replay_view, nonce], api_visibility="private", queue=False)
-        gr.api(gpu(cb.race_api), api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
+        gr.api(gpu_task(host, cb.race_api), api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
     return demo
