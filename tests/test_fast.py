@@ -315,6 +315,45 @@ def test_candidate_ngrams_keep_the_ar_text(tiny, prompt, n, max_new, count, leng
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
+    prompt=st.lists(st.integers(0, 12), min_size=1, max_size=40),  # a small alphabet: the text repeats itself
+    n=st.integers(1, 24),
+    max_new=st.integers(1, 64),
+)
+def test_prompt_lookup_keeps_the_ar_text(tiny, prompt, n, max_new):
+    """Prompt lookup (tokens copied from the text after its last bigram, verified in one pass) gives the AR text token
+    for token on both engines (float32); a pass feeds the last token and what the lookup copied, at most n tokens."""
+    from decoding import lookup_decode
+    from decoding.decoders import ContextLookup
+
+    cfg = DecodeConfig(max_new_tokens=max_new, n=n)
+    ref = run(ar_decode, tiny, prompt, cfg).tokens
+    for engine in ("eager", "fast"):
+        trace = run(lookup_decode, tiny, prompt, cfg, engine=engine)
+        assert trace.method == "lookup" and trace.tokens == ref
+        lookup = ContextLookup(prompt)
+        for it in trace.iterations:
+            assert it.window[1:] == lookup.guesses(trace.tokens[:it.start], [], min(n - 1, max_new - it.start))
+            kept = min(it.accepted, len(trace.tokens) - it.start)
+            assert it.outputs[:kept] == trace.tokens[it.start:it.start + kept]
+            assert all(it.window[j] == it.outputs[j - 1] for j in range(1, it.accepted))
+    assert run(lookup_decode, tiny, prompt, DecodeConfig(max_new_tokens=max_new, n=1), engine="fast").forwards == len(ref)
+
+
+def test_prompt_lookup_accepts_right_copies_whole(tiny, monkeypatch):
+    """Where the copies are right (a lookup that knows the AR text), a pass gains all of them and the token after:
+    11 tokens a forward at n = 11, on both engines, the cache kept only for the accepted tokens."""
+    from decoding import decoders, lookup_decode
+
+    prompt = [3, 4, 5, 6, 7]
+    ref = run(ar_decode, tiny, prompt, DecodeConfig(max_new_tokens=45)).tokens
+    monkeypatch.setattr(decoders.ContextLookup, "guesses", lambda self, answer, carried, count: ref[len(answer):][:count])
+    for engine in ("eager", "fast"):
+        trace = run(lookup_decode, tiny, prompt, DecodeConfig(max_new_tokens=45, n=11), engine=engine)
+        assert trace.tokens == ref and [it.accepted for it in trace.iterations] == [11, 11, 11, 11]
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
     prompt=st.lists(st.integers(0, 100), min_size=1, max_size=30),
     n=st.integers(1, 20),
     max_new=st.integers(1, 48),
