@@ -133,15 +133,16 @@ def pick_engine(bc: BenchConfig, models: list) -> str:
 
 
 def source_commit() -> str | None:
-    """The git commit of the code that runs: git's answer in a checkout, else $CLLM_COMMIT (a copy without .git)."""
+    """The git commit of the code that runs: $CLLM_COMMIT where set (a copy of the code without its .git), else git's
+    answer for this checkout."""
+    if os.environ.get("CLLM_COMMIT"):
+        return os.environ["CLLM_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
                               text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        done = None
-    if done is not None and done.returncode == 0:
-        return done.stdout.strip()
-    return os.environ.get("CLLM_COMMIT")
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def latency_report(lm: LoadedModel, n: int) -> dict:
