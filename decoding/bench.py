@@ -42,6 +42,7 @@ LANES = PEERS + OURS
 DEFAULT_LANES = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")  # without --lanes
 CPU_PROJECTIONS = ("auto", "linear", "wx")  # --cpu-projection (llama_static.project)
 FUSED_STEPS = {"auto": None, "on": True, "off": False}  # --fused-step (llama_static.StaticLlama's fused_step)
+PARTIAL_EVERY = 10  # prompts between the partial results a long run writes to --out (marked "partial" in meta)
 
 
 @dataclass
@@ -230,6 +231,11 @@ def bench(bc: BenchConfig) -> dict:
                        candidates=bc.candidates, candidate_len=bc.candidate_len, branches=bc.branches)
     lanes = lane_runners(base, cllm, bc, cache_len=max(len(p["ids"]) for p in prompts) + bc.max_new_tokens + 1)
     warmup_s = warm_up(lanes, prompts[0]["ids"], cfg)
+    engines = {name: fast.prepare(lm.model).model.fused_step for name, lm in (("base", base), ("cllm", cllm))
+               if lm is not None and bc.engine == "fast"}
+    meta = {"config": asdict(bc), "decode": cfg.to_dict(), "env": environment(base.device, base.dtype),
+            "command": command_line(), "commit": source_commit(), "adapter_sha256": adapter_sha256(bc.adapter),
+            "warmup_s": warmup_s, "fused_step": engines, "references": {lane: reference(lane, lanes) for lane in lanes}}
     per_prompt = []
 
     def timed_lanes():
@@ -237,18 +243,12 @@ def bench(bc: BenchConfig) -> dict:
             peers = bc.hf_limit is None or i < bc.hf_limit
             per_prompt.append({"id": p["id"], "category": p["category"], "prompt_tokens": len(p["ids"]),
                                "lanes": time_prompt(lanes, p["ids"], cfg, bc.repeats, peers)})
+            if bc.out and (i + 1) % PARTIAL_EVERY == 0 and i + 1 < len(prompts):  # kept should the run be cut off
+                write_bench(bc.out, {"meta": meta | {"partial": True}, "prompts": per_prompt,
+                                     "summary": summarise(per_prompt, list(lanes))})
 
     run_timed(timed_lanes, bc.in_thread)
-    engines = {name: fast.prepare(lm.model).model.fused_step for name, lm in (("base", base), ("cllm", cllm))
-               if lm is not None and bc.engine == "fast"}
-    result = {
-        "meta": {"config": asdict(bc), "decode": cfg.to_dict(), "env": environment(base.device, base.dtype),
-                 "command": command_line(), "commit": source_commit(), "adapter_sha256": adapter_sha256(bc.adapter),
-                 "warmup_s": warmup_s, "fused_step": engines,
-                 "references": {lane: reference(lane, lanes) for lane in lanes}},
-        "prompts": per_prompt,
-        "summary": summarise(per_prompt, list(lanes)),
-    }
+    result = {"meta": meta, "prompts": per_prompt, "summary": summarise(per_prompt, list(lanes))}
     if bc.engine == "fast":
         result["latency"] = latency_report(base, bc.n)
     if bc.out:
