@@ -4,7 +4,8 @@ A step feeds a window of width w at cache position ``pos``. It is padded to the 
 width W >= w (powers of two up to 128 by default: W = 1 is the AR step, W = n the Jacobi step) and
 attends to the smallest key bucket L >= pos + W, so that attention reads only the keys in use. Each
 (W, L) pair is captured once at load as a CUDA graph with argmax inside, so one step is one graph
-replay and only W int64s cross to the CPU. A decode with branches (``DecodeConfig.branches``) also needs each row's
+replay and only W int64s cross to the CPU. On a GPU with Triton, windows of up to 32 tokens run the fused step
+(five Triton kernels a block, llama_static.py and fused_step.py); wider ones and the prefill the unfused one. A decode with branches (``DecodeConfig.branches``) also needs each row's
 K likeliest tokens: the first such decode captures, once per K, a second set of graphs that return them beside the
 argmax (``capture_top``), before its clock starts. Padding outputs are ignored; their KV lands beyond the
 kept tokens, where the causal mask hides it until it is overwritten. Prefill, and any step no
@@ -60,10 +61,8 @@ def supports(model) -> str | None:
 def default_engine(model) -> str:
     """``fast`` on CUDA and on the CPU for the supported architectures, ``eager`` elsewhere (MPS, other models).
 
-    On a 2-core CPU the fast engine ran AR 1.7x and Jacobi 1.2x as fast as eager, with the same tokens
-    (assets/results/cpu_engine_fast_vs_eager.json); on another, with the projection form it tuned there, 1.09x and
-    1.13x (n = 4; assets/results/cpu_bench_s20_{auto_fast,eager}_fp32_n4_t256_heldout20.json.gz). On the CPU it holds a
-    cache of the model's whole context."""
+    On the CPUs it was benchmarked on, the fast engine ran AR and Jacobi faster than eager, with the same tokens (the
+    CPU results of the results index). On the CPU it holds a cache of the model's whole context."""
     device = next(model.parameters()).device.type
     return "fast" if device in ("cuda", "cpu") and supports(model) is None else "eager"
 
