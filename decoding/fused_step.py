@@ -25,6 +25,7 @@ import triton.language as tl
 
 BN = 16  # output features a program computes (tl.dot's smallest N)
 BL = 64  # keys an attention program reads per iteration
+LAUNCH = {"bk_max": 256, "num_warps": 4, "num_stages": 3}  # the projections' launch settings (widest K block)
 
 
 def unsupported(head_dim: int) -> str | None:
@@ -35,8 +36,9 @@ def unsupported(head_dim: int) -> str | None:
 
 
 def block_k(k: int) -> int:
-    """Columns a projection program reads per iteration: the widest of 256, 128, 64 that divides ``k`` (else 64)."""
-    return next((b for b in (256, 128, 64) if k % b == 0), 64)
+    """Columns a projection program reads per iteration: a power of two from 64 to LAUNCH["bk_max"], the fewest
+    iterations over ``k`` (the last one masked where it does not divide)."""
+    return max(64, min(LAUNCH["bk_max"], triton.next_power_of_2(k)))
 
 
 @triton.jit
@@ -195,7 +197,8 @@ def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor
     KV, max_len, D = k_cache.shape
     H = n_heads
     inter = w["w2"].shape[1]
-    common = dict(BT=16 if T <= 16 else 32, IEEE=x.dtype == torch.float32)
+    common = dict(BT=16 if T <= 16 else 32, IEEE=x.dtype == torch.float32, num_warps=LAUNCH["num_warps"],
+                  num_stages=LAUNCH["num_stages"])
     q = torch.empty(T, H * D, device=x.device, dtype=x.dtype)
     _norm_qkv_rope[((H + 2 * KV) * (D // 2 // BN),)](
         x, w["attn_norm"], w["wqkv"], cos, sin, slots, q, k_cache, v_cache, T, dim, eps, max_len,
@@ -203,7 +206,8 @@ def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor
     o = torch.empty_like(q)
     L = bias.shape[-1]
     _attention[(T * KV,)](q, k_cache, v_cache, bias, o, L, max_len, D ** -0.5, H=H, KV=KV, D=D,
-                          BR=max(16, triton.next_power_of_2(H // KV)), BL=BL, IEEE=common["IEEE"])
+                          BR=max(16, triton.next_power_of_2(H // KV)), BL=BL, IEEE=common["IEEE"], num_warps=4,
+                          num_stages=3)
     mid = torch.empty_like(x)
     _linear_residual[(triton.cdiv(dim, BN),)](o, w["wo"], x, mid, T, dim, H * D, BN=BN, BK=block_k(H * D), **common)
     act = torch.empty(T, inter, device=x.device, dtype=x.dtype)
