@@ -71,7 +71,7 @@ class BenchConfig:
     lookup_tokens: int = 10  # tokens the lookup lanes copy a pass (hf_lookup's prompt_lookup_num_tokens; n - 1 of ours)
     repeats: int = 1  # timed runs of each prompt's lanes, their order rotated each run (transformers' lanes run once)
     hf_limit: int | None = None  # transformers' lanes (slow) run on the first K prompts only; None: on all
-    fused_step: str = "auto"  # fast engine on a GPU: the Triton step for narrow windows, auto (where it runs), on or off
+    fused_step: str = "auto"  # fast engine on a GPU: the Triton step for narrow windows, on, off or auto (on where it runs and CLLM_FUSED_STEP=on)
 
 
 def read_bench(path: str | Path) -> dict:
@@ -333,8 +333,8 @@ def parse_args(argv=None) -> BenchConfig:
     ap.add_argument("--hf-limit", type=int, default=d.hf_limit,
                     help="run transformers' lanes (slow) on the first K prompts only (default: all)")
     ap.add_argument("--fused-step", choices=tuple(FUSED_STEPS), default=d.fused_step,
-                    help="fast engine on a GPU: windows of up to 32 tokens as Triton kernels (auto: where Triton runs "
-                         "them; on: or fail; off: the unfused step)")
+                    help="fast engine on a GPU: windows of up to 32 tokens as Triton kernels (on: or fail; off: the "
+                         "unfused step; auto: on where Triton runs them and CLLM_FUSED_STEP=on)")
     a = ap.parse_args(argv)
     for name in ("limit", "hf_limit"):
         if getattr(a, name) is not None and getattr(a, name) < 1:

@@ -6,7 +6,7 @@
 1. float32, TF32 off: for each prompt, eager AR (transformers) is the reference; fast AR and fast
    Jacobi at n = 1, 4, 16, 64, with candidate n-grams (2 x 15 at n = 16, 3 x 8 at n = 4), with branches for the
    first guess (3 at n = 16; 2 beside 2 x 3 candidates at n = 4; their own graphs), and prompt lookup (n = 11), must
-   give the same tokens. The engine runs the fused step where it can (--fused-step), and says which step ran.
+   give the same tokens. --fused-step on checks the fused step (Triton kernels); the result says which step ran.
 2. bfloat16: ``decoding.bench`` with the fast engine (hf_generate baseline, base and CLLM lanes,
    n = 16, 256 new tokens, the default prompt file) and its per-width latency report (--skip-bench: not run).
 Writes ``$OUT/fastcheck.json`` and ``$OUT/bench_fast_bf16.json`` when OUT is set; prints a table last.
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--adapter", default=default_adapter())
     ap.add_argument("--fused-step", choices=tuple(bench.FUSED_STEPS), default="auto",
-                    help="windows of up to 32 tokens as Triton kernels (auto: where Triton runs them)")
+                    help="windows of up to 32 tokens as Triton kernels (auto: where Triton runs them and "
+                         "CLLM_FUSED_STEP=on)")
     ap.add_argument("--skip-bench", action="store_true", help="the fp32 exactness check only")
     a = ap.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
