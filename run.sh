@@ -8,7 +8,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 if ! cmp -s requirements.txt "$VENV/.installed-requirements" 2>/dev/null; then
+  start=$SECONDS
   "$VENV/bin/pip" install -q -r requirements.txt
   cp requirements.txt "$VENV/.installed-requirements"
+  echo "[run.sh] installed requirements.txt into $VENV in $((SECONDS - start)) s"
 fi
 exec "$VENV/bin/python" app.py "$@"

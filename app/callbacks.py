@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 import uuid
+from collections.abc import Iterator
 from html import escape
 from pathlib import Path
 from urllib.parse import urlencode
@@ -13,14 +15,23 @@ from urllib.parse import urlencode
 import gradio as gr
 import torch
 
+from decoding import ModelLoadError
+
 from . import charts, render
 from .explain import running_status, verdict
-from .host import ModelHost
+from .host import ModelHost, custom_adapter, custom_spec, hide_paths
 from .race import (DEFAULT_LANES, LANES, MAX_BRANCHES, MAX_CANDIDATES, MAX_NEW_TOKENS, MAX_ROUNDS, ROUNDS, Race,
                    StopRequests, new_race, race_json, run_race, stop_race)
 from .record import race_record
 
 READY = "The app is ready for the next race."
+MAX_PROMPT_TOKENS = 1024  # default cap of a request's prompt, chat template included (--max-prompt-tokens)
+RACE_BUDGET_S = 120.0  # default wall-clock budget of one race, all lanes (--race-budget-s; 0: none)
+# On ZeroGPU a race runs as a GPU task of ZEROGPU_TASK_S (the platform's default duration; a shorter one queues
+# sooner); the first task also moves the models and builds the engine, so a race there gets at most this budget.
+ZEROGPU_TASK_S, ZEROGPU_BUDGET_S = 60, 30.0
+MAX_NUMBER = 2**31  # larger request numbers are refused before any other check (their message would print them whole)
+API_STREAM_EVERY_S = 0.1  # /race yields its progress this often, so a cancelled job ends within about this long
 INITS = ("random", "repeat", "lookup")  # the "Initial guesses" choices, in the page's order
 # Every view drawn from a race, in the order ``Callbacks.views`` returns them (ui.py lists the components so).
 VIEWS = ("time_plot", "accept_plot", "speed_plot", "lane_pick", "conv_plot", "step_slider", "step_view", "replay_view",
@@ -36,7 +47,25 @@ def lane_choices(host: ModelHost) -> list[tuple[str, str]]:
 
 def header_html(host: ModelHost) -> str:
     cls = "jl-error" if host.error else "jl-model"
-    return f'<div class="{cls}">{escape(host.describe())}</div>'
+    return f'<div class="{cls}">{escape(hide_paths(host.describe()))}</div>'
+
+
+def check_request(prompt, **numbers) -> None:
+    """ValueError with a message for people when a request's values are not what a form would send: a prompt that
+    is not text or not valid Unicode (a lone surrogate), a number that is not a finite number (NaN, Infinity)."""
+    if not isinstance(prompt, str):
+        raise ValueError("the prompt is missing (null)" if prompt is None else
+                         f"the prompt must be text, not {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the prompt is not valid text: character {exc.start + 1} is a lone surrogate "
+                         f"({prompt[exc.start]!r})") from None
+    for name, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name.replace('_', ' ')} must be a whole number, not {value!r}")
+        if abs(value) > MAX_NUMBER:
+            raise ValueError(f"{name.replace('_', ' ')} is out of range: {value:.3g}")
 
 
 def share_link(race: Race | None) -> str:
@@ -82,26 +111,53 @@ class Callbacks:
     """What the page's events call. Models are loaded by the caller (once, at start-up), or by ``load_models`` when
     custom models are allowed."""
 
-    def __init__(self, host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS):
+    def __init__(self, host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS,
+                 max_prompt_tokens: int = MAX_PROMPT_TOKENS, race_budget_s: float = RACE_BUDGET_S,
+                 model_root: str | None = None):
         self.host, self.allow_custom_models, self.limit = host, allow_custom_models, max_new_tokens_limit
+        if getattr(host, "zero_gpu", False):
+            race_budget_s = min(race_budget_s or ZEROGPU_BUDGET_S, ZEROGPU_BUDGET_S)
+        self.max_prompt_tokens, self.race_budget_s, self.model_root = max_prompt_tokens, race_budget_s, model_root
         self.stops = StopRequests()
         self.downloads = Downloads()
+
+    def start_race(self, prompt, n, max_new_tokens, init, lanes, candidates, branches, rounds=ROUNDS):
+        """A checked race within this server's bounds; ValueError with a message for people otherwise."""
+        check_request(prompt, n=n, max_new_tokens=max_new_tokens, candidates=candidates, branches=branches, rounds=rounds)
+        race = new_race(self.host, prompt, n, max_new_tokens, init, lanes, limit=self.limit, candidates=candidates,
+                        branches=branches, rounds=rounds)
+        if len(race.prompt_ids) > self.max_prompt_tokens:
+            raise ValueError(f"the prompt is too long for this server: {len(race.prompt_ids)} tokens with the chat "
+                             f"template, at most {self.max_prompt_tokens} (--max-prompt-tokens)")
+        return race
+
+    def deadline(self) -> float | None:
+        """When a race starting now must end (time.perf_counter()), or None without a budget."""
+        return time.perf_counter() + self.race_budget_s if self.race_budget_s > 0 else None
+
+    def out_of_time(self, deadline: float | None) -> str:
+        """The note for a race its time budget ended, else ""."""
+        if deadline is None or time.perf_counter() <= deadline:
+            return ""
+        return (f"Stopped at this server's time budget of {self.race_budget_s:g} s a race (--race-budget-s): "
+                "ask for fewer tokens, or run the app yourself.")
 
     def race_stream(self, prompt, n, max_new_tokens, init, candidates, branches, lanes, rounds, number,
                     request: gr.Request):
         """Run a race, yielding board, status, state and the other views (VIEWS): cleared at the start, drawn once
         the lanes have run (while the timed runs go on), left to ``after_race`` at the end."""
         try:
-            race = new_race(self.host, prompt, n, max_new_tokens, init, lanes or [], limit=self.limit,
-                            candidates=candidates, branches=branches, rounds=rounds)
+            race = self.start_race(prompt, n, max_new_tokens, init, lanes or [], candidates, branches, rounds)
         except ValueError as exc:
             yield (render.board_html(None, f"No race: {escape(str(exc))}."), f'<span class="jl-bad">Cannot start the race: '
                    f"{escape(str(exc))}.</span>", None, *self.views(None))
-            raise gr.Error(str(exc), title="Cannot start the race") from None
+            raise gr.Error(str(exc), title="Cannot start the race", print_exception=False) from None
         stopped = self.stops.checker(request.session_hash, number)
+        deadline = self.deadline()
         views, drawn = self.views(race), False
         try:
-            for race in self.host.stream(run_race(self.host, race, engine=self.host.engine, stopped=stopped)):
+            for race in self.host.stream(run_race(self.host, race, engine=self.host.engine, stopped=stopped,
+                                                  deadline=deadline)):
                 if race.timing and not drawn:  # every lane has run once: draw them while the timed runs go on
                     views, drawn = self.views(race), True
                 yield render.board_html(race), running_status(race), race, *views
@@ -109,8 +165,9 @@ class Callbacks:
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window, and try again.", title="Out of memory") from None
-        race.stopped = race.stopped or stopped()
-        yield render.board_html(race), verdict(race) + (f" {READY}" if race.stopped else ""), race, *views
+        race.stopped = race.stopped or stopped() or bool(self.out_of_time(deadline))
+        note = self.out_of_time(deadline) or (READY if race.stopped else "")
+        yield render.board_html(race), verdict(race) + (f'<div class="jl-next">{note}</div>' if note else ""), race, *views
 
     def views(self, race: Race | None, axis: str = "window") -> tuple:
         """Every view drawn from a race, in VIEWS order; for no race (or one without a finished lane) each says it
@@ -178,7 +235,7 @@ class Callbacks:
         return render.board_html(race), f"Stopped. {READY}"
 
     def race_api(self, prompt: str, n: int = 16, max_new_tokens: int = 128, candidates: int = 0, branches: int = 0,
-                 rounds: int = ROUNDS) -> dict:
+                 rounds: int = ROUNDS) -> Iterator[dict]:
         """Race AR and Jacobi decoding on one prompt, lanes one after another.
 
         Args:
@@ -199,25 +256,38 @@ class Callbacks:
             model (else the other model's, when its own did not run); "same_text": its tokens equal the reference's;
             "first_difference": index of the first token where they differ (null when equal); "speedup": the median
             over the timed runs of its tokens per second over the reference's in the same run, "speedup_runs" each
-            run's, "speedup_min" and "speedup_max" their range. AR lanes have null in these.
+            run's, "speedup_min" and "speedup_max" their range. AR lanes have null in these. The race streams: every
+            tenth of a second the JSON so far (lanes "running" or "waiting"), the last one final. Cancelling the job
+            stops the decoding at its next step. "stopped" says why a race ended early (the server's time budget).
         """
         try:
-            race = new_race(self.host, prompt, n, max_new_tokens, "random", DEFAULT_LANES, limit=self.limit,
-                            candidates=candidates, branches=branches, rounds=rounds)
-            for race in self.host.stream(run_race(self.host, race, stream_every=math.inf, engine=self.host.engine)):
-                pass
+            race = self.start_race(prompt, n, max_new_tokens, "random", DEFAULT_LANES, candidates, branches, rounds)
+            deadline = self.deadline()
+            for race in self.host.stream(run_race(self.host, race, stream_every=API_STREAM_EVERY_S,
+                                                  engine=self.host.engine, deadline=deadline)):
+                yield race_json(race)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise gr.Error("Out of GPU memory: ask for fewer tokens or a smaller window.") from None
-        return race_json(race)
+        yield race_json(race) | {"stopped": self.out_of_time(deadline) or None}
 
     def load_models(self, spec, adapter):
+        """Load a visitor's choice of models; the models that were serving stay when it fails."""
         if not self.allow_custom_models:  # the page hides the controls; refuse here too
             raise gr.Error("Loading other models is off: start the app with --allow-custom-models.")
-        if not spec or not spec.strip():
-            raise gr.Error("Give a model: a preset name, a local folder or .gguf file, or a hub id.")
-        self.host.load(spec.strip(), adapter.strip() or None if adapter else None)
+        if getattr(self.host, "zero_gpu", False):  # a GPU worker keeps the models it was forked with
+            raise gr.Error("Loading other models is not available on ZeroGPU: restart the Space with other flags.")
+        if not isinstance(spec, str) or not spec.strip():
+            raise gr.Error("Give a model: a preset name, a hub id, or a folder under the model root.")
+        try:
+            source = custom_spec(spec, self.model_root)
+            folder = custom_adapter(adapter if isinstance(adapter, str) else None, source, self.model_root)
+        except ModelLoadError as exc:
+            raise gr.Error(str(exc), title="Cannot load that model", print_exception=False) from None
+        if not self.host.load(source, folder or "none"):
+            kept = " The models that were serving are still loaded." if self.host.base else ""
+            raise gr.Error(hide_paths(self.host.load_error or "") + kept, title="Could not load the model")
         choices = lane_choices(self.host)
         return header_html(self.host), gr.update(choices=choices, value=[k for _, k in choices if k in DEFAULT_LANES])

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
-from decoding import DecodeConfig, LoadedModel, ModelLoadError, ar_decode, jacobi_decode, load_model, run
+from decoding import DEFAULT_SPEC, DecodeConfig, LoadedModel, ModelLoadError, ar_decode, jacobi_decode, load_model, run
+from decoding.models import PRESETS, default_adapter
 
 NO_ADAPTER = "none"  # --adapter none: no CLLM lanes even when the shipped adapter exists
 # The window the page starts with. On a GPU a window of 16 costs little more than an AR step; on a CPU every row of a
@@ -42,13 +45,19 @@ class TorchThread:
         return self._pool.submit(fn, *args).result()
 
     def stream(self, steps: Iterator) -> Iterator:
-        """Advance a generator on the torch thread, yielding what it yields; closing this closes it there too."""
+        """Advance a generator on the torch thread, yielding what it yields; closing this closes it there too.
+
+        The close is queued, not waited for: Gradio closes a cancelled job's generator on its event loop, which
+        must not wait while the torch thread finishes a step of the next job."""
         done = object()
         try:
             while (item := self.call(next, steps, done)) is not done:
                 yield item
         finally:
-            self.call(steps.close)
+            if threading.get_ident() == self._ident:
+                steps.close()
+            else:
+                self._pool.submit(steps.close)
 
 
 _TORCH_THREAD: TorchThread | None = None
@@ -72,10 +81,72 @@ def torch_thread() -> TorchThread | None:
     return _TORCH_THREAD
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name
+# An absolute or home-relative path in a message ("org/name" is not one: its slash follows a letter).
+SERVER_PATH = re.compile(r"(?<![\w.~-])~?/[^\s'\"`,;()\[\]{}<>]+")
+
+
+def load_failure(spec: str, exc: Exception) -> str:
+    """The message for a failed load (the server log gets the traceback of an unexpected failure)."""
+    if isinstance(exc, ModelLoadError):
+        return str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"{spec} does not fit in the device's memory: try --dtype bfloat16, a smaller model or --device cpu"
+    traceback.print_exception(exc)
+    return f"could not load {spec}: {type(exc).__name__}: {exc}"
+
+
+def hide_paths(message: str) -> str:
+    """A message for visitors: every server path in it replaced (the server log keeps the full text)."""
+    return SERVER_PATH.sub("<path>", message)
+
+
+def under_root(name: str, root: str) -> str | None:
+    """The absolute path of ``name`` inside ``root`` when it exists there (no way out through .. or links)."""
+    base = Path(root).expanduser().resolve()
+    path = (base / name).resolve()
+    return str(path) if path != base and path.is_relative_to(base) and path.exists() else None
+
+
+def custom_spec(spec: str, model_root: str | None) -> str:
+    """What the loader gets for a model a visitor typed: the embedded model, a preset, a hub id (org/name), or with
+    --model-root a folder or .gguf under that root, named relative to it. Anything else raises ModelLoadError."""
+    spec = spec.strip()
+    if spec == DEFAULT_SPEC or spec in PRESETS:
+        return spec
+    folder = under_root(spec, model_root) if model_root else None
+    if folder:
+        return folder
+    if HUB_ID.fullmatch(spec) and not Path(spec).exists():  # the loader would take a local folder of that name first
+        return spec
+    local = ", a folder or .gguf under the model root (named relative to it)" if model_root else ""
+    raise ModelLoadError(f"{spec!r} is not a model this app loads for visitors: give {DEFAULT_SPEC}, a preset "
+                         f"({', '.join(PRESETS)}){local}, or a hub id like org/name")
+
+
+def custom_adapter(adapter: str | None, spec: str, model_root: str | None) -> str | None:
+    """The adapter folder for a visitor's load: "auto" (the shipped adapter of the embedded model), "none" or empty
+    (no CLLM), or with --model-root a folder under that root. Anything else raises ModelLoadError."""
+    name = (adapter or "").strip()
+    if name in ("", NO_ADAPTER):
+        return None
+    if name == "auto":
+        return default_adapter(spec)
+    folder = under_root(name, model_root) if model_root else None
+    if folder:
+        return folder
+    local = ", or a folder under the model root (named relative to it)" if model_root else ""
+    raise ModelLoadError(f"adapter {name!r} is not one this app loads for visitors: give auto (the shipped adapter of "
+                         f"{DEFAULT_SPEC}), none{local}")
+
+
 class ModelHost:
     """The base model and, when an adapter or a CLLM checkpoint is given, the CLLM beside it.
 
-    A failed load does not raise: ``error`` holds the message, the page shows it, and the app keeps serving.
+    A failed load does not raise: the models that were serving stay, ``load_error`` says why, and when nothing was
+    serving ``error`` holds the message too; the page shows it and the app keeps serving.
+    On ZeroGPU Spaces the models load on the CPU (no CUDA work outside a ``spaces.GPU`` task) and ``attach_gpu``
+    moves them to the GPU and builds the engine inside the first task of each GPU worker process.
     """
 
     def __init__(self, model: str, adapter: str | None, device: str = "auto", dtype: str = "auto",
@@ -86,11 +157,15 @@ class ModelHost:
         self.base: LoadedModel | None = None
         self.cllm: LoadedModel | None = None
         self.error: str | None = "not loaded yet"
+        self.load_error: str | None = None  # why the latest load failed (None after a success)
+        self.zero_gpu = on_zero_gpu() and device != "cpu"
+        self._attached_pid: int | None = None  # the ZeroGPU worker process the models were moved to
 
     def _load_one(self, spec: str, adapter: str | None, what: str) -> LoadedModel:
-        _log(f"loading {what}: {spec}" + (f" + adapter {adapter}" if adapter else "") + f" (device {self.device}, dtype {self.dtype}) ...")
+        device, dtype = ("cpu", "bfloat16" if self.dtype == "auto" else self.dtype) if self.zero_gpu else (self.device, self.dtype)
+        _log(f"loading {what}: {spec}" + (f" + adapter {adapter}" if adapter else "") + f" (device {device}, dtype {dtype}) ...")
         t0 = time.perf_counter()
-        loaded = load_model(spec, adapter=adapter, device=self.device, dtype=self.dtype, cache=self.cache_dir)
+        loaded = load_model(spec, adapter=adapter, device=device, dtype=dtype, cache=self.cache_dir)
         _log(f"loaded {loaded.name} on {loaded.device} in {loaded.dtype} in {time.perf_counter() - t0:.1f} s")
         return loaded
 
@@ -105,50 +180,65 @@ class ModelHost:
         return thread.stream(steps) if thread else steps
 
     def load(self, model: str | None = None, adapter: str | None = None, cllm_model: str | None = None) -> bool:
-        """(Re)load the models; True on success. On failure the old models are dropped and ``error`` says why."""
+        """(Re)load the models; True on success. On failure the models that were serving stay."""
         return self.call(self._load, model, adapter, cllm_model)
 
     def _load(self, model: str | None, adapter: str | None, cllm_model: str | None) -> bool:
         spec = model or self.spec
         adapter = None if adapter == NO_ADAPTER else adapter
-        self.release()
-        self.error = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        loaded: list[LoadedModel] = []
         try:
-            self.base = self._load_one(spec, None, "base model")
+            loaded.append(self._load_one(spec, None, "base model"))
             if cllm_model:
-                self.cllm = self._load_one(cllm_model, None, "CLLM")
+                loaded.append(self._load_one(cllm_model, None, "CLLM"))
             elif adapter:
-                self.cllm = self._load_one(spec, adapter, "CLLM (base + adapter, merged)")
-            self.engine = self.prepare_engine()
-            self.warm_up()
-        except ModelLoadError as exc:
-            self.error = str(exc)
-        except torch.OutOfMemoryError:
-            self.error = f"{spec} does not fit in the device's memory: try --dtype bfloat16, a smaller model or --device cpu"
-        except Exception as exc:  # any other failure must leave the app serving, with the reason in the page
-            traceback.print_exc()
-            self.error = f"could not load {spec}: {type(exc).__name__}: {exc}"
-        if self.error:
-            self.release()
-            _log(f"MODEL NOT LOADED: {self.error}")
+                loaded.append(self._load_one(spec, adapter, "CLLM (base + adapter, merged)"))
+            engine = "eager" if self.zero_gpu else self.ready([m.model for m in loaded])
+        except Exception as exc:  # any failure must leave the app serving, with the reason in the page
+            self._drop([m.model for m in loaded])
+            self.load_error = load_failure(spec, exc)
+            if self.base is None:
+                self.error = self.load_error
+            _log(f"MODEL NOT LOADED: {self.load_error}" + (" (the models that were serving stay)" if self.base else ""))
             return False
+        self.release()
+        self.base, self.cllm = loaded[0], (loaded[1] if len(loaded) > 1 else None)
+        self.engine, self.error, self.load_error, self._attached_pid = engine, None, None, None
         self.spec, self.adapter, self.cllm_model = spec, adapter, cllm_model
         return True
+
+    def ready(self, models: list) -> str:
+        """Build the engine for the models and warm them up; the engine's name."""
+        engine = self.prepare_engine(models)
+        self.warm_up(models, engine)
+        return engine
+
+    def attach_gpu(self) -> None:
+        """Inside a ZeroGPU task: move the models to the task's GPU and build the engine there (CUDA graphs), once
+        per worker process; the worker lives on between tasks, and the models and graphs with it. Elsewhere a no-op.
+        Without a GPU in the worker (the ``spaces`` package's emulation on a CPU machine) the models stay on the CPU."""
+        if not self.zero_gpu or self.base is None or self._attached_pid == os.getpid():
+            return
+        if torch.cuda.is_available():
+            target = torch.device("cuda")
+            for loaded in filter(None, (self.base, self.cllm)):
+                loaded.model.to(target)
+                loaded.device = target
+        self.engine = self.ready(self.models())
+        self._attached_pid = os.getpid()
 
     def models(self) -> list:
         return [m.model for m in (self.base, self.cllm) if m is not None]
 
-    def prepare_engine(self) -> str:
+    def prepare_engine(self, models: list) -> str:
         """Resolve --engine and build the fast engine now (graph capture), so no request pays for it."""
         if self.engine_choice == "eager":
             return "eager"
         from decoding import fast
 
-        if self.engine_choice == "auto" and any(fast.default_engine(m) != "fast" for m in self.models()):
+        if self.engine_choice == "auto" and any(fast.default_engine(m) != "fast" for m in models):
             return "eager"
-        for m in self.models():
+        for m in models:
             reason = fast.supports(m)
             if reason:
                 raise ModelLoadError(f"the fast engine cannot run this model ({reason}): use --engine eager")
@@ -156,28 +246,34 @@ class ModelHost:
             fast.prepare(m, progress=_log)
         return "fast"
 
-    def release(self) -> None:
-        """Drop the models (and any fast engine built for them) before loading others."""
-        if self.engine == "fast":
-            from decoding import fast
+    @staticmethod
+    def _drop(models: list) -> None:
+        from decoding import fast
 
-            for m in self.models():
-                fast.release(m)
+        for m in models:
+            fast.release(m)
+        if torch.cuda.is_available() and not on_zero_gpu():
+            torch.cuda.empty_cache()
+
+    def release(self) -> None:
+        """Drop the models (and any fast engine built for them)."""
+        self._drop(self.models())
         self.base = self.cllm = None
         self.engine = "eager"
 
-    def warm_up(self) -> None:
+    def warm_up(self, models: list, engine: str) -> None:
         """One short AR and Jacobi run per model, so the first race is not timed with cold kernels."""
         t0 = time.perf_counter()
-        for loaded in filter(None, (self.base, self.cllm)):
-            ids = loaded.tokenizer("Hello")["input_ids"] or [0]
+        for model in models:
+            ids = [0, 1, 2]
             for decoder in (ar_decode, jacobi_decode):
-                run(decoder, loaded.model, list(ids), DecodeConfig(max_new_tokens=4, n=16), engine=self.engine)
+                run(decoder, model, ids, DecodeConfig(max_new_tokens=4, n=16), engine=engine)
         _log(f"warm-up done in {time.perf_counter() - t0:.1f} s")
 
     def default_window(self) -> int:
         """The window size n the page starts with: narrow on a CPU, the paper's 16 elsewhere."""
-        return CPU_WINDOW if self.base is not None and self.base.device.type == "cpu" else GPU_WINDOW
+        on_cpu = self.base is not None and self.base.device.type == "cpu" and not self.zero_gpu
+        return CPU_WINDOW if on_cpu else GPU_WINDOW
 
     def describe(self) -> str:
         """One line for the page header (plain text; the caller escapes it)."""
@@ -185,4 +281,5 @@ class ModelHost:
             return f"No model loaded: {self.error}"
         cllm = f"CLLM: {self.cllm.name}" if self.cllm else "CLLM: none (no adapter found; start with --adapter PATH)"
         dtype = str(self.base.dtype).removeprefix("torch.")
-        return f"Model: {self.base.name} · {self.base.device} · {dtype} · {self.engine} engine · {cllm}"
+        where = "ZeroGPU (a GPU is attached for each race)" if self.zero_gpu else f"{self.base.device} · {self.engine} engine"
+        return f"Model: {self.base.name} · {where} · {dtype} · {cllm}"

@@ -8,6 +8,7 @@ from decoding.cli import parse
 from decoding.decoders import ENGINES
 from decoding.models import DTYPES
 
+from .callbacks import MAX_PROMPT_TOKENS, RACE_BUDGET_S
 from .host import ModelHost
 from .race import MAX_NEW_TOKENS
 
@@ -26,13 +27,18 @@ class AppConfig:
     host: str | None = None  # address to listen on (default 127.0.0.1, or $GRADIO_SERVER_NAME)
     port: int | None = None  # port (default 7860, or $GRADIO_SERVER_PORT)
     share: bool = False  # create a public gradio.live link
-    allow_custom_models: bool = False  # let visitors load other models from the page
+    allow_custom_models: bool = False  # let visitors load other models from the page (presets and hub ids)
+    model_root: str | None = None  # with --allow-custom-models: visitors may also load folders under this one
     max_queue: int = 20  # requests that may wait at once; more are refused with a message
     max_new_tokens_limit: int = MAX_NEW_TOKENS  # the largest "max new tokens" a request may ask for
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS  # the longest prompt a request may send, in tokens with the chat template
+    race_budget_s: float = RACE_BUDGET_S  # wall-clock seconds one race (all its lanes) may run; 0: no limit
 
     def __post_init__(self):
-        if self.max_queue < 1 or self.max_new_tokens_limit < 1:
-            raise ValueError("--max-queue and --max-new-tokens-limit must be at least 1")
+        if self.max_queue < 1 or self.max_new_tokens_limit < 1 or self.max_prompt_tokens < 1:
+            raise ValueError("--max-queue, --max-new-tokens-limit and --max-prompt-tokens must be at least 1")
+        if not self.race_budget_s >= 0:
+            raise ValueError("--race-budget-s must be 0 (no limit) or more")
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:
@@ -55,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .ui import CSS, build_demo  # gradio is imported only when serving
 
-    demo = build_demo(host, cfg.allow_custom_models, cfg.max_new_tokens_limit)
+    demo = build_demo(host, cfg.allow_custom_models, cfg.max_new_tokens_limit, max_prompt_tokens=cfg.max_prompt_tokens,
+                      race_budget_s=cfg.race_budget_s, model_root=cfg.model_root)
     demo.queue(max_size=cfg.max_queue, default_concurrency_limit=1)
     demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share or None, css=CSS, theme=theme())

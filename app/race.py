@@ -195,13 +195,19 @@ def stream_lane(host, race: Race, run: LaneRun, stream_every: float, engine: str
     yield race
 
 
-def time_lane(host, race: Race, run: LaneRun, engine: str, halted: Callable[[], bool]) -> float | None:
-    """One more unseen run of a finished lane: its seconds, or None when Stop came first."""
+def time_lane(host, race: Race, run: LaneRun, stream_every: float, engine: str,
+              halted: Callable[[], bool]) -> Iterator[Race]:
+    """One more unseen run of a finished lane, yielding the race unchanged at most every ``stream_every`` seconds (so
+    a caller that closes the race is heard); returns its seconds, or None when Stop came first."""
     loaded = lane_model(host, run)
-    trace = None
-    for trace in DECODERS[run.lane.method](loaded.model, race.prompt_ids, race.settings, engine=engine, checked=True):
+    trace, last = None, time.perf_counter()
+    for trace in clean_timing(DECODERS[run.lane.method](loaded.model, race.prompt_ids, race.settings, engine=engine,
+                                                        checked=True)):
         if halted():
             return None
+        if not trace.done and time.perf_counter() - last >= stream_every:
+            yield race
+            last = time.perf_counter()
     return trace.wall_s
 
 
@@ -213,17 +219,18 @@ def round_order(race: Race, number: int) -> list[LaneRun]:
 
 
 def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str = "eager",
-             stopped: Callable[[], bool] = never) -> Iterator[Race]:
+             stopped: Callable[[], bool] = never, deadline: float | None = None) -> Iterator[Race]:
     """Run the lanes one after another (never at once, so each timing is clean), yielding the race as it goes; then
     ``race.rounds - 1`` unseen timed rounds of every lane, alternating their order (see ``round_order``).
 
-    Yields at most every ``stream_every`` seconds while a lane runs, once when each lane ends, and before each
-    timed run (``race.timing`` then names it). Closing the generator stops the race (the running lane is left as it
-    was). So does ``stopped()`` turning true (the Stop button, see ``StopRequests``), or ``stop_race`` on the same
-    race: the race ends at its next step, marks the running lane stopped and starts no later lane or round.
+    Yields at most every ``stream_every`` seconds while a lane runs (a timed one too, unseen), once when each lane
+    ends, and before each timed run (``race.timing`` then names it). Closing the generator stops the race (the
+    running lane is left as it was). So does ``stopped()`` turning true (the Stop button, see ``StopRequests``), or
+    ``stop_race`` on the same race, or ``time.perf_counter()`` passing ``deadline`` (the server's time budget): the
+    race ends at its next step, marks the running lane stopped and starts no later lane or round.
     """
     def halted() -> bool:
-        return race.stopped or stopped()
+        return race.stopped or stopped() or (deadline is not None and time.perf_counter() > deadline)
 
     if halted():
         return
@@ -238,7 +245,7 @@ def run_race(host, race: Race, stream_every: float = STREAM_EVERY_S, engine: str
         for run in round_order(race, number):
             race.timing = (number, run.lane.key)
             yield race
-            wall = time_lane(host, race, run, engine, halted)
+            wall = yield from time_lane(host, race, run, stream_every, engine, halted)
             if wall is None:
                 race.timing = None
                 return
@@ -357,7 +364,6 @@ def race_json(race: Race) -> dict:
         "device": race.device,
         "settings": {k: v for k, v in race.settings.to_dict().items() if k != "eos_token_ids"},
         "rounds": race.rounds,
-        "stopped": race.stopped,
         "lanes": {
             run.lane.key: {"label": run.lane.label, "text": run.text, "status": run.status} | lane_numbers(race, run)
             for run in race.runs

@@ -27,6 +27,7 @@ def race_record(race: Race) -> dict:
     pass, the text of each token, the seconds of each timed run); ``read_race`` reads it back."""
     out = race_json(race)
     out["prompt_ids"] = list(race.prompt_ids)
+    out["stopped"] = race.stopped  # Stop or the server's time budget ended it early
     for run in race.runs:
         out["lanes"][run.lane.key] |= {
             "pieces": run.pieces, "special": run.special, "vocab": {str(k): v for k, v in run.vocab.items()},

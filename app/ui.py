@@ -2,24 +2,36 @@
 record and about."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import gradio as gr
 
 from . import about, charts, render
-from .callbacks import VIEWS, Callbacks, header_html, lane_choices
+from .callbacks import VIEWS, ZEROGPU_TASK_S, Callbacks, header_html, lane_choices
 from .explain import verdict
 from .host import ModelHost, on_zero_gpu
 from .race import DEFAULT_LANES, MAX_BRANCHES, MAX_CANDIDATES, MAX_NEW_TOKENS, MAX_ROUNDS, ROUNDS
 from .record import EXAMPLE, read_example
 
-try:  # on Hugging Face Spaces (ZeroGPU) a GPU is attached only inside functions marked with spaces.GPU
-    import spaces
+def gpu_task(host: ModelHost, fn):
+    """A race callback (a generator) as a ZeroGPU task: on ZeroGPU Spaces ``spaces.GPU`` runs it in a GPU worker
+    process, where the models move to the GPU and get their engine at the first task (``ModelHost.attach_gpu``).
+    Elsewhere it is the callback itself, and attach_gpu does nothing."""
+    @functools.wraps(fn)
+    def task(*args, **kwargs):
+        try:
+            host.attach_gpu()
+        except Exception as exc:  # a failed move or capture: say so in the page, keep the worker serving
+            raise gr.Error(f"could not prepare the GPU: {type(exc).__name__}: {exc}") from None
+        yield from fn(*args, **kwargs)
 
-    gpu = spaces.GPU(duration=120)
-except ImportError:
-    def gpu(fn):
+    if not on_zero_gpu():
         return fn
+    import spaces  # app.py imported it before torch
+
+    return spaces.GPU(task, duration=ZEROGPU_TASK_S)
+
 
 CSS = (Path(__file__).resolve().parent / "style.css").read_text(encoding="utf-8")
 MODEL_GROUP = "model"  # concurrency group: one generation (or model load) at a time
@@ -42,22 +54,14 @@ EXAMPLES = [  # (label, prompt): chat, code, maths, writing
 
 
 def about_tab() -> None:
-    """The About tab: what AR, Jacobi and CLLMs are, our CLLM's numbers, its training runs and the committed
-    benchmarks (read from assets/ when the page is built)."""
+    """The About tab: what AR, Jacobi and CLLMs are, and the headline results (read from their files when the page is
+    built)."""
     with gr.Tab("About"):
         gr.Markdown(about.INTRO)
         gr.HTML(about.example_figure())
-        gr.Markdown(about.PAPER)
-        gr.Markdown(about.cllm_markdown())
-        shipped = about.training_run(about.CLLM_EVAL)
-        every = about.read_training_runs()  # read once: the chart draws those measured like the shipped one
-        runs = about.measured_like(every, shipped["protocol"] if shipped else None)
-        gr.Markdown(about.training_runs_markdown(runs, not_drawn=len(every) - len(runs)))
-        gr.Plot(charts.training_runs(runs, shipped), show_label=False, elem_id="jl-runs")
-        results = about.read_results()
-        gr.Markdown(about.results_overview(results))
-        with gr.Accordion("Every benchmark file, lane by lane", open=False):
-            gr.Markdown(about.results_markdown(results))
+        gr.Markdown(about.RESULTS_HEAD)
+        gr.HTML(about.headline_html(about.headline_rows()), elem_id="jl-headline")
+        gr.Markdown(about.results_footer())
 
 
 def props(update: dict) -> dict:
@@ -132,10 +136,11 @@ def race_views(first: dict) -> dict:
 
 
 def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_tokens_limit: int = MAX_NEW_TOKENS,
-               example: str | Path | None = EXAMPLE) -> gr.Blocks:
+               example: str | Path | None = EXAMPLE, **bounds) -> gr.Blocks:
     """The whole app. Models are loaded by the caller (once, at start-up), never here. The page opens showing the
-    recorded race in ``example`` (no model runs for it), or empty when there is none."""
-    cb = Callbacks(host, allow_custom_models, max_new_tokens_limit)
+    recorded race in ``example`` (no model runs for it), or empty when there is none. ``bounds``: the other
+    per-request limits of ``Callbacks`` (max_prompt_tokens, race_budget_s, model_root)."""
+    cb = Callbacks(host, allow_custom_models, max_new_tokens_limit, **bounds)
     shown = read_example(example) if example else None
 
     with gr.Blocks(title="Jacobi Lens: AR vs Jacobi decoding, live") as demo:
@@ -158,8 +163,9 @@ def build_demo(host: ModelHost, allow_custom_models: bool = False, max_new_token
             v = race_views(dict(zip(VIEWS, cb.views(shown))))
             if allow_custom_models:
                 with gr.Accordion("Model (custom models are enabled)", open=False):
-                    spec = gr.Textbox(label="Model", value=host.spec, info="smollm2-135m, a preset, a local folder or .gguf, or org/name (online)")
-                    adapter = gr.Textbox(label="CLLM adapter folder (optional)", value=host.adapter or "")
+                    spec = gr.Textbox(label="Model", value=Path(host.spec).name, info="smollm2-135m, a preset, org/name (online), or a folder under --model-root")
+                    adapter = gr.Textbox(label="CLLM adapter", value="auto" if host.adapter else "none",
+                                         info="auto (the shipped adapter of smollm2-135m), none, or a folder under --model-root")
                     load_btn = gr.Button("Load")
                 load_btn.click(cb.load_models, [spec, adapter], [header, c["lanes"]], concurrency_id=MODEL_GROUP, api_visibility="private")
         about_tab()
@@ -175,7 +181,7 @@ def wire(demo: gr.Blocks, cb: Callbacks, settings: list, buttons: tuple, race: t
     race_state, race_number, board, status = race
     views = [v[name] for name in VIEWS]
     race_event = go_btn.click(
-        gpu(cb.race_stream), [*settings, race_number], [board, status, race_state, *views], js=NUMBER_RACE_JS,
+        gpu_task(cb.host, cb.race_stream), [*settings, race_number], [board, status, race_state, *views], js=NUMBER_RACE_JS,
         concurrency_id=MODEL_GROUP, concurrency_limit=1, api_visibility="private", show_progress_on=[status],
         # A click while this tab's race is still running (or ending after Stop) starts the next race when it
         # has ended, instead of being ignored.
@@ -198,4 +204,4 @@ def wire(demo: gr.Blocks, cb: Callbacks, settings: list, buttons: tuple, race: t
     nonce = gr.State(0)
     v["replay_btn"].click(cb.replay, [race_state, v["speed"], nonce], [v["replay_view"], nonce], api_visibility="private",
                           queue=False)
-    gr.api(gpu(cb.race_api), api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)
+    gr.api(gpu_task(cb.host, cb.race_api), api_name="race", concurrency_id=MODEL_GROUP, concurrency_limit=1)

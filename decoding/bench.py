@@ -1,19 +1,25 @@
-"""Benchmark: AR vs Jacobi, on the base model and on its CLLM, in one process on one device.
+"""Benchmark: our AR, Jacobi and prompt-lookup decoding on the base model and its CLLM, beside transformers' own
+generate paths, in one process on one device.
 
     python -m decoding.bench                      # embedded model, default prompts, n=16, 128 tokens
     python -m decoding.bench --adapter none --out result.json   # base lanes only
+    python -m decoding.bench --prompts assets/prompts_unseen80.jsonl --max-new-tokens 256 --lanes all --repeats 3
 
-Lanes per prompt: hf_generate (transformers' model.generate, greedy), base_ar, base_jacobi, and with
-an adapter also cllm_ar and cllm_jacobi (by default our shipped CLLM adapter of the embedded model).
-A warm-up run precedes the timed ones; the device is
-synchronised around every timed run (the decoders synchronise at every step anyway).
+Lanes (LANES): transformers' hf_generate, hf_static and hf_lookup (decoding.peers); base_ar, base_jacobi and
+base_lookup on the base model; with an adapter (by default our shipped CLLM of the embedded model) cllm_ar, cllm_jacobi
+and cllm_lookup on the CLLM. Each lane is measured against the AR lane of its own model (``bench_summary.reference``):
+its speedup, and whether its text is that lane's. A warm-up run of every lane precedes the timed ones (it pays for
+compiles; its seconds are saved); the lanes of a prompt run back to back, and with --repeats K each prompt's lanes run
+K times, their order rotated each time, for medians and their spread. The device is synchronised around every run.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -24,13 +30,19 @@ import torch
 from tqdm.auto import tqdm
 
 from . import fast
+from .bench_summary import reference, summarise
 from .cli import parse
-from .decoders import ENGINES, INIT_CHOICES, DecodeConfig, ar_decode, jacobi_decode, run, sync_device
+from .decoders import ENGINES, INIT_CHOICES, DecodeConfig, ar_decode, jacobi_decode, lookup_decode, run, sync_device
 from .models import DEFAULT_SPEC, DTYPES, LoadedModel, adapter_arg, adapter_sha256, load_model
-from .prompts import encode, read_prompts
+from .peers import PEERS, peer_runners
+from .prompts import DEFAULT_PROMPTS, encode, read_prompts
 
-LANES = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")
+OURS = ("base_ar", "base_jacobi", "base_lookup", "cllm_ar", "cllm_jacobi", "cllm_lookup")
+LANES = PEERS + OURS
+DEFAULT_LANES = ("hf_generate", "base_ar", "base_jacobi", "cllm_ar", "cllm_jacobi")  # without --lanes
 CPU_PROJECTIONS = ("auto", "linear", "wx")  # --cpu-projection (llama_static.project)
+FUSED_STEPS = {"auto": None, "on": True, "off": False}  # --fused-step (llama_static.StaticLlama's fused_step)
+PARTIAL_EVERY = 10  # prompts between the partial results a long run writes to --out (marked "partial" in meta)
 
 
 @dataclass
@@ -49,26 +61,36 @@ class BenchConfig:
     dtype: str = field(default="auto", metadata={"choices": tuple(DTYPES)})  # auto: float32 on CPU, bfloat16 on GPU
     engine: str = field(default="auto", metadata={"choices": ENGINES})  # eager (transformers), fast (static cache; CUDA graphs on a GPU), auto: fast on CUDA and CPU for Llama models
     seed: int = 0  # seed of the initial guesses (the text does not depend on it)
-    out: str | None = None  # write the JSON result here (gzipped if it ends in .gz)
-    lanes: tuple[str, ...] = ()  # comma-separated lanes to run (default: every lane the models allow); base_ar always runs, the speed reference. Leaving out hf_generate saves most of the time on a GPU
+    out: str | None = None  # write the JSON result here (gzipped if it ends in .gz; a long run writes its partial result there every 10 prompts)
+    lanes: tuple[str, ...] = ()  # comma-separated lanes, or "all" (default: hf_generate, base_ar, base_jacobi, and cllm_ar, cllm_jacobi with an adapter); the AR lane each is measured against runs too
     in_thread: bool = False  # time the lanes in a second thread after this one loaded the models, as a web server does (on a CPU, torch's threads serve the first thread that used them fastest)
     candidates: int = 0  # candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)
     candidate_len: int | None = None  # tokens per candidate n-gram (default: n-1, as many as the window guesses)
     branches: int = 0  # next likeliest tokens for the window's first guess, each checked beside it in the same pass (fast engine; 0: none)
     cpu_projection: str = field(default="auto", metadata={"choices": CPU_PROJECTIONS})  # fast engine on the CPU: auto (each width's faster projection form, timed at load), linear (F.linear at every width) or wx (w @ x.T at every width)
+    lookup_tokens: int = 10  # tokens the lookup lanes copy a pass: hf_lookup's prompt_lookup_num_tokens, n - 1 of base_lookup and cllm_lookup
+    repeats: int = 1  # timed runs of each prompt's lanes, their order rotated each run, for medians and the spread (transformers' lanes run once)
+    hf_limit: int | None = None  # run transformers' lanes (slow) on the first K prompts only (default: all)
+    fused_step: str = field(default="auto", metadata={"choices": tuple(FUSED_STEPS)})  # fast engine on a GPU: windows of up to 32 tokens as Triton kernels (on: or fail; off: the unfused step; auto: on where Triton runs them and CLLM_FUSED_STEP=on)
 
     def __post_init__(self):
-        """Resolve the adapter and the lanes, and refuse what cannot run (a ValueError with a message)."""
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("--limit must be at least 1")
-        unknown = sorted(set(self.lanes) - set(LANES))
+        """Resolve the adapter and the lanes (each with the AR lane it is measured against), and refuse what cannot
+        run (a ValueError with a message)."""
+        for name in ("limit", "hf_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.repeats < 1 or self.lookup_tokens < 1:
+            raise ValueError("--repeats and --lookup-tokens must be at least 1")
+        asked = set(LANES if tuple(self.lanes) == ("all",) else self.lanes)
+        unknown = sorted(asked - set(LANES))
         if unknown:
             raise ValueError(f"unknown lane(s) {', '.join(unknown)}; choose from {', '.join(LANES)}")
         self.adapter = adapter_arg(self.adapter, self.model)
-        cllm_lanes = {"cllm_ar", "cllm_jacobi"}
-        if self.adapter is None and cllm_lanes & set(self.lanes):
+        if self.adapter is None and tuple(self.lanes) != ("all",) and any(x.startswith("cllm_") for x in asked):
             raise ValueError("the cllm lanes need an adapter (--adapter auto or a folder)")
-        asked = set(self.lanes or [x for x in LANES if self.adapter or x not in cllm_lanes]) | {"base_ar"}
+        asked = asked or set(DEFAULT_LANES)
+        asked = {x for x in asked if self.adapter or not x.startswith("cllm_")}
+        asked |= {reference(x, asked | {"cllm_ar"}) for x in asked}  # each lane's AR reference runs too
         self.lanes = tuple(x for x in LANES if x in asked)
 
 
@@ -80,22 +102,6 @@ def read_bench(path: str | Path) -> dict:
         return json.load(f)
 
 
-def hf_generate(lm: LoadedModel, ids: list[int], cfg: DecodeConfig) -> dict:
-    """transformers' own greedy generate(), timed the same way as our decoders."""
-    x = torch.tensor([ids], device=lm.device)
-    sync_device(lm.device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = lm.model.generate(
-            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=list(cfg.eos_token_ids) or None, pad_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
-        )
-    sync_device(lm.device)
-    wall = time.perf_counter() - t0
-    tokens = out[0, len(ids):].tolist()
-    return {"tokens": tokens, "forwards": len(tokens), "wall_s": wall, "mean_accepted": 1.0}
-
-
 def decode_lane(lm: LoadedModel, decoder, ids: list[int], cfg: DecodeConfig, engine: str) -> dict:
     trace = run(decoder, lm.model, ids, cfg, engine=engine)
     sync_device(lm.device)
@@ -105,43 +111,22 @@ def decode_lane(lm: LoadedModel, decoder, ids: list[int], cfg: DecodeConfig, eng
     }
 
 
-def lane_runners(base: LoadedModel, cllm: LoadedModel | None, bc: BenchConfig) -> dict:
-    """Lane name -> (model, function(ids, cfg) -> result)."""
-    lanes = {
-        "hf_generate": (base, lambda ids, cfg: hf_generate(base, ids, cfg)),
-        "base_ar": (base, lambda ids, cfg: decode_lane(base, ar_decode, ids, cfg, bc.engine)),
-        "base_jacobi": (base, lambda ids, cfg: decode_lane(base, jacobi_decode, ids, cfg, bc.engine)),
-    }
-    if cllm is not None:
-        lanes["cllm_ar"] = (cllm, lambda ids, cfg: decode_lane(cllm, ar_decode, ids, cfg, bc.engine))
-        lanes["cllm_jacobi"] = (cllm, lambda ids, cfg: decode_lane(cllm, jacobi_decode, ids, cfg, bc.engine))
-    return {name: lane for name, lane in lanes.items() if name in bc.lanes}
+def lane_runners(base: LoadedModel, cllm: LoadedModel | None, bc: BenchConfig, cache_len: int) -> dict:
+    """Lane name -> (model, function(ids, cfg) -> result), for the lanes of ``bc.lanes`` (``cache_len``: the static
+    cache's length for hf_static)."""
+    def ours(lm, decoder, lookup=False):
+        def lane(ids, cfg):
+            if lookup:  # the last token and up to lookup_tokens copied ones a pass
+                cfg = replace(cfg, n=bc.lookup_tokens + 1, candidates=0, branches=0)
+            return decode_lane(lm, decoder, ids, cfg, bc.engine)
+        return lm, lane
 
-
-def summarise(per_prompt: list[dict], lanes: list[str]) -> dict:
-    """Totals per lane, speedup over base_ar, and exact match of Jacobi against AR on the same model."""
-    summary = {}
-    for lane in lanes:
-        rows = [p["lanes"][lane] for p in per_prompt]
-        tokens = sum(r["tokens"] for r in rows)
-        forwards = sum(r["forwards"] for r in rows)
-        wall = sum(r["wall_s"] for r in rows)
-        # Tokens per forward after the prefill (the prefill always gives exactly one token).
-        after = [(r["tokens"] - 1, r["forwards"] - 1) for r in rows if r["forwards"] > 1]
-        summary[lane] = {
-            "tokens": tokens, "forwards": forwards, "wall_s": wall, "tok_s": tokens / wall if wall else 0.0,
-            "mean_accepted": sum(a for a, _ in after) / max(1, sum(f for _, f in after)),
-            "median_tok_s": statistics.median(r["tokens"] / r["wall_s"] for r in rows if r["wall_s"] > 0),
-        }
-    ref = summary.get("base_ar", {}).get("tok_s", 0.0)
-    for lane in lanes:
-        summary[lane]["speedup"] = summary[lane]["tok_s"] / ref if ref else 0.0
-    exact = {}
-    for jac, ar in (("base_jacobi", "base_ar"), ("cllm_jacobi", "cllm_ar"), ("base_ar", "hf_generate")):
-        if jac in lanes and ar in lanes:
-            same = [p["lanes"][jac]["ids"] == p["lanes"][ar]["ids"] for p in per_prompt]
-            exact[f"{jac}_vs_{ar}"] = sum(same) / len(same)
-    return {"lanes": summary, "exact_match": exact}
+    lanes = {name: (base, fn) for name, fn in peer_runners(base, bc.lookup_tokens, cache_len).items()}
+    for prefix, lm in (("base", base), ("cllm", cllm)):
+        if lm is not None:
+            lanes |= {f"{prefix}_ar": ours(lm, ar_decode), f"{prefix}_jacobi": ours(lm, jacobi_decode),
+                      f"{prefix}_lookup": ours(lm, lookup_decode, lookup=True)}
+    return {name: lanes[name] for name in LANES if name in bc.lanes and name in lanes}
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
@@ -162,10 +147,23 @@ def pick_engine(bc: BenchConfig, models: list) -> str:
         engine = "fast" if all(fast.default_engine(m) == "fast" for m in models) else "eager"
     if engine == "fast":
         for m in models:
-            e = fast.prepare(m)
+            e = fast.prepare(m, fused_step=FUSED_STEPS[bc.fused_step])
             if e.device.type == "cpu" and bc.cpu_projection != "auto":
                 e.model.cpu_wx = dict.fromkeys(e.widths, bc.cpu_projection == "wx")
     return engine
+
+
+def source_commit() -> str | None:
+    """The git commit of the code that runs: $CLLM_COMMIT where set (a copy of the code without its .git), else git's
+    answer for this checkout."""
+    if os.environ.get("CLLM_COMMIT"):
+        return os.environ["CLLM_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def latency_report(lm: LoadedModel, n: int) -> dict:
@@ -203,40 +201,74 @@ def run_timed(fn, in_thread: bool) -> None:
         raise errors[0]
 
 
+def encoded_prompts(bc: BenchConfig, tokenizer) -> list[dict]:
+    """The run's prompts with their token ids; ValueError when the file holds none."""
+    prompts = read_prompts(bc.prompts, bc.limit)
+    if not prompts:
+        raise ValueError(f"{bc.prompts or DEFAULT_PROMPTS} holds no prompts: give a file with one JSON object a line")
+    return [p | {"ids": encode(tokenizer, p["prompt"], chat=not bc.raw)} for p in prompts]
+
+
+def warm_up(lanes: dict, ids: list[int], cfg: DecodeConfig) -> dict[str, float]:
+    """Run every lane once, untimed (16 tokens; hf_static all of them: its compile); the seconds each took."""
+    seconds = {}
+    for lane, (_, fn) in tqdm(lanes.items(), desc="warm-up", leave=False):
+        t0 = time.perf_counter()
+        fn(ids, cfg if lane == "hf_static" else replace(cfg, max_new_tokens=min(16, cfg.max_new_tokens)))
+        seconds[lane] = time.perf_counter() - t0
+    return seconds
+
+
+def time_prompt(lanes: dict, ids: list[int], cfg: DecodeConfig, repeats: int, peers: bool) -> dict[str, dict]:
+    """Every lane on one prompt, back to back, ``repeats`` times in an order rotated each time (transformers' lanes
+    once, in the first round, and only with ``peers``): each lane's result with the wall seconds of every run."""
+    order = [lane for lane in lanes if peers or lane not in PEERS]
+    runs: dict[str, list[dict]] = {lane: [] for lane in order}
+    for k in range(repeats):
+        for lane in order[k % len(order):] + order[:k % len(order)]:
+            if lane not in PEERS or k == 0:
+                runs[lane].append(lanes[lane][1](ids, cfg))
+    rows = {}
+    for lane, results in runs.items():
+        r, lm = results[0], lanes[lane][0]
+        walls = [x["wall_s"] for x in results]
+        rows[lane] = {
+            "tokens": len(r["tokens"]), "forwards": r["forwards"], "wall_s": statistics.median(walls), "walls": walls,
+            "tok_s": len(r["tokens"]) / statistics.median(walls), "mean_accepted": r["mean_accepted"],
+            "same_text_every_run": all(x["tokens"] == r["tokens"] for x in results),
+            "ids": r["tokens"], "text": lm.tokenizer.decode(r["tokens"], skip_special_tokens=True),
+        }
+    return rows
+
+
 def bench(bc: BenchConfig) -> dict:
     """Run every lane on every prompt; return the result dict (also written to bc.out)."""
     base = load_model(bc.model, device=bc.device, dtype=bc.dtype)
+    prompts = encoded_prompts(bc, base.tokenizer)
     cllm = load_model(bc.model, adapter=bc.adapter, device=bc.device, dtype=bc.dtype) if bc.adapter else None
     bc = replace(bc, engine=pick_engine(bc, [lm.model for lm in (base, cllm) if lm is not None]))
-    prompts = read_prompts(bc.prompts, bc.limit)
     cfg = DecodeConfig(max_new_tokens=bc.max_new_tokens, n=bc.n, init=bc.init, seed=bc.seed, eos_token_ids=base.eos_token_ids,
                        candidates=bc.candidates, candidate_len=bc.candidate_len, branches=bc.branches)
-    lanes = lane_runners(base, cllm, bc)
-    warm_ids = encode(base.tokenizer, prompts[0]["prompt"], chat=not bc.raw)
-    for _, fn in tqdm(lanes.values(), desc="warm-up", leave=False):
-        fn(warm_ids, DecodeConfig(**{**asdict(cfg), "max_new_tokens": min(16, cfg.max_new_tokens)}))
+    lanes = lane_runners(base, cllm, bc, cache_len=max(len(p["ids"]) for p in prompts) + bc.max_new_tokens + 1)
+    warmup_s = warm_up(lanes, prompts[0]["ids"], cfg)
+    engines = {name: fast.prepare(lm.model).model.fused_step for name, lm in (("base", base), ("cllm", cllm))
+               if lm is not None and bc.engine == "fast"}
+    meta = {"config": asdict(bc), "decode": cfg.to_dict(), "env": environment(base.device, base.dtype),
+            "command": command_line(), "commit": source_commit(), "adapter_sha256": adapter_sha256(bc.adapter),
+            "warmup_s": warmup_s, "fused_step": engines, "references": {lane: reference(lane, lanes) for lane in lanes}}
     per_prompt = []
 
     def timed_lanes():
-        for p in tqdm(prompts, desc="prompts"):
-            ids = encode(base.tokenizer, p["prompt"], chat=not bc.raw)
-            row = {"id": p["id"], "category": p["category"], "prompt_tokens": len(ids), "lanes": {}}
-            for lane, (lm, fn) in lanes.items():
-                r = fn(ids, cfg)
-                row["lanes"][lane] = {
-                    "tokens": len(r["tokens"]), "forwards": r["forwards"], "wall_s": r["wall_s"],
-                    "tok_s": len(r["tokens"]) / r["wall_s"] if r["wall_s"] else 0.0, "mean_accepted": r["mean_accepted"],
-                    "ids": r["tokens"], "text": lm.tokenizer.decode(r["tokens"], skip_special_tokens=True),
-                }
-            per_prompt.append(row)
+        for i, p in enumerate(tqdm(prompts, desc="prompts")):
+            peers = bc.hf_limit is None or i < bc.hf_limit
+            per_prompt.append({"id": p["id"], "category": p["category"], "prompt_tokens": len(p["ids"]),
+                               "lanes": time_prompt(lanes, p["ids"], cfg, bc.repeats, peers)})
+            if bc.out and (i + 1) % PARTIAL_EVERY == 0 and i + 1 < len(prompts):  # kept should the run be cut off
+                write_bench(bc.out, {"meta": meta | {"partial": True}, "prompts": per_prompt,
+                                     "summary": summarise(per_prompt, list(lanes))})
 
     run_timed(timed_lanes, bc.in_thread)
-    result = {
-        "meta": {"config": asdict(bc), "decode": cfg.to_dict(), "env": environment(base.device, base.dtype),
-                 "command": command_line(), "adapter_sha256": adapter_sha256(bc.adapter)},
-        "prompts": per_prompt,
-        "summary": summarise(per_prompt, list(lanes)),
-    }
+    result = {"meta": meta, "prompts": per_prompt, "summary": summarise(per_prompt, list(lanes))}
     if bc.engine == "fast":
         result["latency"] = latency_report(base, bc.n)
     if bc.out:
@@ -257,14 +289,18 @@ def write_bench(path: str | Path, result: dict) -> None:
 
 
 def format_table(result: dict) -> str:
+    """The summary as a text table: a lane a line, its speedup over its reference with the spread over runs."""
     s = result["summary"]
     env = result["meta"]["env"]
     lines = [f"{env['device_name']} ({env['device']}, {env['dtype']}), n={result['meta']['decode']['n']}, "
              f"max_new_tokens={result['meta']['decode']['max_new_tokens']}, {len(result['prompts'])} prompts",
-             f"{'lane':<12} {'tokens':>7} {'fwd':>6} {'tok/fwd':>8} {'tok/s':>8} {'speedup':>8}"]
+             f"{'lane':<12} {'prompts':>7} {'tokens':>7} {'fwd':>6} {'tok/fwd':>8} {'tok/s':>8} {'speedup':>8} "
+             f"{'[min-max]':>13}  vs"]
     for lane, r in s["lanes"].items():
-        lines.append(f"{lane:<12} {r['tokens']:>7} {r['forwards']:>6} {r['mean_accepted']:>8.3f} {r['tok_s']:>8.1f} {r['speedup']:>7.2f}x")
-    lines += [f"exact match {k}: {v:.3f}" for k, v in s["exact_match"].items()]
+        spread = f"[{r['speedup_min']:.2f}-{r['speedup_max']:.2f}]" if "speedup_min" in r else ""
+        lines.append(f"{lane:<12} {r['prompts']:>7} {r['tokens']:>7} {r['forwards']:>6} {r['mean_accepted']:>8.3f} "
+                     f"{r['tok_s']:>8.1f} {r['speedup']:>7.2f}x {spread:>13}  {r['reference']}")
+    lines += [f"same text {k}: {v:.3f}" for k, v in s["exact_match"].items()]
     if "latency" in result:
         from .latency import format_widths
 

@@ -357,7 +357,37 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager", c
     yield _finish(trace, t0)
 
 
-DECODERS = {"ar": ar_decode, "jacobi": jacobi_decode}
+def lookup_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager", checked: bool = False) -> Iterator[DecodeTrace]:
+    """Greedy prompt-lookup decoding (lossless: the greedy AR text).
+
+    Each pass feeds the last accepted token and up to ``cfg.n`` - 1 tokens copied from the text: what followed the
+    latest earlier occurrence of its last two tokens in the prompt and the answer so far, else of its last token
+    (``ContextLookup``). They are verified like a Jacobi window's guesses, in one forward; with nothing to copy the
+    pass is an AR step. This is transformers' prompt lookup decoding (generate(prompt_lookup_num_tokens=n - 1)),
+    which copies after the earliest occurrence instead of the latest; on the fast engine it is what Jacobi decoding
+    with n = 1 and one candidate n-gram of n - 1 tokens from the text does, in a single window. ``checked`` as in
+    ``ar_decode``.
+    """
+    prompt_ids = list(prompt_ids) if checked else validate(model, prompt_ids, cfg)
+    session = make_session(model, engine)
+    trace = DecodeTrace(method="lookup", n=cfg.n, prompt_ids=prompt_ids)
+    t0 = _start(session, trace)
+    yield trace
+    lookup = ContextLookup(prompt_ids)
+    while not _stop(trace, cfg):
+        start = len(trace.tokens)
+        copied = lookup.guesses(trace.tokens, [], min(cfg.n - 1, cfg.max_new_tokens - start))
+        window = [trace.tokens[-1]] + copied
+        outputs = session.forward(window)
+        k = accept_length(window, outputs)
+        session.keep(k, len(window))
+        trace.iterations.append(Iteration(len(trace.iterations) + 1, start, window, outputs, k, time.perf_counter() - t0))
+        trace.tokens.extend(outputs[:k])
+        yield trace
+    yield _finish(trace, t0)
+
+
+DECODERS = {"ar": ar_decode, "jacobi": jacobi_decode, "lookup": lookup_decode}
 
 
 def run(decoder, model, prompt_ids, cfg: DecodeConfig, engine: str = "eager", checked: bool = False) -> DecodeTrace:

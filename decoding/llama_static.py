@@ -12,6 +12,7 @@ Python ints), so each (T, L) pair can be captured once as a CUDA graph.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +21,16 @@ from torch import nn
 
 ROPE_TYPES = ("default", "linear", "llama3")  # position-independent RoPE variants we reproduce exactly
 # Windows of up to this many tokens attend token by token (no copies; each token reads all its keys), wider ones
-# (and prefill) as one grouped batch (two copies; keys read once). On an H100 (bf16, SmolLM2-135M, 512 keys) the
-# first layout was faster up to 32 tokens (width 16: 1.85 against 2.00 ms a forward) and slower from 64
-# (width 128: 2.46 against 2.15 ms): assets/results/h100_attention_layout_ab.json.
+# (and prefill) as one grouped batch (two copies; keys read once): on an H100 the first layout was the faster one up
+# to 32 tokens, the second from 64 on (measured with SmolLM2-135M in bf16 over 512 keys).
 PER_TOKEN_MAX = 32
-# From this many tokens on, the GPU computes gate|up as rows (block()). On an H200 (bf16, a random model of
-# SmolLM2-135M's shape, 512 keys) that cut a width-16 forward from 1.886 to 1.787 ms, but GEMM picked slower kernels
-# for 2 and 4 tokens (2.188 against 1.810 ms at width 2): assets/results/h200_latency_random_{before,after}.json.
-# With rows from 8 tokens on: 1.778 ms at width 2, 1.790 at 16 (h200_latency_random_rowsmin8.json).
+# From this many tokens on, the unfused GPU step computes gate|up as rows (block()): each half is then contiguous, which
+# the SiLU and product kernels prefer; for 2 and 4 tokens cuBLAS picks slower kernels for that form.
 ROWS_MIN = 8
+FUSED_STEP_MAX = 32  # the widest window the fused step runs (at most PER_TOKEN_MAX: it reads the mask as [T, L])
+# "on": the fused step (fused_step.py) by default where it can run. Off by default until a GPU run has checked it
+# (python -m decoding.fastcheck --fused-step on; python -m decoding.latency --compare).
+FUSED_STEP_ENV = "CLLM_FUSED_STEP"
 
 
 class UnsupportedModel(ValueError):
@@ -116,6 +118,18 @@ def rope_tables(args: StaticArgs, max_len: int, device, dtype) -> tuple[torch.Te
     return emb.cos().to(dtype), signed_sin.to(dtype)
 
 
+def fused_step_problem(args: StaticArgs, device: torch.device) -> str | None:
+    """None when the fused step (fused_step.py: Triton kernels) can run a model of this shape on ``device``, else
+    why not. Triton's interpreter (TRITON_INTERPRET=1) runs it on the CPU too, which is how the tests check it."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the fused step runs on a CUDA GPU"
+    try:
+        from . import fused_step
+    except Exception as exc:  # noqa: BLE001 - no Triton, or one that does not load: the unfused step serves
+        return f"Triton could not be imported ({type(exc).__name__}: {exc})"
+    return fused_step.unsupported(args.head_dim)
+
+
 def project(x: torch.Tensor, w, residual: torch.Tensor | None = None, wx: bool = False) -> torch.Tensor:
     """x [T, in] -> (residual +) x @ w.T [T, out], w [out, in] as stored by nn.Linear (or, on the CPU, a tuple of
     such weights whose outputs are concatenated: the unfused q|k|v and gate|up).
@@ -142,9 +156,13 @@ def project(x: torch.Tensor, w, residual: torch.Tensor | None = None, wx: bool =
 class StaticLlama(nn.Module):
     """Llama forward over a static KV cache; shares (or fuses copies of) the HF model's weights."""
 
-    def __init__(self, hf_model, max_len: int, fused: bool | None = None):
+    def __init__(self, hf_model, max_len: int, fused: bool | None = None, fused_step: bool | None = None):
         """``fused``: the GPU layout (fused copies of q|k|v and gate|up, gate and up computed as rows); by default
-        on a GPU only. The tests set it on the CPU to check that layout's arithmetic against transformers."""
+        on a GPU only. The tests set it on the CPU to check that layout's arithmetic against transformers.
+        ``fused_step``: windows of up to FUSED_STEP_MAX tokens run as five Triton kernels a block (the fused
+        layout, always); by default on a GPU where ``fused_step_problem`` finds none and $CLLM_FUSED_STEP is "on"
+        (on the CPU only when asked for: Triton's interpreter, for the tests).
+        True where it cannot run raises UnsupportedModel with the reason."""
         super().__init__()
         args = StaticArgs.from_config(hf_model.config)
         self.args = args
@@ -157,7 +175,14 @@ class StaticLlama(nn.Module):
         self.layers = []
         # On a GPU one GEMM instead of three (q|k|v) and two (gate|up): fewer kernels per step, for a fused copy of
         # those weights. On the CPU, where launches cost nothing, the model's own weights: no copy.
-        fused = device.type != "cpu" if fused is None else fused
+        problem = fused_step_problem(args, device)
+        if fused_step and problem:
+            raise UnsupportedModel(f"the fused step cannot run: {problem}")
+        if fused_step is None:
+            fused_step = (device.type == "cuda" and problem is None
+                          and os.environ.get(FUSED_STEP_ENV, "").lower() == "on")
+        self.fused_step = fused_step
+        fused = (device.type != "cpu" or fused_step) if fused is None else fused or fused_step
         fuse = torch.cat if fused else tuple
         for layer in hf_model.model.layers:
             att, mlp = layer.self_attn, layer.mlp
@@ -186,6 +211,10 @@ class StaticLlama(nn.Module):
             return False
         widths = sorted(self.cpu_wx)
         return self.cpu_wx[next((w for w in widths if w >= T), widths[-1])]
+
+    def uses_fused_step(self, T: int) -> bool:
+        """Whether a forward of T tokens runs the fused step (``fused_step``, T <= FUSED_STEP_MAX)."""
+        return self.fused_step and T <= FUSED_STEP_MAX
 
     def weight_bytes(self) -> int:
         """Bytes of weights one forward reads (the embedding rows it gathers are negligible)."""
@@ -284,9 +313,18 @@ class StaticLlama(nn.Module):
         cos = self.cos[input_pos][:, None, :]  # [T, 1, D]
         sin = self.sin[input_pos][:, None, :]
         bias = self.mask(slots, anchors, groups, attend_len)
-        body_wx = self.uses_wx(tokens.shape[0]) if wx is None else wx
-        for i in range(self.args.n_layers):
-            x = self.block(i, x, cos, sin, slots, bias, attend_len, body_wx)
+        T = tokens.shape[0]
+        if self.uses_fused_step(T):
+            from . import fused_step
+
+            cos, sin, bias = cos[:, 0], sin[:, 0], bias.view(T, attend_len)  # [T, D], [T, D], [T, L]
+            for i, layer in enumerate(self.layers):
+                x = fused_step.block(x, layer, self.k_cache[i, 0], self.v_cache[i, 0], cos, sin, slots, bias,
+                                     self.args.eps, self.args.n_heads)
+        else:
+            body_wx = self.uses_wx(T) if wx is None else wx
+            for i in range(self.args.n_layers):
+                x = self.block(i, x, cos, sin, slots, bias, attend_len, body_wx)
         if last_only:
             x = x[-1:]
         x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.args.eps)

@@ -93,8 +93,8 @@ class Iteration:
 class DecodeTrace:
     """A whole decode: the streamed state while running, complete once ``done`` is True."""
 
-    method: str  # "ar" or "jacobi"
-    n: int  # window size (1 for AR)
+    method: str  # "ar", "jacobi" or "lookup"
+    n: int  # window size (1 for AR; for lookup the widest window: the last token and up to n-1 copied ones)
     prompt_ids: list[int]
     tokens: list[int] = field(default_factory=list)  # generated ids, EOS included when it was produced
     iterations: list[Iteration] = field(default_factory=list)

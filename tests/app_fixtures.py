@@ -62,14 +62,15 @@ class TinyHost:
         self.error = None
         self.spec, self.adapter = "tiny", None
         self.engine = "eager"  # what ModelHost resolved at load time
+        self.zero_gpu = False
 
     def describe(self) -> str:
         return "tiny"
 
-    def stream(self, steps):
-        return steps  # ModelHost advances a race on its torch thread; here, on the caller's
-
     default_window = ModelHost.default_window  # the page's starting n, as the real host picks it
+
+    def stream(self, steps):  # decodes on the caller's thread
+        return steps
 
 
 def free_port() -> int:
@@ -92,11 +93,11 @@ def make_adapter(folder: Path) -> Path:
 class AppProcess:
     """`python app.py` in a subprocess, on a free port; ``url`` once it serves."""
 
-    def __init__(self, *args: str, timeout: float = 300):
+    def __init__(self, *args: str, timeout: float = 300, script: str = "app.py", env: dict | None = None):
         self.port = free_port()
         self.log = []
-        env = os.environ | {"PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-        self.proc = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port), *args], cwd=ROOT, env=env,
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"} | (env or {})
+        self.proc = subprocess.Popen([sys.executable, script, "--port", str(self.port), *args], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the app
         deadline = time.time() + timeout
@@ -133,7 +134,8 @@ def shared_app() -> AppProcess:
     global _SHARED
     if _SHARED is None:
         folder = Path(tempfile.mkdtemp(prefix="jl-adapter-"))
-        _SHARED = AppProcess("--adapter", str(make_adapter(folder / "zero-lora")), "--max-queue", "3")
+        # No time budget: on a loaded test machine a race may be slow (the budget is tested in test_app_bounds.py).
+        _SHARED = AppProcess("--adapter", str(make_adapter(folder / "zero-lora")), "--max-queue", "3", "--race-budget-s", "0")
         atexit.register(shutil.rmtree, folder, True)
         atexit.register(_SHARED.stop)
     return _SHARED

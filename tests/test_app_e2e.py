@@ -66,3 +66,36 @@ def test_requests_queue_one_at_a_time_and_the_queue_is_bounded(client):
             refused += 1
     assert ranks, "a waiting request was never shown its place in the queue"
     assert done >= 1 and refused >= 1 and done + refused == 6
+
+
+def raw_race(url: str, body: str) -> str:
+    """POST a raw JSON body to /race (as curl would) and return the event stream's text."""
+    import httpx
+
+    posted = httpx.post(url + "gradio_api/call/race", content=body, headers={"Content-Type": "application/json"})
+    event_id = posted.json()["event_id"]
+    return httpx.get(url + f"gradio_api/call/race/{event_id}", timeout=120).text
+
+
+@pytest.mark.parametrize("values, message", [
+    ('"Hi", Infinity, 8', "n must be a whole number, not inf"),
+    ('"Hi", 4, NaN', "max new tokens must be a whole number, not nan"),
+    ('"Hi \\udcff", 4, 8', "lone surrogate"),
+    ('123, 4, 8', "the prompt must be text, not int"),
+])
+def test_raw_http_with_values_json_allows_gets_a_message_not_a_traceback(values, message):
+    text = raw_race(shared_app().url, '{"data": [' + values + ', 0, 0]}')
+    assert "event: error" in text and message in text and '"error": null' not in text
+
+
+def test_a_cancelled_race_stops_decoding_and_frees_the_worker(client):
+    long = client.submit("Write a long story about a lighthouse keeper and the sea.", 4, 1024, api_name="/race")
+    deadline = time.time() + 120
+    while len(long.outputs()) < 3 and time.time() < deadline:  # it streams while it decodes
+        time.sleep(0.05)
+    assert len(long.outputs()) >= 3 and not long.done()
+    short = client.submit("Hi", 4, 1, api_name="/race")
+    long.cancel()
+    # 1,024 tokens of three lanes take minutes on a CPU; the next race only gets the worker if decoding stopped.
+    assert short.result(timeout=60)["lanes"]["base_ar"]["status"] == "done"
+    assert long.status().code.name == "CANCELLED"

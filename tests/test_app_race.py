@@ -113,12 +113,13 @@ def test_race_json_names_lanes_as_the_benchmark_and_measures_each_jacobi_lane_ag
         assert lane["loop_from"] is None
     assert out["settings"] == {"max_new_tokens": 24, "n": 8, "init": "random", "seed": 0, "candidates": 0, "candidate_len": 7,
                                "branches": 0}
-    assert out["rounds"] == 3 and out["stopped"] is False
+    assert out["rounds"] == 3
 
 
 def test_timed_rounds_alternate_the_lanes_and_give_each_ratio_its_spread(host):
     race = new_race(host, PROMPT, 8, 16, rounds=4)
-    timed = [r.timing for r in run_race(host, race, stream_every=0) if r.timing]
+    seen = [r.timing for r in run_race(host, race, stream_every=0) if r.timing]  # a timed run yields as it goes
+    timed = [t for i, t in enumerate(seen) if i == 0 or t != seen[i - 1]]
     # rounds 2..4, each lane once a round; even rounds reversed, so AR and Jacobi take turns to go first
     keys = [r.lane.key for r in race.runs]
     assert timed == [(k, key) for k in (2, 3, 4) for key in (keys[::-1] if k % 2 == 0 else keys)]

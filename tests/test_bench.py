@@ -27,8 +27,63 @@ def test_bench_writes_lanes_and_summary(tiny_model_dir, tmp_path, capsys):
         assert {"tokens", "forwards", "wall_s", "tok_s", "mean_accepted", "speedup"} <= set(lane)
     assert lanes["base_ar"]["speedup"] == 1.0 and lanes["base_ar"]["mean_accepted"] == 1.0
     assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
-    assert result["summary"]["exact_match"]["base_ar_vs_hf_generate"] == 1.0
+    assert result["summary"]["exact_match"]["hf_generate_vs_base_ar"] == 1.0
+    assert {lanes[k]["reference"] for k in lanes} == {"base_ar"} and result["meta"]["commit"]
     assert "base_jacobi" in capsys.readouterr().out
+
+
+def test_bench_runs_every_lane_repeated_with_peers_on_the_first_prompts(tiny_model_dir, tmp_path):
+    """--lanes all: transformers' three lanes (on the --hf-limit first prompts, once) and our AR, Jacobi and lookup
+    lanes (every prompt, --repeats times, the order rotated): each the AR text in float32, each with the wall seconds
+    of every run, its reference, and the spread of its speedup over the runs."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n{"prompt": "Count to five. Count to five."}\n')
+    out = tmp_path / "r.json"
+    assert bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "12",
+                       "--device", "cpu", "--lanes", "all", "--repeats", "2", "--hf-limit", "1", "--lookup-tokens", "5",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    lanes = result["summary"]["lanes"]
+    assert list(lanes) == ["hf_generate", "hf_static", "hf_lookup", "base_ar", "base_jacobi", "base_lookup"]
+    assert result["summary"]["exact_match"] == {f"{k}_vs_base_ar": 1.0 for k in lanes if k != "base_ar"}
+    first, second = (p["lanes"] for p in result["prompts"])
+    assert set(second) == {"base_ar", "base_jacobi", "base_lookup"}  # transformers' lanes on the first prompt only
+    assert [len(first[k]["walls"]) for k in lanes] == [1, 1, 1, 2, 2, 2]
+    assert all(row["same_text_every_run"] for p in result["prompts"] for row in p["lanes"].values())
+    assert lanes["hf_static"]["prompts"] == 1 and lanes["base_lookup"]["prompts"] == 2
+    assert len(lanes["base_jacobi"]["speedup_runs"]) == 2 and len(lanes["hf_lookup"]["speedup_runs"]) == 1
+    assert lanes["base_jacobi"]["speedup_min"] <= lanes["base_jacobi"]["speedup_median"] <= lanes["base_jacobi"]["speedup_max"]
+    assert lanes["hf_lookup"]["mean_accepted"] >= 1.0 and lanes["base_lookup"]["mean_accepted"] >= 1.0
+    assert set(result["meta"]["warmup_s"]) == set(lanes) and result["meta"]["references"]["hf_static"] == "base_ar"
+    assert result["meta"]["config"]["repeats"] == 2 and result["meta"]["config"]["hf_limit"] == 1
+
+
+def test_bench_refuses_an_empty_prompt_file(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert bench.main(["--model", str(tiny_model_dir), "--prompts", str(empty), "--device", "cpu"]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+
+
+def test_summary_measures_each_lane_against_its_own_model_s_ar():
+    """cllm_jacobi against cllm_ar (same model, same text), cllm_ar against base_ar (another model: no text check);
+    the speedup from each prompt's median run, its spread from the runs paired by index."""
+    from decoding.bench_summary import summarise
+
+    def row(tokens, walls, ids):
+        return {"tokens": tokens, "forwards": tokens, "wall_s": sorted(walls)[len(walls) // 2], "walls": walls,
+                "mean_accepted": 1.0, "ids": ids}
+
+    prompts = [{"id": "a", "lanes": {"base_ar": row(10, [1.0, 1.0, 1.0], [1] * 10),
+                                     "cllm_ar": row(8, [0.8, 0.8, 0.8], [2] * 8),
+                                     "cllm_jacobi": row(8, [0.4, 0.2, 0.8], [2] * 8)}}]
+    s = summarise(prompts, ["base_ar", "cllm_ar", "cllm_jacobi"])
+    cj, ca = s["lanes"]["cllm_jacobi"], s["lanes"]["cllm_ar"]
+    assert (cj["reference"], ca["reference"]) == ("cllm_ar", "base_ar")
+    assert cj["speedup"] == pytest.approx(2.0) and cj["speedup_runs"] == pytest.approx([2.0, 4.0, 1.0])
+    assert (cj["speedup_min"], cj["speedup_median"], cj["speedup_max"]) == pytest.approx((1.0, 2.0, 4.0))
+    assert cj["speedup_vs_base_ar"] == pytest.approx(2.0) and ca["speedup"] == pytest.approx(1.0)
+    assert s["exact_match"] == {"cllm_jacobi_vs_cllm_ar": 1.0}
 
 
 def test_bench_rejects_bad_settings(tiny_model_dir, capsys):
@@ -44,7 +99,7 @@ def test_bench_lanes_flag_runs_only_the_lanes_asked_for(tiny_model_dir, tmp_path
                        "--device", "cpu", "--lanes", "base_jacobi", "--out", str(out)])
     assert code == 0
     lanes = json.loads(out.read_text())["summary"]["lanes"]
-    assert list(lanes) == ["base_ar", "base_jacobi"]  # base_ar always runs: it is the speed reference
+    assert list(lanes) == ["base_ar", "base_jacobi"]  # base_ar always runs: it is the reference
 
 
 def test_bench_lanes_flag_rejects_unknown_lanes(tiny_model_dir):
@@ -121,7 +176,7 @@ def test_bench_checks_candidate_ngrams_beside_the_window(tiny_model_dir, tmp_pat
 
 def test_bench_checks_branches_for_the_first_guess_and_writes_gzip(tiny_model_dir, tmp_path):
     """--branches reaches the decodes (same text as AR), is saved with the result, and --out .gz writes gzipped JSON
-    that read_bench and the About tab's label read back."""
+    that read_bench and the About tab's setting words read back."""
     from app import about
 
     prompts = tmp_path / "p.jsonl"
@@ -134,7 +189,7 @@ def test_bench_checks_branches_for_the_first_guess_and_writes_gzip(tiny_model_di
     result = bench.read_bench(out)
     assert result["meta"]["decode"]["branches"] == 3 and result["meta"]["config"]["branches"] == 3
     assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
-    assert "n = 4, 3 branches for the first guess, 24 new tokens" in about.results_markdown([result | {"_file": "r"}])
+    assert about.bench_setting(result["meta"]) == "n = 4, 3 branches for the first guess, 24 new tokens"
     assert bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--device", "cpu",
                        "--engine", "eager", "--lanes", "base_jacobi", "--branches", "2"]) == 2  # fast engine only
 

@@ -194,6 +194,18 @@ def test_interleaved_decodes_fail_loudly(tiny):
         next(first)
 
 
+
+def test_fused_step_runs_only_where_asked_or_on_a_gpu(tiny):
+    """On the CPU the fused step (Triton) is off by default; asked for without a GPU (and without Triton's
+    interpreter) it is refused with the reason. On a GPU it is the default only with CLLM_FUSED_STEP=on."""
+    from decoding import llama_static
+
+    assert StaticLlama(tiny, 64).fused_step is False
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(UnsupportedModel, match="CUDA GPU"):
+            StaticLlama(tiny, 64, fused_step=True)
+    assert llama_static.FUSED_STEP_MAX <= PER_TOKEN_MAX  # the fused step reads the per-token mask as [T, L]
+
 @pytest.mark.parametrize("overrides, reason", [
     ({"attention_bias": True}, "bias"),
     ({"hidden_act": "gelu"}, "silu"),
@@ -252,8 +264,9 @@ def test_gpu_report_formatting_on_synthetic_numbers():
              "kv_bytes": 2e7, "bandwidth_Bps": 6e11, "bandwidth_frac": 0.18, "floor_ms": 0.1} for w in (1, 16)]
     assert "16" in format_widths(rows)
     result = {
-        "summary": {"lanes": {"hf_generate": {"tok_s": 40.0}, "base_ar": {"tok_s": 900.0},
-                              "cllm_jacobi": {"tok_s": 2000.0, "mean_accepted": 2.5}}},
+        "summary": {"lanes": {"hf_generate": {"tok_s": 40.0, "speedup": 40 / 900}, "base_ar": {"tok_s": 900.0},
+                              "cllm_jacobi": {"tok_s": 2000.0, "mean_accepted": 2.5, "reference": "cllm_ar",
+                                              "speedup": 1.8, "speedup_vs_base_ar": 2000 / 900}}},
         "meta": {"decode": {"n": 16}},
         "latency": {"widths": rows, "head_ms": 0.02, "breakdown": [
             {"width": w, **summarise_kernels(kernels, 2)} for w, kernels in (
@@ -265,7 +278,8 @@ def test_gpu_report_formatting_on_synthetic_numbers():
     assert one["by_kind_ms"] == pytest.approx({"matmul": 0.1, "attention": 0.02, "elementwise": 0.005})
     assert [r["name"] for r in one["by_kernel"]] == ["sm90_gemm", "fmha_small", "rms_norm"]
     text = "\n".join(verdicts(result))
-    assert "22.5x model.generate" in text and "window 16" in text and "width 16: 4 kernels" in text
+    assert "22.5x hf_generate" in text and "window 16" in text and "width 16: 4 kernels" in text
+    assert "2.22x fast base AR, 1.80x its own AR (2.50 tokens/forward)" in text
     assert "width 1 -> 16: +0.006 ms, launches 0 -> 1: pad_bias" in text  # the kernel the wider window adds
     assert "width 1 -> 16: +0.001 ms, launches 1 -> 1: sm90_gemm" in text
     for row in rows:  # the CPU reports no graph or floor times: its smoke run must format too
@@ -291,6 +305,26 @@ def test_latency_command_reports_every_width(tmp_path):
     assert result["meta"]["device"] == "cpu" and result["meta"]["command"].startswith("python -m decoding.latency --model")
     args = StaticArgs.from_config(latency.random_config())
     assert (args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.vocab) == (30, 576, 9, 3, 64, 49152)
+    args = StaticArgs.from_config(latency.random_config("llama2-7b"))
+    assert (args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.vocab) == (32, 4096, 32, 32, 128, 32000)
+
+
+def test_latency_compare_reports_both_steps_and_projects_speedups(tmp_path):
+    """--compare measures the unfused and the fused step in one process (on the CPU the fused one says why it cannot
+    run), and projects each window's speedup from the paper's tokens per forward and the measured cost ratio."""
+    from decoding import latency
+    from training.tiny import save_tiny
+
+    out = tmp_path / "latency.json"
+    assert latency.main(["--model", str(save_tiny(tmp_path / "tiny")), "--device", "cpu", "--compare",
+                         "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "CUDA GPU" in result["variants"]["fused"]["error"] and result["latency"] == result["variants"]["unfused"]
+    assert result["meta"]["commit"] and [p["n"] for p in result["projection"]["unfused"]] == [16, 32]
+    rows = [{"width": 1, "step_ms": 2.0, "graph_ms": 1.0}, {"width": 16, "step_ms": 2.5, "graph_ms": 1.5}]
+    (p,) = latency.projection(rows)
+    assert p["cost_step"] == 1.25 and p["cost_graph"] == 1.5
+    assert p["speedup"]["cllm_high"] == pytest.approx(latency.PAPER_TOKENS_PER_FORWARD["cllm_high"] / 1.25)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -311,6 +345,45 @@ def test_candidate_ngrams_keep_the_ar_text(tiny, prompt, n, max_new, count, leng
         kept = min(it.accepted, len(trace.tokens) - it.start)  # the last pass may overshoot the budget (trimmed)
         assert it.outputs[:kept] == trace.tokens[it.start:it.start + kept]
         assert all(it.window[j] == it.outputs[j - 1] for j in range(1, it.accepted))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt=st.lists(st.integers(0, 12), min_size=1, max_size=40),  # a small alphabet: the text repeats itself
+    n=st.integers(1, 24),
+    max_new=st.integers(1, 64),
+)
+def test_prompt_lookup_keeps_the_ar_text(tiny, prompt, n, max_new):
+    """Prompt lookup (tokens copied from the text after its last bigram, verified in one pass) gives the AR text token
+    for token on both engines (float32); a pass feeds the last token and what the lookup copied, at most n tokens."""
+    from decoding import lookup_decode
+    from decoding.decoders import ContextLookup
+
+    cfg = DecodeConfig(max_new_tokens=max_new, n=n)
+    ref = run(ar_decode, tiny, prompt, cfg).tokens
+    for engine in ("eager", "fast"):
+        trace = run(lookup_decode, tiny, prompt, cfg, engine=engine)
+        assert trace.method == "lookup" and trace.tokens == ref
+        lookup = ContextLookup(prompt)
+        for it in trace.iterations:
+            assert it.window[1:] == lookup.guesses(trace.tokens[:it.start], [], min(n - 1, max_new - it.start))
+            kept = min(it.accepted, len(trace.tokens) - it.start)
+            assert it.outputs[:kept] == trace.tokens[it.start:it.start + kept]
+            assert all(it.window[j] == it.outputs[j - 1] for j in range(1, it.accepted))
+    assert run(lookup_decode, tiny, prompt, DecodeConfig(max_new_tokens=max_new, n=1), engine="fast").forwards == len(ref)
+
+
+def test_prompt_lookup_accepts_right_copies_whole(tiny, monkeypatch):
+    """Where the copies are right (a lookup that knows the AR text), a pass gains all of them and the token after:
+    11 tokens a forward at n = 11, on both engines, the cache kept only for the accepted tokens."""
+    from decoding import decoders, lookup_decode
+
+    prompt = [3, 4, 5, 6, 7]
+    ref = run(ar_decode, tiny, prompt, DecodeConfig(max_new_tokens=45)).tokens
+    monkeypatch.setattr(decoders.ContextLookup, "guesses", lambda self, answer, carried, count: ref[len(answer):][:count])
+    for engine in ("eager", "fast"):
+        trace = run(lookup_decode, tiny, prompt, DecodeConfig(max_new_tokens=45, n=11), engine=engine)
+        assert trace.tokens == ref and [it.accepted for it in trace.iterations] == [11, 11, 11, 11]
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -246,3 +246,30 @@ def test_training_on_two_processes(tmp_path, mode):
                           timeout=120, env=env | {"PROBE_LONE_LIMIT": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((lone / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
+
+
+def test_resume_says_when_there_is_nothing_to_resume_and_refuses_a_corrupt_or_other_checkpoint(tmp_path, capsys):
+    folder, prompts, _ = tiny_inputs(tmp_path)
+    traj, run_dir = tmp_path / "traj", tmp_path / "run"
+    collect.main(["--model", str(folder), "--prompts", str(prompts), "--out", str(traj), "--n", "4",
+                  "--max-new-tokens", "12", "--batch", "5", "--device", "cpu"])
+    common = ["--model", str(folder), "--data", str(traj), "--out", str(run_dir), "--lora-rank", "4", "--lora-alpha", "8",
+              "--batch", "4", "--max-steps", "3", "--log-every", "1", "--device", "cpu", "--save-every", "1"]
+    train.main(common + ["--max-minutes", "0.00001", "--resume", "true"])  # nothing to resume yet: says so, stops at 1
+    assert "no checkpoint" in capsys.readouterr().out
+    log = run_dir / "log.jsonl"
+    with log.open("a") as fh:  # a row the stopped run wrote after its checkpoint (as a run killed mid-way leaves)
+        fh.write(json.dumps({"step": 2, "loss": 9.9}) + "\n")
+    with pytest.raises(SystemExit, match="--lora-rank 4, this run asks for 8"):
+        train.main([*common[:7], "8", *common[8:], "--resume", "true"])
+    train.main(common + ["--resume", "true"])
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] != 9.9 for r in rows)
+    (run_dir / "checkpoint" / "trainer_state.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="incomplete or corrupt"):
+        train.main(common + ["--resume", "true"])
+    (run_dir / "checkpoint" / "trainer_state.json").write_text(json.dumps({"step": 1, "max_steps": 3}))
+    for weights in (run_dir / "checkpoint").glob("*.safetensors"):
+        weights.write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="could not resume"):
+        train.main(common + ["--resume", "true"])

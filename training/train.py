@@ -125,11 +125,49 @@ def load_references(s: TrainSettings, tokenizer) -> list:
     return pairs
 
 
-def save_checkpoint(accelerator, out: Path, step: int, total: dict) -> None:
+def save_checkpoint(accelerator, out: Path, step: int, total: dict, s: TrainSettings) -> None:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(out / "checkpoint"))
     if accelerator.is_main_process:
-        (out / "checkpoint" / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": total["steps"]}))
+        state = {"step": step, "max_steps": total["steps"], "lora_rank": s.lora_rank}
+        (out / "checkpoint" / "trainer_state.json").write_text(json.dumps(state))
+
+
+def resume_state(out: Path, s: TrainSettings, say) -> dict | None:
+    """The checkpoint's trainer state for --resume, or None (said) when there is none to resume from. Stops with a
+    message when the checkpoint is unreadable or was trained with another adapter shape than this run's."""
+    folder = out / "checkpoint"
+    if not folder.exists():
+        say(f"--resume: no checkpoint in {folder}: starting from step 0")
+        return None
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        step, max_steps = int(state["step"]), int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"the checkpoint in {folder} is incomplete or corrupt ({type(exc).__name__}: {exc}): "
+                         "delete it to start again, or give another --out") from None
+    if state.get("lora_rank", s.lora_rank) != s.lora_rank:
+        raise SystemExit(f"the checkpoint in {folder} was trained with --lora-rank {state['lora_rank']}, this run asks "
+                         f"for {s.lora_rank}: resume with the same rank, or give another --out")
+    return {"step": step, "max_steps": max_steps}
+
+
+def load_checkpoint(accelerator, out: Path) -> None:
+    """accelerator.load_state, with a message instead of a traceback when the files do not fit the model."""
+    try:
+        accelerator.load_state(str(out / "checkpoint"))
+    except Exception as exc:  # torch, safetensors and accelerate each raise their own error types
+        raise SystemExit(f"could not resume from {out / 'checkpoint'} ({type(exc).__name__}: {str(exc)[:300]}): "
+                         "it is corrupt or from another model or --lora-rank; delete it or give another --out") from None
+
+
+def drop_log_rows_after(path: Path, step: int) -> None:
+    """Keep the log rows up to the checkpoint's step: a resumed run writes the later steps again."""
+    if path.exists():
+        rows = path.read_text().splitlines()
+        kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+        if len(kept) != len(rows):
+            path.write_text("".join(r + "\n" for r in kept))
 
 
 def is_lora(s: TrainSettings) -> bool:
@@ -276,10 +314,12 @@ def main(argv=None) -> None:
     step, auto_steps = 0, bool(s.budget_minutes and not s.max_steps)
     if auto_steps:  # at least the timed steps (the schedule runs on this provisional total until they are timed)
         total["steps"] = max(by_epochs, BUDGET_WARMUP + BUDGET_TIMED + 1)
-    if s.resume and (out / "checkpoint").exists():
-        state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    state = resume_state(out, s, accelerator.print) if s.resume else None
+    if state:
         step, total["steps"], auto_steps = state["step"], state["max_steps"], False
-        accelerator.load_state(str(out / "checkpoint"))
+        load_checkpoint(accelerator, out)
+        if accelerator.is_main_process:
+            drop_log_rows_after(out / "log.jsonl", step)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_settings(s, out / "train_settings.json", samples=len(samples), collected=collected, loop_anchored=anchored,
@@ -380,7 +420,7 @@ def train_loop(accelerator, parts, data, s, out, step, total, auto_steps, tokens
         # Each process has its own clock: all stop when the first one runs out of time.
         out_of_time = agree(accelerator, bool(s.max_minutes) and (time.perf_counter() - t_start) / 60 > s.max_minutes) > 0
         if step % s.save_every == 0 or out_of_time or step == total["steps"]:
-            save_checkpoint(accelerator, out, step, total)
+            save_checkpoint(accelerator, out, step, total, s)
             if s.keep_adapters and step < total["steps"]:
                 save_final(accelerator, model, None, s, out, {"step": step, **last}, suffix=f"-step{step}")
         if out_of_time:

@@ -1,0 +1,219 @@
+"""The fused step: one Llama block as five Triton kernels, for windows of up to 32 tokens on a GPU.
+
+A narrow window's forward is bound by kernel launches and small kernels, not by arithmetic or bytes: the unfused
+block runs about eighteen kernels (the norms, RoPE, the cache writes, SiLU and the residual adds each apart from the
+four projections and attention). Here a block is five:
+
+1. ``_norm_qkv_rope``: RMSNorm, the q|k|v projection, RoPE on q and k, and K, V written into the cache at their slots;
+2. ``_attention``: softmax(q k^T / sqrt(D) + bias) v over the first L cache entries, a program per (token, KV head);
+3. ``_linear_residual``: the output projection plus the residual;
+4. ``_norm_gate_up``: RMSNorm, the gate|up projection and silu(gate) * up;
+5. ``_linear_residual``: the down projection plus the residual.
+
+The projections are GEMVs of a few rows: a program computes BN output features for every token of the window (padded
+to 16 or 32 rows for tl.dot), reading its rows of the weight once. Rounding follows the unfused step: a projection's
+output is rounded to the model's dtype before RoPE and SiLU, as the unfused kernels round it; a float32 model
+multiplies in true float32 (no TF32), so its text stays the eager model's, token for token.
+
+Importing this module needs Triton; ``llama_static`` imports it only where the fused step can run.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BN = 16  # output features a program computes (tl.dot's smallest N)
+BL = 64  # keys an attention program reads per iteration
+LAUNCH = {"bk_max": 256, "num_warps": 4, "num_stages": 3}  # the projections' launch settings (widest K block)
+
+
+def unsupported(head_dim: int) -> str | None:
+    """None when the kernels fit a head size, else why not (RoPE pairs BN columns of each half of a head)."""
+    if head_dim % (2 * BN) or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two and a multiple of {2 * BN}"
+    return None
+
+
+def block_k(k: int) -> int:
+    """Columns a projection program reads per iteration: a power of two from 64 to LAUNCH["bk_max"], the fewest
+    iterations over ``k`` (the last one masked where it does not divide)."""
+    return max(64, min(LAUNCH["bk_max"], triton.next_power_of_2(k)))
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # float32 models: true float32 products, as the eager model's (tl.dot would use TF32)
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, row_ok, T, DIM, eps,
+                   BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """rms_norm(x) [T, DIM] times weight rows ``rows_a`` and ``rows_b`` of w [*, DIM]: two [BT, BN] fp32 tiles."""
+    rt = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    t_ok = rt[:, None] < T
+    sumsq = tl.zeros((BT,), tl.float32)
+    for k0 in range(0, DIM, BK):
+        cols = k0 + rk
+        x = tl.load(x_ptr + rt[:, None] * DIM + cols[None, :], mask=t_ok & (cols[None, :] < DIM), other=0.0)
+        x = x.to(tl.float32)
+        sumsq += tl.sum(x * x, axis=1)
+    rstd = tl.rsqrt(sumsq / DIM + eps)
+    acc_a = tl.zeros((BT, BN), tl.float32)
+    acc_b = tl.zeros((BT, BN), tl.float32)
+    for k0 in range(0, DIM, BK):
+        cols = k0 + rk
+        k_ok = cols < DIM
+        x = tl.load(x_ptr + rt[:, None] * DIM + cols[None, :], mask=t_ok & k_ok[None, :], other=0.0)
+        nw = tl.load(nw_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
+        h = (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x.dtype)  # rounded once, as F.rms_norm's kernel
+        w_ok = row_ok[:, None] & k_ok[None, :]
+        wa = tl.load(w_ptr + rows_a[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+        wb = tl.load(w_ptr + rows_b[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+        acc_a += _dot(h, tl.trans(wa), IEEE)
+        acc_b += _dot(h, tl.trans(wb), IEEE)
+    return acc_a, acc_b
+
+
+@triton.jit(do_not_specialize=["T"])
+def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, T, DIM, eps, max_len,
+                   H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, IEEE: tl.constexpr):
+    """Program p: BN columns d of the first half of head p // PARTS (q heads, then k, then v) and the same columns
+    of its second half, so that RoPE's pairs (d, d + D/2) meet in one program."""
+    PARTS: tl.constexpr = D // 2 // BN
+    head = tl.program_id(0) // PARTS
+    d = (tl.program_id(0) % PARTS) * BN + tl.arange(0, BN)
+    rows_a = head * D + d
+    rows_b = rows_a + D // 2
+    a, b = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, d < D, T, DIM, eps, BT, BN, BK, IEEE)
+    dtype = q_ptr.dtype.element_ty
+    a = a.to(dtype).to(tl.float32)  # the projection's output, rounded as the unfused GEMM rounds it
+    b = b.to(dtype).to(tl.float32)
+    rt = tl.arange(0, BT)
+    t_ok = rt[:, None] < T
+    if head < H + KV:  # q and k: x * cos + rotate_half(x) * sin, the table's sin carrying rotate_half's sign
+        at_a = rt[:, None] * D + d[None, :]
+        ca = tl.load(cos_ptr + at_a, mask=t_ok, other=0.0).to(tl.float32)
+        sa = tl.load(sin_ptr + at_a, mask=t_ok, other=0.0).to(tl.float32)
+        cb = tl.load(cos_ptr + at_a + D // 2, mask=t_ok, other=0.0).to(tl.float32)
+        sb = tl.load(sin_ptr + at_a + D // 2, mask=t_ok, other=0.0).to(tl.float32)
+        a, b = ((a * ca).to(dtype).to(tl.float32) + (b * sa).to(dtype).to(tl.float32),
+                (b * cb).to(dtype).to(tl.float32) + (a * sb).to(dtype).to(tl.float32))
+    if head < H:  # q [T, H*D]
+        out = q_ptr + rt[:, None] * (H * D) + rows_a[None, :]
+    elif head < H + KV:  # the K cache [KV, max_len, D] at each row's slot
+        slot = tl.load(slot_ptr + rt, mask=rt < T, other=0)
+        out = k_ptr + (head - H) * max_len * D + slot[:, None] * D + d[None, :]
+    else:  # the V cache
+        slot = tl.load(slot_ptr + rt, mask=rt < T, other=0)
+        out = v_ptr + (head - H - KV) * max_len * D + slot[:, None] * D + d[None, :]
+    tl.store(out, a.to(dtype), mask=t_ok)
+    tl.store(out + D // 2, b.to(dtype), mask=t_ok)
+
+
+@triton.jit
+def _attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, L, max_len, scale, H: tl.constexpr, KV: tl.constexpr,
+               D: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr, IEEE: tl.constexpr):
+    """Program p: token p // KV against KV head p % KV, its H/KV query heads the rows; online softmax over L keys."""
+    NREP: tl.constexpr = H // KV
+    t = tl.program_id(0) // KV
+    g = tl.program_id(0) % KV
+    r = tl.arange(0, BR)
+    r_ok = (r < NREP)[:, None]
+    dd = tl.arange(0, D)
+    at_q = t * H * D + (g * NREP + r)[:, None] * D + dd[None, :]
+    q = tl.load(q_ptr + at_q, mask=r_ok, other=0.0)
+    m = tl.full((BR,), -1e30, tl.float32)  # finite: a block of masked keys gives exp(-inf) = 0, never NaN
+    total = tl.zeros((BR,), tl.float32)
+    acc = tl.zeros((BR, D), tl.float32)
+    base = g * max_len * D
+    for j0 in range(0, L, BL):
+        j = j0 + tl.arange(0, BL)
+        j_ok = j < L
+        at_kv = base + j[:, None] * D + dd[None, :]
+        k = tl.load(k_ptr + at_kv, mask=j_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * scale
+        s += tl.load(bias_ptr + t * L + j, mask=j_ok, other=float("-inf")).to(tl.float32)[None, :]
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + at_kv, mask=j_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m = m_new
+    tl.store(o_ptr + at_q, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=r_ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, T, N, K, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     IEEE: tl.constexpr):
+    """out [T, N] = res + x [T, K] @ w[N, K]^T, the sum rounded once (as cuBLAS's addmm)."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_ok = rows < N
+    rt = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    t_ok = rt[:, None] < T
+    acc = tl.zeros((BT, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + rk
+        k_ok = cols[None, :] < K
+        x = tl.load(x_ptr + rt[:, None] * K + cols[None, :], mask=t_ok & k_ok, other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
+        acc += _dot(x, tl.trans(w), IEEE)
+    at = rt[:, None] * N + rows[None, :]
+    ok = t_ok & n_ok[None, :]
+    acc += tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _norm_gate_up(x_ptr, nw_ptr, w_ptr, out_ptr, T, DIM, INTER, eps, BT: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, IEEE: tl.constexpr):
+    """out [T, INTER] = silu(gate) * up of rms_norm(x), w = gate|up [2 INTER, DIM]; program p: BN features."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_ok = rows < INTER
+    gate, up = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows, rows + INTER, n_ok, T, DIM, eps, BT, BN, BK, IEEE)
+    dtype = out_ptr.dtype.element_ty
+    gate = gate.to(dtype).to(tl.float32)  # each rounded as the unfused kernels round them
+    up = up.to(dtype).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    rt = tl.arange(0, BT)
+    tl.store(out_ptr + rt[:, None] * INTER + rows[None, :], (act * up).to(dtype),
+             mask=(rt[:, None] < T) & n_ok[None, :])
+
+
+def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+          sin: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor, eps: float, n_heads: int) -> torch.Tensor:
+    """One Llama block on x [T, dim] (T <= llama_static.FUSED_STEP_MAX) -> [T, dim], writing K, V at ``slots`` of the block's caches.
+
+    ``w``: the fused layout's weights (StaticLlama.layers[i]); caches [KV, max_len, D]; cos, sin [T, D] (the rows'
+    RoPE tables, sin signed); slots [T] int64; bias [T, L]: 0 where a row sees a key, -inf elsewhere."""
+    T, dim = x.shape
+    KV, max_len, D = k_cache.shape
+    H = n_heads
+    inter = w["w2"].shape[1]
+    common = dict(BT=16 if T <= 16 else 32, IEEE=x.dtype == torch.float32, num_warps=LAUNCH["num_warps"],
+                  num_stages=LAUNCH["num_stages"])
+    q = torch.empty(T, H * D, device=x.device, dtype=x.dtype)
+    _norm_qkv_rope[((H + 2 * KV) * (D // 2 // BN),)](
+        x, w["attn_norm"], w["wqkv"], cos, sin, slots, q, k_cache, v_cache, T, dim, eps, max_len,
+        H=H, KV=KV, D=D, BN=BN, BK=block_k(dim), **common)
+    o = torch.empty_like(q)
+    L = bias.shape[-1]
+    _attention[(T * KV,)](q, k_cache, v_cache, bias, o, L, max_len, D ** -0.5, H=H, KV=KV, D=D,
+                          BR=max(16, triton.next_power_of_2(H // KV)), BL=BL, IEEE=common["IEEE"], num_warps=4,
+                          num_stages=3)
+    mid = torch.empty_like(x)
+    _linear_residual[(triton.cdiv(dim, BN),)](o, w["wo"], x, mid, T, dim, H * D, BN=BN, BK=block_k(H * D), **common)
+    act = torch.empty(T, inter, device=x.device, dtype=x.dtype)
+    _norm_gate_up[(triton.cdiv(inter, BN),)](mid, w["mlp_norm"], w["w13"], act, T, dim, inter, eps, BN=BN,
+                                             BK=block_k(dim), **common)
+    out = torch.empty_like(x)
+    _linear_residual[(triton.cdiv(dim, BN),)](act, w["w2"], mid, out, T, dim, inter, BN=BN, BK=block_k(inter),
+                                              **common)
+    return out

@@ -1,0 +1,104 @@
+"""The fused step (decoding/fused_step.py: Triton kernels) against the unfused step and transformers, run by Triton's
+interpreter on the CPU in float32: the same logits to rounding, the same K/V in the cache, the same texts token for
+token. Skipped where Triton is not installed; on a GPU the same kernels run compiled (python -m decoding.fastcheck).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from decoding import DecodeConfig, ar_decode, fast, jacobi_decode, run
+from decoding.llama_static import StaticLlama
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def small_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random Llama with heads of 32 (the smallest the kernels take), 2 query heads a KV head, an intermediate size
+    that is no multiple of the kernels' blocks, in float32."""
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=101, hidden_size=128, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, eos_token_id=None,
+                    bos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))
+    return model.to(DEVICE).eval().requires_grad_(False)
+
+
+def in_interpreter(check: str) -> None:
+    """Run ``check`` (a function of this file) here on a GPU, else in a fresh process under Triton's interpreter,
+    which must be switched on before Triton is first imported."""
+    if torch.cuda.is_available():
+        globals()[check]()
+        return
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, __file__, check], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_fused_block_matches_the_unfused_one_and_transformers():
+    in_interpreter("check_block")
+
+
+def test_fused_engine_texts_equal_eager_ar():
+    in_interpreter("check_texts")
+
+
+@torch.no_grad()
+def check_block():
+    """Windows of 1 to 32 tokens after a prompt: logits as transformers' (plain windows) and as the unfused step's
+    (candidate rows, their own masks), and the K/V each writes at its slots, to float32 rounding."""
+    model = small_llama()
+    unfused = StaticLlama(model, 256, fused=True, fused_step=False)
+    fused = StaticLlama(model, 256, fused_step=True)
+    assert fused.fused_step and not unfused.fused_step
+    prompt = torch.randint(0, 101, (10,), device=DEVICE)
+    for m in (unfused, fused):
+        m(prompt, torch.arange(10, device=DEVICE), 64)
+    for T in (1, 5, 16, 17, 32):
+        tokens = torch.randint(0, 101, (T,), device=DEVICE)
+        pos = torch.arange(10, 10 + T, device=DEVICE)
+        got = fused(tokens, pos, 64)
+        unfused(tokens, pos, 64)  # writes the same slots of its own cache
+        want = model(torch.cat([prompt, tokens])[None]).logits[0, 10:]
+        assert torch.allclose(got, want, atol=2e-4, rtol=1e-5), (T, (got - want).abs().max())
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert torch.allclose(fused.k_cache, unfused.k_cache, atol=1e-4)
+        assert torch.allclose(fused.v_cache, unfused.v_cache, atol=1e-4)
+    # a window of 3 and two candidates of 2 anchored at its first slot (slots 10-16): each row's own mask
+    rows = torch.tensor([10, 11, 12, 11, 12, 11, 12], device=DEVICE)
+    slots = torch.arange(10, 17, device=DEVICE)
+    anchors = torch.tensor([10, 11, 12, 10, 10, 10, 10], device=DEVICE)
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2], device=DEVICE)
+    tokens = torch.randint(0, 101, (7,), device=DEVICE)
+    got = fused(tokens, rows, 64, slots=slots, anchors=anchors, groups=groups)
+    want = unfused(tokens, rows, 64, slots=slots, anchors=anchors, groups=groups)
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-5) and torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def check_texts():
+    """The fast engine on the fused step: AR, Jacobi with candidate n-grams and with branches give the eager AR text."""
+    model = small_llama(seed=1)
+    engine = fast.prepare(model, fused_step=True, progress=None)
+    assert engine.model.fused_step
+    prompt = [5, 7, 9, 5, 7, 11, 3, 5, 7]
+    ref = run(ar_decode, model, prompt, DecodeConfig(max_new_tokens=12)).tokens
+    assert run(ar_decode, model, prompt, DecodeConfig(max_new_tokens=12), engine="fast").tokens == ref
+    for extra in ({"candidates": 2, "candidate_len": 3}, {"branches": 2}):
+        cfg = DecodeConfig(max_new_tokens=12, n=4, **extra)
+        assert run(jacobi_decode, model, prompt, cfg, engine="fast").tokens == ref
+    fast.release(model)
+
+
+if __name__ == "__main__":
+    globals()[sys.argv[1]]()
