@@ -84,7 +84,7 @@ def raw_race(url: str, body: str) -> str:
     ('123, 4, 8', "the prompt must be text, not int"),
 ])
 def test_raw_http_with_values_json_allows_gets_a_message_not_a_traceback(values, message):
-    text = raw_race(shared_app().url, '{"data": [' + values + ', 0, 0]}')
+    text = raw_race(shared_app().url, '{"data": [' + values + ', 0, 0, 1]}')  # candidates, branches, rounds
     assert "event: error" in text and message in text and '"error": null' not in text
 
 
