@@ -100,6 +100,8 @@ def speed_label(race: Race, run: LaneRun, num: dict) -> str:
     if num["speedup"] is None:
         return head + "<br>no AR lane to compare with"
     ratio = f"{num['speedup']:.2f}× {plot_text(race.reference(run).lane.label)}"
+    if num["speedup"] < 1:
+        return head + f"<br>{ratio}: slower" + ("" if num["same_text"] else " (another text)")
     if no_gain(num):
         return head + f"<br>{ratio}: not a Jacobi gain"
     if not num["same_text"]:

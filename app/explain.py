@@ -67,6 +67,9 @@ def comparison_sentence(race: Race, run: LaneRun, num: dict) -> str:
                 "(rounding on this device), so the clock ratio compares two different answers.")
     if num["speedup"] is None:
         return f'<span class="jl-ok">✓ Same text as {name}.</span>'
+    if no_gain(num) and num["speedup"] < 1:
+        return (f'<span class="jl-ok">✓ Same text as {name}.</span> It saved almost no passes, and its passes cost '
+                f"more than AR's, so it ran slower: {ratio_phrase(num)} its speed.")
     if no_gain(num):
         return (f'<span class="jl-ok">✓ Same text as {name}.</span> It saved almost no passes, so its clock ratio, '
                 f"{ratio_phrase(num)}, is not a Jacobi gain: it is timing noise, or how this machine runs the two "

@@ -64,6 +64,9 @@ def test_each_jacobi_lane_is_judged_against_the_ar_of_its_own_model():
     assert "is not a Jacobi gain" in line and "1.25× (1.20–1.29 over 3 runs)" in line
     assert "no real gain" in explain.verdict(race)
     assert charts.speed_summary(race).layout.annotations[1].text.endswith("not a Jacobi gain")
+    race.runs[1] = fake_lane("base_jacobi", toks, [1] * 18 + [2], [2.4, 2.5, 2.3])  # no passes saved, and slower
+    assert "It saved almost no passes, and its passes cost more than AR's, so it ran slower: 0.83×" in explain.lane_sentence(race, race.runs[1])
+    assert charts.speed_summary(race).layout.annotations[1].text.endswith("0.83× AR · base model: slower")
     gain = fake_lane("base_jacobi", toks, [2] * 10, [1.0, 1.1, 0.9])  # 2 tokens per pass
     race.runs[1] = gain
     line = explain.lane_sentence(race, gain)

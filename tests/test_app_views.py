@@ -244,7 +244,10 @@ def test_speed_summary_chart(race):
     assert words[0] == "<b>AR · base model</b> · 1.00 tokens/pass<br>the reference"
     jac = nums[3]
     assert words[3].startswith(f"<b>Jacobi · CLLM</b> · {jac['mean_accepted']:.2f} tokens/pass<br>{jac['speedup']:.2f}× AR · CLLM")
-    assert words[3].endswith(": not a Jacobi gain") == (jac["mean_accepted"] < race_mod.GAIN_MIN)
+    if jac["speedup"] < 1:  # (the tiny model's clock decides which)
+        assert words[3].endswith(": slower")
+    else:
+        assert words[3].endswith(": not a Jacobi gain") == (jac["mean_accepted"] < race_mod.GAIN_MIN)
 
 
 def test_convergence_map_window_axis(race):
