@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "Write a haiku about the sea."
+PROMPT = "Count from 1 to 10, separated by commas."  # short, and the CLLM fast-forwards much of it
 # the same flags the browser tests give Debian's Chromium (no sandbox in containers, nothing fetched)
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
