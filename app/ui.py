@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import about, charts, render
+from . import about, render
 from .callbacks import VIEWS, ZEROGPU_TASK_S, Callbacks, header_html, lane_choices
 from .explain import verdict
 from .host import ModelHost, on_zero_gpu
