@@ -38,7 +38,8 @@ HEADLINE = (
 
 LANE_WORDS = {"hf_generate": "transformers' generate (base model)", "base_ar": "AR on the base model",
               "base_jacobi": "Jacobi on the base model", "cllm_ar": "AR on the CLLM", "cllm_jacobi": "Jacobi on the CLLM"}
-PROMPT_SETS = {"heldout.jsonl": "held-out ShareGPT", "prompts.jsonl": "example"}
+PROMPT_SETS = {"heldout.jsonl": "held-out ShareGPT", "prompts_unseen80.jsonl": "unseen MT-bench-style",
+               "prompts.jsonl": "example"}
 
 INTRO = """
 ### What you are looking at
