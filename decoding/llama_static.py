@@ -137,8 +137,8 @@ def project(x: torch.Tensor, w, residual: torch.Tensor | None = None, wx: bool =
     F.linear (or addmm) by default, on every device. With ``wx`` on the CPU, as w @ x.T with a lone token doubled:
     F.linear of one token is a matrix-vector product, which MKL may run on one core (it did on a 2-core AMD EPYC),
     while two columns make it a matrix product on every core. Which form is faster depends on the CPU and the width,
-    by about 2x either way: on that EPYC w @ x.T took 22 ms an AR step and F.linear 38 (width 4: 34 against 57;
-    assets/results/cpu_epyc_2core_fp32_pass_cost_by_width.json); on a 2-core Xeon with AMX F.linear ran AR about
+    by about 2x either way: on that EPYC w @ x.T ran an AR step 1.4x and a 4-token pass 1.7x as fast as F.linear
+    (assets/results/cpu_epyc_2core_fp32_pass_cost_by_width.json); on a 2-core Xeon with AMX F.linear ran AR about
     twice as fast as w @ x.T (engine/cpu_xeon_2core_fp32_heldout20_n4_t256_{wx,auto}.json in
     docs/archive/results-archive.tar.xz). So the fast engine times both forms per window width on the CPU it runs on
     (``FastEngine.tune``).
