@@ -63,7 +63,7 @@ class BenchConfig:
     seed: int = 0  # seed of the initial guesses (the text does not depend on it)
     out: str | None = None  # write the JSON result here (gzipped if it ends in .gz; a long run writes its partial result there every 10 prompts)
     lanes: tuple[str, ...] = ()  # comma-separated lanes, or "all" (default: hf_generate, base_ar, base_jacobi, and cllm_ar, cllm_jacobi with an adapter); the AR lane each is measured against runs too
-    in_thread: bool = False  # time the lanes in a second thread after this one loaded the models, as a web server does (on a CPU, torch's threads serve the first thread that used them fastest)
+    in_thread: bool = False  # build the engines (their CPU tuning), warm up and time the lanes in a second thread after this one loaded the models, as a web server does (on a CPU, torch's threads serve the first thread that used them fastest)
     candidates: int = 0  # candidate n-grams checked beside the Jacobi window in each pass (fast engine; 0: plain Jacobi)
     candidate_len: int | None = None  # tokens per candidate n-gram (default: n-1, as many as the window guesses)
     branches: int = 0  # next likeliest tokens for the window's first guess, each checked beside it in the same pass (fast engine; 0: none)
@@ -181,24 +181,24 @@ def command_line() -> str:
     return " ".join(sys.argv)
 
 
-def run_timed(fn, in_thread: bool) -> None:
-    """fn() here, or in a second thread (re-raising its exception here)."""
+def run_timed(fn, in_thread: bool):
+    """fn() here, or in a second thread (re-raising its exception here); returns its result."""
     if not in_thread:
-        fn()
-        return
-    errors = []
+        return fn()
+    box = {}
 
     def target():
         try:
-            fn()
+            box["result"] = fn()
         except Exception as exc:  # noqa: BLE001 - handed back to the caller's thread
-            errors.append(exc)
+            box["error"] = exc
 
     worker = threading.Thread(target=target, name="bench-lanes")
     worker.start()
     worker.join()
-    if errors:
-        raise errors[0]
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def encoded_prompts(bc: BenchConfig, tokenizer) -> list[dict]:
@@ -246,6 +246,13 @@ def bench(bc: BenchConfig) -> dict:
     base = load_model(bc.model, device=bc.device, dtype=bc.dtype)
     prompts = encoded_prompts(bc, base.tokenizer)
     cllm = load_model(bc.model, adapter=bc.adapter, device=bc.device, dtype=bc.dtype) if bc.adapter else None
+    # The engine (its CPU tuning), the warm-up and the timed runs all on the thread that times the lanes: on a CPU the
+    # faster projection form can differ between the thread that loaded the models and a later one.
+    return run_timed(lambda: tune_and_time(bc, base, cllm, prompts), bc.in_thread)
+
+
+def tune_and_time(bc: BenchConfig, base: LoadedModel, cllm: LoadedModel | None, prompts: list[dict]) -> dict:
+    """Build the engines, warm every lane up and time them on every prompt; the result dict (also written to bc.out)."""
     bc = replace(bc, engine=pick_engine(bc, [lm.model for lm in (base, cllm) if lm is not None]))
     cfg = DecodeConfig(max_new_tokens=bc.max_new_tokens, n=bc.n, init=bc.init, seed=bc.seed, eos_token_ids=base.eos_token_ids,
                        candidates=bc.candidates, candidate_len=bc.candidate_len, branches=bc.branches)
@@ -255,19 +262,17 @@ def bench(bc: BenchConfig) -> dict:
                if lm is not None and bc.engine == "fast"}
     meta = {"config": asdict(bc), "decode": cfg.to_dict(), "env": environment(base.device, base.dtype),
             "command": command_line(), "commit": source_commit(), "adapter_sha256": adapter_sha256(bc.adapter),
-            "warmup_s": warmup_s, "fused_step": engines, "references": {lane: reference(lane, lanes) for lane in lanes}}
+            "warmup_s": warmup_s, "fused_step": engines, "references": {lane: reference(lane, lanes) for lane in lanes},
+            "loadavg": os.getloadavg()}  # the 1, 5 and 15 minute load averages: other work on the CPU
     per_prompt = []
-
-    def timed_lanes():
-        for i, p in enumerate(tqdm(prompts, desc="prompts")):
-            peers = bc.hf_limit is None or i < bc.hf_limit
-            per_prompt.append({"id": p["id"], "category": p["category"], "prompt_tokens": len(p["ids"]),
-                               "lanes": time_prompt(lanes, p["ids"], cfg, bc.repeats, peers)})
-            if bc.out and (i + 1) % PARTIAL_EVERY == 0 and i + 1 < len(prompts):  # kept should the run be cut off
-                write_bench(bc.out, {"meta": meta | {"partial": True}, "prompts": per_prompt,
-                                     "summary": summarise(per_prompt, list(lanes))})
-
-    run_timed(timed_lanes, bc.in_thread)
+    for i, p in enumerate(tqdm(prompts, desc="prompts")):
+        peers = bc.hf_limit is None or i < bc.hf_limit
+        per_prompt.append({"id": p["id"], "category": p["category"], "prompt_tokens": len(p["ids"]),
+                           "lanes": time_prompt(lanes, p["ids"], cfg, bc.repeats, peers)})
+        if bc.out and (i + 1) % PARTIAL_EVERY == 0 and i + 1 < len(prompts):  # kept should the run be cut off
+            write_bench(bc.out, {"meta": meta | {"partial": True}, "prompts": per_prompt,
+                                 "summary": summarise(per_prompt, list(lanes))})
+    meta["loadavg_after"] = os.getloadavg()
     result = {"meta": meta, "prompts": per_prompt, "summary": summarise(per_prompt, list(lanes))}
     if bc.engine == "fast":
         result["latency"] = latency_report(base, bc.n)

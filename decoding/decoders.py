@@ -170,11 +170,11 @@ def _start(session, trace: DecodeTrace) -> float:
     return t0
 
 
-def _stop(trace: DecodeTrace, cfg: DecodeConfig) -> bool:
-    """Trim at EOS or the budget; True when decoding is over."""
-    eos = set(cfg.eos_token_ids)
-    for i, tok in enumerate(trace.tokens):
-        if tok in eos:
+def _stop(trace: DecodeTrace, cfg: DecodeConfig, checked: int = 0) -> bool:
+    """Trim at EOS or the budget; True when decoding is over. ``checked``: how many tokens an earlier call already
+    found free of EOS (each step then looks at its new tokens only, not the whole answer again)."""
+    for i in range(checked, len(trace.tokens)):
+        if trace.tokens[i] in cfg.eos_token_ids:
             del trace.tokens[i + 1 :]
             trace.stop_reason = "eos"
             return True
@@ -199,7 +199,9 @@ def ar_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager", check
     trace = DecodeTrace(method="ar", n=1, prompt_ids=prompt_ids)
     t0 = _start(session, trace)
     yield trace
-    while not _stop(trace, cfg):
+    checked = 0
+    while not _stop(trace, cfg, checked):
+        checked = len(trace.tokens)
         last = trace.tokens[-1]
         tok = session.forward([last])[0]
         trace.iterations.append(
@@ -319,7 +321,8 @@ def jacobi_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager", c
     pool = NgramPool(prompt_ids, cfg.candidate_tokens) if cfg.candidates else None
     guesses = fresh_guesses(cfg, prompt_ids, trace.tokens, [], cfg.n - 1, rng, lookup)
     alternatives: list[int] = []  # the likeliest tokens where guesses[0] came from (guesses[0] first), when cfg.branches
-    while not _stop(trace, cfg):
+    start = 0
+    while not _stop(trace, cfg, start):
         # Guesses past the token budget are wasted work: shrink the window (and the candidates) near the end.
         start = len(trace.tokens)
         budget = cfg.max_new_tokens - start
@@ -374,7 +377,8 @@ def lookup_decode(model, prompt_ids, cfg: DecodeConfig, engine: str = "eager", c
     t0 = _start(session, trace)
     yield trace
     lookup = ContextLookup(prompt_ids)
-    while not _stop(trace, cfg):
+    start = 0
+    while not _stop(trace, cfg, start):
         start = len(trace.tokens)
         copied = lookup.guesses(trace.tokens, [], min(cfg.n - 1, cfg.max_new_tokens - start))
         window = [trace.tokens[-1]] + copied

@@ -18,9 +18,9 @@ The engine is built once per model (``prepare``) and shared by its sessions: one
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -36,7 +36,10 @@ from .llama_static import StaticArgs, StaticLlama, UnsupportedModel
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)  # captured window widths (1 = AR); others pad to the next one
 MIN_BUCKET = 64  # smallest attended key length; buckets double up to the cache length
 
-TUNE_ROUNDS = 2  # CPU projection forms: each width's forward is timed this many times in each form, the best kept
+TUNE_ROUNDS = 3  # CPU projection forms: timed rounds (after an untimed one) of each width's forward in each form
+TUNE_SPREAD = 0.25  # a tuning is kept in tune_file() only if every median is within this share of its best time
+TUNE_VERSION = 2  # in the tune file's keys: choices made by an earlier way of timing (a form's best of two single
+# forwards, kept however busy the CPU was) are not read, but timed again
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # HF model -> FastEngine
 _CPU_WX: dict[tuple, dict[int, bool]] = {}  # (model shape, dtype, threads) -> StaticLlama.cpu_wx, tuned once a process
 TUNE_ENV = "CLLM_CPU_TUNE_FILE"  # where the tuned forms are kept across starts ("off": retime at every start)
@@ -163,10 +166,10 @@ class FastEngine:
     @torch.no_grad()
     def tune(self, progress: Callable[[str], None] | None = _stderr) -> dict[int, bool]:
         """On the CPU, choose each captured width's projection form (F.linear or w @ x.T, ``llama_static.project``):
-        one forward of that width in each form, ``TUNE_ROUNDS`` times, the faster kept. The best form differs between
-        CPUs by about 2x either way. Once a process for each model shape, dtype and thread count, and kept in
-        ``tune_file()`` for later starts on the same CPU and torch (about 5 s saved a start for the 135M model).
-        Nothing on a GPU."""
+        the one whose forward of that width was faster (``time_forms``, ``choose_forms``). The best form differs
+        between CPUs by about 2x either way. Once a process for each model shape, dtype and thread count, and kept
+        in ``tune_file()`` for later starts on the same CPU and torch (several seconds saved a start), unless other
+        work on the CPU disturbed the timings (they are then used by this process only). Nothing on a GPU."""
         if self.device.type != "cpu":
             return {}
         a, m = self.model.args, self.model
@@ -179,19 +182,31 @@ class FastEngine:
         if key not in _CPU_WX:
             if progress:
                 progress(f"fast engine: timing the CPU's projection forms at widths {', '.join(map(str, self.widths))}")
-            best = {W: [math.inf, math.inf] for W in self.widths}  # [F.linear, w @ x.T] seconds
-            for _ in range(TUNE_ROUNDS):
-                for W in self.widths:
-                    # Junk K/V at slots 0..W-1, as the capture's warm-up writes: no sequence is cached yet.
-                    rows = torch.arange(W)
-                    for form in (0, 1):
-                        t0 = time.perf_counter()
-                        self.model(torch.zeros(W, dtype=torch.long), rows, self.plan(0, W)[1], wx=bool(form))
-                        best[W][form] = min(best[W][form], time.perf_counter() - t0)
-            _CPU_WX[key] = {W: wx < linear for W, (linear, wx) in best.items()}
-            _store_forms(key, _CPU_WX[key])
+            _CPU_WX[key], steady = choose_forms(self.time_forms())
+            if steady:
+                _store_forms(key, _CPU_WX[key])
+            elif progress:
+                progress("fast engine: other work on the CPU disturbed the timing of the projection forms; this "
+                         "process uses them, later starts time them again")
         self.model.cpu_wx = dict(_CPU_WX[key])
         return self.model.cpu_wx
+
+    @torch.no_grad()
+    def time_forms(self) -> dict[int, tuple[list[float], list[float]]]:
+        """Seconds of a forward of each captured width in each CPU projection form: width -> (F.linear's,
+        w @ x.T's), ``TUNE_ROUNDS`` each, after an untimed round (first calls pay for allocations), the forms' order
+        swapped from round to round. Writes junk K/V at slots 0..W-1, as the capture's warm-up does: call it before
+        any sequence is cached."""
+        times: dict[int, tuple[list[float], list[float]]] = {W: ([], []) for W in self.widths}
+        for r in range(TUNE_ROUNDS + 1):
+            for W in self.widths:
+                tokens, rows = torch.zeros(W, dtype=torch.long), torch.arange(W)
+                for form in ((1, 0) if r % 2 else (0, 1)):
+                    t0 = time.perf_counter()
+                    self.model(tokens, rows, self.plan(0, W)[1], wx=bool(form))
+                    if r:
+                        times[W][form].append(time.perf_counter() - t0)
+        return times
 
     def _capture(self, W: int, L: int, pool, top: int = 0) -> tuple:
         # The warm-up writes junk KV at positions 0..W-1: harmless, no sequence is cached yet.
@@ -355,6 +370,17 @@ class FastSession:
         self.pos = start + 1 + matched
 
 
+def choose_forms(times: dict[int, tuple[list[float], list[float]]]) -> tuple[dict[int, bool], bool]:
+    """Each width's projection form from ``FastEngine.time_forms``' seconds (width -> (F.linear's, w @ x.T's)): True
+    (w @ x.T) where its best time beats F.linear's. And whether the timings were steady: every form's median within
+    ``TUNE_SPREAD`` of its best. They are not when other processes share the CPU, and then they can rank the forms
+    the wrong way round: on a 2-core CPU F.linear of one token may run on one core (a matrix-vector product), w @ x.T
+    on both, and only the second waits whenever another process holds a core."""
+    forms = {W: min(wx) < min(linear) for W, (linear, wx) in times.items()}
+    steady = all(statistics.median(t) <= (1 + TUNE_SPREAD) * min(t) for pair in times.values() for t in pair)
+    return forms, steady
+
+
 def tune_file() -> Path | None:
     """The file that keeps FastEngine.tune's choices across starts: $CLLM_CPU_TUNE_FILE, else the model cache's
     cpu-projection.json; None when the variable is "off"."""
@@ -378,8 +404,8 @@ def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
 
 def _machine_key(key: tuple) -> str:
     """A tuning's key in the file: the model's shape, dtype, threads and widths, and what else sets the timings,
-    the CPU's name and torch's version (another CPU, or another build, is timed afresh)."""
-    return f"{key} | {cpu_name()} | torch {torch.__version__}"
+    the CPU's name, torch's version and the way of timing (another CPU, build or way is timed afresh)."""
+    return f"{key} | {cpu_name()} | torch {torch.__version__} | tune {TUNE_VERSION}"
 
 
 def _read_tune_file(path: Path) -> dict:

@@ -134,13 +134,14 @@ def project(x: torch.Tensor, w, residual: torch.Tensor | None = None, wx: bool =
     """x [T, in] -> (residual +) x @ w.T [T, out], w [out, in] as stored by nn.Linear (or, on the CPU, a tuple of
     such weights whose outputs are concatenated: the unfused q|k|v and gate|up).
 
-    F.linear (or addmm) by default, on every device. With ``wx`` on the CPU, as w @ x.T with a lone token doubled.
-    Which is faster depends on the CPU and the width, by about 2x either way:
-    - On one 2-core x86 CPU, w @ x.T ran AR at 23.6 ms a forward against the eager engine's (F.linear) 40.4, and
-      Jacobi (n = 16) at 62.5 against 74.5 ms (assets/results/cpu_engine_fast_vs_eager.json).
-    - On another (AVX-512 and AMX), an AR step took 41.1 ms with F.linear and 89.5 with w @ x.T (the latency tables
-      of assets/results/cpu_bench_s20_{auto,wx}_fast_fp32_n4_t256_heldout20.json.gz).
-    So the fast engine times both forms per window width on the CPU it runs on (``FastEngine.tune``).
+    F.linear (or addmm) by default, on every device. With ``wx`` on the CPU, as w @ x.T with a lone token doubled:
+    F.linear of one token is a matrix-vector product, which MKL may run on one core (it did on a 2-core AMD EPYC),
+    while two columns make it a matrix product on every core. Which form is faster depends on the CPU and the width,
+    by about 2x either way: on that EPYC w @ x.T ran an AR step 1.4x and a 4-token pass 1.7x as fast as F.linear
+    (assets/results/cpu_epyc_2core_fp32_pass_cost_by_width.json); on a 2-core Xeon with AMX F.linear ran AR about
+    twice as fast as w @ x.T (engine/cpu_xeon_2core_fp32_heldout20_n4_t256_{wx,auto}.json in
+    docs/archive/results-archive.tar.xz). So the fast engine times both forms per window width on the CPU it runs on
+    (``FastEngine.tune``).
     """
     if wx and x.device.type == "cpu":
         xt = (x.repeat(2, 1) if x.shape[0] == 1 else x).t()

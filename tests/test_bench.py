@@ -147,15 +147,20 @@ def test_bench_in_thread_times_the_lanes_in_a_second_thread(tiny_model_dir, tmp_
 
     def spy(fn, in_thread):
         seen.append(in_thread)
-        return real(lambda: (seen.append(threading.current_thread().name), fn()), in_thread)
+        return real(lambda: (seen.append(threading.current_thread().name), fn())[1], in_thread)
 
     monkeypatch.setattr(bench, "run_timed", spy)
+    tuned_on = []  # the engine's CPU tuning runs on the thread that times the lanes: its best forms can differ
+    real_tune = bench.fast.FastEngine.tune
+    monkeypatch.setattr(bench.fast.FastEngine, "tune",
+                        lambda self, *a, **k: (tuned_on.append(threading.current_thread().name), real_tune(self, *a, **k))[1])
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Hi there"}\n')
     out = tmp_path / "r.json"
     assert bench.main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "8",
-                       "--device", "cpu", "--lanes", "base_jacobi", "--in-thread", "--out", str(out)]) == 0
-    assert seen == [True, "bench-lanes"]
+                       "--device", "cpu", "--lanes", "base_jacobi", "--engine", "fast", "--in-thread", "--out",
+                       str(out)]) == 0
+    assert seen == [True, "bench-lanes"] and tuned_on and set(tuned_on) == {"bench-lanes"}
     result = json.loads(out.read_text())
     assert result["meta"]["config"]["in_thread"] is True and len(result["prompts"]) == 1
     assert result["summary"]["exact_match"]["base_jacobi_vs_base_ar"] == 1.0
