@@ -174,10 +174,12 @@ def latency_report(lm: LoadedModel, n: int) -> dict:
 
 
 def command_line() -> str:
-    """The command that is running, as a user would type it (``python -m decoding.bench ...`` or ``...fastcheck``)."""
+    """The command that is running, as a user would type it: ``python -m decoding.bench ...`` for a module of one of
+    this repository's packages (run with -m, where sys.argv[0] is the module's file path), else the arguments as
+    given."""
     script = Path(sys.argv[0])
-    if script.parent.name == "decoding" and script.suffix == ".py":
-        return " ".join(["python -m decoding." + script.stem, *sys.argv[1:]])
+    if script.suffix == ".py" and (script.parent / "__init__.py").is_file():
+        return " ".join([f"python -m {script.parent.name}.{script.stem}", *sys.argv[1:]])
     return " ".join(sys.argv)
 
 

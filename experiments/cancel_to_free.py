@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from decoding.bench import command_line
+
 ROOT = Path(__file__).resolve().parent.parent
 LONG = "Write a long story about a lighthouse keeper and the sea."
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         proc.wait(30)
     result = {
         "meta": {"what": "job.cancel() of a decoding /race job to the next queued job's first output (embedded model, "
-                         "shipped CLLM, CPU, n=4, 1024 new tokens asked)", "command": " ".join(sys.argv),
+                         "shipped CLLM, CPU, n=4, 1024 new tokens asked)", "command": command_line(),
                  "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "load_average_1min": os.getloadavg()[0]},

@@ -30,8 +30,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from decoding import fast
 from decoding.bench import environment, source_commit
 from decoding.cli import parse

@@ -12,9 +12,10 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from decoding.bench import command_line
 
 ROOT = Path(__file__).resolve().parent.parent
 # (name, a text the line holds): the stages, in the order the app prints them
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     proc.wait(30)
     pip = seen.get("pip_done")
     result = {
-        "meta": {"what": "first start of ./run.sh: fresh venv, empty model cache", "command": " ".join(sys.argv),
+        "meta": {"what": "first start of ./run.sh: fresh venv, empty model cache", "command": command_line(),
                  "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "seconds_since_start": seen,
