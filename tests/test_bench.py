@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +219,15 @@ def test_cpu_name_reads_the_model_name_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(fast.platform, "processor", lambda: "")
     monkeypatch.setattr(fast.platform, "machine", lambda: "arm64")
     assert fast.cpu_name(tmp_path / "missing") == "arm64"
+
+
+def test_the_recorded_command_is_the_one_a_user_types(monkeypatch):
+    """A module run with -m has its file as sys.argv[0]; the result's meta records it as ``python -m package.module``
+    (the bench's, fastcheck's and the experiments' results alike), anything else as given."""
+    root = Path(bench.__file__).resolve().parent.parent
+    monkeypatch.setattr(sys, "argv", [str(root / "decoding" / "bench.py"), "--n", "4"])
+    assert bench.command_line() == "python -m decoding.bench --n 4"
+    monkeypatch.setattr(sys, "argv", [str(root / "experiments" / "cancel_to_free.py"), "--out", "x.json"])
+    assert bench.command_line() == "python -m experiments.cancel_to_free --out x.json"
+    monkeypatch.setattr(sys, "argv", ["tool.py", "-k"])
+    assert bench.command_line() == "tool.py -k"
