@@ -186,8 +186,8 @@ class FastEngine:
             if steady:
                 _store_forms(key, _CPU_WX[key])
             elif progress:
-                progress("fast engine: other work on the CPU disturbed the timing of the projection forms; this "
-                         "process uses them, later starts time them again")
+                progress("fast engine: the projection forms' timings were unsteady (other work on the CPU, or a "
+                         "noisy CPU); this process uses them, later starts time them again")
         self.model.cpu_wx = dict(_CPU_WX[key])
         return self.model.cpu_wx
 
