@@ -144,7 +144,7 @@ def test_cpu_tuning_of_a_busy_cpu_serves_its_process_but_is_not_kept(monkeypatch
     monkeypatch.setattr(fast.FastEngine, "time_forms", lambda engine: busy)
     said = []
     assert fast.FastEngine(model, widths=(1, 2, 8)).tune(progress=said.append) == {1: True, 2: False, 8: True}
-    assert not path.exists() and "disturbed" in said[-1]
+    assert not path.exists() and "unsteady" in said[-1]
     monkeypatch.setattr(fast.FastEngine, "time_forms", steady_times)
     monkeypatch.setattr(fast, "_CPU_WX", {})  # a new process, on an idle CPU
     engine = fast.FastEngine(model, widths=(1, 2, 8))
