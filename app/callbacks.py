@@ -154,12 +154,18 @@ class Callbacks:
             raise gr.Error(str(exc), title="Cannot start the race", print_exception=False) from None
         stopped = self.stops.checker(request.session_hash, number)
         deadline = self.deadline()
-        views, drawn = self.views(race), False
+        views, drawn, shown = self.views(race), False, None
         try:
             for race in self.host.stream(run_race(self.host, race, engine=self.host.engine, stopped=stopped,
                                                   deadline=deadline)):
                 if race.timing and not drawn:  # every lane has run once: draw them while the timed runs go on
                     views, drawn = self.views(race), True
+                if race.timing and race.timing == shown:
+                    # a timed run goes on and nothing on the page changed: send nothing, so that rendering and
+                    # sending frames do not take the CPU from the run being timed
+                    yield (gr.skip(),) * (3 + len(VIEWS))
+                    continue
+                shown = race.timing
                 yield render.board_html(race), running_status(race), race, *views
                 views = (gr.skip(),) * len(VIEWS)
         except torch.OutOfMemoryError:

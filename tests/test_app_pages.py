@@ -1,5 +1,6 @@
 """What the page tells a student, without a browser: fair comparisons in plain sentences, views that always show
 the latest race, special tokens left out, hovers escaped once, the downloads, the shared link and the recorded race."""
+import functools
 import json
 import re
 from html import unescape
@@ -9,7 +10,7 @@ from urllib.parse import parse_qsl
 import gradio as gr
 import pytest
 
-from app import charts, explain, render
+from app import callbacks, charts, explain, render
 from app.callbacks import VIEWS, Callbacks, share_link
 from app.race import LANES, LaneRun, Race, lane_numbers, new_race, run_race
 from app.record import EXAMPLE, race_record, read_example, read_race
@@ -166,6 +167,18 @@ def test_a_race_streams_with_its_views_cleared_then_drawn(cb):
     assert len(drawn) == 1 and "timing run 2 of 2" in drawn[0][0]
     assert "Done." in frames[-1][1] and all(r.status == "done" for r in frames[-1][2].runs)
 
+
+
+def test_timed_runs_send_a_frame_only_when_the_page_changes(cb, monkeypatch):
+    """While the timed runs go on, the board and status change only when another lane's run starts: the steps in
+    between send nothing (every output skipped), so rendering does not take the CPU from the run being timed."""
+    monkeypatch.setattr(callbacks, "run_race", functools.partial(run_race, stream_every=0.0))  # a frame every step
+    frames = list(cb.race_stream("1, 2", 8, 12, "random", 0, 0, ["base_ar", "base_jacobi"], 3, 1,
+                                 SimpleNamespace(session_hash="s")))
+    quiet = [f for f in frames if all(x == gr.skip() for x in f)]
+    timing = [f[1] for f in frames if f[1] != gr.skip() and "timing run" in f[0]]
+    assert quiet and len(timing) == 4  # one frame per timed run: rounds 2 and 3, two lanes each
+    assert "Done." in frames[-1][1] and all(len(r.walls) == 3 for r in frames[-1][2].runs)
 
 def test_the_race_file_reads_back_and_the_charts_page_needs_no_network(host, cb):
     race = raced(host, XSS)
