@@ -25,13 +25,12 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from decoding import fast
-from decoding.bench import environment, source_commit
+from decoding.bench import command_line, environment, run_timed, source_commit
 from decoding.cli import parse
 from decoding.decoders import DecodeConfig, ar_decode, jacobi_decode, run
 from decoding.models import DEFAULT_SPEC, load_model
@@ -187,24 +186,6 @@ def measure(model, engine, prompts, pc: PassCostConfig, eos, tuned) -> dict:
     return result
 
 
-def in_worker(fn):
-    """fn() on a fresh thread; its result (or its exception, raised here)."""
-    box = {}
-
-    def target():
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
-            box["error"] = exc
-
-    worker = threading.Thread(target=target)
-    worker.start()
-    worker.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
 def format_table(result: dict) -> str:
     lines = []
     for thread, part in result["threads"].items():
@@ -219,7 +200,7 @@ def format_table(result: dict) -> str:
             ratio = f"{by[(w, 'tuned')]['ms'] / one['ms']:.2f}" if one and (w, "tuned") in by else ""
             lines.append(f"{w:>5} {cells}   {ratio}")
         for t in part["tunings"]:
-            lines.append(f"engine's timing of the forms: {'steady' if t['steady'] else 'disturbed'}, w @ x.T at widths "
+            lines.append(f"engine's timing of the forms: {'steady' if t['steady'] else 'unsteady'}, w @ x.T at widths "
                          f"{', '.join(W for W, v in t['wx'].items() if v) or 'none'}")
         for name, r in part.get("loops", {}).items():
             lines.append(f"{name:>6}: {r['passes']} passes, {r['tokens_per_pass']:.3f} tok/pass; ms a pass: decode "
@@ -239,9 +220,9 @@ def main(argv=None) -> int:
     threads = {}
     for thread in pc.threads:
         work = lambda: measure(lm.model, engine, prompts, pc, lm.eos_token_ids, tuned)  # noqa: E731
-        threads[thread] = work() if thread == "main" else in_worker(work)
+        threads[thread] = run_timed(work, in_thread=thread == "worker")
     result = {
-        "meta": {"config": asdict(pc), "command": " ".join(["python -m experiments.cpu_pass_cost", *sys.argv[1:]]),
+        "meta": {"config": asdict(pc), "command": command_line(),
                  "commit": source_commit(), "env": environment(engine.device, lm.dtype),
                  "tuned_wx": {str(w): v for w, v in tuned.items()}, "tune_file": str(fast.tune_file()),
                  "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
