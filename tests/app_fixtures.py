@@ -22,6 +22,7 @@ from app.host import ModelHost
 from decoding import LoadedModel
 
 ROOT = Path(__file__).resolve().parent.parent
+XSS = "<img src=x onerror=alert(1)>"  # a prompt that would run script if any view rendered it as HTML
 CORPUS = [
     "The cat sat on the mat and purred.", "def reverse(s): return s[::-1]", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
     "Write a haiku about the sea.", "héllo wörld, ça va? 中文 🌊 <b>&amp;</b>", "A train travels 120 km in 1.5 hours.",

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from app_fixtures import shared_app
+from app_fixtures import XSS, shared_app
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(__file__).resolve().parent.parent / "screenshots"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-XSS = "<img src=x onerror=alert(1)>"
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 

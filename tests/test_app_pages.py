@@ -18,9 +18,8 @@ from app.text import END_MARK, Detokenizer
 from app.ui import build_demo
 from decoding import DecodeConfig, DecodeTrace, Iteration
 
-from app_fixtures import TinyHost
+from app_fixtures import XSS, TinyHost
 
-XSS = "<img src=x onerror=alert(1)>"
 
 
 @pytest.fixture(scope="module")

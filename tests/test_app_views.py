@@ -13,9 +13,8 @@ from app.race import LaneRun, Race, LANES, new_race, run_race
 from app.text import Detokenizer
 from decoding import DecodeConfig, DecodeTrace, Iteration
 
-from app_fixtures import TinyHost
+from app_fixtures import XSS, TinyHost
 
-XSS = "<img src=x onerror=alert(1)>"
 
 
 @pytest.fixture(scope="module")
