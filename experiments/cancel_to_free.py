@@ -12,27 +12,14 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from decoding.bench import command_line
+from decoding.bench import command_line, source_commit
+from experiments.serve import free_port, start_app
 
-ROOT = Path(__file__).resolve().parent.parent
 LONG = "Write a long story about a lighthouse keeper and the sea."
-
-
-def start_app(port: int) -> subprocess.Popen:
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--race-budget-s", "0"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "Running on local URL" in line:
-            return proc
-    raise RuntimeError("the app did not start")
 
 
 def cancel_once(client) -> float:
@@ -58,10 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start_app(port)
+    port = free_port()
+    proc = start_app(port, "--race-budget-s", "0", echo=False)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         times = [round(cancel_once(client), 3) for _ in range(args.repeats)]
@@ -71,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "meta": {"what": "job.cancel() of a decoding /race job to the next queued job's first output (embedded model, "
                          "shipped CLLM, CPU, n=4, 1024 new tokens asked)", "command": command_line(),
-                 "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+                 "commit": source_commit(),
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "load_average_1min": os.getloadavg()[0]},
         "seconds": times, "median_s": statistics.median(times), "max_s": max(times),

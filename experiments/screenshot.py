@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from experiments.serve import free_port, start_app
+
 PROMPT = "Count from 1 to 10, separated by commas."  # short, and the CLLM fast-forwards much of it
 # the same flags the browser tests give Debian's Chromium (no sandbox in containers, nothing fetched)
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,25 +26,6 @@ DONE_JS = ("(p) => { const e = document.querySelector('#jl-board .jl-prompt-echo
            " return e !== null && e.textContent.includes(p) && l.length > 0"
            " && [...l].every(x => x.dataset.status === 'done')"
            " && r !== null && r.textContent.includes(p.slice(0, 30)); }")
-
-
-def start_app(port: int) -> subprocess.Popen:
-    """The app on ``port``, returned once it serves (its output goes on to this process's stderr)."""
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        sys.stderr.write(line)
-        if "Running on local URL" in line:  # keep draining its output, so a full pipe never blocks it
-            threading.Thread(target=lambda: [sys.stderr.write(rest) for rest in proc.stdout], daemon=True).start()
-            return proc
-    raise RuntimeError("the app ended before it served")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def set_slider(page, elem_id: str, value: int) -> None:
@@ -109,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     ap.add_argument("--out", default="docs/images/race.png")
     args = ap.parse_args(argv)
-    proc = None if args.url else start_app(free_port())
+    port = None if args.url else free_port()
+    proc = None if args.url else start_app(port)
     try:
-        url = args.url or f"http://127.0.0.1:{proc.args[-1]}/"
+        url = args.url or f"http://127.0.0.1:{port}/"
         png = shrink(capture(url, args), args.max_height)
     finally:
         if proc is not None:
