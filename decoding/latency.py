@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .bench import source_commit
+from .bench import FUSED_STEPS, source_commit
 from .fast import FastEngine
 from .llama_static import UnsupportedModel
 
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on the CPU by default")
     ap.add_argument("--n", type=int, default=16, help="the Jacobi window whose step is broken down beside the AR step")
     ap.add_argument("--max-len", type=int, default=1024, help="the engine's cache length (the widths attend to 512 keys)")
-    ap.add_argument("--fused-step", choices=("auto", "on", "off"), default="auto",
+    ap.add_argument("--fused-step", choices=tuple(FUSED_STEPS), default="auto",
                     help="windows of up to 32 tokens as Triton kernels (auto: where Triton runs them and "
                          "CLLM_FUSED_STEP=on)")
     ap.add_argument("--compare", action="store_true", help="the unfused step, then the fused one, in this process")
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
         from .models import load_model
 
         model = load_model(a.model, device=a.device, dtype=dtype).model
-    steps = {"unfused": False, "fused": True} if a.compare else {a.fused_step: {"auto": None, "on": True, "off": False}[a.fused_step]}
+    steps = {"unfused": False, "fused": True} if a.compare else {a.fused_step: FUSED_STEPS[a.fused_step]}
     variants = {name: measure(model, a.n, flag, a.max_len) for name, flag in steps.items()}
     ran = {name: lat for name, lat in variants.items() if "error" not in lat}
     if not ran:
