@@ -25,7 +25,9 @@ import triton.language as tl
 
 BN = 16  # output features a program computes (tl.dot's smallest N)
 BL = 64  # keys an attention program reads per iteration
-LAUNCH = {"bk_max": 256, "num_warps": 4, "num_stages": 3}  # the projections' launch settings (widest K block)
+# The projections' launch settings (widest K block, warps, pipeline stages) by element size: float32 tiles take twice
+# the shared memory, so they read half the columns per iteration and keep two stages (under the H100's 227 KiB a block)
+LAUNCH = {2: {"bk_max": 256, "num_warps": 4, "num_stages": 3}, 4: {"bk_max": 128, "num_warps": 4, "num_stages": 2}}
 
 
 def unsupported(head_dim: int) -> str | None:
@@ -35,10 +37,10 @@ def unsupported(head_dim: int) -> str | None:
     return None
 
 
-def block_k(k: int) -> int:
-    """Columns a projection program reads per iteration: a power of two from 64 to LAUNCH["bk_max"], the fewest
+def block_k(k: int, bk_max: int) -> int:
+    """Columns a projection program reads per iteration: a power of two from 64 to ``bk_max``, the fewest
     iterations over ``k`` (the last one masked where it does not divide)."""
-    return max(64, min(LAUNCH["bk_max"], triton.next_power_of_2(k)))
+    return max(64, min(bk_max, triton.next_power_of_2(k)))
 
 
 @triton.jit
@@ -197,23 +199,25 @@ def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor
     KV, max_len, D = k_cache.shape
     H = n_heads
     inter = w["w2"].shape[1]
-    common = dict(BT=16 if T <= 16 else 32, IEEE=x.dtype == torch.float32, num_warps=LAUNCH["num_warps"],
-                  num_stages=LAUNCH["num_stages"])
+    launch = LAUNCH[x.element_size()]
+    bk = lambda k: block_k(k, launch["bk_max"])  # noqa: E731
+    common = dict(BT=16 if T <= 16 else 32, IEEE=x.dtype == torch.float32, num_warps=launch["num_warps"],
+                  num_stages=launch["num_stages"])
     q = torch.empty(T, H * D, device=x.device, dtype=x.dtype)
     _norm_qkv_rope[((H + 2 * KV) * (D // 2 // BN),)](
         x, w["attn_norm"], w["wqkv"], cos, sin, slots, q, k_cache, v_cache, T, dim, eps, max_len,
-        H=H, KV=KV, D=D, BN=BN, BK=block_k(dim), **common)
+        H=H, KV=KV, D=D, BN=BN, BK=bk(dim), **common)
     o = torch.empty_like(q)
     L = bias.shape[-1]
     _attention[(T * KV,)](q, k_cache, v_cache, bias, o, L, max_len, D ** -0.5, H=H, KV=KV, D=D,
                           BR=max(16, triton.next_power_of_2(H // KV)), BL=BL, IEEE=common["IEEE"], num_warps=4,
                           num_stages=3)
     mid = torch.empty_like(x)
-    _linear_residual[(triton.cdiv(dim, BN),)](o, w["wo"], x, mid, T, dim, H * D, BN=BN, BK=block_k(H * D), **common)
+    _linear_residual[(triton.cdiv(dim, BN),)](o, w["wo"], x, mid, T, dim, H * D, BN=BN, BK=bk(H * D), **common)
     act = torch.empty(T, inter, device=x.device, dtype=x.dtype)
     _norm_gate_up[(triton.cdiv(inter, BN),)](mid, w["mlp_norm"], w["w13"], act, T, dim, inter, eps, BN=BN,
-                                             BK=block_k(dim), **common)
+                                             BK=bk(dim), **common)
     out = torch.empty_like(x)
-    _linear_residual[(triton.cdiv(dim, BN),)](act, w["w2"], mid, out, T, dim, inter, BN=BN, BK=block_k(inter),
+    _linear_residual[(triton.cdiv(dim, BN),)](act, w["w2"], mid, out, T, dim, inter, BN=BN, BK=bk(inter),
                                               **common)
     return out
