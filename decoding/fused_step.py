@@ -5,8 +5,10 @@ block runs about eighteen kernels (the norms, RoPE, the cache writes, SiLU and t
 four projections and attention). Here a block is five:
 
 1. ``_norm_qkv_rope``: RMSNorm, the q|k|v projection, RoPE on q and k, and K, V written into the cache at their slots;
-2. ``_attention``: softmax(q k^T / sqrt(D) + bias) v over the first L cache entries, a program per (token, KV head);
-3. ``_linear_residual``: the output projection plus the residual;
+2. ``_attention``: softmax(q k^T / sqrt(D) + bias) v over the first L cache entries, a program per (token, KV head)
+   and part of the keys (a single token's attention to a few KV heads would otherwise occupy a few of the card's
+   multiprocessors, each reading every key; ``key_splits``);
+3. ``_linear_residual``: the output projection plus the residual, combining the attention's parts as it reads them;
 4. ``_norm_gate_up``: RMSNorm, the gate|up projection and silu(gate) * up;
 5. ``_linear_residual``: the down projection plus the residual.
 
@@ -25,6 +27,9 @@ import triton.language as tl
 
 BN = 16  # output features a program computes (tl.dot's smallest N)
 BL = 64  # keys an attention program reads per iteration
+# Attention programs to aim for by splitting the keys (key_splits): None, the card's multiprocessors; 0, no split
+SPLIT_PROGRAMS: int | None = None
+MAX_SPLITS = 16  # the output projection combines the parts in an unrolled loop: a bound on the code it compiles
 # The projections' launch settings (widest K block, warps, pipeline stages) by element size: float32 tiles take twice
 # the shared memory, so they read half the columns per iteration and keep two stages (under the H100's 227 KiB a block)
 LAUNCH = {2: {"bk_max": 256, "num_warps": 4, "num_stages": 3}, 4: {"bk_max": 128, "num_warps": 4, "num_stages": 2}}
@@ -41,6 +46,25 @@ def block_k(k: int, bk_max: int) -> int:
     """Columns a projection program reads per iteration: a power of two from 64 to ``bk_max``, the fewest
     iterations over ``k`` (the last one masked where it does not divide)."""
     return max(64, min(bk_max, triton.next_power_of_2(k)))
+
+
+def key_splits(programs: int, L: int, device: torch.device) -> tuple[int, int]:
+    """(S, keys per part): attention over L keys split into S parts (a power of two up to MAX_SPLITS), so that
+    ``programs`` (tokens x KV heads) times S cover the card's multiprocessors, each part a whole number of BL-key
+    blocks; the output projection combines the parts as it reads them. One part (no split) where the programs fill
+    the card already, where the keys are one block, or where SPLIT_PROGRAMS is 0."""
+    target = SPLIT_PROGRAMS if SPLIT_PROGRAMS is not None else _multiprocessors(device)
+    blocks = triton.cdiv(L, BL)
+    S = min(triton.next_power_of_2(triton.cdiv(target, programs)), triton.next_power_of_2(blocks), MAX_SPLITS)
+    S = S if target else 1
+    chunk = triton.cdiv(blocks, S) * BL
+    return (S, chunk) if S > 1 else (1, L)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 16  # Triton's interpreter (the tests): a few parts, as on a small card
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -118,13 +142,18 @@ def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_pt
     tl.store(out + D // 2, b.to(dtype), mask=t_ok)
 
 
-@triton.jit
-def _attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, L, max_len, scale, H: tl.constexpr, KV: tl.constexpr,
-               D: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr, IEEE: tl.constexpr):
-    """Program p: token p // KV against KV head p % KV, its H/KV query heads the rows; online softmax over L keys."""
+@triton.jit(do_not_specialize=["T", "L", "CHUNK"])
+def _attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, T, L, CHUNK, max_len, scale, H: tl.constexpr,
+               KV: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr, SPLIT: tl.constexpr,
+               IEEE: tl.constexpr):
+    """Program (p, s): token p // KV against KV head p % KV, its H/KV query heads the rows; online softmax over keys
+    s * CHUNK to (s + 1) * CHUNK of the first L. Without SPLIT (one part, s = 0): o [T, H*D], the output. With
+    SPLIT: part s's unnormalised output o [S, T, H*D] (float32), its running maximum m and sum l [S, T, H], for
+    ``_combine`` (a split that holds no key leaves m = -1e30 and l = 0: it weighs nothing there)."""
     NREP: tl.constexpr = H // KV
     t = tl.program_id(0) // KV
     g = tl.program_id(0) % KV
+    s = tl.program_id(1)
     r = tl.arange(0, BR)
     r_ok = (r < NREP)[:, None]
     dd = tl.arange(0, D)
@@ -134,27 +163,57 @@ def _attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, L, max_len, scale, H: tl.co
     total = tl.zeros((BR,), tl.float32)
     acc = tl.zeros((BR, D), tl.float32)
     base = g * max_len * D
-    for j0 in range(0, L, BL):
+    lo = s * CHUNK
+    hi = tl.minimum(lo + CHUNK, L)
+    for j0 in range(lo, hi, BL):
         j = j0 + tl.arange(0, BL)
-        j_ok = j < L
+        j_ok = j < hi
         at_kv = base + j[:, None] * D + dd[None, :]
         k = tl.load(k_ptr + at_kv, mask=j_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * scale
-        s += tl.load(bias_ptr + t * L + j, mask=j_ok, other=float("-inf")).to(tl.float32)[None, :]
-        m_new = tl.maximum(m, tl.max(s, axis=1))
+        sc = _dot(q, tl.trans(k), IEEE) * scale
+        sc += tl.load(bias_ptr + t * L + j, mask=j_ok, other=float("-inf")).to(tl.float32)[None, :]
+        m_new = tl.maximum(m, tl.max(sc, axis=1))
         alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
+        p = tl.exp(sc - m_new[:, None])
         total = total * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + at_kv, mask=j_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m = m_new
-    tl.store(o_ptr + at_q, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=r_ok)
+    if SPLIT:
+        tl.store(o_ptr + s * T * H * D + at_q, acc, mask=r_ok)
+        at_ml = (s * T + t) * H + g * NREP + r
+        tl.store(m_ptr + at_ml, m, mask=r < NREP)
+        tl.store(l_ptr + at_ml, total, mask=r < NREP)
+    else:
+        tl.store(o_ptr + at_q, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=r_ok)
+
+
+@triton.jit
+def _combine(o_ptr, m_ptr, l_ptr, rt, cols, ok, T, K, S: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+             BK: tl.constexpr):
+    """The attention output at rows rt, columns cols of [T, K = H*D] from ``_attention``'s S parts: each part's
+    sum weighed by exp(its maximum - the largest), over the parts' weighed sums of exp. Float32 [BT, BK]."""
+    H = K // D
+    at_ml = rt[:, None] * H + (cols // D)[None, :]
+    at_o = rt[:, None] * K + cols[None, :]
+    top = tl.full((BT, BK), -1e30, tl.float32)
+    for s in tl.static_range(S):
+        top = tl.maximum(top, tl.load(m_ptr + s * T * H + at_ml, mask=ok, other=-1e30))
+    num = tl.zeros((BT, BK), tl.float32)
+    den = tl.zeros((BT, BK), tl.float32)
+    for s in tl.static_range(S):
+        weight = tl.exp(tl.load(m_ptr + s * T * H + at_ml, mask=ok, other=-1e30) - top)
+        num += weight * tl.load(o_ptr + s * T * K + at_o, mask=ok, other=0.0)
+        den += weight * tl.load(l_ptr + s * T * H + at_ml, mask=ok, other=0.0)
+    return num / tl.where(ok, den, 1.0)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, T, N, K, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     IEEE: tl.constexpr):
-    """out [T, N] = res + x [T, K] @ w[N, K]^T, the sum rounded once (as cuBLAS's addmm)."""
+def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, m_ptr, l_ptr, T, N, K, S: tl.constexpr, D: tl.constexpr,
+                     BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """out [T, N] = res + x [T, K] @ w[N, K]^T, the sum rounded once (as cuBLAS's addmm). S > 1: x is the attention
+    output in ``_attention``'s S parts (m_ptr, l_ptr theirs, D the head size), combined as it is read and rounded
+    to the model's dtype, as the unsplit attention rounds its output."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rows < N
     rt = tl.arange(0, BT)
@@ -164,8 +223,11 @@ def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, T, N, K, BT: tl.constexpr, 
     for k0 in range(0, K, BK):
         cols = k0 + rk
         k_ok = cols[None, :] < K
-        x = tl.load(x_ptr + rt[:, None] * K + cols[None, :], mask=t_ok & k_ok, other=0.0)
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
+        if S > 1:
+            x = _combine(x_ptr, m_ptr, l_ptr, rt, cols, t_ok & k_ok, T, K, S, D, BT, BK).to(w.dtype)
+        else:
+            x = tl.load(x_ptr + rt[:, None] * K + cols[None, :], mask=t_ok & k_ok, other=0.0)
         acc += _dot(x, tl.trans(w), IEEE)
     at = rt[:, None] * N + rows[None, :]
     ok = t_ok & n_ok[None, :]
@@ -207,17 +269,24 @@ def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor
     _norm_qkv_rope[((H + 2 * KV) * (D // 2 // BN),)](
         x, w["attn_norm"], w["wqkv"], cos, sin, slots, q, k_cache, v_cache, T, dim, eps, max_len,
         H=H, KV=KV, D=D, BN=BN, BK=bk(dim), **common)
-    o = torch.empty_like(q)
     L = bias.shape[-1]
-    _attention[(T * KV,)](q, k_cache, v_cache, bias, o, L, max_len, D ** -0.5, H=H, KV=KV, D=D,
-                          BR=max(16, triton.next_power_of_2(H // KV)), BL=BL, IEEE=common["IEEE"], num_warps=4,
-                          num_stages=3)
+    S, chunk = key_splits(T * KV, L, x.device)
+    if S == 1:
+        o = m = l = torch.empty_like(q)  # m, l: not read
+    else:
+        o = torch.empty(S, T, H * D, device=x.device, dtype=torch.float32)
+        m = torch.empty(S, T, H, device=x.device, dtype=torch.float32)
+        l = torch.empty_like(m)
+    _attention[(T * KV, S)](q, k_cache, v_cache, bias, o, m, l, T, L, chunk, max_len, D ** -0.5, H=H, KV=KV, D=D,
+                            BR=max(16, triton.next_power_of_2(H // KV)), BL=BL, SPLIT=S > 1, IEEE=common["IEEE"],
+                            num_warps=4, num_stages=3)
     mid = torch.empty_like(x)
-    _linear_residual[(triton.cdiv(dim, BN),)](o, w["wo"], x, mid, T, dim, H * D, BN=BN, BK=bk(H * D), **common)
+    _linear_residual[(triton.cdiv(dim, BN),)](o, w["wo"], x, mid, m, l, T, dim, H * D, S=S, D=D, BN=BN, BK=bk(H * D),
+                                              **common)
     act = torch.empty(T, inter, device=x.device, dtype=x.dtype)
     _norm_gate_up[(triton.cdiv(inter, BN),)](mid, w["mlp_norm"], w["w13"], act, T, dim, inter, eps, BN=BN,
                                              BK=bk(dim), **common)
     out = torch.empty_like(x)
-    _linear_residual[(triton.cdiv(dim, BN),)](act, w["w2"], mid, out, T, dim, inter, BN=BN, BK=bk(inter),
-                                              **common)
+    _linear_residual[(triton.cdiv(dim, BN),)](act, w["w2"], mid, out, act, act, T, dim, inter, S=1, D=D, BN=BN,
+                                              BK=bk(inter), **common)
     return out

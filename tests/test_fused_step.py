@@ -65,13 +65,14 @@ def check_block():
     prompt = torch.randint(0, 101, (10,), device=DEVICE)
     for m in (unfused, fused):
         m(prompt, torch.arange(10, device=DEVICE), 64)
-    for T in (1, 5, 16, 17, 32):
+    for T, L in ((1, 64), (5, 64), (16, 64), (17, 64), (32, 64), (1, 192), (5, 192), (17, 192)):
+        # 192 keys: attention split into parts (fused_step.key_splits), one of them empty for a single token
         tokens = torch.randint(0, 101, (T,), device=DEVICE)
         pos = torch.arange(10, 10 + T, device=DEVICE)
-        got = fused(tokens, pos, 64)
-        unfused(tokens, pos, 64)  # writes the same slots of its own cache
+        got = fused(tokens, pos, L)
+        unfused(tokens, pos, L)  # writes the same slots of its own cache
         want = model(torch.cat([prompt, tokens])[None]).logits[0, 10:]
-        assert torch.allclose(got, want, atol=2e-4, rtol=1e-5), (T, (got - want).abs().max())
+        assert torch.allclose(got, want, atol=2e-4, rtol=1e-5), (T, L, (got - want).abs().max())
         assert torch.equal(got.argmax(-1), want.argmax(-1))
         assert torch.allclose(fused.k_cache, unfused.k_cache, atol=1e-4)
         assert torch.allclose(fused.v_cache, unfused.v_cache, atol=1e-4)
