@@ -30,9 +30,11 @@ BL = 64  # keys an attention program reads per iteration
 # Attention programs to aim for by splitting the keys (key_splits): None, the card's multiprocessors; 0, no split
 SPLIT_PROGRAMS: int | None = None
 MAX_SPLITS = 16  # the output projection combines the parts in an unrolled loop: a bound on the code it compiles
-# The projections' launch settings (widest K block, warps, pipeline stages) by element size. 64 columns over two stages:
-# on an H100, 256 columns over three stages asked 408 KiB of shared memory of bfloat16 tiles (227 KiB a block there)
-LAUNCH = {2: {"bk_max": 64, "num_warps": 4, "num_stages": 2}, 4: {"bk_max": 64, "num_warps": 4, "num_stages": 2}}
+# The projections' columns a program reads per iteration (the last one masked where they do not divide the input),
+# and their launch settings. 64 columns over two stages: on an H100, 256 columns over three stages asked 408 KiB of
+# shared memory of bfloat16 tiles (227 KiB a block there)
+BK = 64
+LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
 def unsupported(head_dim: int) -> str | None:
@@ -40,12 +42,6 @@ def unsupported(head_dim: int) -> str | None:
     if head_dim % (2 * BN) or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two and a multiple of {2 * BN}"
     return None
-
-
-def block_k(k: int, bk_max: int) -> int:
-    """Columns a projection program reads per iteration: a power of two from 64 to ``bk_max``, the fewest
-    iterations over ``k`` (the last one masked where it does not divide)."""
-    return max(64, min(bk_max, triton.next_power_of_2(k)))
 
 
 def key_splits(programs: int, L: int, device: torch.device) -> tuple[int, int]:
@@ -261,14 +257,11 @@ def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor
     KV, max_len, D = k_cache.shape
     H = n_heads
     inter = w["w2"].shape[1]
-    launch = LAUNCH[x.element_size()]
-    bk = lambda k: block_k(k, launch["bk_max"])  # noqa: E731
-    common = dict(BT=16 if T <= 16 else 32, IEEE=x.dtype == torch.float32, num_warps=launch["num_warps"],
-                  num_stages=launch["num_stages"])
+    common = dict(BT=16 if T <= 16 else 32, BK=BK, IEEE=x.dtype == torch.float32, **LAUNCH)
     q = torch.empty(T, H * D, device=x.device, dtype=x.dtype)
     _norm_qkv_rope[((H + 2 * KV) * (D // 2 // BN),)](
         x, w["attn_norm"], w["wqkv"], cos, sin, slots, q, k_cache, v_cache, T, dim, eps, max_len,
-        H=H, KV=KV, D=D, BN=BN, BK=bk(dim), **common)
+        H=H, KV=KV, D=D, BN=BN, **common)
     L = bias.shape[-1]
     S, chunk = key_splits(T * KV, L, x.device)
     if S == 1:
@@ -281,12 +274,11 @@ def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor
                             BR=max(16, triton.next_power_of_2(H // KV)), BL=BL, SPLIT=S > 1, IEEE=common["IEEE"],
                             num_warps=4, num_stages=3)
     mid = torch.empty_like(x)
-    _linear_residual[(triton.cdiv(dim, BN),)](o, w["wo"], x, mid, m, l, T, dim, H * D, S=S, D=D, BN=BN, BK=bk(H * D),
-                                              **common)
+    _linear_residual[(triton.cdiv(dim, BN),)](o, w["wo"], x, mid, m, l, T, dim, H * D, S=S, D=D, BN=BN, **common)
     act = torch.empty(T, inter, device=x.device, dtype=x.dtype)
     _norm_gate_up[(triton.cdiv(inter, BN),)](mid, w["mlp_norm"], w["w13"], act, T, dim, inter, eps, BN=BN,
-                                             BK=bk(dim), **common)
+                                             **common)
     out = torch.empty_like(x)
     _linear_residual[(triton.cdiv(dim, BN),)](act, w["w2"], mid, out, act, act, T, dim, inter, S=1, D=D, BN=BN,
-                                              BK=bk(inter), **common)
+                                              **common)
     return out
