@@ -52,9 +52,9 @@ def key_splits(programs: int, L: int, device: torch.device) -> tuple[int, int]:
     target = SPLIT_PROGRAMS if SPLIT_PROGRAMS is not None else _multiprocessors(device)
     blocks = triton.cdiv(L, BL)
     S = min(triton.next_power_of_2(triton.cdiv(target, programs)), triton.next_power_of_2(blocks), MAX_SPLITS)
-    S = S if target else 1
-    chunk = triton.cdiv(blocks, S) * BL
-    return (S, chunk) if S > 1 else (1, L)
+    if not target or S == 1:
+        return 1, L
+    return S, triton.cdiv(blocks, S) * BL
 
 
 def _multiprocessors(device: torch.device) -> int:
