@@ -182,9 +182,11 @@ def eval_row(data: dict) -> dict | None:
 def headline_rows(items=HEADLINE, root: Path = ROOT) -> list[dict]:
     """The rows of the headline table, in ``items``' order; a file that is missing, unreadable or of an unknown kind
     is left out."""
-    rows = []
+    rows, files = [], {}
     for item in items:
-        data = read_result(root / item.path)
+        if item.path not in files:  # several rows may come from one file: it is read once
+            files[item.path] = read_result(root / item.path)
+        data = files[item.path]
         row = None if data is None else eval_row(data) if "cllm" in data else bench_row(data, item)
         if row is not None:
             rows.append(row | {"file": item.path})
