@@ -1,8 +1,8 @@
 """The fused step: one Llama block as five Triton kernels, for windows of up to 32 tokens on a GPU.
 
-A narrow window's forward is bound by kernel launches and small kernels, not by arithmetic or bytes: the unfused
-block runs about eighteen kernels (the norms, RoPE, the cache writes, SiLU and the residual adds each apart from the
-four projections and attention). Here a block is five:
+A narrow window's forward is bound by kernel launches and latency, not by arithmetic or bytes: the unfused block runs
+about eighteen kernels (the norms, RoPE, the cache writes, SiLU and the residual adds each apart from the four
+projections and attention). Here a block is five:
 
 1. ``_norm_qkv_rope``: RMSNorm, the q|k|v projection, RoPE on q and k, and K, V written into the cache at their slots;
 2. ``_attention``: softmax(q k^T / sqrt(D) + bias) v over the first L cache entries, a program per (token, KV head)
@@ -12,10 +12,17 @@ four projections and attention). Here a block is five:
 4. ``_norm_gate_up``: RMSNorm, the gate|up projection and silu(gate) * up;
 5. ``_linear_residual``: the down projection plus the residual.
 
-The projections are GEMVs of a few rows: a program computes BN output features for every token of the window (padded
-to 16 or 32 rows for tl.dot), reading its rows of the weight once. Rounding follows the unfused step: a projection's
-output is rounded to the model's dtype before RoPE and SiLU, as the unfused kernels round it; a float32 model
-multiplies in true float32 (no TF32), so its text stays the eager model's, token for token.
+The projections are GEMVs of a few rows, split two ways so that hundreds of programs share the weights' reads
+(``k_splits``): a program computes BN output features for every token of the window (padded to 16 or 32 rows for
+tl.dot) over one slice of the input's columns, and stores that partial sum; the last of a tile's slices to finish
+(counted in a small buffer it resets) adds the partial sums in slice order, so the result does not depend on which
+finished last, and applies the epilogue (RoPE and the cache writes, the residual, SiLU). One program walking all the
+columns instead waits on one load after another: on an H100 that made these kernels 2.9 times slower than the
+unfused step's cuBLAS GEMVs.
+
+Rounding follows the unfused step: a projection's output is rounded to the model's dtype before RoPE and SiLU, as the
+unfused kernels round it; a float32 model multiplies in true float32 (no TF32), so its text stays the eager model's,
+token for token.
 
 Importing this module needs Triton; ``llama_static`` imports it only where the fused step can run.
 """
@@ -30,10 +37,15 @@ BL = 64  # keys an attention program reads per iteration
 # Attention programs to aim for by splitting the keys (key_splits): None, the card's multiprocessors; 0, no split
 SPLIT_PROGRAMS: int | None = None
 MAX_SPLITS = 16  # the output projection combines the parts in an unrolled loop: a bound on the code it compiles
+# Programs a projection aims for by splitting its input's columns (k_splits): None, four per multiprocessor; 0, no
+# split. At most MAX_K_SPLITS slices: the last one adds them in an unrolled loop
+SPLIT_K_PROGRAMS: int | None = None
+MAX_K_SPLITS = 32
 # The projections' columns a program reads per iteration (the last one masked where they do not divide the input),
 # and their launch settings. 64 columns over two stages: on an H100, 256 columns over three stages asked 408 KiB of
 # shared memory of bfloat16 tiles (227 KiB a block there)
 BK = 64
+NORM_BK = 256  # columns per load of the RMSNorm statistics, which every program of a norm kernel computes
 LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
@@ -63,6 +75,23 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def k_splits(tiles: int, K: int, device: torch.device) -> tuple[int, int]:
+    """(KS, columns per slice): a projection of ``tiles`` output tiles over K input columns split into KS slices of
+    whole BK-column blocks, so that tiles x KS programs reach SPLIT_K_PROGRAMS (four per multiprocessor by default)."""
+    target = SPLIT_K_PROGRAMS if SPLIT_K_PROGRAMS is not None else 4 * _multiprocessors(device)
+    blocks = triton.cdiv(K, BK)
+    KS = max(1, min(blocks, triton.cdiv(target, tiles), MAX_K_SPLITS))
+    chunk = triton.cdiv(blocks, KS) * BK
+    return triton.cdiv(K, chunk), chunk
+
+
+def counters(rows: int, device: torch.device) -> torch.Tensor:
+    """The zeroed counters that the split projections of a model whose widest projection has ``rows`` output
+    features count their finished slices in (each kernel leaves them zero again). One buffer serves every block of
+    a model, as its kernels run one after another on one stream."""
+    return torch.zeros(triton.cdiv(rows, BN), device=device, dtype=torch.int32)
+
+
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:  # float32 models: true float32 products, as the eager model's (tl.dot would use TF32)
@@ -72,22 +101,31 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, row_ok, T, DIM, eps,
-                   BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    """rms_norm(x) [T, DIM] times weight rows ``rows_a`` and ``rows_b`` of w [*, DIM]: two [BT, BN] fp32 tiles."""
+def _rstd(x_ptr, T, DIM: tl.constexpr, eps, BT: tl.constexpr, NB: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the rows of x [T, DIM], float32 [BT] (its loads unrolled: all in flight at once)."""
+    rt = tl.arange(0, BT)
+    rk = tl.arange(0, NB)
+    sumsq = tl.zeros((BT,), tl.float32)
+    for k0 in tl.static_range(0, DIM, NB):
+        cols = k0 + rk
+        x = tl.load(x_ptr + rt[:, None] * DIM + cols[None, :], mask=(rt[:, None] < T) & (cols[None, :] < DIM),
+                    other=0.0).to(tl.float32)
+        sumsq += tl.sum(x * x, axis=1)
+    return tl.rsqrt(sumsq / DIM + eps)
+
+
+@triton.jit
+def _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, row_ok, T, DIM: tl.constexpr, eps, CHUNK: tl.constexpr,
+                   BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr, IEEE: tl.constexpr):
+    """rms_norm(x) [T, DIM] times weight rows ``rows_a`` and ``rows_b`` of w [*, DIM], over this program's slice of
+    the columns (program_id(1)): two [BT, BN] float32 partial sums."""
+    rstd = _rstd(x_ptr, T, DIM, eps, BT, NB)
     rt = tl.arange(0, BT)
     rk = tl.arange(0, BK)
     t_ok = rt[:, None] < T
-    sumsq = tl.zeros((BT,), tl.float32)
-    for k0 in range(0, DIM, BK):
-        cols = k0 + rk
-        x = tl.load(x_ptr + rt[:, None] * DIM + cols[None, :], mask=t_ok & (cols[None, :] < DIM), other=0.0)
-        x = x.to(tl.float32)
-        sumsq += tl.sum(x * x, axis=1)
-    rstd = tl.rsqrt(sumsq / DIM + eps)
     acc_a = tl.zeros((BT, BN), tl.float32)
     acc_b = tl.zeros((BT, BN), tl.float32)
-    for k0 in range(0, DIM, BK):
+    for k0 in range(tl.program_id(1) * CHUNK, (tl.program_id(1) + 1) * CHUNK, BK):
         cols = k0 + rk
         k_ok = cols < DIM
         x = tl.load(x_ptr + rt[:, None] * DIM + cols[None, :], mask=t_ok & k_ok[None, :], other=0.0)
@@ -101,23 +139,65 @@ def _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, row_ok, T, DIM, eps,
     return acc_a, acc_b
 
 
+@triton.jit
+def _store_part(acc, ws_ptr, slot, PARTS: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+    """Store this program's partial sum ``acc`` [BT, BN] (one of its tile's PARTS tiles, ``slot``) in the workspace
+    [slices, tiles, PARTS, BT, BN] at (program_id(1), program_id(0))."""
+    at = tl.arange(0, BT)[:, None] * BN + tl.arange(0, BN)[None, :]
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(ws_ptr + (tile * PARTS + slot) * BT * BN + at, acc)
+
+
+@triton.jit
+def _arrive(cnt_ptr, KS: tl.constexpr):
+    """Count this program's slice as done (after every thread's partial sums are stored); True in the tile's last
+    one, which resets the count for the next launch."""
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel") == KS - 1
+    tl.store(cnt_ptr + tl.program_id(0), 0, mask=last)
+    return last
+
+
+@triton.jit
+def _sum_parts(ws_ptr, slot, PARTS: tl.constexpr, KS: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+    """The full sum of the tile's ``slot`` over its KS slices, added in slice order (``.cg``: read from L2, where the
+    other programs' stores are, not from this multiprocessor's L1)."""
+    at = tl.arange(0, BT)[:, None] * BN + tl.arange(0, BN)[None, :]
+    total = tl.zeros((BT, BN), tl.float32)
+    for s in tl.static_range(KS):
+        tile = s * tl.num_programs(0) + tl.program_id(0)
+        total += tl.load(ws_ptr + (tile * PARTS + slot) * BT * BN + at, cache_modifier=".cg")
+    return total
+
+
 @triton.jit(do_not_specialize=["T"])
-def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, T, DIM, eps, max_len,
-                   H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, IEEE: tl.constexpr):
-    """Program p: BN columns d of the first half of head p // PARTS (q heads, then k, then v) and the same columns
-    of its second half, so that RoPE's pairs (d, d + D/2) meet in one program."""
+def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, ws_ptr, cnt_ptr, T,
+                   DIM: tl.constexpr, eps, max_len, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+                   KS: tl.constexpr, CHUNK: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   NB: tl.constexpr, IEEE: tl.constexpr):
+    """Program (p, s): BN columns d of the first half of head p // PARTS (q heads, then k, then v) and the same columns
+    of its second half, so that RoPE's pairs (d, d + D/2) meet in one program, over slice s of the input columns."""
     PARTS: tl.constexpr = D // 2 // BN
     head = tl.program_id(0) // PARTS
     d = (tl.program_id(0) % PARTS) * BN + tl.arange(0, BN)
     rows_a = head * D + d
     rows_b = rows_a + D // 2
-    a, b = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, d < D, T, DIM, eps, BT, BN, BK, IEEE)
+    a, b = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, d < D, T, DIM, eps, CHUNK, BT, BN, BK, NB, IEEE)
+    last = tl.program_id(1) == 0
+    if KS > 1:
+        _store_part(a, ws_ptr, 0, 2, BT, BN)
+        _store_part(b, ws_ptr, 1, 2, BT, BN)
+        last = _arrive(cnt_ptr, KS)
+        if last:  # the other programs store nothing: their masks below are False
+            a = _sum_parts(ws_ptr, 0, 2, KS, BT, BN)
+            b = _sum_parts(ws_ptr, 1, 2, KS, BT, BN)
     dtype = q_ptr.dtype.element_ty
     a = a.to(dtype).to(tl.float32)  # the projection's output, rounded as the unfused GEMM rounds it
     b = b.to(dtype).to(tl.float32)
     rt = tl.arange(0, BT)
-    t_ok = rt[:, None] < T
+    # the mask only in the tile's last program (tl.where: ``ok & last`` gives Triton's interpreter, which the tests
+    # run, an integer tensor that it refuses as a mask)
+    t_ok = tl.where(last, rt[:, None] < T, False)
     if head < H + KV:  # q and k: x * cos + rotate_half(x) * sin, the table's sin carrying rotate_half's sign
         at_a = rt[:, None] * D + d[None, :]
         ca = tl.load(cos_ptr + at_a, mask=t_ok, other=0.0).to(tl.float32)
@@ -205,18 +285,20 @@ def _combine(o_ptr, m_ptr, l_ptr, rt, cols, ok, T, K, S: tl.constexpr, D: tl.con
 
 
 @triton.jit(do_not_specialize=["T"])
-def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, m_ptr, l_ptr, T, N, K, S: tl.constexpr, D: tl.constexpr,
-                     BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    """out [T, N] = res + x [T, K] @ w[N, K]^T, the sum rounded once (as cuBLAS's addmm). S > 1: x is the attention
-    output in ``_attention``'s S parts (m_ptr, l_ptr theirs, D the head size), combined as it is read and rounded
-    to the model's dtype, as the unsplit attention rounds its output."""
+def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, m_ptr, l_ptr, ws_ptr, cnt_ptr, T, N, K, S: tl.constexpr,
+                     D: tl.constexpr, KS: tl.constexpr, CHUNK: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, IEEE: tl.constexpr):
+    """out [T, N] = res + x [T, K] @ w[N, K]^T, the sum rounded once (as cuBLAS's addmm); program (p, s): BN output
+    features over slice s of the columns. S > 1: x is the attention output in ``_attention``'s S parts (m_ptr,
+    l_ptr theirs, D the head size), combined as it is read and rounded to the model's dtype, as the unsplit
+    attention rounds its output."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rows < N
     rt = tl.arange(0, BT)
     rk = tl.arange(0, BK)
     t_ok = rt[:, None] < T
     acc = tl.zeros((BT, BN), tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(tl.program_id(1) * CHUNK, (tl.program_id(1) + 1) * CHUNK, BK):
         cols = k0 + rk
         k_ok = cols[None, :] < K
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
@@ -225,43 +307,71 @@ def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, m_ptr, l_ptr, T, N, K, S: t
         else:
             x = tl.load(x_ptr + rt[:, None] * K + cols[None, :], mask=t_ok & k_ok, other=0.0)
         acc += _dot(x, tl.trans(w), IEEE)
+    last = tl.program_id(1) == 0
+    if KS > 1:
+        _store_part(acc, ws_ptr, 0, 1, BT, BN)
+        last = _arrive(cnt_ptr, KS)
+        if last:
+            acc = _sum_parts(ws_ptr, 0, 1, KS, BT, BN)
     at = rt[:, None] * N + rows[None, :]
-    ok = t_ok & n_ok[None, :]
+    ok = tl.where(last, t_ok & n_ok[None, :], False)  # the mask only in the tile's last program
     acc += tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _norm_gate_up(x_ptr, nw_ptr, w_ptr, out_ptr, T, DIM, INTER, eps, BT: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr, IEEE: tl.constexpr):
-    """out [T, INTER] = silu(gate) * up of rms_norm(x), w = gate|up [2 INTER, DIM]; program p: BN features."""
+def _norm_gate_up(x_ptr, nw_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, T, DIM: tl.constexpr, INTER, eps,
+                  KS: tl.constexpr, CHUNK: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  NB: tl.constexpr, IEEE: tl.constexpr):
+    """out [T, INTER] = silu(gate) * up of rms_norm(x), w = gate|up [2 INTER, DIM]; program (p, s): BN features over
+    slice s of the columns."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rows < INTER
-    gate, up = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows, rows + INTER, n_ok, T, DIM, eps, BT, BN, BK, IEEE)
+    gate, up = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows, rows + INTER, n_ok, T, DIM, eps, CHUNK, BT, BN, BK, NB,
+                              IEEE)
+    last = tl.program_id(1) == 0
+    if KS > 1:
+        _store_part(gate, ws_ptr, 0, 2, BT, BN)
+        _store_part(up, ws_ptr, 1, 2, BT, BN)
+        last = _arrive(cnt_ptr, KS)
+        if last:
+            gate = _sum_parts(ws_ptr, 0, 2, KS, BT, BN)
+            up = _sum_parts(ws_ptr, 1, 2, KS, BT, BN)
     dtype = out_ptr.dtype.element_ty
     gate = gate.to(dtype).to(tl.float32)  # each rounded as the unfused kernels round them
     up = up.to(dtype).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     rt = tl.arange(0, BT)
     tl.store(out_ptr + rt[:, None] * INTER + rows[None, :], (act * up).to(dtype),
-             mask=(rt[:, None] < T) & n_ok[None, :])
+             mask=tl.where(last, (rt[:, None] < T) & n_ok[None, :], False))
 
 
 def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
-          sin: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor, eps: float, n_heads: int) -> torch.Tensor:
-    """One Llama block on x [T, dim] (T <= llama_static.FUSED_STEP_MAX) -> [T, dim], writing K, V at ``slots`` of the block's caches.
+          sin: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor, eps: float, n_heads: int,
+          count: torch.Tensor) -> torch.Tensor:
+    """One Llama block on x [T, dim] (T <= llama_static.FUSED_STEP_MAX) -> [T, dim], writing K, V at ``slots`` of the
+    block's caches.
 
     ``w``: the fused layout's weights (StaticLlama.layers[i]); caches [KV, max_len, D]; cos, sin [T, D] (the rows'
-    RoPE tables, sin signed); slots [T] int64; bias [T, L]: 0 where a row sees a key, -inf elsewhere."""
+    RoPE tables, sin signed); slots [T] int64; bias [T, L]: 0 where a row sees a key, -inf elsewhere; ``count``: the
+    model's ``counters``."""
     T, dim = x.shape
     KV, max_len, D = k_cache.shape
     H = n_heads
     inter = w["w2"].shape[1]
-    common = dict(BT=16 if T <= 16 else 32, BK=BK, IEEE=x.dtype == torch.float32, **LAUNCH)
+    BT = 16 if T <= 16 else 32
+    common = dict(BT=BT, BN=BN, BK=BK, IEEE=x.dtype == torch.float32, **LAUNCH)
+
+    def split(tiles: int, K: int, parts: int = 1) -> tuple[tuple[int, int], dict, torch.Tensor]:
+        """A projection's grid, its slices' settings and its workspace for the partial sums."""
+        KS, chunk = k_splits(tiles, K, x.device)
+        ws = torch.empty(KS * tiles * parts * BT * BN if KS > 1 else 1, device=x.device, dtype=torch.float32)
+        return (tiles, KS), dict(KS=KS, CHUNK=chunk), ws
+
     q = torch.empty(T, H * D, device=x.device, dtype=x.dtype)
-    _norm_qkv_rope[((H + 2 * KV) * (D // 2 // BN),)](
-        x, w["attn_norm"], w["wqkv"], cos, sin, slots, q, k_cache, v_cache, T, dim, eps, max_len,
-        H=H, KV=KV, D=D, BN=BN, **common)
+    grid, slices, ws = split((H + 2 * KV) * (D // 2 // BN), dim, 2)
+    _norm_qkv_rope[grid](x, w["attn_norm"], w["wqkv"], cos, sin, slots, q, k_cache, v_cache, ws, count, T, dim, eps,
+                         max_len, H=H, KV=KV, D=D, NB=NORM_BK, **slices, **common)
     L = bias.shape[-1]
     S, chunk = key_splits(T * KV, L, x.device)
     if S == 1:
@@ -274,11 +384,13 @@ def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor
                             BR=max(16, triton.next_power_of_2(H // KV)), BL=BL, SPLIT=S > 1, IEEE=common["IEEE"],
                             num_warps=4, num_stages=3)
     mid = torch.empty_like(x)
-    _linear_residual[(triton.cdiv(dim, BN),)](o, w["wo"], x, mid, m, l, T, dim, H * D, S=S, D=D, BN=BN, **common)
+    grid, slices, ws = split(triton.cdiv(dim, BN), H * D)
+    _linear_residual[grid](o, w["wo"], x, mid, m, l, ws, count, T, dim, H * D, S=S, D=D, **slices, **common)
     act = torch.empty(T, inter, device=x.device, dtype=x.dtype)
-    _norm_gate_up[(triton.cdiv(inter, BN),)](mid, w["mlp_norm"], w["w13"], act, T, dim, inter, eps, BN=BN,
-                                             **common)
+    grid, slices, ws = split(triton.cdiv(inter, BN), dim, 2)
+    _norm_gate_up[grid](mid, w["mlp_norm"], w["w13"], act, ws, count, T, dim, inter, eps, NB=NORM_BK, **slices,
+                        **common)
     out = torch.empty_like(x)
-    _linear_residual[(triton.cdiv(dim, BN),)](act, w["w2"], mid, out, act, act, T, dim, inter, S=1, D=D, BN=BN,
-                                              **common)
+    grid, slices, ws = split(triton.cdiv(dim, BN), inter)
+    _linear_residual[grid](act, w["w2"], mid, out, act, act, ws, count, T, dim, inter, S=1, D=D, **slices, **common)
     return out

@@ -195,6 +195,11 @@ class StaticLlama(nn.Module):
                 "attn_norm": layer.input_layernorm.weight,
                 "mlp_norm": layer.post_attention_layernorm.weight,
             })
+        if fused_step:  # where the fused step's split projections count their finished slices
+            from . import fused_step as kernels
+
+            rows = max(w.shape[0] for w in (self.layers[0]["wqkv"], self.layers[0]["wo"], self.layers[0]["w13"]))
+            self.register_buffer("step_counters", kernels.counters(rows, device), persistent=False)
         cache_shape = (args.n_layers, 1, args.n_kv_heads, max_len, args.head_dim)
         self.register_buffer("k_cache", torch.zeros(cache_shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape, device=device, dtype=dtype), persistent=False)
@@ -321,7 +326,7 @@ class StaticLlama(nn.Module):
             cos, sin, bias = cos[:, 0], sin[:, 0], bias.view(T, attend_len)  # [T, D], [T, D], [T, L]
             for i, layer in enumerate(self.layers):
                 x = fused_step.block(x, layer, self.k_cache[i, 0], self.v_cache[i, 0], cos, sin, slots, bias,
-                                     self.args.eps, self.args.n_heads)
+                                     self.args.eps, self.args.n_heads, self.step_counters)
         else:
             body_wx = self.uses_wx(T) if wx is None else wx
             for i in range(self.args.n_layers):

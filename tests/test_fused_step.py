@@ -54,10 +54,82 @@ def test_fused_engine_texts_equal_eager_ar():
     in_interpreter("check_texts")
 
 
+SHAPES = {  # dim, query heads, KV heads, head size, intermediate size
+    "SmolLM2-135M": (576, 9, 3, 64, 1536),
+    "Llama-2-7B": (4096, 32, 32, 128, 11008),
+}
+H100_SHARED = 227 * 1024  # shared memory a block may use on an H100 (sm_90)
+TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
+
+
+class Recorder:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` records the launch in ``calls`` instead of running it."""
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, num_stages, **named):
+            self.calls.append((self.kernel, {**dict(zip(self.kernel.arg_names, args)), **named},
+                               {"num_warps": num_warps, "num_stages": num_stages}))
+        return launch
+
+
+def launches(monkeypatch, shape: str, dtype: torch.dtype, T: int, L: int) -> list:
+    """The kernel launches of one fused block (kernel, its arguments by name, its launch options) on an H100's 132
+    multiprocessors, recorded by running ``fused_step.block`` on meta tensors with the kernels swapped for recorders."""
+    from decoding import fused_step
+
+    calls = []
+    for name in ("_norm_qkv_rope", "_attention", "_linear_residual", "_norm_gate_up"):
+        kernel = getattr(fused_step, name)
+        if isinstance(kernel, Recorder):  # recorded before, in the same test
+            kernel = kernel.kernel
+        monkeypatch.setattr(fused_step, name, Recorder(kernel, calls))
+    monkeypatch.setattr(fused_step, "_multiprocessors", lambda device: 132)
+    dim, H, KV, D, inter = SHAPES[shape]
+
+    def t(*size, kind=dtype):
+        return torch.empty(*size, dtype=kind, device="meta")
+
+    weights = {"wqkv": t((H + 2 * KV) * D, dim), "wo": t(dim, H * D), "w13": t(2 * inter, dim), "w2": t(dim, inter),
+               "attn_norm": t(dim), "mlp_norm": t(dim)}
+    fused_step.block(t(T, dim), weights, t(KV, 1024, D), t(KV, 1024, D), t(T, D), t(T, D), t(T, kind=torch.int64),
+                     t(T, L), 1e-5, H, t(64, kind=torch.int32))
+    return calls
+
+
+@pytest.mark.parametrize("shape, dtype", [("SmolLM2-135M", torch.bfloat16), ("SmolLM2-135M", torch.float32),
+                                          ("Llama-2-7B", torch.bfloat16)])
+def test_kernels_compile_for_an_h100_within_its_shared_memory(monkeypatch, shape, dtype):
+    """Every kernel of a fused block, compiled by Triton for an H100 without a GPU (its compiler and ptxas come with
+    the Triton package), at a single token and the widest window: it compiles, and a block's shared memory holds it
+    (an H100 refused a launch that asked for 408 KiB; the engine then falls back to the unfused step)."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for T in (1, 32):
+        for kernel, args, options in launches(monkeypatch, shape, dtype, T, 512):
+            signature, constants = {}, {}
+            for p in kernel.params:
+                value = args[p.name]
+                if p.is_constexpr:
+                    signature[p.name], constants[p.name] = "constexpr", value
+                elif isinstance(value, torch.Tensor):
+                    signature[p.name] = TRITON_TYPES[value.dtype]
+                else:
+                    signature[p.name] = "i32" if isinstance(value, int) else "fp32"
+            compiled = triton_compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                      options=options)
+            assert compiled.metadata.shared <= H100_SHARED, (kernel.__name__, T, compiled.metadata.shared)
+
+
 @torch.no_grad()
 def check_block():
     """Windows of 1 to 32 tokens after a prompt: logits as transformers' (plain windows) and as the unfused step's
-    (candidate rows, their own masks), and the K/V each writes at its slots, to float32 rounding."""
+    (candidate rows, their own masks), and the K/V each writes at its slots, to float32 rounding; the projections
+    split over their columns (as on a card of 16 multiprocessors, fused_step.k_splits) and unsplit."""
     model = small_llama()
     unfused = StaticLlama(model, 256, fused=True, fused_step=False)
     fused = StaticLlama(model, 256, fused_step=True)
@@ -76,6 +148,15 @@ def check_block():
         assert torch.equal(got.argmax(-1), want.argmax(-1))
         assert torch.allclose(fused.k_cache, unfused.k_cache, atol=1e-4)
         assert torch.allclose(fused.v_cache, unfused.v_cache, atol=1e-4)
+    assert not fused.step_counters.any()  # each split projection left its counters as it found them
+    # projections unsplit (each program walks all the columns): the same logits
+    from decoding import fused_step
+
+    fused_step.SPLIT_K_PROGRAMS = 0
+    tokens, pos = torch.randint(0, 101, (5,), device=DEVICE), torch.arange(10, 15, device=DEVICE)
+    want = model(torch.cat([prompt, tokens])[None]).logits[0, 10:]
+    assert torch.allclose(fused(tokens, pos, 64), want, atol=2e-4, rtol=1e-5)
+    fused_step.SPLIT_K_PROGRAMS = None
     # a window of 3 and two candidates of 2 anchored at its first slot (slots 10-16): each row's own mask
     rows = torch.tensor([10, 11, 12, 11, 12, 11, 12], device=DEVICE)
     slots = torch.arange(10, 17, device=DEVICE)
@@ -88,7 +169,11 @@ def check_block():
 
 
 def check_texts():
-    """The fast engine on the fused step: AR, Jacobi with candidate n-grams and with branches give the eager AR text."""
+    """The fast engine on the fused step: AR, Jacobi with candidate n-grams and with branches give the eager AR text.
+    The projections split in two (fewer programs than by default: the interpreter runs them one by one)."""
+    from decoding import fused_step
+
+    fused_step.SPLIT_K_PROGRAMS = 16
     model = small_llama(seed=1)
     engine = fast.prepare(model, fused_step=True, progress=None)
     assert engine.model.fused_step
