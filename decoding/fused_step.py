@@ -46,7 +46,7 @@ MAX_K_SPLITS = 32
 # shared memory of bfloat16 tiles (227 KiB a block there)
 BK = 64
 NORM_BK = 256  # columns per load of the RMSNorm statistics, which every program of a norm kernel computes
-LAUNCH = {"num_warps": 4, "num_stages": 2}
+LAUNCH = {"num_warps": 4, "num_stages": 1}
 
 
 def unsupported(head_dim: int) -> str | None:
