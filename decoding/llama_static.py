@@ -28,8 +28,8 @@ PER_TOKEN_MAX = 32
 # the SiLU and product kernels prefer; for 2 and 4 tokens cuBLAS picks slower kernels for that form.
 ROWS_MIN = 8
 FUSED_STEP_MAX = 32  # the widest window the fused step runs (at most PER_TOKEN_MAX: it reads the mask as [T, L])
-# "on": the fused step (fused_step.py) by default where it can run. Off by default: its first version was slower than
-# the unfused step on an H100, and the split projections are not timed yet (docs/engine.md; decoding.latency --compare).
+# "on": the fused step (fused_step.py) by default where it can run. Off by default until its bfloat16 texts are shown
+# exact on a GPU: it runs an AR step 1.78x as fast as the unfused step on an H200 (docs/engine.md).
 FUSED_STEP_ENV = "CLLM_FUSED_STEP"
 
 
