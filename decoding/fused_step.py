@@ -17,8 +17,8 @@ The projections are GEMVs of a few rows, split two ways so that hundreds of prog
 tl.dot) over one slice of the input's columns, and stores that partial sum; the last of a tile's slices to finish
 (counted in a small buffer it resets) adds the partial sums in slice order, so the result does not depend on which
 finished last, and applies the epilogue (RoPE and the cache writes, the residual, SiLU). One program walking all the
-columns instead waits on one load after another: on an H100 that made these kernels 2.9 times slower than the
-unfused step's cuBLAS GEMVs.
+columns instead waits on one load after another: on an H100 that made the step 2.9 times as slow as the unfused
+step, whose cuBLAS GEMVs split the columns too.
 
 Rounding follows the unfused step: a projection's output is rounded to the model's dtype before RoPE and SiLU, as the
 unfused kernels round it; a float32 model multiplies in true float32 (no TF32), so its text stays the eager model's,
@@ -42,8 +42,9 @@ MAX_SPLITS = 16  # the output projection combines the parts in an unrolled loop:
 SPLIT_K_PROGRAMS: int | None = None
 MAX_K_SPLITS = 32
 # The projections' columns a program reads per iteration (the last one masked where they do not divide the input),
-# and their launch settings. 64 columns over two stages: on an H100, 256 columns over three stages asked 408 KiB of
-# shared memory of bfloat16 tiles (227 KiB a block there)
+# and their launch settings: one pipeline stage, as a slice of a few blocks has nothing to overlap (two stages made an
+# H200's AR step 2.5 times as slow: experiments.fused_sweep). 256 columns over three stages asked an H100 for 408 KiB
+# of shared memory (227 KiB a block there)
 BK = 64
 NORM_BK = 256  # columns per load of the RMSNorm statistics, which every program of a norm kernel computes
 LAUNCH = {"num_warps": 4, "num_stages": 1}
