@@ -8,6 +8,7 @@ from html import escape
 from pathlib import Path
 
 from decoding import Iteration
+from decoding.bench_summary import model_of
 from decoding.decoders import default_candidate_len
 from decoding.trace import LOOP_LIMIT, LOOP_PERIOD
 
@@ -146,15 +147,10 @@ def bench_row(data: dict, item: Headline) -> dict | None:
     count = f"{config['limit']} " if isinstance(config.get("limit"), int) else ""
     what = (f"{LANE_WORDS.get(item.lane, item.lane)} against {LANE_WORDS.get(item.reference, item.reference)}, "
             f"{count}{prompts} prompts, {bench_setting(meta)}")
-    if _model(item.lane) != _model(item.reference):
+    if model_of(item.lane) != model_of(item.reference):
         what += " (two models: their answers differ)"
     return {"what": what, "device": _device(env), "result": f"{speed / base:.2f}× the speed, {tpf:.2f} tokens per forward",
             "command": str(meta.get("command") or ""), "date": str(env.get("time") or "")[:10]}
-
-
-def _model(lane: str) -> str:
-    """The model a bench lane decodes with: "cllm" or "base" (transformers' lanes run the base model)."""
-    return "cllm" if lane.startswith("cllm_") else "base"
 
 
 def eval_row(data: dict) -> dict | None:
