@@ -175,6 +175,21 @@ def _sum_parts(ws_ptr, slot, PARTS: tl.constexpr, KS: tl.constexpr, BT: tl.const
     return total
 
 
+@triton.jit
+def _reduce_pair(a, b, ws_ptr, cnt_ptr, KS: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+    """A norm kernel's two partial sums [BT, BN] over its slices: (a, b, last), their full sums in the tile's last
+    program (``last`` True there; elsewhere a and b are left as they were, and nothing is stored with them)."""
+    last = tl.program_id(1) == 0
+    if KS > 1:
+        _store_part(a, ws_ptr, 0, 2, BT, BN)
+        _store_part(b, ws_ptr, 1, 2, BT, BN)
+        last = _arrive(cnt_ptr, KS)
+        if last:
+            a = _sum_parts(ws_ptr, 0, 2, KS, BT, BN)
+            b = _sum_parts(ws_ptr, 1, 2, KS, BT, BN)
+    return a, b, last
+
+
 @triton.jit(do_not_specialize=["T"])
 def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, ws_ptr, cnt_ptr, T,
                    DIM: tl.constexpr, eps, max_len, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
@@ -188,14 +203,7 @@ def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_pt
     rows_a = head * D + d
     rows_b = rows_a + D // 2
     a, b = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, d < D, T, DIM, eps, CHUNK, BT, BN, BK, NB, IEEE)
-    last = tl.program_id(1) == 0
-    if KS > 1:
-        _store_part(a, ws_ptr, 0, 2, BT, BN)
-        _store_part(b, ws_ptr, 1, 2, BT, BN)
-        last = _arrive(cnt_ptr, KS)
-        if last:  # the other programs store nothing: their masks below are False
-            a = _sum_parts(ws_ptr, 0, 2, KS, BT, BN)
-            b = _sum_parts(ws_ptr, 1, 2, KS, BT, BN)
+    a, b, last = _reduce_pair(a, b, ws_ptr, cnt_ptr, KS, BT, BN)
     dtype = q_ptr.dtype.element_ty
     a = a.to(dtype).to(tl.float32)  # the projection's output, rounded as the unfused GEMM rounds it
     b = b.to(dtype).to(tl.float32)
@@ -334,14 +342,7 @@ def _norm_gate_up(x_ptr, nw_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, T, DIM: tl.con
     n_ok = rows < INTER
     gate, up = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows, rows + INTER, n_ok, T, DIM, eps, CHUNK, BT, BN, BK, NB,
                               IEEE)
-    last = tl.program_id(1) == 0
-    if KS > 1:
-        _store_part(gate, ws_ptr, 0, 2, BT, BN)
-        _store_part(up, ws_ptr, 1, 2, BT, BN)
-        last = _arrive(cnt_ptr, KS)
-        if last:
-            gate = _sum_parts(ws_ptr, 0, 2, KS, BT, BN)
-            up = _sum_parts(ws_ptr, 1, 2, KS, BT, BN)
+    gate, up, last = _reduce_pair(gate, up, ws_ptr, cnt_ptr, KS, BT, BN)
     dtype = out_ptr.dtype.element_ty
     gate = gate.to(dtype).to(tl.float32)  # each rounded as the unfused kernels round them
     up = up.to(dtype).to(tl.float32)
