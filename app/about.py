@@ -32,6 +32,9 @@ class Headline:
 # The headline results, one line each. Replacing a result is a one-line change here: everything the table shows is read
 # from the file (what was measured, device, numbers, command), so the page follows the file.
 HEADLINE = (
+    Headline("assets/results/h100_bf16_unseen80_n16_t256_all_lanes.json.gz"),
+    Headline("assets/results/h100_bf16_unseen80_n16_t256_all_lanes.json.gz", lane="base_ar", reference="hf_generate"),
+    Headline("assets/results/h100_bf16_unseen80_n16_t256_all_lanes.json.gz", lane="base_ar", reference="hf_static"),
     Headline("assets/results/h100_bf16_heldout100_n16_t256_cllm_vs_base.json.gz"),
     Headline("assets/results/cpu_epyc_2core_fp32_unseen6_n4_t128_all_lanes.json.gz", reference="cllm_ar"),
     Headline("assets/results/cpu_epyc_2core_fp32_unseen6_n4_t128_all_lanes.json.gz", lane="base_ar",
@@ -134,22 +137,43 @@ def _device(env: dict) -> str:
     return f"{name}, {dtype}" if dtype else str(name)
 
 
+def speed_over(lanes: dict, lane: str, ref: str) -> float | None:
+    """``lane``'s speed over ``ref``'s from a bench summary: the bench's own ratio where it has one (on the prompts both
+    lanes ran: transformers' lanes may run on the first few only), else the ratio of their tokens per second."""
+    mine, theirs = lanes.get(lane) or {}, lanes.get(ref) or {}
+    if mine.get("reference") == ref and _number(mine.get("speedup")):
+        return float(mine["speedup"])
+    if ref == "base_ar" and _number(mine.get("speedup_vs_base_ar")):
+        return float(mine["speedup_vs_base_ar"])
+    if theirs.get("reference") == lane and _number(theirs.get("speedup")):
+        return 1 / float(theirs["speedup"])
+    if lane == "base_ar" and _number(theirs.get("speedup_vs_base_ar")):
+        return 1 / float(theirs["speedup_vs_base_ar"])
+    speed, base = _number(mine.get("tok_s")), _number(theirs.get("tok_s"))
+    return speed / base if speed and base else None
+
+
 def bench_row(data: dict, item: Headline) -> dict | None:
     """A benchmark (``python -m decoding.bench --out``) as a headline row, or None when it lacks either lane."""
     lanes = (data.get("summary") or {}).get("lanes") or {}
     lane, ref = lanes.get(item.lane) or {}, lanes.get(item.reference) or {}
-    speed, base, tpf = _number(lane.get("tok_s")), _number(ref.get("tok_s")), _number(lane.get("mean_accepted"))
-    if not (speed and base and tpf):
+    ratio, tpf = speed_over(lanes, item.lane, item.reference), _number(lane.get("mean_accepted"))
+    if not (ratio and tpf and _number(ref.get("tok_s"))):
         return None
     meta = data.get("meta") or {}
     config, env = meta.get("config") or {}, meta.get("env") or {}
     prompts = PROMPT_SETS.get(Path(str(config.get("prompts") or "prompts.jsonl")).name, "own")
-    count = f"{config['limit']} " if isinstance(config.get("limit"), int) else ""
+    counts = [c for c in (lane.get("prompts"), ref.get("prompts")) if isinstance(c, int)]
+    runs = max((c for x in lanes.values() if isinstance(c := (x or {}).get("prompts"), int)), default=None)
+    if counts and runs and min(counts) < runs:
+        count = f"the first {min(counts)} of {runs} "
+    else:
+        count = f"{min(counts)} " if counts else f"{config['limit']} " if isinstance(config.get("limit"), int) else ""
     what = (f"{LANE_WORDS.get(item.lane, item.lane)} against {LANE_WORDS.get(item.reference, item.reference)}, "
             f"{count}{prompts} prompts, {bench_setting(meta)}")
     if model_of(item.lane) != model_of(item.reference):
         what += " (two models: their answers differ)"
-    return {"what": what, "device": _device(env), "result": f"{speed / base:.2f}× the speed, {tpf:.2f} tokens per forward",
+    return {"what": what, "device": _device(env), "result": f"{ratio:.2f}× the speed, {tpf:.2f} tokens per forward",
             "command": str(meta.get("command") or ""), "date": str(env.get("time") or "")[:10]}
 
 

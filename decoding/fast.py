@@ -1,17 +1,16 @@
 """The fast engine: a static KV cache, a position pointer, and CUDA graphs of the fixed-shape steps.
 
-A step feeds a window of width w at cache position ``pos``. It is padded to the smallest captured
-width W >= w (powers of two up to 128 by default: W = 1 is the AR step, W = n the Jacobi step) and
-attends to the smallest key bucket L >= pos + W, so that attention reads only the keys in use. Each
-(W, L) pair is captured once at load as a CUDA graph with argmax inside, so one step is one graph
-replay and only W int64s cross to the CPU. On a GPU with Triton, windows of up to 32 tokens can run the fused step
-(five Triton kernels a block, llama_static.py and fused_step.py; CLLM_FUSED_STEP=on or fused_step=True); wider ones
-and the prefill run the unfused one. A decode with branches (``DecodeConfig.branches``) also needs each row's
-K likeliest tokens: the first such decode captures, once per K, a second set of graphs that return them beside the
-argmax (``capture_top``), before its clock starts. Padding outputs are ignored; their KV lands beyond the
-kept tokens, where the causal mask hides it until it is overwritten. Prefill, and any step no
-graph fits, runs the same module uncaptured. On CPU every step runs uncaptured, so CI tests the
-same padding, buckets and position pointer as the GPU.
+A step feeds a window of width w at cache position ``pos``. It is padded to the smallest captured width W >= w (powers
+of two up to 128 by default: W = 1 is the AR step, W = n the Jacobi step) and attends to the smallest key bucket L >=
+pos + W, so that attention reads only the keys in use. Each (W, L) pair is captured once at load as a CUDA graph with
+argmax inside, so one step is one graph replay and only W int64s cross to the CPU. On a GPU with Triton, windows of up
+to 32 tokens run the fused step by default (five Triton kernels a block, llama_static.py and fused_step.py;
+CLLM_FUSED_STEP=off or fused_step=False for the unfused one); wider ones and the prefill run the unfused one. A decode
+with branches (``DecodeConfig.branches``) also needs each row's K likeliest tokens: the first such decode captures,
+once per K, a second set of graphs that return them beside the argmax (``capture_top``), before its clock starts.
+Padding outputs are ignored; their KV lands beyond the kept tokens, where the causal mask hides it until it is
+overwritten. Prefill, and any step no graph fits, runs the same module uncaptured. On CPU every step runs uncaptured,
+so CI tests the same padding, buckets and position pointer as the GPU.
 
 The engine is built once per model (``prepare``) and shared by its sessions: one decode at a time.
 """
@@ -89,7 +88,7 @@ class FastEngine:
 
     def __init__(self, model, max_len: int | None = None, widths=WIDTHS, graphs: bool | None = None,
                  fused_step: bool | None = None):
-        """``fused_step``: narrow windows as Triton kernels (StaticLlama's; by default where CLLM_FUSED_STEP=on)."""
+        """``fused_step``: narrow windows as Triton kernels (StaticLlama's; by default unless CLLM_FUSED_STEP=off)."""
         reason = supports(model)
         if reason:
             raise UnsupportedModel(f"the fast engine cannot run this model: {reason}; use engine='eager'")
@@ -448,7 +447,7 @@ def prepare(model, max_len: int | None = None, widths=WIDTHS, graphs: bool | Non
 
     Call it at load time so that no request pays for the capture (on CUDA) or the tuning (on the CPU). ``max_len``
     defaults to the model's context; ``graphs`` defaults to True on CUDA (CPU runs the same steps uncaptured);
-    ``fused_step`` to the Triton step where CLLM_FUSED_STEP=on and the GPU can run it (``StaticLlama``).
+    ``fused_step`` to the Triton step where the GPU can run it, unless CLLM_FUSED_STEP=off (``StaticLlama``).
     """
     with _ENGINES_LOCK:
         engine = _ENGINES.get(model)

@@ -278,11 +278,13 @@ def test_charts_before_a_race_say_what_to_do():
         assert "Run a race" in fig.layout.annotations[0].text
 
 
-def _bench(lanes: dict, **meta) -> dict:
-    """A benchmark result as decoding.bench writes it, from (tokens, forwards, wall seconds) per lane."""
+def _bench(lanes: dict, *more: dict, **meta) -> dict:
+    """A benchmark result as decoding.bench writes it, from (tokens, forwards, wall seconds) per lane, one prompt per
+    dict (``lanes`` the first)."""
     from decoding.bench import summarise  # the benchmark's own summary, so a schema change shows up here
 
-    rows = [{"lanes": {k: {"tokens": t, "forwards": f, "wall_s": w, "ids": [1, 2]} for k, (t, f, w) in lanes.items()}}]
+    rows = [{"lanes": {k: {"tokens": t, "forwards": f, "wall_s": w, "ids": [1, 2]} for k, (t, f, w) in prompt.items()}}
+            for prompt in (lanes, *more)]
     base = {"env": {"device": "cuda:0", "device_name": "GPU X", "dtype": "bfloat16", "time": "2030-01-02T03:04:05Z"},
             "config": {"prompts": "assets/heldout.jsonl", "limit": 1}, "decode": {"n": 16, "max_new_tokens": 128},
             "command": "python -m decoding.bench --n 16"}
@@ -299,9 +301,12 @@ def test_headline_rows_come_from_the_committed_result_files():
         if "cllm" in data:  # the shipped adapter's evaluation
             assert f"{data['cllm']['jacobi']['tokens_per_forward']:.2f} tokens per forward" in row["result"]
             assert f"{data['cllm']['repetition']['filter_rate']:.0%} of answers end in a loop" in row["result"]
-        else:
-            lanes = data["summary"]["lanes"]
-            ratio = lanes[item.lane]["tok_s"] / lanes[item.reference]["tok_s"]
+        else:  # the speed ratio on the prompts both lanes ran (transformers' lanes may run on the first few only)
+            lanes, both = data["summary"]["lanes"], [p["lanes"] for p in data["prompts"]
+                                                     if item.lane in p["lanes"] and item.reference in p["lanes"]]
+            speed = {k: sum(r[k]["tokens"] for r in both) / sum(r[k]["wall_s"] for r in both)
+                     for k in (item.lane, item.reference)}
+            ratio = speed[item.lane] / speed[item.reference]
             assert row["result"].startswith(f"{ratio:.2f}× the speed, {lanes[item.lane]['mean_accepted']:.2f} tokens")
             assert data["meta"]["env"]["dtype"] in row["device"] and row["date"] == data["meta"]["env"]["time"][:10]
     html = about.headline_html(rows)
@@ -350,3 +355,8 @@ def test_headline_row_of_an_evaluation_and_of_decoding_extras():
     row = about.bench_row(peer, about.Headline("x", lane="base_ar", reference="hf_generate"))
     assert row["what"].startswith("AR on the base model against transformers' generate (base model)")
     assert "two models" not in row["what"] and row["result"].startswith("2.00× the speed, 1.00 tokens")
+    # transformers' lane on the first prompt only: the ratio is taken on that prompt, and the row says so
+    peer = _bench({"hf_generate": (10, 10, 2.0), "base_ar": (10, 10, 1.0)}, {"base_ar": (30, 30, 1.0)},
+                  config={"prompts": "assets/prompts_unseen80.jsonl", "limit": None})
+    row = about.bench_row(peer, about.Headline("x", lane="base_ar", reference="hf_generate"))
+    assert row["result"].startswith("2.00× the speed") and "the first 1 of 2 unseen MT-bench-style prompts" in row["what"]

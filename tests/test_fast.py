@@ -234,7 +234,7 @@ def test_interleaved_decodes_fail_loudly(tiny):
 
 def test_fused_step_runs_only_where_asked_or_on_a_gpu(tiny):
     """On the CPU the fused step (Triton) is off by default; asked for without a GPU (and without Triton's
-    interpreter) it is refused with the reason. On a GPU it is the default only with CLLM_FUSED_STEP=on."""
+    interpreter) it is refused with the reason. On a GPU it is the default unless CLLM_FUSED_STEP=off."""
     from decoding import llama_static
 
     assert StaticLlama(tiny, 64).fused_step is False
