@@ -48,6 +48,11 @@ MAX_K_SPLITS = 32
 BK = 64
 NORM_BK = 256  # columns per load of the RMSNorm statistics, which every program of a norm kernel computes
 LAUNCH = {"num_warps": 4, "num_stages": 1}
+# Programmatic dependent launch (Hopper and later: compute capability 9): each kernel lets the next one start as soon
+# as all its own programs run, and a projection loads its first block of weights, which no kernel writes, before it
+# waits for the kernel before it to finish; the wait and the launch overlap the previous kernel instead of following
+# it. None: on where the card has it; False: off; True: on (compiled for it, for the tests).
+PDL: bool | None = None
 
 
 def unsupported(head_dim: int) -> str | None:
@@ -90,6 +95,13 @@ def k_splits(tiles: int, K: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(K, chunk), chunk
 
 
+def overlaps(device: torch.device) -> bool:
+    """Whether the kernels launch with programmatic dependent launch (``PDL``) on ``device``."""
+    if PDL is not None:
+        return PDL
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def counters(rows: int, device: torch.device) -> torch.Tensor:
     """The zeroed counters that the split projections of a model whose widest projection has ``rows`` output
     features count their finished slices in (each kernel leaves them zero again). One buffer serves every block of
@@ -103,6 +115,22 @@ def _dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _start(PDL: tl.constexpr):
+    """With PDL, let the next kernel launch now: its programs start as this kernel's finish and wait in ``_wait``
+    before they read anything this one writes."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _wait(PDL: tl.constexpr):
+    """With PDL, wait until the kernel before this one has finished and its writes are visible. Every program of
+    every kernel launched with PDL calls this before it reads or writes what another kernel reads or writes."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -121,24 +149,33 @@ def _rstd(x_ptr, T, DIM: tl.constexpr, eps, BT: tl.constexpr, NB: tl.constexpr):
 
 @triton.jit
 def _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, row_ok, T, DIM: tl.constexpr, eps, CHUNK: tl.constexpr,
-                   BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr, IEEE: tl.constexpr):
+                   BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr, IEEE: tl.constexpr,
+                   PDL: tl.constexpr):
     """rms_norm(x) [T, DIM] times weight rows ``rows_a`` and ``rows_b`` of w [*, DIM], over this program's slice of
-    the columns (program_id(1)): two [BT, BN] float32 partial sums."""
-    rstd = _rstd(x_ptr, T, DIM, eps, BT, NB)
+    the columns (program_id(1)): two [BT, BN] float32 partial sums. The slice's first block of weights is loaded
+    before ``_wait``; x, which the kernel before writes, after it."""
     rt = tl.arange(0, BT)
     rk = tl.arange(0, BK)
     t_ok = rt[:, None] < T
+    start = tl.program_id(1) * CHUNK
+    cols = start + rk
+    w_ok = row_ok[:, None] & (cols < DIM)[None, :]
+    wa = tl.load(w_ptr + rows_a[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+    wb = tl.load(w_ptr + rows_b[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+    _wait(PDL)
+    rstd = _rstd(x_ptr, T, DIM, eps, BT, NB)
     acc_a = tl.zeros((BT, BN), tl.float32)
     acc_b = tl.zeros((BT, BN), tl.float32)
-    for k0 in range(tl.program_id(1) * CHUNK, (tl.program_id(1) + 1) * CHUNK, BK):
+    for k0 in range(start, start + CHUNK, BK):
         cols = k0 + rk
         k_ok = cols < DIM
+        if k0 > start:  # the first block's weights are loaded already
+            w_ok = row_ok[:, None] & k_ok[None, :]
+            wa = tl.load(w_ptr + rows_a[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+            wb = tl.load(w_ptr + rows_b[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
         x = tl.load(x_ptr + rt[:, None] * DIM + cols[None, :], mask=t_ok & k_ok[None, :], other=0.0)
         nw = tl.load(nw_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
         h = (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x.dtype)  # rounded once, as F.rms_norm's kernel
-        w_ok = row_ok[:, None] & k_ok[None, :]
-        wa = tl.load(w_ptr + rows_a[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
-        wb = tl.load(w_ptr + rows_b[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
         acc_a += _dot(h, tl.trans(wa), IEEE)
         acc_b += _dot(h, tl.trans(wb), IEEE)
     return acc_a, acc_b
@@ -194,15 +231,17 @@ def _reduce_pair(a, b, ws_ptr, cnt_ptr, KS: tl.constexpr, BT: tl.constexpr, BN: 
 def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, ws_ptr, cnt_ptr, T,
                    DIM: tl.constexpr, eps, max_len, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
                    KS: tl.constexpr, CHUNK: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   NB: tl.constexpr, IEEE: tl.constexpr):
+                   NB: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     """Program (p, s): BN columns d of the first half of head p // PARTS (q heads, then k, then v) and the same columns
     of its second half, so that RoPE's pairs (d, d + D/2) meet in one program, over slice s of the input columns."""
+    _start(PDL)
     PARTS: tl.constexpr = D // 2 // BN
     head = tl.program_id(0) // PARTS
     d = (tl.program_id(0) % PARTS) * BN + tl.arange(0, BN)
     rows_a = head * D + d
     rows_b = rows_a + D // 2
-    a, b = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, d < D, T, DIM, eps, CHUNK, BT, BN, BK, NB, IEEE)
+    a, b = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, d < D, T, DIM, eps, CHUNK, BT, BN, BK, NB, IEEE,
+                          PDL)
     a, b, last = _reduce_pair(a, b, ws_ptr, cnt_ptr, KS, BT, BN)
     dtype = q_ptr.dtype.element_ty
     a = a.to(dtype).to(tl.float32)  # the projection's output, rounded as the unfused GEMM rounds it
@@ -234,11 +273,13 @@ def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_pt
 @triton.jit(do_not_specialize=["T", "L", "CHUNK"])
 def _attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, T, L, CHUNK, max_len, scale, H: tl.constexpr,
                KV: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr, SPLIT: tl.constexpr,
-               IEEE: tl.constexpr):
+               IEEE: tl.constexpr, PDL: tl.constexpr):
     """Program (p, s): token p // KV against KV head p % KV, its H/KV query heads the rows; online softmax over keys
     s * CHUNK to (s + 1) * CHUNK of the first L. Without SPLIT (one part, s = 0): o [T, H*D], the output. With
     SPLIT: part s's unnormalised output o [S, T, H*D] (float32), its running maximum m and sum l [S, T, H], for
     ``_combine`` (a split that holds no key leaves m = -1e30 and l = 0: it weighs nothing there)."""
+    _start(PDL)
+    _wait(PDL)  # q and this step's keys and values come from the kernel before
     NREP: tl.constexpr = H // KV
     t = tl.program_id(0) // KV
     g = tl.program_id(0) % KV
@@ -300,21 +341,27 @@ def _combine(o_ptr, m_ptr, l_ptr, rt, cols, ok, T, K, S: tl.constexpr, D: tl.con
 @triton.jit(do_not_specialize=["T"])
 def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, m_ptr, l_ptr, ws_ptr, cnt_ptr, T, N, K, S: tl.constexpr,
                      D: tl.constexpr, KS: tl.constexpr, CHUNK: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr, IEEE: tl.constexpr):
+                     BK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     """out [T, N] = res + x [T, K] @ w[N, K]^T, the sum rounded once (as cuBLAS's addmm); program (p, s): BN output
     features over slice s of the columns. S > 1: x is the attention output in ``_attention``'s S parts (m_ptr,
     l_ptr theirs, D the head size), combined as it is read and rounded to the model's dtype, as the unsplit
-    attention rounds its output."""
+    attention rounds its output. The slice's first block of weights is loaded before ``_wait``."""
+    _start(PDL)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rows < N
     rt = tl.arange(0, BT)
     rk = tl.arange(0, BK)
     t_ok = rt[:, None] < T
+    start = tl.program_id(1) * CHUNK
+    cols = start + rk
+    w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & (cols[None, :] < K), other=0.0)
+    _wait(PDL)
     acc = tl.zeros((BT, BN), tl.float32)
-    for k0 in range(tl.program_id(1) * CHUNK, (tl.program_id(1) + 1) * CHUNK, BK):
+    for k0 in range(start, start + CHUNK, BK):
         cols = k0 + rk
         k_ok = cols[None, :] < K
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
+        if k0 > start:  # the first block's weights are loaded already
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
         if S > 1:
             x = _combine(x_ptr, m_ptr, l_ptr, rt, cols, t_ok & k_ok, T, K, S, D, BT, BK).to(w.dtype)
         else:
@@ -335,13 +382,14 @@ def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, m_ptr, l_ptr, ws_ptr, cnt_p
 @triton.jit(do_not_specialize=["T"])
 def _norm_gate_up(x_ptr, nw_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, T, DIM: tl.constexpr, INTER, eps,
                   KS: tl.constexpr, CHUNK: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  NB: tl.constexpr, IEEE: tl.constexpr):
+                  NB: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     """out [T, INTER] = silu(gate) * up of rms_norm(x), w = gate|up [2 INTER, DIM]; program (p, s): BN features over
     slice s of the columns."""
+    _start(PDL)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rows < INTER
     gate, up = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows, rows + INTER, n_ok, T, DIM, eps, CHUNK, BT, BN, BK, NB,
-                              IEEE)
+                              IEEE, PDL)
     gate, up, last = _reduce_pair(gate, up, ws_ptr, cnt_ptr, KS, BT, BN)
     dtype = out_ptr.dtype.element_ty
     gate = gate.to(dtype).to(tl.float32)  # each rounded as the unfused kernels round them
@@ -366,7 +414,8 @@ def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor
     H = n_heads
     inter = w["w2"].shape[1]
     BT = 16 if T <= 16 else 32
-    common = dict(BT=BT, BN=BN, BK=BK, IEEE=x.dtype == torch.float32, **LAUNCH)
+    overlap = dict(PDL=True, launch_pdl=True) if overlaps(x.device) else dict(PDL=False)
+    common = dict(BT=BT, BN=BN, BK=BK, IEEE=x.dtype == torch.float32, **overlap, **LAUNCH)
 
     def split(tiles: int, K: int, parts: int = 1) -> tuple[tuple[int, int], dict, torch.Tensor]:
         """A projection's grid, its slices' settings and its workspace for the partial sums."""
@@ -388,7 +437,7 @@ def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor
         l = torch.empty_like(m)
     _attention[(T * KV, S)](q, k_cache, v_cache, bias, o, m, l, T, L, chunk, max_len, D ** -0.5, H=H, KV=KV, D=D,
                             BR=max(16, triton.next_power_of_2(H // KV)), BL=BL, SPLIT=S > 1, IEEE=common["IEEE"],
-                            num_warps=4, num_stages=3)
+                            num_warps=4, num_stages=3, **overlap)
     mid = torch.empty_like(x)
     grid, slices, ws = split(triton.cdiv(dim, BN), H * D)
     _linear_residual[grid](o, w["wo"], x, mid, m, l, ws, count, T, dim, H * D, S=S, D=D, **slices, **common)

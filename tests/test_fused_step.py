@@ -77,7 +77,7 @@ class Recorder:
 
 def launches(monkeypatch, shape: str, dtype: torch.dtype, T: int, L: int) -> list:
     """The kernel launches of one fused block (kernel, its arguments by name, its launch options) on an H100's 132
-    multiprocessors, recorded by running ``fused_step.block`` on meta tensors with the kernels swapped for recorders."""
+    multiprocessors with programmatic dependent launch, recorded by running ``fused_step.block`` on meta tensors with the kernels swapped for recorders."""
     from decoding import fused_step
 
     calls = []
@@ -87,6 +87,7 @@ def launches(monkeypatch, shape: str, dtype: torch.dtype, T: int, L: int) -> lis
             kernel = kernel.kernel
         monkeypatch.setattr(fused_step, name, Recorder(kernel, calls))
     monkeypatch.setattr(fused_step, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(fused_step, "PDL", True)  # as on an H100: launched and compiled for programmatic launch
     dim, H, KV, D, inter = SHAPES[shape]
 
     def t(*size, kind=dtype):
