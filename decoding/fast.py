@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 from .embedded import cache_dir
-from .llama_static import StaticArgs, StaticLlama, UnsupportedModel
+from .llama_static import FUSED_STEP_MAX, StaticArgs, StaticLlama, UnsupportedModel
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)  # captured window widths (1 = AR); others pad to the next one
+STEP_TIMING_WIDTHS = (1, 16)  # the widths FastEngine.choose_step times each step at: AR and the default Jacobi window
 MIN_BUCKET = 64  # smallest attended key length; buckets double up to the cache length
 
 TUNE_ROUNDS = 3  # CPU projection forms: timed rounds (after an untimed one) of each width's forward in each form
@@ -79,6 +80,20 @@ def kv_buckets(max_len: int) -> list[int]:
     return buckets + [max_len]
 
 
+def events_ms(fn, iters: int, device) -> float:
+    """Mean GPU milliseconds of ``fn`` over ``iters`` back-to-back calls (warm-up excluded)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)  # note: CPU-GPU sync point
+    return start.elapsed_time(end) / iters
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -121,10 +136,13 @@ class FastEngine:
     @torch.no_grad()
     def capture(self, progress: Callable[[str], None] | None = _stderr) -> float:
         """Capture every (width, bucket) step as a CUDA graph; returns the seconds it took. Should the fused step fail
-        to compile or run, the unfused step is captured instead (and said so)."""
+        to compile or run, the unfused step is captured instead (and said so). A fused step chosen by default is
+        first timed against the unfused one (``choose_step``)."""
         if not self.use_graphs:
             return 0.0
         try:
+            if self.model.fused_step and self.model.fused_step_by_default:
+                self.choose_step(progress)
             return self._capture_all(self.widths, 0, progress)
         except Exception as exc:  # noqa: BLE001 - Triton's compile errors have no common type; the fallback serves
             if not self.model.fused_step:
@@ -134,6 +152,26 @@ class FastEngine:
             self.model.fused_step = False
             self.graphs.clear()
             return self._capture_all(self.widths, 0, progress)
+
+    @torch.no_grad()
+    def choose_step(self, progress: Callable[[str], None] | None = _stderr) -> dict[bool, float]:
+        """Keep the fused step only if its graphs replay faster than the unfused step's on this card and model: an AR
+        step plus a window of 16 (STEP_TIMING_WIDTHS), attending to 512 keys. The fused step is launch-bound's cure:
+        1.8x as fast on SmolLM2-135M, but 3x as slow as cuBLAS on Llama-2-7B's shape, where the step reads bytes
+        (docs/engine.md). Returns the milliseconds of each (True: fused)."""
+        widths = [W for W in STEP_TIMING_WIDTHS if W in self.widths and W <= FUSED_STEP_MAX]
+        L = next((b for b in self.buckets if b >= 512), self.buckets[-1])
+        times = {}
+        for fused in (True, False):
+            self.model.fused_step = fused
+            times[fused] = sum(events_ms(self._capture(W, L, None)[0].replay, 20, self.device)
+                               for W in widths if W <= L)
+        self.model.fused_step = times[True] < times[False]
+        if progress:
+            progress(f"fast engine: the {'fused' if self.model.fused_step else 'unfused'} step, faster here "
+                     f"(widths {', '.join(map(str, widths))}: fused {times[True]:.3f} ms, "
+                     f"unfused {times[False]:.3f} ms)")
+        return times
 
     @torch.no_grad()
     def capture_top(self, top: int, progress: Callable[[str], None] | None = _stderr) -> float:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench import FUSED_STEPS, source_commit
-from .fast import FastEngine
+from .fast import FastEngine, events_ms
 from .llama_static import UnsupportedModel
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -57,20 +57,6 @@ def peak_bandwidth(device: torch.device) -> float | None:
     return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
 
 
-def _events_ms(fn, iters: int, device) -> float:
-    """Mean GPU milliseconds of ``fn`` over ``iters`` back-to-back calls (warm-up excluded)."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize(device)  # note: CPU-GPU sync point
-    return start.elapsed_time(end) / iters
-
-
 def _step_ms(engine: FastEngine, width: int, pos: int, iters: int) -> float:
     """Mean wall milliseconds of a whole engine step: host copy, replay, argmax back to the CPU."""
     window = [0] * width
@@ -95,7 +81,7 @@ def width_report(engine: FastEngine, widths=WIDTHS, context: int = 256, iters: i
     for W in widths:
         step_ms = _step_ms(engine, W, L - W, iters)
         # With graphs, the replay alone on the GPU's clock; without (CPU), the whole step is the forward.
-        graph_ms = _events_ms(engine.graphs[(W, L)][0].replay, iters, engine.device) if engine.use_graphs else None
+        graph_ms = events_ms(engine.graphs[(W, L)][0].replay, iters, engine.device) if engine.use_graphs else None
         weights, kv = engine.model.weight_bytes(), engine.model.kv_bytes(L)
         bandwidth = (weights + kv) / ((graph_ms or step_ms) / 1000)
         rows.append({
@@ -194,7 +180,7 @@ def head_ms(engine: FastEngine, iters: int = 200) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         head()
-    return _events_ms(graph.replay, iters, engine.device)
+    return events_ms(graph.replay, iters, engine.device)
 
 
 def format_widths(rows: list[dict]) -> str:

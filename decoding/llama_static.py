@@ -28,8 +28,9 @@ PER_TOKEN_MAX = 32
 # the SiLU and product kernels prefer; for 2 and 4 tokens cuBLAS picks slower kernels for that form.
 ROWS_MIN = 8
 FUSED_STEP_MAX = 32  # the widest window the fused step runs (at most PER_TOKEN_MAX: it reads the mask as [T, L])
-# The fused step (fused_step.py) is the default on a GPU that can run it: an AR step 1.77x as fast as the unfused step on
-# an H100, the same texts in bfloat16 (docs/engine.md). "off" here chooses the unfused step instead.
+# The fused step (fused_step.py) is the default on a GPU that can run it, where it is the faster step: on an H100 an AR
+# step of SmolLM2-135M 1.8x as fast as the unfused step, the same texts in bfloat16, but one of Llama-2-7B's shape 3x as
+# slow (docs/engine.md). "off" here chooses the unfused step, "on" the fused step without timing it.
 FUSED_STEP_ENV = "CLLM_FUSED_STEP"
 
 
@@ -162,7 +163,8 @@ class StaticLlama(nn.Module):
         on a GPU only. The tests set it on the CPU to check that layout's arithmetic against transformers.
         ``fused_step``: windows of up to FUSED_STEP_MAX tokens run as five Triton kernels a block (the fused
         layout, always); by default on a GPU where ``fused_step_problem`` finds none, unless $CLLM_FUSED_STEP is
-        "off" (on the CPU only when asked for: Triton's interpreter, for the tests).
+        "off" (on the CPU only when asked for: Triton's interpreter, for the tests). The engine then keeps it only
+        where it is the faster step (``FastEngine.choose_step``); $CLLM_FUSED_STEP=on keeps it without timing.
         True where it cannot run raises UnsupportedModel with the reason."""
         super().__init__()
         args = StaticArgs.from_config(hf_model.config)
@@ -179,9 +181,11 @@ class StaticLlama(nn.Module):
         problem = fused_step_problem(args, device)
         if fused_step and problem:
             raise UnsupportedModel(f"the fused step cannot run: {problem}")
+        choice = os.environ.get(FUSED_STEP_ENV, "").lower()
+        # chosen by default (not asked for, nor by $CLLM_FUSED_STEP=on): FastEngine.choose_step times it first
+        self.fused_step_by_default = fused_step is None and choice != "on"
         if fused_step is None:
-            fused_step = (device.type == "cuda" and problem is None
-                          and os.environ.get(FUSED_STEP_ENV, "").lower() != "off")
+            fused_step = device.type == "cuda" and problem is None and choice != "off"
         self.fused_step = fused_step
         fused = (device.type != "cpu" or fused_step) if fused is None else fused or fused_step
         fuse = torch.cat if fused else tuple

@@ -3,7 +3,7 @@
 (``fused_step.PDL``), by the AR step's and a window's graph time.
 
     python -m experiments.fused_sweep --out fused_sweep.json
-    python -m experiments.fused_sweep --split 0,2,4,8 --stages 1,2 --warps 4 --pdl off,on --widths 1,16
+    python -m experiments.fused_sweep --split 0,2,4,8 --stages 1,2 --warps 4 --pdl off,start,wait --widths 1,16
 
 A random model of SmolLM2-135M's shape in bfloat16 (nothing to load). Each setting is a fresh engine: its kernels
 compiled and its CUDA graphs captured for the listed widths, then ``decoding.latency.width_report`` (200 replays a
@@ -46,8 +46,8 @@ def main(argv=None) -> int:
                     help="programs per multiprocessor the projections aim for (0: no split), comma-separated")
     ap.add_argument("--stages", default="1,2", help="pipeline stages of the projections' loads, comma-separated")
     ap.add_argument("--warps", default="4", help="warps a projection program runs, comma-separated")
-    ap.add_argument("--pdl", default="on", help="programmatic dependent launch (on: where the card has it; off), "
-                                                "comma-separated")
+    ap.add_argument("--pdl", default="off", help="programmatic dependent launch (fused_step.PDL_MODES: off, start, "
+                                                 "wait), comma-separated")
     ap.add_argument("--widths", default="1,16", help="window widths to time (at most 32, the fused step's widest)")
     ap.add_argument("--out", default=None, help="JSON result path")
     a = ap.parse_args(argv)
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                 for pdl in a.pdl.split(","):
                     fused_step.SPLIT_K_PROGRAMS = per_sm * sms
                     fused_step.LAUNCH = {"num_warps": warps, "num_stages": stages}
-                    fused_step.PDL = None if pdl == "on" else False
+                    fused_step.PDL = pdl
                     rows.append({"setting": f"split {per_sm}/SM, {stages} st, {warps} warps, PDL {pdl}",
                                  "split_per_sm": per_sm, "stages": stages, "warps": warps, "pdl": pdl,
                                  **timed(model, widths, True)})

@@ -87,7 +87,7 @@ def launches(monkeypatch, shape: str, dtype: torch.dtype, T: int, L: int) -> lis
             kernel = kernel.kernel
         monkeypatch.setattr(fused_step, name, Recorder(kernel, calls))
     monkeypatch.setattr(fused_step, "_multiprocessors", lambda device: 132)
-    monkeypatch.setattr(fused_step, "PDL", True)  # as on an H100: launched and compiled for programmatic launch
+    monkeypatch.setattr(fused_step, "PDL", "start")  # compiled and launched for programmatic dependent launch
     dim, H, KV, D, inter = SHAPES[shape]
 
     def t(*size, kind=dtype):
