@@ -156,9 +156,9 @@ class FastEngine:
     @torch.no_grad()
     def choose_step(self, progress: Callable[[str], None] | None = _stderr) -> dict[bool, float]:
         """Keep the fused step only if its graphs replay faster than the unfused step's on this card and model: an AR
-        step plus a window of 16 (STEP_TIMING_WIDTHS), attending to 512 keys. The fused step is launch-bound's cure:
-        1.8x as fast on SmolLM2-135M, but 3x as slow as cuBLAS on Llama-2-7B's shape, where the step reads bytes
-        (docs/engine.md). Returns the milliseconds of each (True: fused)."""
+        step plus a window of 16 (STEP_TIMING_WIDTHS), attending to 512 keys. The fused step pays where launches bound
+        the step: on an H100 it is 1.8x as fast on SmolLM2-135M, but 2.7x as slow as cuBLAS on Llama-2-7B's shape,
+        whose step reads 13.5 GB (docs/engine.md). Returns the milliseconds of each (True: fused)."""
         widths = [W for W in STEP_TIMING_WIDTHS if W in self.widths and W <= FUSED_STEP_MAX]
         L = next((b for b in self.buckets if b >= 512), self.buckets[-1])
         times = {}

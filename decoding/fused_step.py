@@ -51,8 +51,9 @@ LAUNCH = {"num_warps": 4, "num_stages": 1}
 # Programmatic dependent launch (Hopper and later: compute capability 9): a kernel may start before the one before it
 # has finished; a projection loads its first block of weights, which no kernel writes, before it waits for that one.
 # "start": each kernel lets the next launch as soon as its own programs run; "wait": once they have waited for the
-# kernel before; "off": no overlap. Off by default: on an H100 "start" made the 135M model's AR step 0.10 ms slower
-# (1.009 against 0.913 ms, experiments.fused_sweep --pdl). Where the card lacks it, always off.
+# kernel before; "off": no overlap. Off by default: on an H100, for the 135M model, "start" made the AR step 0.10 ms
+# slower and "wait" a window of 16 0.02 ms slower for 0.03 ms off the AR step
+# (assets/results/h100_bf16_fused_step_pdl_sweep_random135m.json). Where the card lacks it, always off.
 PDL = "off"
 PDL_MODES = {"off": 0, "start": 1, "wait": 2}
 

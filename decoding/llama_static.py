@@ -29,8 +29,8 @@ PER_TOKEN_MAX = 32
 ROWS_MIN = 8
 FUSED_STEP_MAX = 32  # the widest window the fused step runs (at most PER_TOKEN_MAX: it reads the mask as [T, L])
 # The fused step (fused_step.py) is the default on a GPU that can run it, where it is the faster step: on an H100 an AR
-# step of SmolLM2-135M 1.8x as fast as the unfused step, the same texts in bfloat16, but one of Llama-2-7B's shape 3x as
-# slow (docs/engine.md). "off" here chooses the unfused step, "on" the fused step without timing it.
+# step of SmolLM2-135M 1.8x as fast as the unfused step, the same texts in bfloat16, but one of Llama-2-7B's shape 2.7x
+# as slow (docs/engine.md). "off" here chooses the unfused step, "on" the fused step without timing it.
 FUSED_STEP_ENV = "CLLM_FUSED_STEP"
 
 
