@@ -48,6 +48,9 @@ MAX_K_SPLITS = 32
 BK = 64
 NORM_BK = 256  # columns per load of the RMSNorm statistics, which every program of a norm kernel computes
 LAUNCH = {"num_warps": 4, "num_stages": 1}
+# A projection's slice of at most this many BK-column blocks runs as an unrolled loop (its loads free to be in flight
+# together), a longer one as a loop; 0: always a loop
+UNROLL = 0
 # Programmatic dependent launch (Hopper and later: compute capability 9): a kernel may start before the one before it
 # has finished; a projection loads its first block of weights, which no kernel writes, before it waits for that one.
 # "start": each kernel lets the next launch as soon as its own programs run; "wait": once they have waited for the
@@ -157,7 +160,7 @@ def _rstd(x_ptr, T, DIM: tl.constexpr, eps, BT: tl.constexpr, NB: tl.constexpr):
 @triton.jit
 def _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, row_ok, T, DIM: tl.constexpr, eps, CHUNK: tl.constexpr,
                    BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr, IEEE: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PDL: tl.constexpr, UNROLL: tl.constexpr):
     """rms_norm(x) [T, DIM] times weight rows ``rows_a`` and ``rows_b`` of w [*, DIM], over this program's slice of
     the columns (program_id(1)): two [BT, BN] float32 partial sums. The slice's first block of weights is loaded
     before ``_wait``; x, which the kernel before writes, after it."""
@@ -173,18 +176,34 @@ def _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, row_ok, T, DIM: tl.cons
     rstd = _rstd(x_ptr, T, DIM, eps, BT, NB)
     acc_a = tl.zeros((BT, BN), tl.float32)
     acc_b = tl.zeros((BT, BN), tl.float32)
-    for k0 in range(start, start + CHUNK, BK):
-        cols = k0 + rk
-        k_ok = cols < DIM
-        if k0 > start:  # the first block's weights are loaded already
-            w_ok = row_ok[:, None] & k_ok[None, :]
-            wa = tl.load(w_ptr + rows_a[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
-            wb = tl.load(w_ptr + rows_b[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
-        x = tl.load(x_ptr + rt[:, None] * DIM + cols[None, :], mask=t_ok & k_ok[None, :], other=0.0)
-        nw = tl.load(nw_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
-        h = (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x.dtype)  # rounded once, as F.rms_norm's kernel
-        acc_a += _dot(h, tl.trans(wa), IEEE)
-        acc_b += _dot(h, tl.trans(wb), IEEE)
+    if CHUNK // BK <= UNROLL:  # unrolled: every block's loads can be in flight at once
+        for i in tl.static_range(CHUNK // BK):
+            cols = start + i * BK + rk
+            if i > 0:
+                w_ok = row_ok[:, None] & (cols < DIM)[None, :]
+                wa = tl.load(w_ptr + rows_a[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+                wb = tl.load(w_ptr + rows_b[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+            acc_a, acc_b = _norm_dots(acc_a, acc_b, wa, wb, x_ptr, nw_ptr, rstd, rt, t_ok, cols, DIM, IEEE)
+    else:
+        for k0 in range(start, start + CHUNK, BK):
+            cols = k0 + rk
+            if k0 > start:  # the first block's weights are loaded already
+                w_ok = row_ok[:, None] & (cols < DIM)[None, :]
+                wa = tl.load(w_ptr + rows_a[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+                wb = tl.load(w_ptr + rows_b[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+            acc_a, acc_b = _norm_dots(acc_a, acc_b, wa, wb, x_ptr, nw_ptr, rstd, rt, t_ok, cols, DIM, IEEE)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _norm_dots(acc_a, acc_b, wa, wb, x_ptr, nw_ptr, rstd, rt, t_ok, cols, DIM: tl.constexpr, IEEE: tl.constexpr):
+    """acc_a, acc_b plus rms_norm(x) at columns ``cols`` times the weight blocks wa and wb [BN, BK]."""
+    k_ok = cols < DIM
+    x = tl.load(x_ptr + rt[:, None] * DIM + cols[None, :], mask=t_ok & k_ok[None, :], other=0.0)
+    nw = tl.load(nw_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
+    h = (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x.dtype)  # rounded once, as F.rms_norm's kernel
+    acc_a += _dot(h, tl.trans(wa), IEEE)
+    acc_b += _dot(h, tl.trans(wb), IEEE)
     return acc_a, acc_b
 
 
@@ -238,7 +257,7 @@ def _reduce_pair(a, b, ws_ptr, cnt_ptr, KS: tl.constexpr, BT: tl.constexpr, BN: 
 def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, ws_ptr, cnt_ptr, T,
                    DIM: tl.constexpr, eps, max_len, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
                    KS: tl.constexpr, CHUNK: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   NB: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                   NB: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, UNROLL: tl.constexpr):
     """Program (p, s): BN columns d of the first half of head p // PARTS (q heads, then k, then v) and the same columns
     of its second half, so that RoPE's pairs (d, d + D/2) meet in one program, over slice s of the input columns."""
     _start(PDL)
@@ -248,7 +267,7 @@ def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_pt
     rows_a = head * D + d
     rows_b = rows_a + D // 2
     a, b = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, d < D, T, DIM, eps, CHUNK, BT, BN, BK, NB, IEEE,
-                          PDL)
+                          PDL, UNROLL)
     a, b, last = _reduce_pair(a, b, ws_ptr, cnt_ptr, KS, BT, BN)
     dtype = q_ptr.dtype.element_ty
     a = a.to(dtype).to(tl.float32)  # the projection's output, rounded as the unfused GEMM rounds it
@@ -348,7 +367,7 @@ def _combine(o_ptr, m_ptr, l_ptr, rt, cols, ok, T, K, S: tl.constexpr, D: tl.con
 @triton.jit(do_not_specialize=["T"])
 def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, m_ptr, l_ptr, ws_ptr, cnt_ptr, T, N, K, S: tl.constexpr,
                      D: tl.constexpr, KS: tl.constexpr, CHUNK: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                     BK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, UNROLL: tl.constexpr):
     """out [T, N] = res + x [T, K] @ w[N, K]^T, the sum rounded once (as cuBLAS's addmm); program (p, s): BN output
     features over slice s of the columns. S > 1: x is the attention output in ``_attention``'s S parts (m_ptr,
     l_ptr theirs, D the head size), combined as it is read and rounded to the model's dtype, as the unsplit
@@ -364,16 +383,20 @@ def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, m_ptr, l_ptr, ws_ptr, cnt_p
     w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & (cols[None, :] < K), other=0.0)
     _wait(PDL)
     acc = tl.zeros((BT, BN), tl.float32)
-    for k0 in range(start, start + CHUNK, BK):
-        cols = k0 + rk
-        k_ok = cols[None, :] < K
-        if k0 > start:  # the first block's weights are loaded already
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
-        if S > 1:
-            x = _combine(x_ptr, m_ptr, l_ptr, rt, cols, t_ok & k_ok, T, K, S, D, BT, BK).to(w.dtype)
-        else:
-            x = tl.load(x_ptr + rt[:, None] * K + cols[None, :], mask=t_ok & k_ok, other=0.0)
-        acc += _dot(x, tl.trans(w), IEEE)
+    if CHUNK // BK <= UNROLL:  # unrolled: every block's loads can be in flight at once
+        for i in tl.static_range(CHUNK // BK):
+            cols = start + i * BK + rk
+            if i > 0:
+                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & (cols[None, :] < K),
+                            other=0.0)
+            acc = _input_dot(acc, w, x_ptr, m_ptr, l_ptr, rt, t_ok, cols, T, K, S, D, BT, BK, IEEE)
+    else:
+        for k0 in range(start, start + CHUNK, BK):
+            cols = k0 + rk
+            if k0 > start:  # the first block's weights are loaded already
+                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & (cols[None, :] < K),
+                            other=0.0)
+            acc = _input_dot(acc, w, x_ptr, m_ptr, l_ptr, rt, t_ok, cols, T, K, S, D, BT, BK, IEEE)
     last = tl.program_id(1) == 0
     if KS > 1:
         _store_part(acc, ws_ptr, 0, 1, BT, BN)
@@ -386,17 +409,30 @@ def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, m_ptr, l_ptr, ws_ptr, cnt_p
     tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _input_dot(acc, w, x_ptr, m_ptr, l_ptr, rt, t_ok, cols, T, K, S: tl.constexpr, D: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """acc plus x at columns ``cols`` times the weight block w [BN, BK] (x as ``_linear_residual`` reads it)."""
+    k_ok = cols[None, :] < K
+    if S > 1:
+        x = _combine(x_ptr, m_ptr, l_ptr, rt, cols, t_ok & k_ok, T, K, S, D, BT, BK).to(w.dtype)
+    else:
+        x = tl.load(x_ptr + rt[:, None] * K + cols[None, :], mask=t_ok & k_ok, other=0.0)
+    acc += _dot(x, tl.trans(w), IEEE)
+    return acc
+
+
 @triton.jit(do_not_specialize=["T"])
 def _norm_gate_up(x_ptr, nw_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, T, DIM: tl.constexpr, INTER, eps,
                   KS: tl.constexpr, CHUNK: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  NB: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                  NB: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, UNROLL: tl.constexpr):
     """out [T, INTER] = silu(gate) * up of rms_norm(x), w = gate|up [2 INTER, DIM]; program (p, s): BN features over
     slice s of the columns."""
     _start(PDL)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rows < INTER
     gate, up = _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows, rows + INTER, n_ok, T, DIM, eps, CHUNK, BT, BN, BK, NB,
-                              IEEE, PDL)
+                              IEEE, PDL, UNROLL)
     gate, up, last = _reduce_pair(gate, up, ws_ptr, cnt_ptr, KS, BT, BN)
     dtype = out_ptr.dtype.element_ty
     gate = gate.to(dtype).to(tl.float32)  # each rounded as the unfused kernels round them
@@ -423,7 +459,7 @@ def block(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor
     BT = 16 if T <= 16 else 32
     pdl = overlaps(x.device)
     overlap = dict(PDL=pdl, launch_pdl=True) if pdl else dict(PDL=0)
-    common = dict(BT=BT, BN=BN, BK=BK, IEEE=x.dtype == torch.float32, **overlap, **LAUNCH)
+    common = dict(BT=BT, BN=BN, BK=BK, IEEE=x.dtype == torch.float32, UNROLL=UNROLL, **overlap, **LAUNCH)
 
     def split(tiles: int, K: int, parts: int = 1) -> tuple[tuple[int, int], dict, torch.Tensor]:
         """A projection's grid, its slices' settings and its workspace for the partial sums."""

@@ -1,9 +1,10 @@
 """The fused step's launch settings against its speed on a GPU: how finely the projections split their input columns
-(``fused_step.SPLIT_K_PROGRAMS``), the pipeline stages of their loads, their warps and programmatic dependent launch
-(``fused_step.PDL``), by the AR step's and a window's graph time.
+(``fused_step.SPLIT_K_PROGRAMS``), the pipeline stages of their loads, their warps, programmatic dependent launch
+(``fused_step.PDL``) and the unrolled slices (``fused_step.UNROLL``), by the AR step's and a window's graph time.
 
     python -m experiments.fused_sweep --out fused_sweep.json
-    python -m experiments.fused_sweep --split 0,2,4,8 --stages 1,2 --warps 4 --pdl off,start,wait --widths 1,16
+    python -m experiments.fused_sweep --split 0,2,4,8 --stages 1,2 --warps 4 --pdl off,start,wait --unroll 0,8 \
+        --widths 1,16
 
 A random model of SmolLM2-135M's shape in bfloat16 (nothing to load). Each setting is a fresh engine: its kernels
 compiled and its CUDA graphs captured for the listed widths, then ``decoding.latency.width_report`` (200 replays a
@@ -13,6 +14,7 @@ the fastest setting last; the settings the product uses are the constants of dec
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", default="4", help="warps a projection program runs, comma-separated")
     ap.add_argument("--pdl", default="off", help="programmatic dependent launch (fused_step.PDL_MODES: off, start, "
                                                  "wait), comma-separated")
+    ap.add_argument("--unroll", default="0", help="slices of at most this many blocks unrolled (0: none), "
+                                                 "comma-separated")
     ap.add_argument("--widths", default="1,16", help="window widths to time (at most 32, the fused step's widest)")
     ap.add_argument("--out", default=None, help="JSON result path")
     a = ap.parse_args(argv)
@@ -58,16 +62,15 @@ def main(argv=None) -> int:
     model = random_model("cuda", torch.bfloat16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = [{"setting": "unfused", **timed(model, widths, False)}]
-    for per_sm in (int(x) for x in a.split.split(",")):
-        for stages in (int(x) for x in a.stages.split(",")):
-            for warps in (int(x) for x in a.warps.split(",")):
-                for pdl in a.pdl.split(","):
-                    fused_step.SPLIT_K_PROGRAMS = per_sm * sms
-                    fused_step.LAUNCH = {"num_warps": warps, "num_stages": stages}
-                    fused_step.PDL = pdl
-                    rows.append({"setting": f"split {per_sm}/SM, {stages} st, {warps} warps, PDL {pdl}",
-                                 "split_per_sm": per_sm, "stages": stages, "warps": warps, "pdl": pdl,
-                                 **timed(model, widths, True)})
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    for per_sm, stages, warps, pdl, unroll in itertools.product(ints(a.split), ints(a.stages), ints(a.warps),
+                                                                a.pdl.split(","), ints(a.unroll)):
+        fused_step.SPLIT_K_PROGRAMS = per_sm * sms
+        fused_step.LAUNCH = {"num_warps": warps, "num_stages": stages}
+        fused_step.PDL, fused_step.UNROLL = pdl, unroll
+        rows.append({"setting": f"split {per_sm}/SM, {stages} st, {warps} w, PDL {pdl}, unroll {unroll}",
+                     "split_per_sm": per_sm, "stages": stages, "warps": warps, "pdl": pdl, "unroll": unroll,
+                     **timed(model, widths, True)})
     result = {"meta": {"device": torch.cuda.get_device_name(0), "dtype": "bfloat16", "model": "random smollm2-135m",
                        "torch": torch.__version__, "commit": source_commit(),
                        "command": " ".join(["python -m experiments.fused_sweep", *(argv or sys.argv[1:])])},
@@ -77,10 +80,10 @@ def main(argv=None) -> int:
     first = widths[0]
     rows = [rows[0]] + sorted(rows[1:], key=lambda r: -r["widths"][first]["graph_ms"])
     print(f"{result['meta']['device']}, bf16, random SmolLM2-135M shape: graph ms (whole step ms) by width")
-    print(f"{'setting':32}" + "".join(f"{'width ' + str(w):>20}" for w in widths))
+    print(f"{'setting':48}" + "".join(f"{'width ' + str(w):>20}" for w in widths))
     for r in rows:
         cells = "".join(f"{c['graph_ms']:>11.3f} ({c['step_ms']:.3f})" for c in r["widths"].values())
-        print(f"{r['setting'] + ('' if r['fused'] or r['setting'] == 'unfused' else ' (fell back)'):32}{cells}")
+        print(f"{r['setting'] + ('' if r['fused'] or r['setting'] == 'unfused' else ' (fell back)'):48}{cells}")
     return 0
 
 
