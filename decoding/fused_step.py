@@ -49,7 +49,8 @@ BK = 64
 NORM_BK = 256  # columns per load of the RMSNorm statistics, which every program of a norm kernel computes
 LAUNCH = {"num_warps": 4, "num_stages": 1}
 # A projection's slice of at most this many BK-column blocks runs as an unrolled loop (its loads free to be in flight
-# together), a longer one as a loop; 0: always a loop
+# together), a longer one as a loop; 0: always a loop. 0 by default until timed on a GPU: unrolled and unsplit
+# (SPLIT_K_PROGRAMS 0), a projection needs no partial sums across programs (experiments.fused_sweep --unroll)
 UNROLL = 0
 # Programmatic dependent launch (Hopper and later: compute capability 9): a kernel may start before the one before it
 # has finished; a projection loads its first block of weights, which no kernel writes, before it waits for that one.

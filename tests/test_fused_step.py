@@ -144,7 +144,8 @@ def test_a_token_is_split_alike_alone_and_in_a_window(monkeypatch, shape):
 def check_block():
     """Windows of 1 to 32 tokens after a prompt: logits as transformers' (plain windows) and as the unfused step's
     (candidate rows, their own masks), and the K/V each writes at its slots, to float32 rounding; the projections
-    split over their columns (as on a card of 16 multiprocessors, fused_step.k_splits) and unsplit."""
+    split over their columns (as on a card of 16 multiprocessors, fused_step.k_splits) and unsplit, as loops and
+    unrolled."""
     model = small_llama()
     unfused = StaticLlama(model, 256, fused=True, fused_step=False)
     fused = StaticLlama(model, 256, fused_step=True)
@@ -171,7 +172,11 @@ def check_block():
     tokens, pos = torch.randint(0, 101, (5,), device=DEVICE), torch.arange(10, 15, device=DEVICE)
     want = model(torch.cat([prompt, tokens])[None]).logits[0, 10:]
     assert torch.allclose(fused(tokens, pos, 64), want, atol=2e-4, rtol=1e-5)
-    fused_step.SPLIT_K_PROGRAMS = None
+    # their slices as unrolled loops (fused_step.UNROLL), split and unsplit: the same logits
+    for split in (None, 0):
+        fused_step.SPLIT_K_PROGRAMS, fused_step.UNROLL = split, 32
+        assert torch.allclose(fused(tokens, pos, 64), want, atol=2e-4, rtol=1e-5)
+    fused_step.SPLIT_K_PROGRAMS, fused_step.UNROLL = None, 0
     # a window of 3 and two candidates of 2 anchored at its first slot (slots 10-16): each row's own mask
     rows = torch.tensor([10, 11, 12, 11, 12, 11, 12], device=DEVICE)
     slots = torch.arange(10, 17, device=DEVICE)
