@@ -71,7 +71,7 @@ class BenchConfig:
     lookup_tokens: int = 10  # tokens the lookup lanes copy a pass: hf_lookup's prompt_lookup_num_tokens, n - 1 of base_lookup and cllm_lookup
     repeats: int = 1  # timed runs of each prompt's lanes, their order rotated each run, for medians and the spread (transformers' lanes run once)
     hf_limit: int | None = None  # run transformers' lanes (slow) on the first K prompts only (default: all)
-    fused_step: str = field(default="auto", metadata={"choices": tuple(FUSED_STEPS)})  # fast engine on a GPU: windows of up to 32 tokens as Triton kernels (on: or fail; off: the unfused step; auto: on where Triton runs them unless CLLM_FUSED_STEP=off)
+    fused_step: str = field(default="auto", metadata={"choices": tuple(FUSED_STEPS)})  # fast engine on a GPU: windows of up to 32 tokens as Triton kernels (on: or fail; off: the unfused step; auto: where Triton runs them and they are the faster step, timed at load; CLLM_FUSED_STEP=on|off decides instead)
 
     def __post_init__(self):
         """Resolve the adapter and the lanes (each with the AR lane it is measured against), and refuse what cannot

@@ -103,7 +103,8 @@ class FastEngine:
 
     def __init__(self, model, max_len: int | None = None, widths=WIDTHS, graphs: bool | None = None,
                  fused_step: bool | None = None):
-        """``fused_step``: narrow windows as Triton kernels (StaticLlama's; by default unless CLLM_FUSED_STEP=off)."""
+        """``fused_step``: narrow windows as Triton kernels (StaticLlama's; by default where the GPU runs them, then
+        kept only if faster: ``choose_step``)."""
         reason = supports(model)
         if reason:
             raise UnsupportedModel(f"the fast engine cannot run this model: {reason}; use engine='eager'")
@@ -485,7 +486,8 @@ def prepare(model, max_len: int | None = None, widths=WIDTHS, graphs: bool | Non
 
     Call it at load time so that no request pays for the capture (on CUDA) or the tuning (on the CPU). ``max_len``
     defaults to the model's context; ``graphs`` defaults to True on CUDA (CPU runs the same steps uncaptured);
-    ``fused_step`` to the Triton step where the GPU can run it, unless CLLM_FUSED_STEP=off (``StaticLlama``).
+    ``fused_step`` to the Triton step where the GPU can run it and it is the faster step (``StaticLlama``,
+    ``FastEngine.choose_step``).
     """
     with _ENGINES_LOCK:
         engine = _ENGINES.get(model)

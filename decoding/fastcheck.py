@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--adapter", default=default_adapter())
     ap.add_argument("--fused-step", choices=tuple(bench.FUSED_STEPS), default="auto",
-                    help="windows of up to 32 tokens as Triton kernels (auto: where Triton runs them unless "
-                         "CLLM_FUSED_STEP=off)")
+                    help="windows of up to 32 tokens as Triton kernels (auto: where Triton runs them and they are "
+                         "the faster step)")
     ap.add_argument("--skip-bench", action="store_true", help="the fp32 exactness check only")
     a = ap.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():

@@ -302,8 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=16, help="the Jacobi window whose step is broken down beside the AR step")
     ap.add_argument("--max-len", type=int, default=1024, help="the engine's cache length (the widths attend to 512 keys)")
     ap.add_argument("--fused-step", choices=tuple(FUSED_STEPS), default="auto",
-                    help="windows of up to 32 tokens as Triton kernels (auto: where Triton runs them unless "
-                         "CLLM_FUSED_STEP=off)")
+                    help="windows of up to 32 tokens as Triton kernels (auto: where Triton runs them and they are "
+                         "the faster step)")
     ap.add_argument("--compare", action="store_true", help="the unfused step, then the fused one, in this process")
     ap.add_argument("--out", default=None, help="JSON result path")
     a = ap.parse_args(argv)
