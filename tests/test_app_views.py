@@ -359,4 +359,5 @@ def test_headline_row_of_an_evaluation_and_of_decoding_extras():
     peer = _bench({"hf_generate": (10, 10, 2.0), "base_ar": (10, 10, 1.0)}, {"base_ar": (30, 30, 1.0)},
                   config={"prompts": "assets/prompts_unseen80.jsonl", "limit": None})
     row = about.bench_row(peer, about.Headline("x", lane="base_ar", reference="hf_generate"))
-    assert row["result"].startswith("2.00× the speed") and "the first 1 of 2 unseen MT-bench-style prompts" in row["what"]
+    assert row["result"].startswith("2.00× the speed")
+    assert "the first 1 of 2 unseen MT-bench-style prompts" in row["what"]

@@ -77,7 +77,8 @@ class Recorder:
 
 def launches(monkeypatch, shape: str, dtype: torch.dtype, T: int, L: int) -> list:
     """The kernel launches of one fused block (kernel, its arguments by name, its launch options) on an H100's 132
-    multiprocessors with programmatic dependent launch, recorded by running ``fused_step.block`` on meta tensors with the kernels swapped for recorders."""
+    multiprocessors with programmatic dependent launch, recorded by running ``fused_step.block`` on meta tensors
+    with the kernels swapped for recorders."""
     from decoding import fused_step
 
     calls = []
