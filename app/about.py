@@ -8,7 +8,7 @@ from html import escape
 from pathlib import Path
 
 from decoding import Iteration
-from decoding.bench_summary import model_of
+from decoding.bench_summary import model_of, speed_ratio
 from decoding.decoders import default_candidate_len
 from decoding.trace import LOOP_LIMIT, LOOP_PERIOD
 
@@ -137,38 +137,31 @@ def _device(env: dict) -> str:
     return f"{name}, {dtype}" if dtype else str(name)
 
 
-def speed_over(lanes: dict, lane: str, ref: str) -> float | None:
-    """``lane``'s speed over ``ref``'s from a bench summary: the bench's own ratio where it has one (on the prompts both
-    lanes ran: transformers' lanes may run on the first few only), else the ratio of their tokens per second."""
-    mine, theirs = lanes.get(lane) or {}, lanes.get(ref) or {}
-    if mine.get("reference") == ref and _number(mine.get("speedup")):
-        return float(mine["speedup"])
-    if ref == "base_ar" and _number(mine.get("speedup_vs_base_ar")):
-        return float(mine["speedup_vs_base_ar"])
-    if theirs.get("reference") == lane and _number(theirs.get("speedup")):
-        return 1 / float(theirs["speedup"])
-    if lane == "base_ar" and _number(theirs.get("speedup_vs_base_ar")):
-        return 1 / float(theirs["speedup_vs_base_ar"])
-    speed, base = _number(mine.get("tok_s")), _number(theirs.get("tok_s"))
-    return speed / base if speed and base else None
-
-
 def bench_row(data: dict, item: Headline) -> dict | None:
-    """A benchmark (``python -m decoding.bench --out``) as a headline row, or None when it lacks either lane."""
+    """A benchmark (``python -m decoding.bench --out``) as a headline row, or None when it lacks either lane. The speed
+    ratio is the bench's own (``speed_ratio``) on the prompts both lanes ran: transformers' lanes may run on the first
+    few only; from the lanes' totals where the file keeps no prompts."""
     lanes = (data.get("summary") or {}).get("lanes") or {}
     lane, ref = lanes.get(item.lane) or {}, lanes.get(item.reference) or {}
-    ratio, tpf = speed_over(lanes, item.lane, item.reference), _number(lane.get("mean_accepted"))
+    rows = data.get("prompts") if isinstance(data.get("prompts"), list) else []
+    try:
+        ratio = speed_ratio(rows, item.lane, item.reference).get("speedup")
+        both = sum(item.lane in p["lanes"] and item.reference in p["lanes"] for p in rows)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError):  # a file of another shape
+        ratio, both = None, 0
+    if not ratio:
+        speed, base = _number(lane.get("tok_s")), _number(ref.get("tok_s"))
+        ratio = speed / base if speed and base else None
+    tpf = _number(lane.get("mean_accepted"))
     if not (ratio and tpf and _number(ref.get("tok_s"))):
         return None
     meta = data.get("meta") or {}
     config, env = meta.get("config") or {}, meta.get("env") or {}
     prompts = PROMPT_SETS.get(Path(str(config.get("prompts") or "prompts.jsonl")).name, "own")
-    counts = [c for c in (lane.get("prompts"), ref.get("prompts")) if isinstance(c, int)]
-    runs = max((c for x in lanes.values() if isinstance(c := (x or {}).get("prompts"), int)), default=None)
-    if counts and runs and min(counts) < runs:
-        count = f"the first {min(counts)} of {runs} "
+    if both:
+        count = f"the first {both} of {len(rows)} " if both < len(rows) else f"{both} "
     else:
-        count = f"{min(counts)} " if counts else f"{config['limit']} " if isinstance(config.get("limit"), int) else ""
+        count = f"{config['limit']} " if isinstance(config.get("limit"), int) else ""
     what = (f"{LANE_WORDS.get(item.lane, item.lane)} against {LANE_WORDS.get(item.reference, item.reference)}, "
             f"{count}{prompts} prompts, {bench_setting(meta)}")
     if model_of(item.lane) != model_of(item.reference):

@@ -288,7 +288,7 @@ def _bench(lanes: dict, *more: dict, **meta) -> dict:
     base = {"env": {"device": "cuda:0", "device_name": "GPU X", "dtype": "bfloat16", "time": "2030-01-02T03:04:05Z"},
             "config": {"prompts": "assets/heldout.jsonl", "limit": 1}, "decode": {"n": 16, "max_new_tokens": 128},
             "command": "python -m decoding.bench --n 16"}
-    return {"meta": base | meta, "summary": summarise(rows, list(lanes))}
+    return {"meta": base | meta, "prompts": rows, "summary": summarise(rows, list(lanes))}
 
 
 def test_headline_rows_come_from_the_committed_result_files():
