@@ -145,6 +145,12 @@ def _wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def _weights(w_ptr, rows, row_ok, cols, K):
+    """The weight block w[rows, cols] [BN, BK] of w [*, K] (zero outside the rows in use and past K)."""
+    return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+
+
+@triton.jit
 def _rstd(x_ptr, T, DIM: tl.constexpr, eps, BT: tl.constexpr, NB: tl.constexpr):
     """1 / sqrt(mean(x^2) + eps) of the rows of x [T, DIM], float32 [BT] (its loads unrolled: all in flight at once)."""
     rt = tl.arange(0, BT)
@@ -169,10 +175,8 @@ def _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, row_ok, T, DIM: tl.cons
     rk = tl.arange(0, BK)
     t_ok = rt[:, None] < T
     start = tl.program_id(1) * CHUNK
-    cols = start + rk
-    w_ok = row_ok[:, None] & (cols < DIM)[None, :]
-    wa = tl.load(w_ptr + rows_a[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
-    wb = tl.load(w_ptr + rows_b[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+    wa = _weights(w_ptr, rows_a, row_ok, start + rk, DIM)
+    wb = _weights(w_ptr, rows_b, row_ok, start + rk, DIM)
     _wait(PDL)
     rstd = _rstd(x_ptr, T, DIM, eps, BT, NB)
     acc_a = tl.zeros((BT, BN), tl.float32)
@@ -181,17 +185,15 @@ def _norm_dot_pair(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, row_ok, T, DIM: tl.cons
         for i in tl.static_range(CHUNK // BK):
             cols = start + i * BK + rk
             if i > 0:
-                w_ok = row_ok[:, None] & (cols < DIM)[None, :]
-                wa = tl.load(w_ptr + rows_a[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
-                wb = tl.load(w_ptr + rows_b[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+                wa = _weights(w_ptr, rows_a, row_ok, cols, DIM)
+                wb = _weights(w_ptr, rows_b, row_ok, cols, DIM)
             acc_a, acc_b = _norm_dots(acc_a, acc_b, wa, wb, x_ptr, nw_ptr, rstd, rt, t_ok, cols, DIM, IEEE)
     else:
         for k0 in range(start, start + CHUNK, BK):
             cols = k0 + rk
             if k0 > start:  # the first block's weights are loaded already
-                w_ok = row_ok[:, None] & (cols < DIM)[None, :]
-                wa = tl.load(w_ptr + rows_a[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
-                wb = tl.load(w_ptr + rows_b[:, None] * DIM + cols[None, :], mask=w_ok, other=0.0)
+                wa = _weights(w_ptr, rows_a, row_ok, cols, DIM)
+                wb = _weights(w_ptr, rows_b, row_ok, cols, DIM)
             acc_a, acc_b = _norm_dots(acc_a, acc_b, wa, wb, x_ptr, nw_ptr, rstd, rt, t_ok, cols, DIM, IEEE)
     return acc_a, acc_b
 
@@ -380,23 +382,20 @@ def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, m_ptr, l_ptr, ws_ptr, cnt_p
     rk = tl.arange(0, BK)
     t_ok = rt[:, None] < T
     start = tl.program_id(1) * CHUNK
-    cols = start + rk
-    w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & (cols[None, :] < K), other=0.0)
+    w = _weights(w_ptr, rows, n_ok, start + rk, K)
     _wait(PDL)
     acc = tl.zeros((BT, BN), tl.float32)
     if CHUNK // BK <= UNROLL:  # unrolled: every block's loads can be in flight at once
         for i in tl.static_range(CHUNK // BK):
             cols = start + i * BK + rk
             if i > 0:
-                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & (cols[None, :] < K),
-                            other=0.0)
+                w = _weights(w_ptr, rows, n_ok, cols, K)
             acc = _input_dot(acc, w, x_ptr, m_ptr, l_ptr, rt, t_ok, cols, T, K, S, D, BT, BK, IEEE)
     else:
         for k0 in range(start, start + CHUNK, BK):
             cols = k0 + rk
             if k0 > start:  # the first block's weights are loaded already
-                w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=n_ok[:, None] & (cols[None, :] < K),
-                            other=0.0)
+                w = _weights(w_ptr, rows, n_ok, cols, K)
             acc = _input_dot(acc, w, x_ptr, m_ptr, l_ptr, rt, t_ok, cols, T, K, S, D, BT, BK, IEEE)
     last = tl.program_id(1) == 0
     if KS > 1:

@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     model = random_model("cuda", torch.bfloat16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = [{"setting": "unfused", **timed(model, widths, False)}]
-    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",")]
+
     for per_sm, stages, warps, pdl, unroll in itertools.product(ints(a.split), ints(a.stages), ints(a.warps),
                                                                 a.pdl.split(","), ints(a.unroll)):
         fused_step.SPLIT_K_PROGRAMS = per_sm * sms
