@@ -103,9 +103,8 @@ def k_splits(tiles: int, K: int, device: torch.device) -> tuple[int, int]:
 
 
 def overlaps(device: torch.device) -> int:
-    """How the kernels overlap on ``device``: PDL_MODES[PDL] on a card with programmatic dependent launch, else 0.
-    (Meta tensors, in the tests, count as such a card.)"""
-    if device.type == "meta" or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9):
+    """How the kernels overlap on ``device``: PDL_MODES[PDL] on a card with programmatic dependent launch, else 0."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         return PDL_MODES[PDL]
     return 0
 

@@ -88,7 +88,8 @@ def launches(monkeypatch, shape: str, dtype: torch.dtype, T: int, L: int) -> lis
             kernel = kernel.kernel
         monkeypatch.setattr(fused_step, name, Recorder(kernel, calls))
     monkeypatch.setattr(fused_step, "_multiprocessors", lambda device: 132)
-    monkeypatch.setattr(fused_step, "PDL", "start")  # compiled and launched for programmatic dependent launch
+    # compiled and launched for programmatic dependent launch, as an H100 could
+    monkeypatch.setattr(fused_step, "overlaps", lambda device: fused_step.PDL_MODES["start"])
     dim, H, KV, D, inter = SHAPES[shape]
 
     def t(*size, kind=dtype):
